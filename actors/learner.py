@@ -1,0 +1,62 @@
+"""Learner worker: one data-parallel rank of the PPO learner (rl.learner.PPOLearner)."""
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from rl.config import TexForceConfig
+from rl.learner import PPOLearner
+from rl.lora import PolicyWeights
+from rl.models import load_pipeline
+from rl.sampling import Trajectories
+
+
+class LearnerWorker:
+    """Plain class; one per rank. With world_size > 1, `init_process_group` joins the group
+    (gloo on CPU, nccl on GPU) and PPOLearner all-reduces gradients before each step."""
+
+    def __init__(self, config: TexForceConfig, *, rank: int = 0, world_size: int = 1, num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.rank, self.world_size = rank, world_size
+        pipe = load_pipeline(
+            config.model.pretrained, dtype=config.model.dtype, device=config.model.device,
+            revision=config.model.revision,
+        )
+        self.learner = PPOLearner(pipe, config, world_size=world_size)
+
+    @staticmethod
+    def rendezvous_address() -> tuple[str, int]:
+        """This node's IP and a free port, for rank 0 to host the process group."""
+        import ray.util
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def init_process_group(self, host: str, port: int, timeout_s: float = 300.0) -> None:
+        backend = "nccl" if torch.cuda.is_available() and self.learner.pipe.unet.device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+
+    def update(self, trajectories: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
+        return self.learner.update(trajectories, advantages)
+
+    def get_weights(self) -> PolicyWeights:
+        return self.learner.get_weights()
+
+    def state_dict(self) -> dict:
+        return self.learner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.learner.load_state_dict(state)
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,55 @@
+"""Reward actor: scores uint8 images with their prompts; stateless, so a restart loses nothing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import rewards
+from rl.config import RewardSettings
+from rl.models import resolve_device
+
+
+@dataclass
+class RewardScores:
+    """scores: [B] float32 (NaN/inf kept); parts: name -> [B]; report: the non-finite summary."""
+
+    scores: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    finite: torch.Tensor
+    report: str
+
+    @staticmethod
+    def cat(parts: list["RewardScores"]) -> "RewardScores":
+        reports = [p.report for p in parts if p.report != "all rewards finite"]
+        return RewardScores(
+            scores=torch.cat([p.scores for p in parts]),
+            parts={k: torch.cat([p.parts[k] for p in parts]) for k in parts[0].parts},
+            finite=torch.cat([p.finite for p in parts]),
+            report="; ".join(reports) or "all rewards finite",
+        )
+
+
+class RewardActor:
+    """Plain class; `ray.remote(RewardActor)` where it is started, or used in-process."""
+
+    def __init__(self, settings: RewardSettings, *, device: str = "auto", num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = resolve_device(device)
+        self.reward = rewards.build_reward(settings.spec, device=self.device, paths=settings.paths)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: list[str]) -> RewardScores:
+        """images: [B, 3, H, W] uint8."""
+        output = self.reward(images.to(self.device).float() / 255.0, prompts)
+        report = rewards.check_finite(output)
+        return RewardScores(
+            scores=output.scores.float().cpu(),
+            parts={k: v.float().cpu() for k, v in output.parts.items()},
+            finite=report.mask.cpu(),
+            report=str(report),
+        )
+
+    def ping(self) -> bool:
+        return True

@@ -1,0 +1,49 @@
+"""Sampler worker: a pipeline carrying the policy LoRA; rolls out trajectories for prompt shards."""
+from __future__ import annotations
+
+import torch
+
+from rl.config import TexForceConfig
+from rl.lora import PolicyWeights, add_lora, set_policy_weights
+from rl.models import load_pipeline
+from rl.sampling import Trajectories, sample_trajectories
+
+
+class SamplerWorker:
+    """Plain class; `ray.remote(SamplerWorker)` where it is started, or used in-process.
+
+    `pipe` may be passed in (inline mode shares the learner's pipeline); otherwise it is loaded
+    from the config and given a LoRA of the config's shape, whose values come with each call.
+    """
+
+    def __init__(self, config: TexForceConfig, *, pipe=None, num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.config = config
+        if pipe is None:
+            pipe = load_pipeline(
+                config.model.pretrained, dtype=config.model.dtype, device=config.model.device,
+                revision=config.model.revision,
+            )
+            add_lora(pipe, config.lora)
+        self.pipe = pipe
+        self.version = -1
+
+    def sample(self, weights: PolicyWeights, prompts: list[str], seeds: list[int]) -> tuple[Trajectories, torch.Tensor]:
+        """Trajectories for `prompts` with per-sample `seeds` under `weights`; also the uint8 images.
+
+        The weights travel with every call, so a restarted worker re-run on the same shard gives
+        the same samples (the call is idempotent).
+        """
+        if weights.version != self.version:
+            set_policy_weights(self.pipe, weights)
+            self.version = weights.version
+        s = self.config.sample
+        trajectories = sample_trajectories(
+            self.pipe, prompts, seeds, num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta,
+            negative_prompt=s.negative_prompt, height=s.height, width=s.width, policy_version=weights.version,
+        )
+        return trajectories, trajectories.images
+
+    def ping(self) -> int:
+        return self.version

@@ -1,0 +1,145 @@
+"""`texforce rewards list` and `texforce score`.
+
+    texforce rewards list
+    texforce score --reward imagereward --images DIR --prompts prompts.txt \
+        --paths imagereward=/ckpt/ImageReward.pt imagereward_tokenizer=/ckpt/bert-base-uncased
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    """Register the reward subcommands on the `texforce` parser."""
+    rewards_parser = sub.add_parser("rewards", help="inspect the available rewards")
+    rewards_sub = rewards_parser.add_subparsers(dest="rewards_command", required=True)
+    list_parser = rewards_sub.add_parser("list", help="each reward, whether it is differentiable, its files")
+    list_parser.set_defaults(func=cmd_list)
+
+    score = sub.add_parser("score", help="score a directory of images and write per-image scores to parquet")
+    score.add_argument("--reward", required=True, help="a reward name or 'name:w,name:w' (see `rewards list`)")
+    score.add_argument("--images", required=True, type=Path, help="directory of images, scored in sorted order")
+    score.add_argument("--prompts", required=True, type=Path,
+                       help="text file: one prompt per image (sorted file order) or a single prompt for all")
+    score.add_argument("--out", type=Path, default=Path("scores.parquet"), help="parquet file to write")
+    score.add_argument("--paths", nargs="*", default=[], metavar="KEY=PATH",
+                       help="model files by key, e.g. imagereward=/ckpt/ImageReward.pt")
+    score.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    score.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
+    score.set_defaults(func=cmd_score)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from rewards.registry import list_entries
+
+    for entry in list_entries():
+        print(f"{entry.name}  differentiable={'yes' if entry.differentiable else 'no'}  {entry.description}")
+        if not entry.files:
+            print("    files: none")
+        for spec in entry.files:
+            print(f"    {spec.describe()}  [env {spec.env_var}]")
+    return 0
+
+
+def parse_paths(items: list[str]) -> dict[str, str]:
+    """`["key=/path", ...]` -> `{"key": "/path"}`."""
+    paths = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"--paths takes KEY=PATH items, got {item!r}")
+        paths[key.strip()] = value.strip()
+    return paths
+
+
+def read_prompts(path: Path, n_images: int) -> list[str]:
+    """One prompt per image, or one prompt repeated; blank lines are ignored."""
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} not found")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path} is empty: write one prompt per image, or one prompt for all")
+    if len(prompts) == 1:
+        return prompts * n_images
+    if len(prompts) != n_images:
+        raise ValueError(f"{path} has {len(prompts)} prompts for {n_images} images: give one per image or one for all")
+    return prompts
+
+
+def list_images(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"image directory {directory} not found")
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {directory}")
+    return files
+
+
+def load_image(path: Path):
+    """An image file -> `[3,H,W]` float tensor in [0,1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def score_directory(reward, files: list[Path], prompts: list[str], *, batch_size: int, device: str):
+    """Score images in batches of equal size; returns the rows written to parquet."""
+    import torch
+
+    rows = []
+    start = 0
+    while start < len(files):
+        first = load_image(files[start])
+        batch = [first]
+        while start + len(batch) < len(files) and len(batch) < batch_size:
+            nxt = load_image(files[start + len(batch)])
+            if nxt.shape != first.shape:
+                break
+            batch.append(nxt)
+        names = files[start:start + len(batch)]
+        texts = prompts[start:start + len(batch)]
+        with torch.no_grad():
+            output = reward(torch.stack(batch).to(device), texts)
+        for i, (name, text) in enumerate(zip(names, texts)):
+            row = {"file": name.name, "prompt": text, "score": float(output.scores[i])}
+            row.update({part: float(values[i]) for part, values in output.parts.items()})
+            rows.append(row)
+        start += len(batch)
+    return rows
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import math
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rewards.registry import build_reward
+
+    try:
+        if args.batch_size < 1:
+            raise ValueError("--batch-size must be at least 1")
+        files = list_images(args.images)
+        prompts = read_prompts(args.prompts, len(files))
+        reward = build_reward(args.reward, device=args.device, paths=parse_paths(args.paths))
+        rows = score_directory(reward, files, prompts, batch_size=args.batch_size, device=args.device)
+    except (FileNotFoundError, ValueError, KeyError, ImportError) as err:
+        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), args.out)
+    bad = [r["file"] for r in rows if not math.isfinite(r["score"])]
+    finite = [r["score"] for r in rows if math.isfinite(r["score"])]
+    mean = sum(finite) / len(finite) if finite else float("nan")
+    print(f"scored {len(rows)} images with {reward.name}: mean {mean:.4f}; wrote {args.out}")
+    if bad:
+        print(f"warning: non-finite scores for {len(bad)} images: {', '.join(bad[:10])}", file=sys.stderr)
+    return 0

@@ -1,0 +1,126 @@
+"""The one registry of rewards: name -> how to build it, whether it is differentiable,
+which files it needs. A duplicate name is an error; an unknown name lists the valid ones.
+
+Builders import their heavy dependencies (transformers, mediapipe) only when called, so
+`import rewards` stays cheap and never imports Ray.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from rewards import aesthetic, clip_models, color, face, hps, imagereward, jpeg
+from rewards.base import Reward, Scorer
+from rewards.files import FileSpec
+
+Builder = Callable[..., Scorer]  # builder(*, paths, device, dtype) -> Scorer
+
+
+@dataclass(frozen=True)
+class RewardEntry:
+    """One registered reward.
+
+    name: the name used in specs and as the part's key in `RewardOutput.parts`.
+    build: `build(*, paths, device, dtype) -> Scorer`.
+    differentiable: whether gradients reach the input images.
+    files: the files it loads (their `paths` keys); empty for weight-free rewards.
+    description: one line for `texforce rewards list`.
+    """
+
+    name: str
+    build: Builder
+    differentiable: bool
+    files: tuple[FileSpec, ...]
+    description: str
+
+
+_REGISTRY: dict[str, RewardEntry] = {}
+
+
+def register(entry: RewardEntry) -> None:
+    """Add a reward; registering a name twice is an error."""
+    if entry.name in _REGISTRY:
+        raise ValueError(f"reward {entry.name!r} is already registered")
+    if not entry.name.replace("_", "").isalnum():
+        raise ValueError(f"reward name {entry.name!r} must be letters, digits and underscores")
+    _REGISTRY[entry.name] = entry
+
+
+def get_entry(name: str) -> RewardEntry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list_entries() -> list[RewardEntry]:
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+
+
+def parse_spec(spec: str) -> list[tuple[str, float]]:
+    """`"imagereward:1.0,aesthetic:0.5"` -> `[("imagereward", 1.0), ("aesthetic", 0.5)]`; a bare name weighs 1."""
+    parts = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"empty reward in spec {spec!r}; write e.g. 'imagereward:1.0,aesthetic:0.5'")
+        name, sep, weight = item.partition(":")
+        name = name.strip()
+        try:
+            value = float(weight) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"weight {weight!r} of {name!r} in spec {spec!r} is not a number") from None
+        get_entry(name)
+        if name in (n for n, _ in parts):
+            raise ValueError(f"reward {name!r} appears twice in spec {spec!r}")
+        parts.append((name, value))
+    return parts
+
+
+def build_reward(
+    spec: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    paths: Mapping[str, str] | None = None,
+) -> Reward:
+    """Build a `Reward` from a single name or a composite spec `"name:w,name:w"`.
+
+    paths: model files by key (see `texforce rewards list` or each entry's `files`);
+        `TEXFORCE_<KEY>` environment variables are the fallback.
+    """
+    parsed = parse_spec(spec)
+    scorers = [get_entry(name).build(paths=paths, device=device, dtype=dtype) for name, _ in parsed]
+    return Reward(scorers, [w for _, w in parsed])
+
+
+def _register_builtins() -> None:
+    for entry in (
+        RewardEntry("color_alignment", color.build_color_alignment, True, (),
+                    "closeness of the pixels to the prompt's colour word (0 when it names none); the demo reward"),
+        RewardEntry("brightness", color.build_brightness, True, (), "mean luma in [0,1]"),
+        RewardEntry("jpeg_compressibility", jpeg.build_jpeg_compressibility, False, (),
+                    "minus the JPEG size in kB at quality 95 (DDPO)"),
+        RewardEntry("jpeg_incompressibility", jpeg.build_jpeg_incompressibility, False, (),
+                    "the JPEG size in kB at quality 95 (DDPO)"),
+        RewardEntry("imagereward", imagereward.build_imagereward, True, imagereward.FILES,
+                    "ImageReward-v1.0 (BLIP ViT-L + BERT + MLP), normalised score"),
+        RewardEntry("hpsv2", hps.build_hpsv2, True, hps.HPSV2_FILES,
+                    "HPSv2.0: cosine of OpenCLIP ViT-H-14 image and text features"),
+        RewardEntry("hpsv2_1", hps.build_hpsv2_1, True, hps.HPSV21_FILES,
+                    "HPSv2.1: cosine of OpenCLIP ViT-H-14 image and text features"),
+        RewardEntry("pickscore", clip_models.build_pickscore, True, clip_models.PICKSCORE_FILES,
+                    "PickScore: logit_scale * cosine of CLIP-H image and text embeddings"),
+        RewardEntry("clip_score", clip_models.build_clip_score, True, clip_models.CLIP_SCORE_FILES,
+                    "100 * cosine of CLIP image and text embeddings"),
+        RewardEntry("aesthetic", aesthetic.build_aesthetic, True, aesthetic.FILES,
+                    "LAION aesthetic predictor v2 on CLIP ViT-L/14 image embeddings"),
+        RewardEntry("face_quality", face.build_face_quality, False, face.FILES,
+                    "highest mediapipe face-detection confidence (needs mediapipe==0.10.21, numpy<2)"),
+    ):
+        register(entry)
+
+
+_register_builtins()

@@ -1,0 +1,136 @@
+"""LoRA on the text encoder and/or U-Net through peft, and its weights as one versioned object.
+
+Saved LoRAs are diffusers-format safetensors (`pytorch_lora_weights.safetensors` with
+`text_encoder.` / `unet.` prefixes and the peft config as metadata), so
+`pipe.load_lora_weights(dir)` loads them with the rank and alpha they were trained with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rl.config import LoraSettings
+
+ADAPTER = "default"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class PolicyWeights:
+    """The trainable LoRA tensors of one policy version, as plain CPU tensors.
+
+    `text_encoder` / `unet` are peft state dicts (keys without the adapter name), or None
+    when that module carries no LoRA. This is the object the learner hands to samplers.
+    """
+
+    version: int
+    text_encoder: dict[str, torch.Tensor] | None = None
+    unet: dict[str, torch.Tensor] | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def num_bytes(self) -> int:
+        tensors = list((self.text_encoder or {}).values()) + list((self.unet or {}).values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def policy_modules(pipe, policy: str) -> dict[str, nn.Module]:
+    """The pipeline modules that carry the trainable LoRA for `policy`."""
+    names = {"text_encoder": ["text_encoder"], "unet": ["unet"], "both": ["text_encoder", "unet"]}[policy]
+    return {name: getattr(pipe, name) for name in names}
+
+
+def add_lora(pipe, settings: LoraSettings) -> list[nn.Parameter]:
+    """Add a fresh LoRA adapter per `settings.policy`; return the trainable parameters (float32)."""
+    from peft import LoraConfig
+
+    targets = {"text_encoder": settings.text_encoder_targets, "unet": settings.unet_targets}
+    params: list[nn.Parameter] = []
+    for name, module in policy_modules(pipe, settings.policy).items():
+        module.add_adapter(
+            LoraConfig(
+                r=settings.rank,
+                lora_alpha=settings.alpha,
+                init_lora_weights=settings.init if settings.init != "zeros" else False,
+                target_modules=list(targets[name]),
+            )
+        )
+        if settings.init == "zeros":  # B=0 and A=0: the gradient is zero too, used only in tests
+            for p in _lora_parameters(module):
+                nn.init.zeros_(p)
+        for p in _lora_parameters(module):
+            p.data = p.data.float()
+            p.requires_grad_(True)
+            params.append(p)
+    return params
+
+
+def _lora_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in module.named_parameters() if "lora_" in n]
+
+
+def get_policy_weights(pipe, policy: str, version: int) -> PolicyWeights:
+    """Detached CPU copies of the LoRA tensors of `pipe`."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = {
+        name: {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(module, adapter_name=ADAPTER).items()}
+        for name, module in policy_modules(pipe, policy).items()
+    }
+    return PolicyWeights(version=version, text_encoder=state.get("text_encoder"), unet=state.get("unet"))
+
+
+def set_policy_weights(pipe, weights: PolicyWeights) -> None:
+    """Copy `weights` into the pipeline's existing LoRA adapters; shapes must match exactly."""
+    for name in ("text_encoder", "unet"):
+        state = getattr(weights, name)
+        if state is None:
+            continue
+        module = getattr(pipe, name)
+        current = {k: p for k, p in module.named_parameters() if "lora_" in k}
+        by_key = {_strip_adapter(k): p for k, p in current.items()}
+        missing = sorted(set(by_key) - set(state))
+        unexpected = sorted(set(state) - set(by_key))
+        if missing or unexpected:
+            raise ValueError(
+                f"LoRA weights for {name} do not match its adapter: missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}. Were they trained with the same lora.* settings and base model?"
+            )
+        with torch.no_grad():
+            for key, param in by_key.items():
+                if param.shape != state[key].shape:
+                    raise ValueError(
+                        f"LoRA shape mismatch at {name}.{key}: adapter {tuple(param.shape)}, weights "
+                        f"{tuple(state[key].shape)}; check lora.rank."
+                    )
+                param.copy_(state[key].to(param.device, param.dtype))
+
+
+def _strip_adapter(key: str) -> str:
+    return key.replace(f".{ADAPTER}.", ".")
+
+
+def save_lora(weights: PolicyWeights, settings: LoraSettings, directory: str | Path) -> Path:
+    """Write `weights` as diffusers-format safetensors (with the LoRA config as metadata)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    targets = {"text_encoder": settings.text_encoder_targets, "unet": settings.unet_targets}
+    kwargs = {}
+    for name in ("text_encoder", "unet"):
+        state = getattr(weights, name)
+        if state is None:
+            continue
+        state = convert_state_dict_to_diffusers(dict(state))
+        kwargs[f"{name}_lora_layers"] = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+        config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=list(targets[name]))
+        kwargs[f"{name}_lora_adapter_metadata"] = config.to_dict()
+    if not kwargs:
+        raise ValueError("these PolicyWeights hold no LoRA tensors to save")
+    StableDiffusionPipeline.save_lora_weights(directory, weight_name=LORA_WEIGHTS_NAME, **kwargs)
+    return directory / LORA_WEIGHTS_NAME

@@ -1,0 +1,108 @@
+"""The run directory: resolved config, per-epoch metrics (parquet), checkpoints, final LoRA, plots.
+
+Layout:
+    config.yaml                     the resolved config
+    metrics.parquet                 one row per epoch
+    checkpoints/epoch_NNNN/         lora/ (diffusers safetensors), learner.pt, driver.json
+    final_lora/                     pytorch_lora_weights.safetensors
+    grids/epoch_NNNN.png            sampled images with prompts and rewards
+    reward_curve.png                mean reward per epoch
+    tensorboard/                    event files
+
+Checkpoints are written to a temporary folder and renamed, so an interrupted save never
+leaves a half checkpoint behind; `learner.pt` holds tensors and plain containers only and is
+read with `torch.load(..., weights_only=True)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from rl.config import TexForceConfig, load_config, save_config
+from rl.lora import PolicyWeights, save_lora
+
+
+class RunDirectory:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.metrics_path = self.path / "metrics.parquet"
+        self.config_path = self.path / "config.yaml"
+        self.final_lora = self.path / "final_lora"
+        self.grids = self.path / "grids"
+        self.reward_curve = self.path / "reward_curve.png"
+        self.tensorboard = self.path / "tensorboard"
+
+    @classmethod
+    def create(cls, config: TexForceConfig) -> "RunDirectory":
+        """A new run directory at output_dir/run_name; refuses to overwrite an existing run."""
+        run = cls(Path(config.output_dir) / config.run_name)
+        if run.config_path.exists():
+            raise FileExistsError(
+                f"run directory {run.path} already holds a run; continue it with `--resume {run.path}` "
+                "or choose another run_name=..."
+            )
+        run.path.mkdir(parents=True, exist_ok=True)
+        save_config(config, run.config_path)
+        return run
+
+    def load_config(self) -> TexForceConfig:
+        if not self.config_path.is_file():
+            raise FileNotFoundError(f"{self.path} is not a run directory: no config.yaml")
+        return load_config(self.config_path)
+
+    # --- metrics ---------------------------------------------------------------------------
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.metrics_path).to_pylist()
+
+    def append_metrics(self, row: dict) -> list[dict]:
+        """Add one epoch's row (rewriting the file atomically); returns all rows."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = [r for r in self.read_metrics() if r["epoch"] < row["epoch"]] + [row]
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
+        tmp = self.metrics_path.with_suffix(".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.metrics_path)
+        return rows
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def save_checkpoint(
+        self, epoch: int, *, learner_state: dict, driver_state: dict, weights: PolicyWeights, config: TexForceConfig
+    ) -> Path:
+        final = self.checkpoints / f"epoch_{epoch:04d}"
+        tmp = self.checkpoints / f".tmp_epoch_{epoch:04d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_lora(weights, config.lora, tmp / "lora")
+        torch.save(learner_state, tmp / "learner.pt")
+        (tmp / "driver.json").write_text(json.dumps({"epoch": epoch, **driver_state}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(p for p in self.checkpoints.glob("epoch_*") if (p / "driver.json").exists())
+        return done[-1] if done else None
+
+    @staticmethod
+    def load_checkpoint(path: Path) -> tuple[dict, dict]:
+        """(learner_state, driver_state) of a checkpoint folder."""
+        learner_state = torch.load(path / "learner.pt", map_location="cpu", weights_only=True)
+        driver_state = json.loads((path / "driver.json").read_text())
+        return learner_state, driver_state
+
+    def save_final_lora(self, weights: PolicyWeights, config: TexForceConfig) -> Path:
+        return save_lora(weights, config.lora, self.final_lora)

@@ -1,0 +1,181 @@
+"""Sampling trajectories with classifier-free guidance, and recomputing a step's log-prob.
+
+This is the DDIM loop of diffusers' StableDiffusionPipeline written out so that each step
+records (x_t, x_{t-1}, log-prob). Changes from the pipeline: per-sample seeds (a sample does
+not depend on its batch-mates, so sharding across samplers is reproducible), the negative
+prompt is encoded by the same (LoRA'd) text encoder, and the step is `ddim_step_with_logprob`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from rl.ddim import DDIMSchedule, ddim_step_with_logprob
+
+
+@dataclass
+class Trajectories:
+    """A batch of B sampled trajectories of T DDIM steps.
+
+    prompt_ids, negative_ids: [B, L] token ids; timesteps: [B, T] long;
+    latents: [B, T+1, C, h, w] float32 with latents[:, j] = x_t and latents[:, j+1] = x_{t-1}
+    for t = timesteps[:, j]; log_probs: [B, T] float32 (the sampler's, i.e. old, log-probs);
+    images: [B, 3, H, W] uint8; seeds: [B] long; policy_version: the LoRA version that sampled.
+    """
+
+    prompts: list[str]
+    prompt_ids: torch.Tensor
+    negative_ids: torch.Tensor
+    timesteps: torch.Tensor
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    images: torch.Tensor
+    seeds: torch.Tensor
+    policy_version: int = 0
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def select(self, index: torch.Tensor | list[int]) -> "Trajectories":
+        """The trajectories at `index` (along the batch dimension)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                values[f.name] = value[index]
+            elif isinstance(value, list):
+                values[f.name] = [value[i] for i in index.tolist()]
+            else:
+                values[f.name] = value
+        return Trajectories(**values)
+
+    @staticmethod
+    def cat(parts: list["Trajectories"]) -> "Trajectories":
+        """Concatenate batches; `policy_version` is the oldest among them."""
+        values = {}
+        for f in fields(Trajectories):
+            items = [getattr(p, f.name) for p in parts]
+            if isinstance(items[0], torch.Tensor):
+                values[f.name] = torch.cat(items)
+            elif isinstance(items[0], list):
+                values[f.name] = [x for item in items for x in item]
+            else:
+                values[f.name] = min(items)
+        return Trajectories(**values)
+
+    def images_float(self) -> torch.Tensor:
+        """[B, 3, H, W] float32 in [0, 1], the input rewards take."""
+        return self.images.float() / 255.0
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """[B, L] ids padded to the tokenizer's max length, as Stable Diffusion encodes prompts."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def encode(text_encoder, ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] ids -> [B, L, D] last hidden states (what the U-Net cross-attends to)."""
+    device = next(text_encoder.parameters()).device
+    return text_encoder(ids.to(device))[0]
+
+
+def guided_noise_prediction(
+    unet, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float
+) -> torch.Tensor:
+    """eps_hat = eps_u + w (eps_c - eps_u), both branches in one U-Net call.
+
+    x_t: [B, C, h, w]; t: [B]; cond, uncond: [B, L, D]. Returns float32 [B, C, h, w].
+    """
+    dtype = unet.dtype
+    latent_in = torch.cat([x_t, x_t]).to(dtype)
+    eps = unet(latent_in, torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond]).to(dtype)).sample
+    eps_u, eps_c = eps.float().chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+def _randn(shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
+    """One standard-normal draw per sample from its own CPU generator: [len(generators), *shape]."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+@torch.no_grad()
+def sample_trajectories(
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    num_steps: int,
+    guidance_scale: float,
+    eta: float,
+    negative_prompt: str = "",
+    height: int | None = None,
+    width: int | None = None,
+    policy_version: int = 0,
+) -> Trajectories:
+    """Roll out one DDIM trajectory per prompt with CFG and record every step's log-prob."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    device = pipe.unet.device
+    schedule = DDIMSchedule.from_scheduler(pipe.scheduler, num_steps)
+    scale = pipe.vae_scale_factor
+    height = height or pipe.unet.config.sample_size * scale
+    width = width or pipe.unet.config.sample_size * scale
+    # 1. encode prompt and negative prompt with the (LoRA'd) text encoder
+    prompt_ids = tokenize(pipe.tokenizer, prompts)
+    negative_ids = tokenize(pipe.tokenizer, [negative_prompt] * len(prompts))
+    cond = encode(pipe.text_encoder, prompt_ids)
+    uncond = encode(pipe.text_encoder, negative_ids)
+    # 2. x_T from each sample's own seed
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    latent_shape = (pipe.unet.config.in_channels, height // scale, width // scale)
+    x = _randn(latent_shape, generators, device) * pipe.scheduler.init_noise_sigma
+    latents, log_probs = [x], []
+    # 3. the DDIM loop
+    for t_scalar in schedule.timesteps:
+        t = torch.full((len(prompts),), int(t_scalar), device=device, dtype=torch.long)
+        eps_hat = guided_noise_prediction(pipe.unet, x, t, cond, uncond, guidance_scale)
+        noise = _randn(latent_shape, generators, device)
+        x, log_prob, _, _ = ddim_step_with_logprob(schedule, eps_hat, t, x, eta=eta, noise=noise)
+        latents.append(x)
+        log_probs.append(log_prob)
+    # 4. decode to uint8 images
+    images = decode_latents(pipe.vae, x)
+    return Trajectories(
+        prompts=list(prompts),
+        prompt_ids=prompt_ids,
+        negative_ids=negative_ids,
+        timesteps=schedule.timesteps.repeat(len(prompts), 1),
+        latents=torch.stack(latents, dim=1).cpu(),
+        log_probs=torch.stack(log_probs, dim=1).cpu(),
+        images=(images * 255).round().to(torch.uint8).cpu(),
+        seeds=torch.as_tensor(seeds, dtype=torch.long),
+        policy_version=policy_version,
+    )
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """[B, 4, h, w] latents -> [B, 3, H, W] float images in [0, 1]."""
+    image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def step_log_prob(
+    unet,
+    schedule: DDIMSchedule,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    x_prev: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    *,
+    guidance_scale: float,
+    eta: float,
+) -> torch.Tensor:
+    """log pi(x_{t-1} | x_t, c) under the current weights, [B]; differentiable in cond/uncond/U-Net."""
+    eps_hat = guided_noise_prediction(unet, x_t, t, cond, uncond, guidance_scale)
+    _, log_prob, _, _ = ddim_step_with_logprob(schedule, eps_hat, t, x_t, eta=eta, prev_sample=x_prev)
+    return log_prob

@@ -1,0 +1,137 @@
+"""A tiny Stable Diffusion pipeline built offline, saved in the real diffusers layout.
+
+Tests and the embedded demo load it with `StableDiffusionPipeline.from_pretrained(DIR)`,
+the same path that loads SD 1.x/2.x weights, so nothing is mocked. Weights are random but
+deterministic from the seed; the tokenizer is a byte-level BPE generated here (every string
+tokenizes; the words in `_WORDS` become single tokens).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+_COLORS = ["red", "green", "blue", "yellow", "cyan", "magenta", "white", "black", "orange", "purple"]
+_WORDS = _COLORS + (
+    "a an the of on in with and photo picture painting of cat dog bird car ball house tree flower apple "
+    "boat cup hat chair sky grass sea field street table wall horse fish dragon robot city forest"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest above 255."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    codes = printable[:]
+    shift = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + shift)
+            shift += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def make_tokenizer_files(words: list[str] = _WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-style vocab (bytes, bytes + '</w>', merged words, specials) and its merges."""
+    alphabet = list(_bytes_to_unicode().values())
+    vocab_list = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(words):
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        left = symbols[0]
+        for right in symbols[1:]:
+            merge = (left, right)
+            if merge not in merges:
+                merges.append(merge)
+                vocab_list.append(left + right)
+            left = left + right
+    vocab_list = list(dict.fromkeys(vocab_list)) + ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(vocab_list)}, merges
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """Tiny SD: U-Net (32, 64), VAE with 3 blocks (64x64 images from 16x16 latents), CLIP hidden 32."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab, merges = make_tokenizer_files()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def make_tiny(directory: str | Path, seed: int = 0) -> Path:
+    """Build the tiny pipeline and `save_pretrained` it to `directory`."""
+    directory = Path(directory)
+    build_tiny_pipeline(seed).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def add_subcommand(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("make-tiny", help="build a tiny random Stable Diffusion pipeline offline into DIR")
+    parser.add_argument("directory", help="output directory (diffusers layout)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    path = make_tiny(args.directory, seed=args.seed)
+    print(f"tiny Stable Diffusion pipeline written to {path}")
+    return 0

@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny Stable Diffusion pipeline built offline once per test session."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_progress_bars():
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> str:
+    """A tiny SD pipeline saved with `save_pretrained` (real diffusers layout)."""
+    from rl.tiny import make_tiny
+
+    return str(make_tiny(tmp_path_factory.mktemp("tiny-sd") / "tiny-sd", seed=0))
+
+
+@pytest.fixture
+def pipe(tiny_sd_dir):
+    """A fresh, frozen pipeline loaded from the tiny directory (the user's loading path)."""
+    from rl.models import load_pipeline
+
+    return load_pipeline(tiny_sd_dir, device="cpu")
+
+
+def tiny_config(tiny_sd_dir: str, *overrides: str):
+    """The project's config with the tiny model and small sizes, plus `overrides`."""
+    from rl.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"model.pretrained={tiny_sd_dir}",
+            "model.device=cpu",
+            "sample.num_steps=6",
+            "sample.batch_size=4",
+            "sample.num_batches_per_epoch=1",
+            "train.batch_size=2",
+            "num_epochs=2",
+            "lora.rank=4",
+            "lora.alpha=4",
+            *overrides,
+        ],
+    )

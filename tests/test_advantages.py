@@ -1,0 +1,48 @@
+"""Advantage normalisation: per-prompt tracker, groups, clipping."""
+import numpy as np
+import pytest
+
+from rl.advantages import PerPromptStatTracker, compute_advantages, group_advantages
+
+
+def test_tracker_uses_batch_statistics_below_min_count():
+    tracker = PerPromptStatTracker(buffer_size=16, min_count=4)
+    prompts = ["a", "a", "b", "b"]
+    rewards = np.array([1.0, 2.0, 10.0, 20.0])
+    adv = tracker.update(prompts, rewards)
+    expected = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+    np.testing.assert_allclose(adv, expected)
+
+
+def test_tracker_uses_prompt_history_at_min_count():
+    tracker = PerPromptStatTracker(buffer_size=16, min_count=4)
+    tracker.update(["a", "a", "b"], np.array([0.0, 2.0, 100.0]))
+    adv = tracker.update(["a", "a", "b"], np.array([4.0, 6.0, 50.0]))
+    history_a = np.array([0.0, 2.0, 4.0, 6.0])  # 4 >= min_count: prompt statistics
+    np.testing.assert_allclose(adv[:2], (np.array([4.0, 6.0]) - history_a.mean()) / (history_a.std() + 1e-6))
+    batch = np.array([4.0, 6.0, 50.0])  # 'b' has 2 < min_count: batch statistics
+    np.testing.assert_allclose(adv[2], (50.0 - batch.mean()) / (batch.std() + 1e-6))
+
+
+def test_tracker_buffer_keeps_only_recent_rewards_and_round_trips():
+    tracker = PerPromptStatTracker(buffer_size=3, min_count=1)
+    for r in [1.0, 2.0, 3.0, 4.0]:
+        tracker.update(["p"], np.array([r]))
+    assert list(tracker.history["p"]) == [2.0, 3.0, 4.0]
+    clone = PerPromptStatTracker()
+    clone.load_state_dict(tracker.state_dict())
+    np.testing.assert_allclose(clone.update(["p"], np.array([5.0])), tracker.update(["p"], np.array([5.0])))
+
+
+def test_group_advantages_normalise_within_prompt():
+    adv = group_advantages(["x", "x", "y", "y"], np.array([1.0, 3.0, 100.0, 300.0]))
+    np.testing.assert_allclose(adv, [-1.0, 1.0, -1.0, 1.0], atol=1e-5)
+    np.testing.assert_allclose(group_advantages(["x", "y"], np.array([1.0, 2.0])), [0.0, 0.0])
+
+
+def test_advantages_are_clipped():
+    rewards = np.array([0.0] * 99 + [1000.0])
+    adv = compute_advantages(["p"] * 100, rewards, mode="batch", adv_clip_max=5.0, tracker=None)
+    assert adv.max() == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="unknown advantage mode"):
+        compute_advantages(["p"], rewards[:1], mode="nope", adv_clip_max=5.0, tracker=None)

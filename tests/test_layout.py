@@ -1,0 +1,28 @@
+"""House rule: Ray lives in actors/ and tune/ only; rl/ and rewards/ import without it."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_no_ray_import_in_rl_or_rewards():
+    pattern = re.compile(r"^\s*(import ray|from ray)\b", re.M)
+    offenders = [
+        str(path.relative_to(ROOT))
+        for package in ("rl", "rewards")
+        for path in (ROOT / package).rglob("*.py")
+        if pattern.search(path.read_text())
+    ]
+    assert offenders == []
+
+
+def test_importing_rl_does_not_load_ray():
+    code = (
+        "import sys, rl.config, rl.ddim, rl.sampling, rl.ppo, rl.advantages, rl.learner, rl.lora, rl.models, "
+        "rl.tiny, rl.cli, rewards; print('ray' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

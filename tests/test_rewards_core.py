@@ -1,0 +1,211 @@
+"""The reward contract, registry, composite, finiteness report and weight-free rewards."""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import rewards
+from rewards import color, jpeg, preprocess
+from rewards.base import Reward, RewardOutput
+from rewards.files import FileSpec
+from rewards.registry import RewardEntry, register
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- registry -------------------------------------------------------------------------------
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(KeyError, match="valid rewards: .*color_alignment.*imagereward"):
+        rewards.build_reward("imagerewrd")
+
+
+def test_duplicate_registration_is_an_error():
+    entry = rewards.get_entry("brightness")
+    with pytest.raises(ValueError, match="already registered"):
+        register(RewardEntry("brightness", entry.build, True, (), "again"))
+
+
+def test_entries_carry_metadata():
+    entries = {e.name: e for e in rewards.list_entries()}
+    assert {"imagereward", "hpsv2", "hpsv2_1", "pickscore", "aesthetic", "clip_score", "jpeg_compressibility",
+            "jpeg_incompressibility", "color_alignment", "brightness", "face_quality"} <= set(entries)
+    assert entries["imagereward"].differentiable and not entries["jpeg_compressibility"].differentiable
+    assert [f.key for f in entries["imagereward"].files] == [
+        "imagereward", "imagereward_med_config", "imagereward_tokenizer"]
+    assert entries["color_alignment"].files == ()
+    assert all(e.description for e in entries.values())
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("brightness:x", "not a number"),
+    ("brightness,brightness:2", "appears twice"),
+    ("brightness,,color_alignment", "empty reward"),
+    ("nope:1", "unknown reward 'nope'"),
+])
+def test_bad_specs(spec, match):
+    with pytest.raises((ValueError, KeyError), match=match):
+        rewards.parse_spec(spec)
+
+
+def test_import_is_cheap_and_ray_free():
+    code = ("import sys, rewards; heavy = [m for m in ('ray', 'transformers', 'diffusers', 'mediapipe') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    for source in (REPO / "rewards").rglob("*.py"):
+        text = source.read_text()
+        assert "import ray" not in text and "from ray" not in text, source
+
+
+# --- composite and finiteness -------------------------------------------------------------
+
+def test_composite_reports_parts_and_weighted_sum():
+    reward = rewards.build_reward("color_alignment:1.0,brightness:0.5,jpeg_compressibility:0.01")
+    images = torch.rand(3, 3, 24, 24)
+    prompts = ["a red ball", "a blue car", "a dog"]
+    out = reward(images, prompts)
+    assert set(out.parts) == {"color_alignment", "brightness", "jpeg_compressibility"}
+    expected = out.parts["color_alignment"] + 0.5 * out.parts["brightness"] + 0.01 * out.parts["jpeg_compressibility"]
+    torch.testing.assert_close(out.scores, expected)
+    assert out.scores.shape == (3,)
+    assert reward.name == "color_alignment:1,brightness:0.5,jpeg_compressibility:0.01"
+    assert not reward.differentiable  # jpeg is not
+    assert rewards.build_reward("color_alignment,brightness").differentiable
+
+
+class _Const:
+    differentiable = True
+
+    def __init__(self, name, values):
+        self.name, self.values = name, torch.tensor(values)
+
+    def __call__(self, images, prompts):
+        return self.values
+
+
+def test_non_finite_scores_are_kept_and_named():
+    reward = Reward([_Const("a", [1.0, float("nan"), 3.0]), _Const("b", [0.0, 1.0, float("inf")])], [1.0, 2.0])
+    out = reward(torch.zeros(3, 3, 8, 8), ["x", "y", "z"])
+    assert torch.isnan(out.scores[1]) and torch.isinf(out.scores[2])  # not averaged away
+    report = rewards.check_finite(out)
+    assert not report.ok
+    assert report.mask.tolist() == [True, False, False]
+    assert report.bad == {"a": [1], "b": [2], "scores": [1, 2]}
+    assert "a at samples [1]" in str(report) and "b at samples [2]" in str(report)
+    assert rewards.check_finite(RewardOutput(torch.ones(2), {"a": torch.ones(2)})).ok
+
+
+def test_input_checks():
+    reward = rewards.build_reward("brightness")
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        reward(torch.rand(2, 3, 8, 8), ["a"])
+    with pytest.raises(ValueError, match=r"\[B,3,H,W\]"):
+        reward(torch.rand(2, 8, 8), ["a", "b"])
+    with pytest.raises(TypeError, match="list of strings"):
+        reward(torch.rand(1, 3, 8, 8), "a")
+
+
+# --- colour alignment -----------------------------------------------------------------------
+
+def _solid(rgb, size=16):
+    return torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, size, size).clone()
+
+
+def test_color_alignment_prompt_dependent_and_ordered():
+    reward = rewards.build_reward("color_alignment")
+    red = _solid((1.0, 0.0, 0.0))
+    assert reward(red, ["a red ball on the grass"]).scores.item() == pytest.approx(1.0, abs=1e-3)
+    assert reward(red, ["a photo of a cyan car"]).scores.item() == pytest.approx(0.0, abs=1e-3)
+    assert reward(red, ["a photo of a blue car"]).scores.item() < 0.5
+    reddish = _solid((0.8, 0.3, 0.3))
+    assert reward(reddish, ["red"]).scores > reward(_solid((0.5, 0.5, 0.5)), ["red"]).scores
+
+
+def test_color_alignment_mid_range_on_gray_and_noise():
+    reward = rewards.build_reward("color_alignment")
+    words = ["red", "green", "blue", "yellow", "cyan", "magenta", "white", "black"]
+    gray = reward(_solid((0.5, 0.5, 0.5)).expand(len(words), -1, -1, -1), [f"a {w} ball" for w in words])
+    torch.testing.assert_close(gray.scores, torch.full((8,), 0.5), atol=1e-3, rtol=0)
+    noise = reward(torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)), [f"a {w} ball" for w in words])
+    assert ((noise.scores > 0.35) & (noise.scores < 0.6)).all()
+    for extra in ("orange", "purple", "pink", "brown"):
+        assert 0.3 < reward(torch.full((1, 3, 16, 16), 0.5), [f"an {extra} car"]).scores.item() < 0.7
+
+
+def test_color_alignment_no_color_word_scores_zero_and_first_word_wins():
+    reward = rewards.build_reward("color_alignment")
+    assert reward(torch.rand(1, 3, 8, 8), ["a dog in a field"]).scores.item() == 0.0
+    assert color.find_color("A Red ball on GREEN grass") == "red"
+    assert color.find_color("reddish bluebird") is None  # whole words only
+    assert color.find_color("a grey cat") == "grey"
+
+
+@pytest.mark.parametrize("size", [8, 13, 128])
+def test_color_alignment_differentiable_at_any_resolution(size):
+    reward = rewards.build_reward("color_alignment")
+    images = torch.rand(2, 3, size, size, requires_grad=True)
+    reward(images, ["a red ball", "a blue car"]).scores.sum().backward()
+    assert images.grad.abs().sum() > 0
+    assert images.grad[0, 0].mean() > 0 and images.grad[1, 2].mean() > 0  # more red / more blue is better
+
+
+def test_brightness():
+    reward = rewards.build_reward("brightness")
+    out = reward(torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)]), ["a", "b"])
+    torch.testing.assert_close(out.scores, torch.tensor([0.0, 1.0]))
+
+
+# --- JPEG -------------------------------------------------------------------------------------
+
+def test_jpeg_size_matches_pil_at_quality_95():
+    images = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(0))
+    images[1] = 0.5
+    sizes = jpeg.jpeg_size_kb(images)
+    array = (images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+    assert sizes[0].item() == pytest.approx(len(buffer.getvalue()) / 1000)
+    comp = rewards.build_reward("jpeg_compressibility")(images, ["", ""])
+    incomp = rewards.build_reward("jpeg_incompressibility")(images, ["", ""])
+    torch.testing.assert_close(comp.scores, -sizes)
+    torch.testing.assert_close(incomp.scores, sizes)
+    assert comp.scores[1] > comp.scores[0]  # a flat image compresses better than noise
+
+
+# --- preprocessing ---------------------------------------------------------------------------
+
+def test_preprocess_shapes_grads_and_pil_agreement():
+    images = torch.rand(2, 3, 48, 64, requires_grad=True)
+    out = preprocess.clip_preprocess(images, 32)
+    assert out.shape == (2, 3, 32, 32)
+    out.sum().backward()
+    assert images.grad.abs().sum() > 0
+    # close to PIL's bicubic resize + center crop of the same image (what the official code does)
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 96, 128), 4, stride=1, padding=0)
+    smooth = torch.nn.functional.interpolate(smooth, size=(96, 128), mode="bilinear")
+    pil = Image.fromarray((smooth[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    pil = pil.resize((42, 32), Image.BICUBIC)
+    left = round((42 - 32) / 2.0)
+    ref = torch.from_numpy(np.asarray(pil.crop((left, 0, left + 32, 32)), dtype=np.float32) / 255).permute(2, 0, 1)
+    ours = preprocess.center_crop(preprocess.resize_shorter_side(smooth, 32), 32)[0]
+    assert (ours - ref).abs().mean() < 0.01
+
+
+def test_file_spec_errors_name_key_path_and_what(tmp_path, monkeypatch):
+    spec = FileSpec("thing", "file", "thing.pt from somewhere", filename="thing.pt")
+    with pytest.raises(FileNotFoundError, match=r"no path given for 'thing': provide thing.pt from somewhere.*TEXFORCE_THING"):
+        spec.resolve({})
+    with pytest.raises(FileNotFoundError, match=f"'thing' not found at {tmp_path}/thing.pt"):
+        spec.resolve({"thing": str(tmp_path)})
+    (tmp_path / "thing.pt").write_bytes(b"x")
+    assert spec.resolve({"thing": str(tmp_path)}) == tmp_path / "thing.pt"
+    monkeypatch.setenv("TEXFORCE_THING", str(tmp_path / "thing.pt"))
+    assert spec.resolve(None) == tmp_path / "thing.pt"
