@@ -43,7 +43,12 @@ def load_pipeline(pretrained: str, *, dtype: str = "float32", device: str = "aut
     frozen here; LoRA parameters added afterwards are the only trainable ones.
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    # loading bars from several actors at once only garble the driver's log
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     path = Path(pretrained).expanduser()
     if path.exists():
         check_pipeline_dir(path)

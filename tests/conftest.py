@@ -56,3 +56,13 @@ def tiny_config(tiny_sd_dir: str, *overrides: str):
             *overrides,
         ],
     )
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster for the whole session (loopback, no dashboard)."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,72 @@
+"""`ray job submit` against a head started on loopback, as a user submits to a cluster."""
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A head of our own (token auth on, dashboard on 127.0.0.1); stopped by its process group."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
+               HF_HUB_OFFLINE="1")
+    env.pop("RAY_ADDRESS", None)
+    dashboard_port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths have a length limit
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={_free_port()}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
+         "--num-cpus=2", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode != 0:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the head's job server did not come up in 60 s"
+            time.sleep(1)
+        yield ray_bin, address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_ray_job_submit_runs_the_training_entry(ray_head, tiny_sd_dir, tmp_path):
+    ray_bin, address, env = ray_head
+    out_dir = tmp_path / "runs"
+    result = subprocess.run(
+        [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+         "--runtime-env", str(ROOT / "configs" / "runtime_env.yaml"), "--",
+         "python", "-m", "rl.train", "--config", "configs/tiny.yaml", f"model.pretrained={tiny_sd_dir}",
+         f"output_dir={out_dir}", "run_name=job", "num_epochs=1", "sample.num_batches_per_epoch=1"],
+        env=env, capture_output=True, text=True, timeout=400,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout + result.stderr
+    rows = pq.read_table(out_dir / "job" / "metrics.parquet").to_pylist()
+    assert len(rows) == 1 and rows[0]["num_samples"] == 8
+    assert (out_dir / "job" / "final_lora" / "pytorch_lora_weights.safetensors").exists()
