@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     from rewards import cli as rewards_cli
 
     rewards_cli.add_subcommands(sub)
+
+    from tune import cli as tune_cli
+
+    tune_cli.add_subcommands(sub)
     return parser
 
 

@@ -1,0 +1,99 @@
+"""`texforce eval`: a fixed, seeded evaluation set with per-image scores, a summary and a grid."""
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from lora_fixtures import make_lora, one_torch_thread
+
+from tune.evaluate import EvalSettings, evaluate, summarize
+from tune.fusion import fuse_files, load_fused
+from tune.worker import LOADS, FusionJob, evaluate_alphas
+
+SETTINGS = EvalSettings(num_seeds=2, num_steps=3, batch_size=3)
+PROMPTS = ("a red ball", "a blue car", "a green tree")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def lora_pair(tiny_sd_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-loras")
+    targets = ["conv_in", "conv_out", "to_q", "to_v"]
+    return (
+        make_lora(tiny_sd_dir, root / "x", rank=4, alpha=4, seed=5, policy="both", scale=0.3, unet_targets=targets),
+        make_lora(tiny_sd_dir, root / "y", rank=2, alpha=2, seed=6, policy="unet", scale=0.3, unet_targets=targets),
+    )
+
+
+def test_summary_statistics():
+    s = summarize(np.array([1.0, 2.0, 3.0, 4.0]))
+    assert s["mean"] == 2.5 and s["n"] == 4
+    assert math.isclose(s["std"], np.std([1, 2, 3, 4], ddof=1))
+    assert math.isclose(s["sem"], s["std"] / 2)
+    assert summarize(np.array([0.5]))["std"] == 0.0
+
+
+def test_eval_cli_writes_scores_summary_and_grid(tiny_sd_dir, lora_pair, tmp_path, capsys):
+    from rl.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n\n")
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", tiny_sd_dir, "--lora", f"{lora_pair[0]}:0.7", "--lora", f"{lora_pair[1]}:0.3",
+            "--prompts", str(prompts), "--reward", "color_alignment,brightness", "--seeds", "2", "--steps", "3",
+            "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    assert "color_alignment" in capsys.readouterr().out
+    table = pq.read_table(out / "scores.parquet").to_pydict()
+    assert table["prompt"] == [p for p in PROMPTS for _ in range(2)] and table["seed"] == [0, 1] * 3
+    assert table["image"] == list(range(6))
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("color_alignment", "brightness"):
+        s = summary["rewards"][name]
+        assert set(s) == {"mean", "std", "sem", "n"} and s["n"] == 6
+        assert math.isclose(s["mean"], float(np.mean(table[name])), rel_tol=1e-9)
+    assert summary["alphas"] == [0.7, 0.3]
+    assert (out / "grid.png").stat().st_size > 1000
+
+    assert main(argv[:-1] + [str(tmp_path / "again")]) == 0  # same seeds, same scores
+    again = pq.read_table(tmp_path / "again" / "scores.parquet").to_pydict()
+    assert again["color_alignment"] == table["color_alignment"]
+
+
+def test_cached_pipeline_with_swapped_loras_matches_a_fresh_load(tiny_sd_dir, lora_pair):
+    """A worker reuses one pipeline across trials; the swap must leave nothing behind."""
+    from rewards import build_reward
+    from rl.models import load_pipeline
+
+    job = FusionJob(model=tiny_sd_dir, loras=tuple(str(p) for p in lora_pair), prompts=PROMPTS,
+                    reward="color_alignment", settings=SETTINGS, device="cpu")
+    evaluate_alphas(job, [2.0, -1.0])  # another trial first, on the cached pipeline
+    loads = LOADS["pipeline"]
+    reused = evaluate_alphas(job, [0.5, 0.8])
+    assert LOADS["pipeline"] == loads
+
+    fresh_pipe = load_pipeline(tiny_sd_dir, device="cpu")
+    load_fused(fresh_pipe, fuse_files(lora_pair, [0.5, 0.8]))
+    fresh = evaluate(fresh_pipe, build_reward("color_alignment"), list(PROMPTS), SETTINGS)
+    assert torch.equal(reused.images, fresh.images)
+    np.testing.assert_array_equal(reused.objective, fresh.objective)
+
+    base = evaluate_alphas(job, [0.0, 0.0])
+    plain = evaluate(load_pipeline(tiny_sd_dir, device="cpu"), build_reward("color_alignment"), list(PROMPTS), SETTINGS)
+    assert torch.equal(base.images, plain.images)
+    assert not torch.equal(base.images, reused.images)
+
+
+def test_empty_prompt_file_is_an_error(tiny_sd_dir, tmp_path):
+    from rl.cli import main
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="has no prompts"):
+        main(["eval", "--model", tiny_sd_dir, "--prompts", str(empty), "--reward", "brightness", "--device", "cpu"])

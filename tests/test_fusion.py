@@ -1,0 +1,165 @@
+"""Exact LoRA fusion: the fused delta is sum_i alpha_i * deltaW_i for every adapted module."""
+import json
+
+import pytest
+import torch
+from lora_fixtures import make_lora, merged_deltas, one_torch_thread
+from safetensors import safe_open
+
+from rl.models import load_pipeline
+from rl.sampling import encode, tokenize
+from tune.fusion import fuse, fuse_files, load_fused, parse_lora_arg
+from tune.lora_io import (
+    LoraFile,
+    LoraFormatError,
+    LoraModule,
+    parse_state_dict,
+    read_lora,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_sd_dir, tmp_path_factory):
+    """A: text encoder + U-Net attention, rank 4, alpha 8 (scale 2).
+    B: text encoder + U-Net to_q/to_v only, rank 2, alpha 1 (scale 0.5): other ranks, fewer modules."""
+    root = tmp_path_factory.mktemp("loras")
+    a = make_lora(tiny_sd_dir, root / "a", rank=4, alpha=8, seed=1)
+    b = make_lora(tiny_sd_dir, root / "b", rank=2, alpha=1, seed=2, unet_targets=["to_q", "to_v"])
+    return a, b
+
+
+def _outputs(pipe):
+    """Text-encoder states and one U-Net prediction: what a LoRA changes."""
+    ids = tokenize(pipe.tokenizer, ["a red ball", ""])
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        text = encode(pipe.text_encoder, ids)
+        eps = pipe.unet(x, torch.tensor([500, 20]), encoder_hidden_states=text).sample
+    return text, eps
+
+
+@pytest.mark.parametrize("alphas", [(0.6, 0.4), (1.5, -0.7)])
+def test_fused_file_delta_is_the_weighted_sum_of_deltas(loras, tiny_sd_dir, tmp_path, alphas):
+    """Reference deltas come from diffusers itself: load each LoRA alone, fuse_lora, W - W_base."""
+    a, b = loras
+    path = fuse_files([a, b], alphas).save(tmp_path / "fused.safetensors")
+    fused = merged_deltas(tiny_sd_dir, path)
+    ref_a, ref_b = merged_deltas(tiny_sd_dir, a), merged_deltas(tiny_sd_dir, b)
+    assert set(fused) == set(ref_a) | set(ref_b)
+    assert set(ref_b) < set(ref_a)  # B adapts fewer modules: missing = zero delta
+    assert any(k.startswith("text_encoder.") for k in fused) and any(k.startswith("unet.") for k in fused)
+    for module, delta in fused.items():
+        expected = alphas[0] * ref_a[module] + alphas[1] * ref_b.get(module, torch.zeros_like(delta))
+        torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-6, msg=module)
+
+
+def test_different_ranks_fuse_exactly_in_memory(loras):
+    a, b = (read_lora(p) for p in loras)
+    fused = fuse([a, b], [0.3, 2.0])
+    for module, m_a in a.modules.items():
+        expected = 0.3 * m_a.delta() + (2.0 * b.modules[module].delta() if module in b.modules else 0)
+        torch.testing.assert_close(fused.delta(module), expected, rtol=1e-5, atol=1e-7)
+    ranks = {c: {fused.modules[m][0].shape[0] for m in fused.modules if m.startswith(c)} for c in ("text_encoder", "unet")}
+    assert ranks == {"text_encoder": {6}, "unet": {6}}  # 4 + 2, modules only in A zero-padded to 6
+
+
+def test_alpha_zero_is_the_base_model_and_alpha_one_is_that_lora(loras, tiny_sd_dir):
+    a, b = loras
+    base = _outputs(load_pipeline(tiny_sd_dir, device="cpu"))
+    only_a = load_pipeline(tiny_sd_dir, device="cpu")
+    only_a.load_lora_weights(str(a))
+    lora_a = _outputs(only_a)
+
+    pipe = load_pipeline(tiny_sd_dir, device="cpu")
+    for alphas, expected in (((0.0, 0.0), base), ((1.0, 0.0), lora_a)):
+        load_fused(pipe, fuse_files([a, b], alphas))
+        for got, want in zip(_outputs(pipe), expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(lora_a[0], base[0]) and not torch.allclose(lora_a[1], base[1])
+
+
+def test_mixing_the_factors_linearly_is_not_the_weighted_sum(loras, tiny_sd_dir, tmp_path):
+    """peft's `add_weighted_adapter(combination_type="linear")` trap: (sum a_i B_i)(sum a_i A_i) has cross terms."""
+    a = read_lora(loras[0])
+    a2 = read_lora(make_lora(tiny_sd_dir, tmp_path / "a2", rank=4, alpha=8, seed=3))
+    module = next(iter(a.modules))
+    m1, m2 = a.modules[module], a2.modules[module]
+    naive = LoraModule(down=0.5 * m1.down + 0.5 * m2.down, up=0.5 * m1.up + 0.5 * m2.up, scale=m1.scale).delta()
+    exact = fuse([a, a2], [0.5, 0.5]).delta(module)
+    torch.testing.assert_close(exact, 0.5 * m1.delta() + 0.5 * m2.delta(), rtol=1e-5, atol=1e-7)
+    assert (naive - exact).abs().max() > 0.1 * exact.abs().max()
+
+
+def test_mismatched_shapes_name_the_module_and_both_files():
+    def lora(path, width):
+        return LoraFile(path, {"unet.mid.to_q": LoraModule(torch.zeros(2, width), torch.zeros(width, 2), 1.0)})
+
+    with pytest.raises(LoraFormatError, match=r"unet\.mid\.to_q.*a\.safetensors.*b\.safetensors.*same base model"):
+        fuse([lora("a.safetensors", 32), lora("b.safetensors", 64)], [1.0, 1.0])
+
+
+def test_missing_file_and_bad_alpha_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        fuse_files([tmp_path / "nope.safetensors"], [1.0])
+    with pytest.raises(FileNotFoundError, match="has no pytorch_lora_weights"):
+        read_lora(tmp_path)
+    with pytest.raises(ValueError, match="'abc' is not a number"):
+        parse_lora_arg("A.safetensors:abc")
+    with pytest.raises(ValueError, match="names no file"):
+        parse_lora_arg(":0.5")
+    assert parse_lora_arg("A.safetensors:0.6").alpha == 0.6
+    assert parse_lora_arg("dir/A.safetensors").alpha is None
+    assert parse_lora_arg("/x/A.safetensors:-1e-1").alpha == -0.1
+
+
+def test_key_formats_parse_to_the_same_delta():
+    down, up = torch.randn(2, 32, 3, 3), torch.randn(64, 2, 1, 1)
+    conv = "down_blocks.1.resnets.0.conv1"
+    expected = (up.flatten(1) @ down.flatten(1)).reshape(64, 32, 3, 3)
+    kohya = {
+        f"lora_unet_{conv.replace('.', '_')}.lora_down.weight": down,
+        f"lora_unet_{conv.replace('.', '_')}.lora_up.weight": up,
+        f"lora_unet_{conv.replace('.', '_')}.alpha": torch.tensor(4.0),
+    }
+    formats = {
+        "kohya (alpha 4, r 2)": (kohya, {}, 2.0),
+        "peft, no metadata": ({f"unet.{conv}.lora_A.weight": down, f"unet.{conv}.lora_B.weight": up}, {}, 1.0),
+        "diffusers": ({f"unet.{conv}.lora.down.weight": down, f"unet.{conv}.lora.up.weight": up}, {}, 1.0),
+        "peft + metadata": (
+            {f"unet.{conv}.lora_A.weight": down, f"unet.{conv}.lora_B.weight": up},
+            {"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": 1})}, 0.5,
+        ),
+    }
+    for name, (tensors, metadata, scale) in formats.items():
+        lora = parse_state_dict(tensors, metadata, source=name)
+        assert list(lora.modules) == [f"unet.{conv}"], name
+        torch.testing.assert_close(lora.modules[f"unet.{conv}"].delta(), scale * expected, msg=name)
+    legacy = parse_state_dict(
+        {"mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight": torch.zeros(2, 64),
+         "mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight": torch.zeros(64, 2)},
+        {}, source="legacy",
+    )
+    assert list(legacy.modules) == ["unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0"]
+    with pytest.raises(LoraFormatError, match="not a LoRA factor"):
+        parse_state_dict({"unet.x.weight": torch.zeros(2)}, {}, source="odd.safetensors")
+
+
+def test_fuse_cli_writes_a_loadable_file_with_provenance(loras, tiny_sd_dir, tmp_path, capsys):
+    from rl.cli import main
+
+    a, b = loras
+    out = tmp_path / "F.safetensors"
+    assert main(["fuse", "--lora", f"{a}:0.6", "--lora", f"{b}:0.4", "--out", str(out)]) == 0
+    assert "fused 2 LoRAs" in capsys.readouterr().out
+    with safe_open(str(out), "pt") as f:
+        record = json.loads(f.metadata()["texforce_fusion"])
+    assert record["alphas"] == [0.6, 0.4]
+    pipe = load_pipeline(tiny_sd_dir, device="cpu")
+    pipe.load_lora_weights(str(out))
+    scales = {m.scaling["default_0"] for m in pipe.unet.modules() if hasattr(m, "scaling") and m.scaling}
+    assert scales == {1.0}

@@ -1,0 +1,129 @@
+"""`texforce tune`: a Ray Tune sweep over the alphas finds (near) the best point of a dense grid.
+
+Landscape: on the tiny model, LoRA A (U-Net conv_in/conv_out) raises `color_alignment` and
+LoRA B (the negation of a conv_out LoRA) lowers it, so the best alphas use A and not B
+(alpha_B = 0). Evaluation is deterministic (fixed seeds, eta 0), so the sweep's best trial
+is compared with a dense 9x9 grid on [0, 2]^2 evaluated by the same function in-process.
+Tolerance: the sweep's best objective is within 5% of the grid's objective range of the
+grid's best.
+"""
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from lora_fixtures import make_lora, one_torch_thread
+
+from tune.evaluate import EvalSettings
+from tune.fusion import fuse_files
+from tune.sweep import SweepSettings, anchor_points, config_alphas, resolve_search
+from tune.worker import FusionJob, evaluate_alphas
+
+PROMPTS = ("a red ball", "a blue car", "a green tree", "a yellow house")
+SETTINGS = EvalSettings(num_seeds=1, num_steps=4, guidance_scale=5.0, eta=0.0, batch_size=4)
+ALPHA_MAX = 2.0
+TOLERANCE = 0.05  # of the dense grid's objective range
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def directed_loras(tiny_sd_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune-loras")
+    up = make_lora(tiny_sd_dir, root / "up", rank=4, alpha=4, seed=2, policy="unet", scale=0.3,
+                   unet_targets=["conv_out", "conv_in"])
+    other = make_lora(tiny_sd_dir, root / "other", rank=4, alpha=4, seed=4, policy="unet", scale=1.0,
+                      unet_targets=["conv_out"])
+    down = fuse_files([other], [-1.0]).save(root / "down.safetensors")
+    return str(up), str(down)
+
+
+@pytest.fixture(scope="module")
+def job(tiny_sd_dir, directed_loras):
+    return FusionJob(model=tiny_sd_dir, loras=directed_loras, prompts=PROMPTS, reward="color_alignment",
+                     settings=SETTINGS, device="cpu")
+
+
+def _objective(job, alphas):
+    return float(evaluate_alphas(job, alphas).objective.mean())
+
+
+def test_the_loras_push_the_reward_in_known_directions(job):
+    base = _objective(job, [0.0, 0.0])
+    assert _objective(job, [1.0, 0.0]) > base + 2e-3  # A raises color_alignment
+    assert _objective(job, [0.0, 1.0]) < base - 2e-3  # B lowers it
+
+
+def test_sweep_finds_alphas_near_the_best_of_a_dense_grid(ray_session, job, tiny_sd_dir, directed_loras, tmp_path):
+    from rl.cli import main
+
+    grid = np.linspace(0.0, ALPHA_MAX, 9)
+    dense = np.array([[_objective(job, [a, b]) for b in grid] for a in grid])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    out = tmp_path / "sweep"
+    argv = ["tune", "--model", tiny_sd_dir, "--lora", directed_loras[0], "--lora", directed_loras[1],
+            "--prompts", str(prompts), "--objective", "color_alignment", "--num-samples", "14",
+            "--alpha-max", str(ALPHA_MAX), "--search", "random", "--search-seed", "0", "--seeds", "1",
+            "--steps", "4", "--batch-size", "4", "--device", "cpu", "--cpus-per-trial", "1",
+            "--max-concurrent", "2", "--out", str(out)]
+    assert main(argv) == 0
+
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    best = json.loads((out / "best.json").read_text())
+    assert len(rows) == 14 and best["objective"] == max(r["objective"] for r in rows)
+    gap = (dense.max() - best["objective"]) / (dense.max() - dense.min())
+    print(f"grid best {dense.max():.5f} at {np.unravel_index(dense.argmax(), dense.shape)}, grid range "
+          f"{dense.max() - dense.min():.5f}; sweep best {best['objective']:.5f} at {best['alphas']}; gap {gap:.3f}")
+    assert gap <= TOLERANCE
+    # the trial's number is the in-process evaluation's number for the same alphas
+    assert abs(_objective(job, best["alphas"]) - best["objective"]) < 1e-6
+    # reward models and pipelines are loaded once per worker process, not once per trial
+    assert all(r["pipeline_loads"] == 1 and r["reward_loads"] == 1 for r in rows)
+    assert len({r["worker_pid"] for r in rows}) < len(rows)
+    assert (out / "best_lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "objective.png").stat().st_size > 5000
+
+
+def test_search_space_helpers():
+    assert anchor_points(2, 2.0) == [
+        {"alpha_1": 0.0, "alpha_2": 0.0}, {"alpha_1": 2.0, "alpha_2": 0.0},
+        {"alpha_1": 0.0, "alpha_2": 2.0}, {"alpha_1": 2.0, "alpha_2": 2.0},
+    ]
+    assert config_alphas({"alpha_1": 1.0, "alpha_2": 3.0}, 2, normalize=True) == [0.25, 0.75]
+    assert config_alphas({"alpha_1": 0.0, "alpha_2": 0.0}, 2, normalize=True) == [0.5, 0.5]
+    assert config_alphas({"alpha_1": 1.0, "alpha_2": 3.0}, 2, normalize=False) == [1.0, 3.0]
+    assert resolve_search("grid") == "grid" and resolve_search("auto") in ("optuna", "random")
+    with pytest.raises(ValueError, match="choose one of"):
+        resolve_search("bayes")
+    assert SweepSettings().anchors
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_objective_plot_for_one_two_and_more_loras(tmp_path, n):
+    from tune.plots import plot_objective
+
+    points = np.random.default_rng(0).uniform(0, 1, size=(10, n))
+    path = plot_objective(points, points.sum(1), tmp_path / f"o{n}.png", names=[f"alpha_{i + 1}" for i in range(n)])
+    assert path.stat().st_size > 5000
+
+
+def test_tune_rejects_an_alpha_on_a_lora(tiny_sd_dir, tmp_path):
+    from rl.cli import main
+
+    with pytest.raises(ValueError, match="searches the alphas"):
+        main(["tune", "--model", tiny_sd_dir, "--lora", "A.safetensors:0.5", "--prompts", "p.txt",
+              "--objective", "color_alignment"])
+
+
+def test_importing_tune_does_not_load_ray():
+    import subprocess
+    import sys
+
+    code = "import sys, tune.cli, tune.sweep, tune.worker, tune.fusion, tune.evaluate, tune.plots; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,177 @@
+"""`texforce fuse | eval | tune`: exact LoRA fusion, seeded evaluation, and Ray Tune sweeps over the alphas.
+
+    texforce fuse --lora A.safetensors:0.6 --lora B.safetensors:0.4 --out F.safetensors
+    texforce eval --model DIR --lora F.safetensors --prompts P.txt --reward color_alignment --seeds 4 --out eval/
+    texforce tune --model DIR --lora A --lora B --prompts P.txt --objective "imagereward:1,aesthetic:0.2" \
+        --num-samples 32 --out sweep/
+
+Also `python -m tune.cli tune ...` (no TTY assumed), which is what `ray job submit -- ...` runs.
+Heavy imports happen inside the commands; Ray only inside `tune`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    """Register fuse, eval and tune on the `texforce` parser."""
+    fuse = sub.add_parser("fuse", help="fuse LoRAs exactly: sum_i alpha_i * deltaW_i, written as one LoRA file")
+    fuse.add_argument("--lora", action="append", required=True, metavar="PATH[:ALPHA]",
+                      help="a LoRA .safetensors file (or directory) and its weight (default 1); repeat per LoRA")
+    fuse.add_argument("--out", required=True, type=Path, help="output .safetensors file (or directory)")
+    fuse.set_defaults(func=_fuse)
+
+    ev = sub.add_parser("eval", help="score a (fused) model on a fixed, seeded evaluation set")
+    _add_model_args(ev)
+    ev.add_argument("--lora", action="append", default=[], metavar="PATH[:ALPHA]",
+                    help="LoRA to apply with weight ALPHA (default 1); several are fused exactly; none = base model")
+    ev.add_argument("--reward", required=True, help="reward name(s), e.g. 'color_alignment' or 'imagereward,aesthetic'")
+    ev.add_argument("--out", type=Path, default=Path("eval"), help="directory for scores.parquet, summary.json, grid.png")
+    ev.set_defaults(func=_eval)
+
+    tu = sub.add_parser("tune", help="Ray Tune sweep over the fusion weights alpha_i")
+    _add_model_args(tu)
+    tu.add_argument("--lora", action="append", required=True, metavar="PATH",
+                    help="a LoRA to fuse (repeat); its alpha is searched")
+    tu.add_argument("--objective", required=True, help="reward spec maximised, e.g. 'imagereward:1,aesthetic:0.2'")
+    tu.add_argument("--num-samples", type=int, default=16, help="trials (random / Optuna search)")
+    tu.add_argument("--alpha-max", type=float, default=1.0, help="each alpha is searched in [0, ALPHA_MAX]")
+    tu.add_argument("--normalize", action="store_true", help="rescale each trial's alphas to sum to 1")
+    tu.add_argument("--search", default="auto", choices=["auto", "random", "grid", "optuna"],
+                    help="auto: Optuna TPE if installed, else random")
+    tu.add_argument("--grid", type=int, default=None, metavar="K", help="grid search with K points per alpha")
+    tu.add_argument("--search-seed", type=int, default=0, help="seed of the search")
+    tu.add_argument("--no-anchors", action="store_true",
+                    help="skip the anchor trials (base model, each LoRA alone at ALPHA_MAX, all at ALPHA_MAX)")
+    tu.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial declares")
+    tu.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs each trial declares (fractions allowed)")
+    tu.add_argument("--max-concurrent", type=int, default=0, help="most trials at once (0: resources decide)")
+    tu.add_argument("--ray-address", default=None,
+                    help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one); 'auto' joins `ray start`")
+    tu.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray")
+    tu.add_argument("--out", type=Path, default=Path("sweep"),
+                    help="directory for results.parquet, best.json, best_lora/, objective.png")
+    tu.set_defaults(func=_tune)
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="base model: a local diffusers directory")
+    parser.add_argument("--prompts", required=True, type=Path, help="text file, one prompt per line")
+    parser.add_argument("--seeds", type=int, default=2, help="images per prompt (seeds BASE_SEED..BASE_SEED+N-1)")
+    parser.add_argument("--base-seed", type=int, default=0, help="first noise seed")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per sampling call")
+    parser.add_argument("--device", default="auto", help="torch device ('auto': CUDA when available)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--paths", nargs="*", default=[], metavar="KEY=PATH",
+                        help="reward model files, e.g. imagereward=/ckpt/ImageReward.pt (see `texforce rewards list`)")
+
+
+def _job(args: argparse.Namespace, loras: list[str], reward: str):
+    from rewards.cli import parse_paths
+    from rl.config import PromptConfig
+    from rl.prompts import load_prompts
+    from tune.evaluate import EvalSettings
+    from tune.lora_io import resolve_lora_path
+    from tune.worker import FusionJob
+
+    settings = EvalSettings(
+        num_seeds=args.seeds, base_seed=args.base_seed, num_steps=args.steps,
+        guidance_scale=args.guidance, eta=args.eta, batch_size=args.batch_size,
+    )
+    return FusionJob(
+        model=str(Path(args.model).expanduser().resolve()) if Path(args.model).exists() else args.model,
+        loras=tuple(str(resolve_lora_path(p).resolve()) for p in loras),
+        prompts=tuple(load_prompts(PromptConfig(file=str(args.prompts)))),
+        reward=reward,
+        settings=settings,
+        device=args.device,
+        dtype=args.dtype,
+        reward_paths=tuple(sorted(parse_paths(args.paths).items())),
+    )
+
+
+def _fuse(args: argparse.Namespace) -> int:
+    from tune.fusion import fuse_files, parse_lora_arg
+
+    items = [parse_lora_arg(text) for text in args.lora]
+    alphas = [1.0 if item.alpha is None else item.alpha for item in items]
+    fused = fuse_files([item.path for item in items], alphas)
+    path = fused.save(args.out)
+    ranks = sorted({down.shape[0] for down, _ in fused.modules.values()})
+    print(f"fused {len(items)} LoRAs (alphas {alphas}) into {path}: {len(fused.modules)} modules, rank {ranks}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from tune.evaluate import write_outputs
+    from tune.fusion import parse_lora_arg
+    from tune.worker import evaluate_alphas
+
+    items = [parse_lora_arg(text) for text in args.lora]
+    alphas = [1.0 if item.alpha is None else item.alpha for item in items]
+    job = _job(args, [item.path for item in items], args.reward)
+    result = evaluate_alphas(job, alphas)
+    extra = {"model": job.model, "loras": list(job.loras), "alphas": alphas, "reward": job.reward, "eval": vars(job.settings)}
+    paths = write_outputs(result, args.out, extra=extra)
+    for name, s in result.summary().items():
+        print(f"{name:>24s}: {s['mean']:.4f} +- {s['sem']:.4f} (std {s['std']:.4f}, n {s['n']})")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    import ray
+
+    from tune.sweep import SweepSettings, run_sweep, write_sweep_outputs
+
+    bad = [text for text in args.lora if _has_alpha(text)]
+    if bad:
+        raise ValueError(f"--lora {bad[0]!r}: tune searches the alphas; pass the file without ':ALPHA'")
+    job = _job(args, args.lora, args.objective)
+    settings = SweepSettings(
+        num_samples=args.num_samples, alpha_max=args.alpha_max, normalize=args.normalize,
+        search="grid" if args.grid else args.search, grid=args.grid or 5, seed=args.search_seed, anchors=not args.no_anchors,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
+    )
+    address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, num_cpus=args.num_cpus if address == "local" else None, include_dashboard=False)
+    try:
+        rows = run_sweep(job, settings, args.out / "ray_results")
+    finally:
+        if started:
+            ray.shutdown()
+    paths = write_sweep_outputs(job, settings, rows, args.out)
+    best = json.loads(paths["best"].read_text())
+    print(f"best of {len(rows)} trials: objective {best['objective']:.4f} at alphas {[round(a, 4) for a in best['alphas']]}")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _has_alpha(text: str) -> bool:
+    from tune.fusion import parse_lora_arg
+
+    try:
+        return parse_lora_arg(text).alpha is not None
+    except ValueError:
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tune.cli {fuse,eval,tune} ...`, the entry `ray job submit` runs."""
+    parser = argparse.ArgumentParser(prog="python -m tune.cli", description="LoRA fusion, evaluation and Tune sweeps")
+    add_subcommands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""A fixed, seeded evaluation set: generate every (prompt, seed) pair, score it, summarise.
+
+The same function scores a `texforce eval` run and one Tune trial, so a sweep's numbers are
+the numbers `eval` prints for the same alphas. Sampling goes through
+`rl.sampling.sample_trajectories` with one seed per image, so an image does not depend on
+its batch-mates and the set is reproducible across batch sizes and processes.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How the evaluation set is drawn."""
+
+    num_seeds: int = 2
+    """Images per prompt; image j of every prompt uses seed `base_seed + j`."""
+    base_seed: int = 0
+    """First noise seed."""
+    num_steps: int = 50
+    """DDIM steps."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance weight."""
+    eta: float = 0.0
+    """DDIM eta (0: deterministic given the initial noise)."""
+    batch_size: int = 8
+    """Images per sampling call (does not change the images)."""
+
+
+@dataclass
+class EvalResult:
+    """N = len(prompts) * num_seeds images and their scores.
+
+    images: [N, 3, H, W] uint8; prompts, seeds: length N; scores: reward -> [N] float64
+    (each part of the reward spec, unweighted); objective: [N], the spec's weighted sum.
+    """
+
+    images: torch.Tensor
+    prompts: list[str]
+    seeds: list[int]
+    scores: dict[str, np.ndarray]
+    objective: np.ndarray
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per reward (and "objective"): mean, std, sem (std / sqrt(n)), n."""
+        return {name: summarize(values) for name, values in {**self.scores, "objective": self.objective}.items()}
+
+
+def summarize(values: np.ndarray) -> dict[str, float]:
+    """mean, sample std (ddof 1; 0 for one value), standard error of the mean, n."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    std = float(values.std(ddof=1)) if n > 1 else 0.0
+    return {"mean": float(values.mean()), "std": std, "sem": std / math.sqrt(n) if n else float("nan"), "n": n}
+
+
+def eval_set(prompts: list[str], settings: EvalSettings) -> tuple[list[str], list[int]]:
+    """Every prompt once per seed: prompts [N], seeds [N] with N = len(prompts) * num_seeds."""
+    if settings.num_seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {settings.num_seeds}")
+    pairs = [(p, settings.base_seed + j) for p in prompts for j in range(settings.num_seeds)]
+    return [p for p, _ in pairs], [s for _, s in pairs]
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], settings: EvalSettings) -> torch.Tensor:
+    """[N, 3, H, W] uint8 images, one per (prompt, seed), in batches of `settings.batch_size`."""
+    from rl.sampling import sample_trajectories
+
+    images = []
+    for start in range(0, len(prompts), settings.batch_size):
+        batch = slice(start, start + settings.batch_size)
+        out = sample_trajectories(
+            pipe,
+            prompts[batch],
+            seeds[batch],
+            num_steps=settings.num_steps,
+            guidance_scale=settings.guidance_scale,
+            eta=settings.eta,
+        )
+        images.append(out.images)
+    return torch.cat(images)
+
+
+def score(
+    reward, images: torch.Tensor, prompts: list[str], *, device: str | torch.device = "cpu", batch_size: int = 32
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Score uint8 images [N,3,H,W] with a `rewards.Reward` built on `device`: (part -> [N], weighted sum [N])."""
+    parts: dict[str, list[np.ndarray]] = {}
+    totals = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            x = images[start : start + batch_size].float().div(255).to(device)
+            out = reward(x, prompts[start : start + batch_size])
+            totals.append(out.scores.double().cpu().numpy())
+            for name, part in out.parts.items():
+                parts.setdefault(name, []).append(part.double().cpu().numpy())
+    return {name: np.concatenate(v) for name, v in parts.items()}, np.concatenate(totals)
+
+
+def evaluate(pipe, reward, prompts: list[str], settings: EvalSettings, *, reward_device: str = "cpu") -> EvalResult:
+    """Generate the seeded set with `pipe` as it is (LoRAs already loaded) and score it."""
+    all_prompts, seeds = eval_set(prompts, settings)
+    images = generate(pipe, all_prompts, seeds, settings)
+    parts, objective = score(reward, images, all_prompts, device=reward_device)
+    return EvalResult(images=images, prompts=all_prompts, seeds=seeds, scores=parts, objective=objective)
+
+
+def write_outputs(result: EvalResult, out_dir: str | Path, *, extra: dict | None = None, columns: int = 8) -> dict[str, Path]:
+    """scores.parquet (prompt, seed, image index, one column per reward), summary.json, grid.png."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rl.plots import save_image_grid
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = {
+        "image": list(range(len(result.prompts))),
+        "prompt": result.prompts,
+        "seed": result.seeds,
+        **{name: values.tolist() for name, values in result.scores.items()},
+        "objective": result.objective.tolist(),
+    }
+    paths = {"scores": out_dir / "scores.parquet", "summary": out_dir / "summary.json", "grid": out_dir / "grid.png"}
+    pq.write_table(pa.table(table), paths["scores"])
+    summary = {"rewards": result.summary(), **(extra or {})}
+    paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+    captions = [
+        f"{p} [seed {s}] " + " ".join(f"{k}={v[i]:.3f}" for k, v in result.scores.items())
+        for i, (p, s) in enumerate(zip(result.prompts, result.seeds))
+    ]
+    save_image_grid(result.images, captions, paths["grid"], columns=columns)
+    return paths

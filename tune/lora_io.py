@@ -1,0 +1,246 @@
+"""Reading and writing LoRA files: the key formats diffusers loads, parsed into per-module factors.
+
+A LoRA adapts a module with `deltaW = scale * up @ down`:
+
+| name  | peft   | diffusers           | shape (Linear) | shape (Conv2d)       |
+|-------|--------|---------------------|----------------|----------------------|
+| down  | lora_A | lora.down / lora_linear_layer.down | [r, in] | [r, in, kh, kw] |
+| up    | lora_B | lora.up / lora_linear_layer.up     | [out, r] | [out, r, 1, 1] |
+
+`scale` comes from, in this order: a kohya `.alpha` tensor (alpha / r); the peft config that
+diffusers stores in the safetensors metadata key `lora_adapter_metadata` (`lora_alpha / r`,
+with `alpha_pattern`, or `lora_alpha / sqrt(r)` with rsLoRA); otherwise 1 (alpha = rank),
+which is what `pipe.load_lora_weights` assumes for a file without either.
+
+Read formats: peft (`lora_A`/`lora_B`), diffusers (`lora.down`/`lora_linear_layer.down`), the
+legacy attention-processor keys (`processor.to_q_lora.down`), kohya (`lora_unet_...`, through
+diffusers' own converter). Written format: peft keys with a `lora_adapter_metadata` entry.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+METADATA_KEY = "lora_adapter_metadata"  # the key diffusers reads the peft config from
+PROVENANCE_KEY = "texforce_fusion"
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
+
+# (regex on the key after the component prefix, which factor) -> module name is group 1
+_FACTOR_PATTERNS = [
+    (re.compile(r"^(.+)\.lora_A(?:\.[A-Za-z0-9_]+)?\.weight$"), "down"),
+    (re.compile(r"^(.+)\.lora_B(?:\.[A-Za-z0-9_]+)?\.weight$"), "up"),
+    (re.compile(r"^(.+)\.lora_linear_layer\.down\.weight$"), "down"),
+    (re.compile(r"^(.+)\.lora_linear_layer\.up\.weight$"), "up"),
+    (re.compile(r"^(.+)\.lora\.down\.weight$"), "down"),
+    (re.compile(r"^(.+)\.lora\.up\.weight$"), "up"),
+]
+_LEGACY = re.compile(r"^(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_LEGACY_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_LEGACY_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+
+class LoraFormatError(ValueError):
+    """A LoRA file that cannot be parsed into (down, up) pairs, or two LoRAs that do not fit together."""
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: `deltaW = scale * up @ down`.
+
+    down: [r, in] or [r, in, kh, kw]; up: [out, r] or [out, r, 1, 1]; scale: a float.
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def delta_shape(self) -> tuple[int, ...]:
+        """The adapted weight's shape: [out, in] or [out, in, kh, kw]."""
+        return (self.up.shape[0], *self.down.shape[1:])
+
+    def delta(self) -> torch.Tensor:
+        """deltaW = scale * up @ down, float32, shaped like the adapted weight."""
+        product = self.up.float().flatten(1) @ self.down.float().flatten(1)  # [out, in * kh * kw]
+        return (self.scale * product).reshape(self.delta_shape)
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A parsed LoRA file. modules: full name ("unet.down_blocks.1....to_q") -> LoraModule."""
+
+    path: str
+    modules: dict[str, LoraModule]
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name if Path(self.path).name != LORA_WEIGHTS_NAME else str(Path(self.path).parent.name)
+
+
+def resolve_lora_path(path: str | Path) -> Path:
+    """A `.safetensors` file, or a directory holding `pytorch_lora_weights.safetensors`."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        candidate = path / LORA_WEIGHTS_NAME
+        if not candidate.is_file():
+            found = sorted(p.name for p in path.glob("*.safetensors"))
+            raise FileNotFoundError(
+                f"LoRA directory {path} has no {LORA_WEIGHTS_NAME}"
+                + (f"; pass one of its files instead: {found}" if found else "")
+            )
+        return candidate
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path} (a .safetensors file or a directory written by save_lora)")
+    if path.suffix != ".safetensors":
+        raise LoraFormatError(f"{path}: only .safetensors LoRA files are read (pickled .bin/.pt are not)")
+    return path
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Parse a LoRA file into per-module (down, up, scale); see the module docstring for formats."""
+    from safetensors import safe_open
+
+    file = resolve_lora_path(path)
+    with safe_open(str(file), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        metadata = handle.metadata() or {}
+    return parse_state_dict(tensors, metadata, source=str(file))
+
+
+def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, source: str) -> LoraFile:
+    """Group a LoRA state dict into modules; `source` names the file in errors."""
+    if not tensors:
+        raise LoraFormatError(f"{source} holds no tensors")
+    alphas: dict[str, float] = {}
+    if all(k.startswith(("lora_te_", "lora_unet_", "lora_te1_", "lora_te2_")) for k in tensors):
+        tensors, alphas = _from_kohya(tensors, source)
+    elif not any(k.split(".", 1)[0] in COMPONENTS for k in tensors):
+        tensors = {f"unet.{k}": v for k, v in tensors.items()}  # legacy U-Net-only attention-processor files
+    config = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
+    if any(config.get(f"{c}.use_dora") for c in COMPONENTS):
+        raise LoraFormatError(f"{source} is a DoRA adapter: its update is not a weight delta that can be summed")
+
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.endswith(".alpha"):
+            continue
+        module, factor = _split_key(key, source)
+        factors.setdefault(module, {})[factor] = value
+    modules = {}
+    for module, pair in sorted(factors.items()):
+        if set(pair) != {"down", "up"}:
+            raise LoraFormatError(f"{source}: module {module} has only its {'/'.join(pair)} matrix")
+        down, up = pair["down"], pair["up"]
+        if down.shape[0] != up.shape[1]:
+            raise LoraFormatError(
+                f"{source}: module {module} has down {tuple(down.shape)} and up {tuple(up.shape)} of different ranks"
+            )
+        modules[module] = LoraModule(down=down, up=up, scale=_scale(module, down.shape[0], alphas, config))
+    return LoraFile(path=source, modules=modules)
+
+
+def _split_key(key: str, source: str) -> tuple[str, str]:
+    """'unet.x.to_q.lora.down.weight' -> ('unet.x.to_q', 'down')."""
+    component, _, rest = key.partition(".")
+    if component not in COMPONENTS:
+        raise LoraFormatError(f"{source}: key {key!r} belongs to none of {COMPONENTS}")
+    for pattern, factor in _FACTOR_PATTERNS:
+        match = pattern.match(rest)
+        if match:
+            return f"{component}.{match.group(1)}", factor
+    match = _LEGACY.match(rest)
+    if match:
+        names = _LEGACY_UNET if component == "unet" else _LEGACY_TEXT
+        return f"{component}.{match.group(1)}.{names[match.group(2)]}", match.group(3)
+    raise LoraFormatError(
+        f"{source}: key {key!r} is not a LoRA factor in a format diffusers loads "
+        "(expected ...lora_A/lora_B.weight, ...lora.down/up.weight or ...lora_linear_layer.down/up.weight)"
+    )
+
+
+def _from_kohya(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Kohya keys -> diffusers keys with diffusers' converter; alphas keyed by module name."""
+    from diffusers import StableDiffusionPipeline
+
+    converted, network_alphas = StableDiffusionPipeline.lora_state_dict(dict(tensors))
+    alphas = {}
+    for key, value in (network_alphas or {}).items():
+        stem = re.sub(r"(\.down\.weight)?\.alpha$", "", key)
+        module, _ = _split_key(stem + ".down.weight", source) if stem.endswith("_lora") else (stem, None)
+        alphas[module] = float(value)
+    return converted, alphas
+
+
+def _scale(module: str, rank: int, alphas: dict[str, float], config: dict) -> float:
+    """alpha / r from a kohya alpha, else from the peft config in the metadata, else 1."""
+    if module in alphas:
+        return alphas[module] / rank
+    component, _, name = module.partition(".")
+    if f"{component}.lora_alpha" not in config:
+        return 1.0
+    alpha = float(config[f"{component}.lora_alpha"])
+    for pattern, value in (config.get(f"{component}.alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", name):
+            alpha = float(value)
+    if config.get(f"{component}.use_rslora"):
+        return alpha / math.sqrt(rank)
+    return alpha / rank
+
+
+def to_state_dict(modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{module: (down, up)} -> peft-format keys (`<module>.lora_A.weight`), which `load_lora_weights` takes."""
+    state = {}
+    for module, (down, up) in modules.items():
+        state[f"{module}.lora_A.weight"] = down.contiguous()
+        state[f"{module}.lora_B.weight"] = up.contiguous()
+    return state
+
+
+def adapter_metadata(modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, object]:
+    """The `lora_adapter_metadata` for scale-1 factors: per component r = lora_alpha = the (uniform) rank.
+
+    Every module of a component must have that rank (fusion pads to it), so the file loads
+    with scale 1 whatever a loader does with rank patterns.
+    """
+    config: dict[str, object] = {}
+    for component in COMPONENTS:
+        names = [m.partition(".")[2] for m in modules if m.partition(".")[0] == component]
+        if not names:
+            continue
+        ranks = {modules[f"{component}.{n}"][0].shape[0] for n in names}
+        if len(ranks) != 1:
+            raise LoraFormatError(f"{component} modules have ranks {sorted(ranks)}; pad them to one rank first")
+        rank = ranks.pop()
+        config.update({f"{component}.r": rank, f"{component}.lora_alpha": rank, f"{component}.target_modules": names})
+    return config
+
+
+def write_lora(
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path, *, provenance: dict | None = None
+) -> Path:
+    """Write scale-1 (down, up) factors as a safetensors file that `pipe.load_lora_weights` loads.
+
+    path: a `.safetensors` file, or a directory (then `pytorch_lora_weights.safetensors` in it).
+    provenance: JSON-able record (sources, alphas) stored under the metadata key `texforce_fusion`.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / LORA_WEIGHTS_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(adapter_metadata(modules), sort_keys=True)}
+    if provenance is not None:
+        metadata[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)
+    save_file({k: v.detach().float().cpu() for k, v in to_state_dict(modules).items()}, str(path), metadata=metadata)
+    return path

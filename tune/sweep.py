@@ -1,0 +1,233 @@
+"""A Ray Tune sweep over the fusion weights alpha_i of N LoRAs.
+
+One trial: alphas -> exact fused LoRA -> cached pipeline -> the fixed seeded eval set ->
+objective = sum_k w_k * mean(reward_k) (`tune.worker.evaluate_alphas`). Search: random over
+[0, alpha_max]^N (seeded), a K-point grid per alpha, or Optuna's TPE when `optuna` is
+installed. Ray is imported inside the functions that run Tune, so `import tune.sweep` is cheap.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tune.worker import LOADS, FusionJob, evaluate_alphas
+
+SEARCHES = ("auto", "random", "grid", "optuna")
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """How the alphas are searched and how trials are placed."""
+
+    num_samples: int = 16
+    """Trials for random / Optuna search (a grid runs K^N trials instead)."""
+    alpha_max: float = 1.0
+    """Each alpha_i is searched in [0, alpha_max]."""
+    normalize: bool = False
+    """Rescale each trial's alphas to sum to 1 (all zero -> equal weights)."""
+    search: str = "auto"
+    """"auto" (Optuna TPE if installed, else random), "random", "grid", "optuna"."""
+    grid: int = 5
+    """Grid points per alpha when search is "grid" (linspace(0, alpha_max, grid))."""
+    seed: int = 0
+    """Seed of the search (random draws, TPE)."""
+    cpus_per_trial: float = 1.0
+    """CPUs each trial declares."""
+    gpus_per_trial: float = 0.0
+    """GPUs each trial declares (fractions share one GPU)."""
+    max_concurrent: int = 0
+    """Most trials at once; 0 lets the declared resources decide."""
+    anchors: bool = True
+    """Random/Optuna search first tries the box's anchor points (`anchor_points`)."""
+
+
+def alpha_names(n: int) -> list[str]:
+    return [f"alpha_{i + 1}" for i in range(n)]
+
+
+def config_alphas(config: dict, n: int, *, normalize: bool) -> list[float]:
+    """The alphas a trial evaluates: the sampled values, rescaled to sum 1 when `normalize`."""
+    raw = [float(config[name]) for name in alpha_names(n)]
+    if not normalize:
+        return raw
+    total = sum(raw)
+    return [a / total for a in raw] if total > 0 else [1.0 / n] * n
+
+
+def anchor_points(n: int, alpha_max: float) -> list[dict[str, float]]:
+    """The base model, each LoRA alone at alpha_max, all at alpha_max (for N = 2: the four corners).
+
+    An unhelpful LoRA's best alpha is 0, a point random draws never hit; trying the corners
+    first makes "use only LoRA i" and "use all of them" candidates in every sweep.
+    """
+    names = alpha_names(n)
+    points = [dict.fromkeys(names, 0.0)]
+    points += [{name: (alpha_max if j == i else 0.0) for j, name in enumerate(names)} for i in range(n)]
+    if n > 1:
+        points.append(dict.fromkeys(names, alpha_max))
+    return points
+
+
+def resolve_search(search: str) -> str:
+    """"auto" -> "optuna" when importable, else "random"; "optuna" without the package is an error."""
+    if search not in SEARCHES:
+        raise ValueError(f"unknown search {search!r}; choose one of {', '.join(SEARCHES)}")
+    try:
+        import optuna  # noqa: F401
+
+        has_optuna = True
+    except ImportError:
+        has_optuna = False
+    if search == "optuna" and not has_optuna:
+        raise ImportError("--search optuna needs the optuna package (pip install optuna); or use --search random")
+    if search == "auto":
+        return "optuna" if has_optuna else "random"
+    return search
+
+
+def trial_metrics(job: FusionJob, alphas: list[float]) -> dict[str, float]:
+    """Evaluate one alpha vector: objective, its standard error, each reward's mean, the alphas used."""
+    result = evaluate_alphas(job, alphas)
+    summary = result.summary()
+    metrics = {f"used_{name}": a for name, a in zip(alpha_names(len(alphas)), alphas)}
+    metrics["objective"] = summary["objective"]["mean"]
+    metrics["objective_sem"] = summary["objective"]["sem"]
+    metrics.update({f"reward/{name}": s["mean"] for name, s in summary.items() if name != "objective"})
+    return metrics
+
+
+def _trial(config: dict, *, job: FusionJob, normalize: bool) -> None:
+    """The Tune function trainable: one report per trial."""
+    from ray import tune as ray_tune
+
+    alphas = config_alphas(config, len(job.loras), normalize=normalize)
+    metrics = trial_metrics(job, alphas)
+    metrics.update({"worker_pid": os.getpid(), "pipeline_loads": LOADS["pipeline"], "reward_loads": LOADS["reward"]})
+    ray_tune.report(metrics)
+
+
+def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path) -> list[dict]:
+    """Run the Tune sweep (Ray must be initialised); return one row per trial, best first."""
+    from ray import tune as ray_tune
+    from ray.tune.search import BasicVariantGenerator
+
+    n = len(job.loras)
+    if n < 1:
+        raise ValueError("a sweep needs at least one --lora")
+    if settings.alpha_max <= 0:
+        raise ValueError(f"--alpha-max must be positive, got {settings.alpha_max}")
+    search = resolve_search(settings.search)
+    names = alpha_names(n)
+    num_samples = settings.num_samples
+    if search == "grid":
+        if settings.grid < 2:
+            raise ValueError(f"--grid needs at least 2 points per alpha, got {settings.grid}")
+        values = [float(v) for v in np.linspace(0.0, settings.alpha_max, settings.grid)]
+        space = {name: ray_tune.grid_search(values) for name in names}
+        search_alg, num_samples = BasicVariantGenerator(max_concurrent=settings.max_concurrent), 1
+    else:
+        space = {name: ray_tune.uniform(0.0, settings.alpha_max) for name in names}
+        anchors = anchor_points(n, settings.alpha_max)[: settings.num_samples] if settings.anchors else None
+        if search == "optuna":
+            from ray.tune.search import ConcurrencyLimiter
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch(metric="objective", mode="max", seed=settings.seed, points_to_evaluate=anchors)
+            if settings.max_concurrent:
+                search_alg = ConcurrencyLimiter(search_alg, max_concurrent=settings.max_concurrent)
+        else:
+            search_alg = BasicVariantGenerator(
+                points_to_evaluate=anchors, random_state=settings.seed, max_concurrent=settings.max_concurrent
+            )
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(_trial, job=job, normalize=settings.normalize),
+        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
+    )
+    tuner = ray_tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=ray_tune.TuneConfig(
+            metric="objective", mode="max", search_alg=search_alg, num_samples=num_samples, reuse_actors=True
+        ),
+        run_config=ray_tune.RunConfig(
+            name="fusion_sweep",
+            storage_path=str(Path(storage).resolve()),
+            verbose=0,
+            callbacks=[_one_line_per_trial(names)],
+        ),
+    )
+    grid = tuner.fit()
+    errors = [str(r.error) for r in grid if r.error is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(grid)} trials failed; first error: {errors[0]}")
+    rows = []
+    for result in grid:
+        m = result.metrics
+        row = {"trial_id": m.get("trial_id", "")}
+        row.update({name: float(m[f"used_{name}"]) for name in names})
+        row.update({name + "_sampled": float(result.config[name]) for name in names})
+        row.update({k: float(v) for k, v in m.items() if k == "objective" or k.startswith(("objective_", "reward/"))})
+        row.update({k: int(m[k]) for k in ("worker_pid", "pipeline_loads", "reward_loads")})
+        rows.append(row)
+    return sorted(rows, key=lambda r: -r["objective"])
+
+
+def _one_line_per_trial(names: list[str]):
+    """A Tune callback printing `trial 3/16  alpha_1=0.52 alpha_2=0.10  objective=0.4699` (no TTY needed)."""
+    from ray.tune import Callback
+
+    class _Printer(Callback):
+        def __init__(self):
+            self.done = 0
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.done += 1
+            alphas = " ".join(f"{name}={result[f'used_{name}']:.3f}" for name in names)
+            print(f"trial {self.done:3d}  {alphas}  objective={result['objective']:.5f}", flush=True)
+
+    return _Printer()
+
+
+def write_sweep_outputs(job: FusionJob, settings: SweepSettings, rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
+    """results.parquet, best.json, best_lora/pytorch_lora_weights.safetensors, objective.png."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tune.fusion import fuse_files
+    from tune.plots import plot_objective
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = alpha_names(len(job.loras))
+    paths = {
+        "results": out_dir / "results.parquet",
+        "best": out_dir / "best.json",
+        "best_lora": out_dir / "best_lora",
+        "plot": out_dir / "objective.png",
+    }
+    pq.write_table(pa.Table.from_pylist(rows), paths["results"])
+    best = rows[0]
+    alphas = [best[name] for name in names]
+    paths["best_lora"] = fuse_files(job.loras, alphas).save(paths["best_lora"])
+    record = {
+        "objective": best["objective"],
+        "objective_sem": best["objective_sem"],
+        "objective_spec": job.reward,
+        "alphas": alphas,
+        "loras": list(job.loras),
+        "rewards": {k.removeprefix("reward/"): v for k, v in best.items() if k.startswith("reward/")},
+        "fused_lora": str(paths["best_lora"]),
+        "num_trials": len(rows),
+        "search": resolve_search(settings.search),
+        "alpha_max": settings.alpha_max,
+        "normalize": settings.normalize,
+        "eval": vars(job.settings) | {"num_prompts": len(job.prompts)},
+    }
+    paths["best"].write_text(json.dumps(record, indent=2) + "\n")
+    points = np.array([[r[name] for name in names] for r in rows])
+    plot_objective(points, np.array([r["objective"] for r in rows]), paths["plot"], names=names, title=job.reward)
+    return paths
