@@ -149,6 +149,17 @@ def test_key_formats_parse_to_the_same_delta():
         parse_state_dict({"unet.x.weight": torch.zeros(2)}, {}, source="odd.safetensors")
 
 
+def test_text_encoder_keys_of_both_transformers_eras_name_one_module():
+    """transformers 5 has no `text_model.` level in CLIPTextModel; files from 4.x still have it."""
+    down, up = torch.randn(2, 32), torch.randn(32, 2)
+    q = "encoder.layers.0.self_attn.q_proj"
+    new = parse_state_dict({f"text_encoder.{q}.lora_A.weight": down, f"text_encoder.{q}.lora_B.weight": up}, {},
+                           source="new")
+    old = parse_state_dict({f"text_encoder.text_model.{q}.lora_A.weight": down,
+                            f"text_encoder.text_model.{q}.lora_B.weight": up}, {}, source="old")
+    assert list(new.modules) == list(old.modules) == [f"text_encoder.{q}"]
+
+
 def test_fuse_cli_writes_a_loadable_file_with_provenance(loras, tiny_sd_dir, tmp_path, capsys):
     from rl.cli import main
 

@@ -154,6 +154,9 @@ def _split_key(key: str, source: str) -> tuple[str, str]:
     component, _, rest = key.partition(".")
     if component not in COMPONENTS:
         raise LoraFormatError(f"{source}: key {key!r} belongs to none of {COMPONENTS}")
+    if component != "unet":
+        # transformers 5 dropped CLIPTextModel's `text_model.` level; diffusers loads both spellings
+        rest = rest.removeprefix("text_model.")
     for pattern, factor in _FACTOR_PATTERNS:
         match = pattern.match(rest)
         if match:
