@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 runs/tiny-sd/model_index.json: | setup
-	$(BIN)/texforce make-tiny runs/tiny-sd
+	$(BIN)/texforce make-tiny runs/tiny-sd --pretrain-steps 750
 
 demo: setup runs/tiny-sd/model_index.json
 	$(BIN)/texforce train --config configs/tiny.yaml run_name=tiny-$$(date +%Y%m%d-%H%M%S)
