@@ -96,7 +96,8 @@ def ddim_step_with_logprob(
     model_output, x_t: [B, C, H, W]; t: [B] long (timesteps may differ across the batch).
     prev_sample: a given x_{t-1} to score (recomputation); else one is drawn with `noise`
     (standard normal, [B, C, H, W]; drawn here if None). Math runs in float32.
-    Returns (prev_sample, log_prob [B], mean, sigma_t [B]).
+    Returns (prev_sample, log_prob [B], mean, sigma_t [B]). With eta = 0 the step is
+    deterministic (plain DDIM, as evaluation and the gradient learners use it) and log_prob is NaN.
     """
     x_t = x_t.float()
     model_output = model_output.float()

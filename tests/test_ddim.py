@@ -91,3 +91,14 @@ def test_set_alpha_to_one_is_rejected():
         assert "set_alpha_to_one" in str(error)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def test_eta_zero_is_plain_ddim_with_undefined_log_prob():
+    scheduler = _scheduler()
+    schedule = DDIMSchedule.from_scheduler(scheduler, 10)
+    x_t, eps = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    t = schedule.timesteps[2]
+    expected = scheduler.step(eps, t, x_t, eta=0.0).prev_sample
+    got, log_prob, _, sigma = ddim_step_with_logprob(schedule, eps, t.repeat(2), x_t, eta=0.0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.all(sigma == 0) and torch.isnan(log_prob).all()
