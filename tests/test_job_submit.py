@@ -30,6 +30,8 @@ def ray_head(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
                HF_HUB_OFFLINE="1")
     env.pop("RAY_ADDRESS", None)
+    # as on a cluster node where this project is installed: `python` is the one with its deps
+    env["PATH"] = f"{ray_bin.parent}{os.pathsep}{env.get('PATH', '')}"
     dashboard_port = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths have a length limit
     head = subprocess.Popen(
