@@ -64,11 +64,12 @@ def test_ray_job_submit_runs_the_training_entry(ray_head, tiny_sd_dir, tmp_path)
         [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT),
          "--runtime-env", str(ROOT / "configs" / "runtime_env.yaml"), "--",
          "python", "-m", "rl.train", "--config", "configs/tiny.yaml", f"model.pretrained={tiny_sd_dir}",
-         f"output_dir={out_dir}", "run_name=job", "num_epochs=1", "sample.num_batches_per_epoch=1"],
+         f"output_dir={out_dir}", "run_name=job", "num_epochs=1", "sample.num_batches_per_epoch=1",
+         "sample.batch_size=4", "train.batch_size=4", "advantage.group_size=4"],
         env=env, capture_output=True, text=True, timeout=400,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout + result.stderr
     rows = pq.read_table(out_dir / "job" / "metrics.parquet").to_pylist()
-    assert len(rows) == 1 and rows[0]["num_samples"] == 8
+    assert len(rows) == 1 and rows[0]["num_samples"] == 4
     assert (out_dir / "job" / "final_lora" / "pytorch_lora_weights.safetensors").exists()
