@@ -186,7 +186,7 @@ class PPOLearner:
         return get_policy_weights(self.pipe, self.policy, self.version)
 
     def state_dict(self) -> dict:
-        """Everything needed to resume: LoRA, optimizer, LR schedule, tracker, RNG, version."""
+        """Everything needed to resume: LoRA, optimizer, LR schedule, shuffling RNG, version."""
         return {
             "lora": {"text_encoder": (w := self.get_weights()).text_encoder, "unet": w.unet},
             "optimizer": self.optimizer.state_dict(),
