@@ -56,7 +56,7 @@ def drop_non_finite(
     trajectories: Trajectories, scores: RewardScores, config: TexForceConfig
 ) -> tuple[Trajectories, np.ndarray, int]:
     """Keep only finite-reward samples (with a warning), or raise in `stop` mode."""
-    finite = scores.finite & torch.isfinite(scores.scores)
+    finite = scores.finite
     dropped = int((~finite).sum())
     if dropped == 0:
         return trajectories, scores.scores.numpy().astype(np.float64), 0

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from rl.config import TexForceConfig
 from rl.learner import PPOLearner
 from rl.lora import PolicyWeights
-from rl.models import load_pipeline
+from rl.models import load_pipeline_from_config
 from rl.sampling import Trajectories
 
 
@@ -22,10 +22,7 @@ class LearnerWorker:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.rank, self.world_size = rank, world_size
-        pipe = load_pipeline(
-            config.model.pretrained, dtype=config.model.dtype, device=config.model.device,
-            revision=config.model.revision,
-        )
+        pipe = load_pipeline_from_config(config.model)
         self.learner = PPOLearner(pipe, config, world_size=world_size)
 
     @staticmethod

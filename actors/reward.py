@@ -8,6 +8,7 @@ import torch
 import rewards
 from rl.config import RewardSettings
 from rl.models import resolve_device
+from rl.sampling import images_to_float
 
 
 @dataclass
@@ -42,7 +43,7 @@ class RewardActor:
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str]) -> RewardScores:
         """images: [B, 3, H, W] uint8."""
-        output = self.reward(images.to(self.device).float() / 255.0, prompts)
+        output = self.reward(images_to_float(images.to(self.device)), prompts)
         report = rewards.check_finite(output)
         return RewardScores(
             scores=output.scores.float().cpu(),

@@ -5,7 +5,7 @@ import torch
 
 from rl.config import TexForceConfig
 from rl.lora import PolicyWeights, add_lora, set_policy_weights
-from rl.models import load_pipeline
+from rl.models import load_pipeline_from_config
 from rl.sampling import Trajectories, sample_trajectories
 
 
@@ -21,10 +21,7 @@ class SamplerWorker:
             torch.set_num_threads(num_threads)
         self.config = config
         if pipe is None:
-            pipe = load_pipeline(
-                config.model.pretrained, dtype=config.model.dtype, device=config.model.device,
-                revision=config.model.revision,
-            )
+            pipe = load_pipeline_from_config(config.model)
             add_lora(pipe, config.lora)
         self.pipe = pipe
         self.version = -1

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from rl.config import ModelConfig
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -34,6 +36,11 @@ def check_pipeline_dir(directory: Path) -> None:
     for name in _REQUIRED_COMPONENTS:
         if name not in components or not (directory / name).is_dir():
             raise ModelNotFoundError(f"{directory} is missing the '{name}' component folder ({directory / name}).")
+
+
+def load_pipeline_from_config(model: ModelConfig):
+    """`load_pipeline` with the settings of a run's `model` section."""
+    return load_pipeline(model.pretrained, dtype=model.dtype, device=model.device, revision=model.revision)
 
 
 def load_pipeline(pretrained: str, *, dtype: str = "float32", device: str = "auto", revision: str | None = None):

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from rl.sampling import images_to_uint8
+
 
 def save_image_grid(
     images: torch.Tensor, captions: list[str], path: str | Path, *, columns: int = 4, min_size: int = 192
@@ -15,7 +17,7 @@ def save_image_grid(
     """Tile uint8 images [B, 3, H, W] with a caption under each; upscale small images for reading."""
     images = images.detach().cpu()
     if images.dtype != torch.uint8:
-        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        images = images_to_uint8(images)
     b, _, h, w = images.shape
     scale = max(1, int(np.ceil(min_size / max(h, w))))
     cell_w, cell_h = w * scale, h * scale

@@ -67,7 +67,17 @@ class Trajectories:
 
     def images_float(self) -> torch.Tensor:
         """[B, 3, H, W] float32 in [0, 1], the input rewards take."""
-        return self.images.float() / 255.0
+        return images_to_float(self.images)
+
+
+def images_to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32 in [0, 1], the input rewards take."""
+    return images.float() / 255.0
+
+
+def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [B, 3, H, W] in [0, 1] -> uint8, how images travel and are stored."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -151,7 +161,7 @@ def sample_trajectories(
         timesteps=schedule.timesteps.repeat(len(prompts), 1),
         latents=torch.stack(latents, dim=1).cpu(),
         log_probs=torch.stack(log_probs, dim=1).cpu(),
-        images=(images * 255).round().to(torch.uint8).cpu(),
+        images=images_to_uint8(images).cpu(),
         seeds=torch.as_tensor(seeds, dtype=torch.long),
         policy_version=policy_version,
     )

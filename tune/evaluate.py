@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rl.sampling import images_to_float
+
 
 @dataclass(frozen=True)
 class EvalSettings:
@@ -96,7 +98,7 @@ def score(
     totals = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            x = images[start : start + batch_size].float().div(255).to(device)
+            x = images_to_float(images[start : start + batch_size]).to(device)
             out = reward(x, prompts[start : start + batch_size])
             totals.append(out.scores.double().cpu().numpy())
             for name, part in out.parts.items():
