@@ -96,7 +96,12 @@ class TrainConfig:
     adv_clip_max: float = 5.0
     """Advantages are clipped to [-adv_clip_max, adv_clip_max]."""
     timestep_fraction: float = 0.5
-    """Fraction of each trajectory's steps trained on (a random subset per sample)."""
+    """Fraction of each trajectory's trainable steps trained on (a random subset per sample)."""
+    min_sigma: float = 0.0
+    """Steps whose DDIM noise std sigma_t is below this are never trained (0 = train all, as the
+    papers do). A step's log-prob gradient scales as 1/sigma_t, so the near-deterministic steps at
+    the end (the step onto t=1 has sigma ~0.04 in SD's schedule) add noise, not signal; see
+    bench/gradient_snr.py."""
     max_grad_norm: float = 1.0
     """Gradient-norm clip."""
     kl_coef: float = 0.0
@@ -192,6 +197,7 @@ class TexForceConfig:
             (self.sample.num_steps >= 1, "sample.num_steps must be >= 1"),
             (self.sample.eta > 0, "sample.eta must be > 0: with eta=0 DDIM is deterministic and has no log-prob"),
             (0 < self.train.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]"),
+            (self.train.min_sigma >= 0, "train.min_sigma must be >= 0"),
             (self.train.clip_range > 0, "train.clip_range must be > 0"),
             (self.lora.rank >= 1, "lora.rank must be >= 1"),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
@@ -213,11 +219,6 @@ class TexForceConfig:
     @property
     def samples_per_epoch(self) -> int:
         return self.sample.batch_size * self.sample.num_batches_per_epoch
-
-    @property
-    def num_train_timesteps(self) -> int:
-        """Steps trained per trajectory: int(T * timestep_fraction), at least 1."""
-        return max(1, int(self.sample.num_steps * self.train.timestep_fraction))
 
 
 # --- building configs from dicts, YAML and overrides ---------------------------------------

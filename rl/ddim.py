@@ -77,6 +77,14 @@ class DDIMSchedule:
         return torch.where(t >= 0, table[t.clamp(min=0)], final)
 
 
+def ddim_sigma(schedule: DDIMSchedule, t: torch.Tensor, eta: float) -> torch.Tensor:
+    """sigma_t (eq. 16) of the step from each t in `t` ([B] long) -> [B] float32."""
+    abar_t = schedule.alpha_bar(t)
+    abar_prev = schedule.alpha_bar(schedule.prev_timestep(t))
+    variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+    return eta * variance.clamp(min=0).sqrt()
+
+
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
@@ -115,8 +123,7 @@ def ddim_step_with_logprob(
     if schedule.clip_sample_range is not None:
         x0_hat = x0_hat.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
     # 3. sigma_t (eq. 16)
-    variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
-    sigma_t = eta * variance.clamp(min=0).sqrt()
+    sigma_t = _bcast(ddim_sigma(schedule, t, eta), x_t)
     # 4. mean of x_{t-1} (eq. 12)
     mean = abar_prev.sqrt() * x0_hat + (1 - abar_prev - sigma_t**2).clamp(min=0).sqrt() * eps_hat
     # 5. the action

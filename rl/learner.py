@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rl.config import TexForceConfig
-from rl.ddim import DDIMSchedule
+from rl.config import ConfigError, TexForceConfig
+from rl.ddim import DDIMSchedule, ddim_sigma
 from rl.lora import PolicyWeights, add_lora, get_policy_weights, set_policy_weights
 from rl.ppo import clipped_surrogate_loss
 from rl.sampling import Trajectories, encode, step_log_prob
@@ -35,6 +35,18 @@ def warmup_cosine(warmup_steps: int, total_steps: int, schedule: str):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def trainable_steps(schedule: DDIMSchedule, eta: float, min_sigma: float) -> torch.Tensor:
+    """Indices of the sampling steps whose sigma_t >= min_sigma: the steps the learner may train."""
+    sigma = ddim_sigma(schedule, schedule.timesteps, eta)
+    steps = torch.nonzero(sigma >= min_sigma).flatten()
+    if len(steps) == 0:
+        raise ConfigError(
+            f"train.min_sigma={min_sigma} leaves no step to train: the largest sigma_t of this "
+            f"{schedule.num_steps}-step schedule at eta={eta} is {sigma.max().item():.3g}; lower train.min_sigma"
+        )
+    return steps
 
 
 def _world_and_rank() -> tuple[int, int]:
@@ -73,6 +85,7 @@ class PPOLearner:
             self.optimizer, warmup_cosine(self.train.warmup_steps, total_steps, self.train.lr_schedule)
         )
         self.schedule = DDIMSchedule.from_scheduler(pipe.scheduler, self.sample.num_steps)
+        self.trainable_steps = trainable_steps(self.schedule, self.sample.eta, self.train.min_sigma)
         self.generator = torch.Generator().manual_seed(config.seed + 1)  # shuffles, timestep subsets
         self.version = 0
 
@@ -86,15 +99,18 @@ class PPOLearner:
         is the gradient of the union minibatch.
         """
         num_samples, num_steps = trajectories.log_probs.shape
-        num_trained = max(1, int(num_steps * self.train.timestep_fraction))
+        if num_steps != self.schedule.num_steps:
+            raise ValueError(f"trajectories have {num_steps} steps, the learner's schedule {self.schedule.num_steps}")
+        steps = self.trainable_steps
+        num_trained = max(1, int(len(steps) * self.train.timestep_fraction))
         bs, accumulate = self.train.batch_size, self.train.gradient_accumulation_steps
         world, rank = _world_and_rank()
         history: dict[str, list[float]] = {}
         first = True
         for _ in range(self.train.num_inner_epochs):
-            # 1. shuffle samples, and pick each sample's trained timesteps at random
+            # 1. shuffle samples, and pick each sample's trained steps at random among the trainable ones
             order = torch.randperm(num_samples, generator=self.generator)
-            step_index = torch.stack([torch.randperm(num_steps, generator=self.generator) for _ in range(num_samples)])
+            step_index = torch.stack([steps[torch.randperm(len(steps), generator=self.generator)] for _ in range(num_samples)])
             starts = list(range(0, num_samples, bs * world))
             for i, start in enumerate(starts):
                 rows = order[start : start + bs * world][rank * bs : (rank + 1) * bs]

@@ -12,7 +12,7 @@ def test_defaults_are_the_published_texforce_settings():
     assert (c.lora.rank, c.lora.alpha, c.lora.init, c.lora.policy) == (16, 16.0, "gaussian", "text_encoder")
     assert c.lora.text_encoder_targets == ["q_proj", "k_proj", "v_proj", "out_proj"]
     assert (c.advantage.buffer_size, c.advantage.min_count) == (16, 16)
-    assert c.num_train_timesteps == 25
+    assert c.train.min_sigma == 0.0  # every step trained, as the papers do
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -1,9 +1,14 @@
 """The PPO learner: once-per-minibatch encoder backward, and learning on a fixed batch."""
+import dataclasses
+
 import pytest
 import torch
 
 from conftest import tiny_config
+from rl.config import ConfigError
+from rl.ddim import ddim_sigma
 from rl.learner import PPOLearner
+from rl.models import load_pipeline
 from rl.ppo import clipped_surrogate_loss
 from rl.sampling import encode, sample_trajectories, step_log_prob
 
@@ -90,14 +95,47 @@ def test_update_runs_inner_epochs_and_bumps_version(pipe, tiny_sd_dir):
     assert any(changed)
 
 
+def test_min_sigma_never_trains_the_near_deterministic_last_steps(pipe, tiny_sd_dir):
+    cfg = tiny_config(tiny_sd_dir, "train.min_sigma=0.05", "train.timestep_fraction=1.0", "train.batch_size=4",
+                      "train.learning_rate=1e-2", "train.warmup_steps=0")
+    learner = PPOLearner(pipe, cfg)
+    sigma = ddim_sigma(learner.schedule, learner.schedule.timesteps, eta=1.0)
+    # the step onto t=1 and the last step are near-deterministic in SD's schedule
+    assert sigma[-2:].max() < 0.05 <= sigma[:-2].min()
+    assert learner.trainable_steps.tolist() == [0, 1, 2, 3]
+    batch = sample_trajectories(pipe, ["a red ball", "a cat"] * 2, [0, 1, 2, 3], num_steps=6, guidance_scale=5.0, eta=1.0)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    # steps 4 and 5 read latents 4..6 and log-probs 4..5; spoil what only they read
+    spoiled = dataclasses.replace(batch, latents=batch.latents.clone(), log_probs=batch.log_probs.clone())
+    spoiled.latents[:, 5:] = float("nan")
+    spoiled.log_probs[:, 4:] = float("nan")
+    start = learner.state_dict()
+    learner.update(spoiled, advantages)
+    from_spoiled = learner.get_weights().text_encoder
+    learner.load_state_dict(start)
+    learner.update(batch, advantages)
+    from_clean = learner.get_weights().text_encoder
+    assert any(not torch.equal(v, start["lora"]["text_encoder"][k]) for k, v in from_clean.items())
+    for k, v in from_clean.items():
+        assert torch.equal(from_spoiled[k], v)
+    # with the default every step is trained, so the spoiled steps reach the weights
+    every_step = PPOLearner(load_pipeline(tiny_sd_dir, device="cpu"), tiny_config(tiny_sd_dir, "train.timestep_fraction=1.0", "train.batch_size=4"))
+    assert every_step.trainable_steps.tolist() == list(range(6))
+    every_step.update(spoiled, advantages)
+    assert not all(torch.isfinite(v).all() for v in every_step.get_weights().text_encoder.values())
+
+
+def test_min_sigma_that_leaves_no_step_is_a_config_error(pipe, tiny_sd_dir):
+    with pytest.raises(ConfigError, match=r"train.min_sigma=5.0 leaves no step to train.*largest sigma_t"):
+        PPOLearner(pipe, tiny_config(tiny_sd_dir, "train.min_sigma=5.0"))
+
+
 def test_state_dict_round_trip(pipe, tiny_sd_dir):
     cfg = tiny_config(tiny_sd_dir)
     learner = PPOLearner(pipe, cfg)
     batch = sample_trajectories(pipe, ["a", "b"], [0, 1], num_steps=6, guidance_scale=5.0, eta=1.0)
     learner.update(batch, torch.tensor([1.0, -1.0]))
     state = learner.state_dict()
-    from rl.models import load_pipeline
-
     other = PPOLearner(load_pipeline(tiny_sd_dir, device="cpu"), cfg)
     other.load_state_dict(state)
     assert other.version == learner.version
