@@ -18,9 +18,15 @@ import torch.distributed as dist
 
 from rl.config import ConfigError, TexForceConfig
 from rl.ddim import DDIMSchedule, ddim_sigma
-from rl.lora import PolicyWeights, add_lora, get_policy_weights, set_policy_weights
-from rl.ppo import clipped_surrogate_loss
-from rl.sampling import Trajectories, encode, step_log_prob
+from rl.lora import (
+    PolicyWeights,
+    adapters_disabled,
+    add_lora,
+    get_policy_weights,
+    set_policy_weights,
+)
+from rl.ppo import clipped_surrogate_loss, gaussian_kl
+from rl.sampling import Trajectories, encode, step_distribution
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, schedule: str):
@@ -139,37 +145,49 @@ class PPOLearner:
         """Accumulate d(loss)/d(LoRA) for one minibatch into `.grad`.
 
         step_index: [b, K] which stored steps of each trajectory to train on. The loss is the
-        PPO surrogate averaged over the K steps, times `loss_scale`.
+        PPO surrogate, plus kl_coef times the KL to the base model's step, averaged over the K
+        steps, times `loss_scale`.
         """
         device = self.pipe.unet.device
+        use_kl = self.train.kl_coef > 0
+        sums = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio": 0.0, "abs_logprob_diff": 0.0}
+        if use_kl:
+            sums["kl_to_base"] = 0.0
         if len(batch) == 0:  # an uneven last minibatch can leave a rank without rows
-            return {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio": 1.0, "abs_logprob_diff": 0.0}
+            return sums | {"ratio": 1.0}
         # 1. encode prompt and negative prompt once, then cut the graph at the embeddings
         with torch.set_grad_enabled(self.train_text_encoder):
             cond = encode(self.pipe.text_encoder, batch.prompt_ids)
             uncond = encode(self.pipe.text_encoder, batch.negative_ids)
         cond_leaf = cond.detach().requires_grad_(self.train_text_encoder)
         uncond_leaf = uncond.detach().requires_grad_(self.train_text_encoder)
-        # 2. per trained step: recompute log-prob, PPO loss, backward to the leaves (and U-Net LoRA)
+        if use_kl:
+            with torch.no_grad(), adapters_disabled(self.pipe, self.policy):
+                ref_cond = encode(self.pipe.text_encoder, batch.prompt_ids)
+                ref_uncond = encode(self.pipe.text_encoder, batch.negative_ids)
+        # 2. per trained step: recompute log-prob, PPO loss (+ KL), backward to the leaves (and U-Net LoRA)
         rows = torch.arange(len(batch))
         advantages = advantages.to(device)
         num_trained = step_index.shape[1]
-        sums = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio": 0.0, "abs_logprob_diff": 0.0}
+        guidance, eta = self.sample.guidance_scale, self.sample.eta
         for k in range(num_trained):
             j = step_index[:, k]
-            log_prob = step_log_prob(
-                self.pipe.unet,
-                self.schedule,
-                batch.latents[rows, j].to(device),
-                batch.timesteps[rows, j].to(device),
-                batch.latents[rows, j + 1].to(device),
-                cond_leaf,
-                uncond_leaf,
-                guidance_scale=self.sample.guidance_scale,
-                eta=self.sample.eta,
+            x_t = batch.latents[rows, j].to(device)
+            t = batch.timesteps[rows, j].to(device)
+            x_prev = batch.latents[rows, j + 1].to(device)
+            log_prob, mean, sigma = step_distribution(
+                self.pipe.unet, self.schedule, x_t, t, x_prev, cond_leaf, uncond_leaf, guidance_scale=guidance, eta=eta
             )
             old_log_prob = batch.log_probs[rows, j].to(device)
             loss, metrics = clipped_surrogate_loss(log_prob, old_log_prob, advantages, self.train.clip_range)
+            if use_kl:  # closed-form KL of this step to the base model's, at the same x_t
+                with torch.no_grad(), adapters_disabled(self.pipe, self.policy):
+                    _, ref_mean, _ = step_distribution(
+                        self.pipe.unet, self.schedule, x_t, t, x_prev, ref_cond, ref_uncond, guidance_scale=guidance, eta=eta
+                    )
+                kl = gaussian_kl(mean, ref_mean, sigma).mean()
+                loss = loss + self.train.kl_coef * kl
+                sums["kl_to_base"] += kl.item() / num_trained
             (loss * loss_scale / num_trained).backward()
             sums["loss"] += loss.item() / num_trained
             for key in ("approx_kl", "clipfrac", "ratio"):

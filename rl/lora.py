@@ -6,6 +6,8 @@ Saved LoRAs are diffusers-format safetensors (`pytorch_lora_weights.safetensors`
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +67,19 @@ def add_lora(pipe, settings: LoraSettings) -> list[nn.Parameter]:
             p.requires_grad_(True)
             params.append(p)
     return params
+
+
+@contextmanager
+def adapters_disabled(pipe, policy: str) -> Iterator[None]:
+    """Run `pipe` as its base model (the KL reference): the policy's LoRA is off inside the block."""
+    modules = list(policy_modules(pipe, policy).values())
+    for module in modules:
+        module.disable_adapters()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.enable_adapters()
 
 
 def _lora_parameters(module: nn.Module) -> list[nn.Parameter]:

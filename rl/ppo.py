@@ -1,4 +1,4 @@
-"""The clipped PPO surrogate on per-step log-probs (DDPO/TexForce)."""
+"""The clipped PPO surrogate on per-step log-probs (DDPO/TexForce), and the KL to the base model."""
 from __future__ import annotations
 
 import torch
@@ -24,3 +24,13 @@ def clipped_surrogate_loss(
             "ratio": ratio.mean(),
         }
     return loss, metrics
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, sigma^2 I) || N(ref_mean, sigma^2 I)) of one DDIM step, [B].
+
+    Both policies share sigma_t (it depends on the schedule only), so the KL is the squared
+    distance of the means over 2 sigma^2; averaged over dimensions like the log-prob.
+    mean, ref_mean: [B, C, H, W]; sigma: [B].
+    """
+    return ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * sigma**2)

@@ -112,6 +112,40 @@ def _randn(shape: tuple[int, ...], generators: list[torch.Generator], device: to
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
+def denoise(
+    pipe,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    seeds: list[int],
+    schedule: DDIMSchedule,
+    *,
+    guidance_scale: float,
+    eta: float,
+    height: int,
+    width: int,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The DDIM loop with CFG from each seed's x_T: ([x_T, ..., x_0], [log-prob of each step]).
+
+    Differentiable (the gradient learners and bench/gradient_snr.py backpropagate through it);
+    `sample_trajectories` runs it without grad. Each sample's x_T and step noise come from its
+    own seed, so a sample does not depend on its batch-mates.
+    """
+    device = pipe.unet.device
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    scale = pipe.vae_scale_factor
+    latent_shape = (pipe.unet.config.in_channels, height // scale, width // scale)
+    x = _randn(latent_shape, generators, device) * pipe.scheduler.init_noise_sigma
+    latents, log_probs = [x], []
+    for t_scalar in schedule.timesteps:
+        t = torch.full((len(seeds),), int(t_scalar), device=device, dtype=torch.long)
+        eps_hat = guided_noise_prediction(pipe.unet, x, t, cond, uncond, guidance_scale)
+        noise = _randn(latent_shape, generators, device)
+        x, log_prob, _, _ = ddim_step_with_logprob(schedule, eps_hat, t, x, eta=eta, noise=noise)
+        latents.append(x)
+        log_probs.append(log_prob)
+    return latents, log_probs
+
+
 @torch.no_grad()
 def sample_trajectories(
     pipe,
@@ -129,31 +163,20 @@ def sample_trajectories(
     """Roll out one DDIM trajectory per prompt with CFG and record every step's log-prob."""
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-    device = pipe.unet.device
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, num_steps)
-    scale = pipe.vae_scale_factor
-    height = height or pipe.unet.config.sample_size * scale
-    width = width or pipe.unet.config.sample_size * scale
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # pixels the U-Net was configured for
     # 1. encode prompt and negative prompt with the (LoRA'd) text encoder
     prompt_ids = tokenize(pipe.tokenizer, prompts)
     negative_ids = tokenize(pipe.tokenizer, [negative_prompt] * len(prompts))
     cond = encode(pipe.text_encoder, prompt_ids)
     uncond = encode(pipe.text_encoder, negative_ids)
-    # 2. x_T from each sample's own seed
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    latent_shape = (pipe.unet.config.in_channels, height // scale, width // scale)
-    x = _randn(latent_shape, generators, device) * pipe.scheduler.init_noise_sigma
-    latents, log_probs = [x], []
-    # 3. the DDIM loop
-    for t_scalar in schedule.timesteps:
-        t = torch.full((len(prompts),), int(t_scalar), device=device, dtype=torch.long)
-        eps_hat = guided_noise_prediction(pipe.unet, x, t, cond, uncond, guidance_scale)
-        noise = _randn(latent_shape, generators, device)
-        x, log_prob, _, _ = ddim_step_with_logprob(schedule, eps_hat, t, x, eta=eta, noise=noise)
-        latents.append(x)
-        log_probs.append(log_prob)
-    # 4. decode to uint8 images
-    images = decode_latents(pipe.vae, x)
+    # 2. the DDIM loop from each sample's own seed
+    latents, log_probs = denoise(
+        pipe, cond, uncond, seeds, schedule, guidance_scale=guidance_scale, eta=eta,
+        height=height or size, width=width or size,
+    )
+    # 3. decode to uint8 images
+    images = decode_latents(pipe.vae, latents[-1])
     return Trajectories(
         prompts=list(prompts),
         prompt_ids=prompt_ids,
@@ -173,7 +196,7 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
-def step_log_prob(
+def step_distribution(
     unet,
     schedule: DDIMSchedule,
     x_t: torch.Tensor,
@@ -184,8 +207,12 @@ def step_log_prob(
     *,
     guidance_scale: float,
     eta: float,
-) -> torch.Tensor:
-    """log pi(x_{t-1} | x_t, c) under the current weights, [B]; differentiable in cond/uncond/U-Net."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log pi(x_{t-1} | x_t, c) [B], the step's mean, sigma_t [B]) under the current weights.
+
+    Differentiable in cond/uncond/U-Net. The step is Gaussian: N(mean, sigma_t^2 I).
+    """
     eps_hat = guided_noise_prediction(unet, x_t, t, cond, uncond, guidance_scale)
-    _, log_prob, _, _ = ddim_step_with_logprob(schedule, eps_hat, t, x_t, eta=eta, prev_sample=x_prev)
-    return log_prob
+    _, log_prob, mean, sigma = ddim_step_with_logprob(schedule, eps_hat, t, x_t, eta=eta, prev_sample=x_prev)
+    return log_prob, mean, sigma
+

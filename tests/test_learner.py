@@ -3,14 +3,14 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from rl.config import ConfigError
 from rl.ddim import ddim_sigma
 from rl.learner import PPOLearner
 from rl.models import load_pipeline
-from rl.ppo import clipped_surrogate_loss
-from rl.sampling import encode, sample_trajectories, step_log_prob
+from rl.ppo import clipped_surrogate_loss, gaussian_kl
+from rl.sampling import encode, sample_trajectories, step_distribution
 
 
 def _perturb(params, seed=0, scale=0.05):
@@ -28,10 +28,10 @@ def _reference_gradients(learner, batch, advantages, step_index):
         j = step_index[:, k]
         cond = encode(learner.pipe.text_encoder, batch.prompt_ids)
         uncond = encode(learner.pipe.text_encoder, batch.negative_ids)
-        log_prob = step_log_prob(
+        log_prob = step_distribution(
             learner.pipe.unet, learner.schedule, batch.latents[rows, j], batch.timesteps[rows, j],
             batch.latents[rows, j + 1], cond, uncond, guidance_scale=learner.sample.guidance_scale, eta=learner.sample.eta,
-        )
+        )[0]
         loss, _ = clipped_surrogate_loss(log_prob, batch.log_probs[rows, j], advantages, learner.train.clip_range)
         (loss / K).backward()
     return [p.grad.clone() for p in learner.params]
@@ -128,6 +128,43 @@ def test_min_sigma_never_trains_the_near_deterministic_last_steps(pipe, tiny_sd_
 def test_min_sigma_that_leaves_no_step_is_a_config_error(pipe, tiny_sd_dir):
     with pytest.raises(ConfigError, match=r"train.min_sigma=5.0 leaves no step to train.*largest sigma_t"):
         PPOLearner(pipe, tiny_config(tiny_sd_dir, "train.min_sigma=5.0"))
+
+
+def _mean_kl_to(ref_pipe, learner, batch, step_index):
+    """The KL of each trained step to `ref_pipe`'s, from two independent pipelines."""
+    rows, kls = torch.arange(len(batch)), []
+    with torch.no_grad():
+        for k in range(step_index.shape[1]):
+            j = step_index[:, k]
+            args = (learner.schedule, batch.latents[rows, j], batch.timesteps[rows, j], batch.latents[rows, j + 1])
+            means = [
+                step_distribution(p.unet, *args, encode(p.text_encoder, batch.prompt_ids),
+                                  encode(p.text_encoder, batch.negative_ids), guidance_scale=5.0, eta=1.0)[1:]
+                for p in (learner.pipe, ref_pipe)
+            ]
+            kls.append(gaussian_kl(means[0][0], means[1][0], means[0][1]).mean())
+    return torch.stack(kls).mean().item()
+
+
+def test_kl_penalty_is_zero_at_the_base_model_and_pulls_the_policy_back(pipe, tiny_sd_dir):
+    cfg = tiny_config(tiny_sd_dir, "train.kl_coef=1.0", "train.timestep_fraction=1.0", "train.batch_size=4",
+                      "train.learning_rate=1e-2", "train.warmup_steps=0", "train.lr_schedule=constant")
+    learner = PPOLearner(pipe, cfg)
+    batch = sample_trajectories(pipe, ["a red ball", "a cat"] * 2, [0, 1, 2, 3], num_steps=6, guidance_scale=5.0, eta=1.0)
+    step_index = torch.arange(6).repeat(4, 1)
+    no_advantage = torch.zeros(4)
+    assert learner.minibatch_backward(batch, no_advantage, step_index)["kl_to_base"] == 0.0  # LoRA B = 0
+    learner.optimizer.zero_grad(set_to_none=True)
+    _perturb(learner.params)
+    base = load_pipeline(tiny_sd_dir, device="cpu")
+    expected = _mean_kl_to(base, learner, batch, step_index)
+    kls = []
+    for _ in range(4):  # with zero advantages only the KL term moves the weights
+        kls.append(learner.minibatch_backward(batch, no_advantage, step_index)["kl_to_base"])
+        learner.optimizer_step()
+    assert kls[0] == pytest.approx(expected, rel=1e-4) and expected > 0
+    assert kls[1] < kls[0] and max(kls[1:]) < 0.5 * kls[0], kls
+    assert _mean_kl_to(base, learner, batch, step_index) < 0.5 * expected
 
 
 def test_state_dict_round_trip(pipe, tiny_sd_dir):

@@ -4,7 +4,7 @@ import torch
 from rl.config import LoraSettings
 from rl.ddim import DDIMSchedule
 from rl.lora import add_lora
-from rl.sampling import encode, sample_trajectories, step_log_prob
+from rl.sampling import encode, sample_trajectories, step_distribution
 
 
 def _perturb_lora(params, scale=0.05, seed=0):
@@ -29,10 +29,10 @@ def test_recomputed_log_prob_equals_sampler_for_every_step(pipe):
         rows = torch.arange(3)
         for k in range(5):
             j = order[:, k]
-            log_prob = step_log_prob(
+            log_prob = step_distribution(
                 pipe.unet, schedule, traj.latents[rows, j], traj.timesteps[rows, j], traj.latents[rows, j + 1],
                 cond, uncond, guidance_scale=5.0, eta=1.0,
-            )
+            )[0]
             ratio = torch.exp(log_prob - traj.log_probs[rows, j])
             torch.testing.assert_close(ratio, torch.ones(3), rtol=0, atol=1e-5)
 
