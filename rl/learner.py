@@ -161,10 +161,12 @@ class PPOLearner:
             uncond = encode(self.pipe.text_encoder, batch.negative_ids)
         cond_leaf = cond.detach().requires_grad_(self.train_text_encoder)
         uncond_leaf = uncond.detach().requires_grad_(self.train_text_encoder)
-        if use_kl:
+        if use_kl and self.train_text_encoder:  # the base model's embeddings
             with torch.no_grad(), adapters_disabled(self.pipe, self.policy):
                 ref_cond = encode(self.pipe.text_encoder, batch.prompt_ids)
                 ref_uncond = encode(self.pipe.text_encoder, batch.negative_ids)
+        else:  # a frozen text encoder: the policy's embeddings are the base model's
+            ref_cond, ref_uncond = cond, uncond
         # 2. per trained step: recompute log-prob, PPO loss (+ KL), backward to the leaves (and U-Net LoRA)
         rows = torch.arange(len(batch))
         advantages = advantages.to(device)

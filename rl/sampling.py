@@ -126,8 +126,8 @@ def denoise(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The DDIM loop with CFG from each seed's x_T: ([x_T, ..., x_0], [log-prob of each step]).
 
-    Differentiable (the gradient learners and bench/gradient_snr.py backpropagate through it);
-    `sample_trajectories` runs it without grad. Each sample's x_T and step noise come from its
+    Differentiable (bench/gradient_snr.py backpropagates through it); `sample_trajectories`
+    runs it without grad. Each sample's x_T and step noise come from its
     own seed, so a sample does not depend on its batch-mates.
     """
     device = pipe.unet.device

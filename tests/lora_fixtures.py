@@ -55,11 +55,3 @@ def merged_deltas(model_dir: str, lora: dict[str, torch.Tensor] | str | Path) ->
         base_weight = getattr(base, component).get_submodule(name).weight
         deltas[full] = (sub.base_layer.weight - base_weight).detach().float()
     return deltas
-
-
-def one_torch_thread():
-    """Generator for a fixture: tiny models run fastest, and steadiest on a shared machine, on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

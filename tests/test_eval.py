@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from lora_fixtures import make_lora, one_torch_thread
+from lora_fixtures import make_lora
 
 from tune.evaluate import EvalSettings, evaluate, summarize
 from tune.fusion import fuse_files, load_fused
@@ -16,9 +16,7 @@ SETTINGS = EvalSettings(num_seeds=2, num_steps=3, batch_size=3)
 PROMPTS = ("a red ball", "a blue car", "a green tree")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

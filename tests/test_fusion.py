@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from lora_fixtures import make_lora, merged_deltas, one_torch_thread
+from lora_fixtures import make_lora, merged_deltas
 from safetensors import safe_open
 
 from rl.models import load_pipeline
@@ -17,10 +17,7 @@ from tune.lora_io import (
     read_lora,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

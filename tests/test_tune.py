@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from lora_fixtures import make_lora, one_torch_thread
+from lora_fixtures import make_lora
 
 from tune.evaluate import EvalSettings
 from tune.fusion import fuse_files
@@ -25,9 +25,7 @@ ALPHA_MAX = 2.0
 TOLERANCE = 0.05  # of the dense grid's objective range
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
