@@ -12,11 +12,12 @@ export TOKENIZERS_PARALLELISM ?= false
 setup: $(VENV)/.installed
 
 # torch is pinned first so nothing later pulls a CUDA build; override TORCH on GPU hosts.
-$(VENV)/.installed: setup.cfg pyproject.toml
+# constraints.txt pins the rest of the stack to the versions the tests pass with.
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
 runs/tiny-sd/model_index.json: | setup
