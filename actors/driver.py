@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from actors.reward import RewardScores
-from actors.topology import InlineWorkers, RayWorkers
+from actors.topology import InlineWorkers, LearnerFailedError, RayWorkers
 from rl.advantages import PerPromptStatTracker, compute_advantages
 from rl.config import TexForceConfig
+from rl.lora import PolicyWeights
 from rl.plots import save_image_grid, save_reward_curve
 from rl.prompts import epoch_prompts, load_prompts
 from rl.run_dir import RunDirectory
@@ -32,13 +33,25 @@ class NonFiniteRewardError(RuntimeError):
     """A reward came back NaN/inf and reward.on_non_finite is `stop`."""
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (learner restarts used up); the message says how to resume."""
+
+
+# Ray reads this once, at import: "0" makes a local cluster bind its servers to 127.0.0.1
+LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def connect_ray(config: TexForceConfig) -> None:
-    """Join resources.address or RAY_ADDRESS if given, else start a local single-node cluster."""
+    """Join resources.address or RAY_ADDRESS if given, else start a local single-node cluster
+    that listens on 127.0.0.1 only (to serve other machines, start a head with `ray start
+    --head` and pass its address)."""
+    address = config.resources.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
     import ray
 
     if ray.is_initialized():
         return
-    address = config.resources.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
@@ -56,11 +69,12 @@ def drop_non_finite(
     trajectories: Trajectories, scores: RewardScores, config: TexForceConfig
 ) -> tuple[Trajectories, np.ndarray, int]:
     """Keep only finite-reward samples (with a warning), or raise in `stop` mode."""
-    finite = scores.finite
+    report = scores.finite_report
+    finite = report.mask
     dropped = int((~finite).sum())
     if dropped == 0:
         return trajectories, scores.scores.numpy().astype(np.float64), 0
-    message = f"{dropped} of {len(finite)} samples have non-finite rewards ({scores.report})"
+    message = f"{dropped} of {len(finite)} samples of the epoch have non-finite rewards ({report})"
     if config.reward.on_non_finite == "stop" or dropped == len(finite):
         raise NonFiniteRewardError(message + "; stopping (reward.on_non_finite=stop or no finite sample left)")
     log.warning("%s; dropping them (reward.on_non_finite=drop)", message)
@@ -74,88 +88,140 @@ def train(
     resume: str | Path | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> RunDirectory:
-    """Run (or resume) a TexForce/DDPO training run; returns its run directory."""
+    """Run (or resume) a TexForce/DDPO training run; returns its run directory.
+
+    A learner that dies is replaced and the run goes on from the last checkpoint, up to
+    resources.max_restarts times; then TrainingStopped says how to resume.
+    """
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
-    run = RunDirectory(resume) if resume else RunDirectory.create(config)
+    if resume:
+        run = RunDirectory(resume)
+        run.save_config(config)  # this resume's overrides (num_epochs=...) hold for the next one too
+    else:
+        run = RunDirectory.create(config)
     prompts = load_prompts(config.prompts)
-    group = config.advantage.group_size if config.advantage.mode == "group" else 1
-    tracker = PerPromptStatTracker(config.advantage.buffer_size, config.advantage.min_count)
     workers = make_workers(config)
     try:
-        start = 0
-        checkpoint = run.latest_checkpoint() if resume else None
-        if checkpoint is not None:
-            learner_state, driver_state = run.load_checkpoint(checkpoint)
-            workers.load_learner_state(learner_state)
-            tracker.load_state_dict(driver_state["tracker"])
-            start = driver_state["epoch"] + 1
-            log.info("resumed %s from %s", run.path, checkpoint.name)
+        tracker, start = _restore(run, config, workers) if resume else (_new_tracker(config), 0)
         weights = workers.get_weights()
         writer = SummaryWriter(str(run.tensorboard))
-        bar = tqdm(range(start, config.num_epochs), initial=start, total=config.num_epochs, desc="epochs")
-        for epoch in bar:
-            t0 = time.perf_counter()
-            # 1-2. sample trajectories and score them
-            epoch_prompt_list, seeds = epoch_prompts(
-                prompts, seed=config.seed, epoch=epoch, num_samples=config.samples_per_epoch, group_size=group
-            )
-            trajectories, scores = workers.rollout(weights, epoch_prompt_list, seeds)
-            t_sampled = time.perf_counter()
+        bar = tqdm(total=config.num_epochs, initial=start, desc="epochs")
+        learner_failures = 0
+        epoch = start
+        while epoch < config.num_epochs:
             try:
-                trajectories, rewards, dropped = drop_non_finite(trajectories, scores, config)
-            except NonFiniteRewardError:
-                save_image_grid(trajectories.images, _captions(trajectories.prompts, scores.scores),
-                                run.grids / f"epoch_{epoch:04d}_non_finite.png")
-                if epoch > start or checkpoint is not None:
-                    _save_checkpoint(run, config, workers, tracker, weights, epoch - 1)
-                raise
-            # 3. advantages
-            advantages = torch.from_numpy(
-                compute_advantages(
-                    trajectories.prompts, rewards, mode=config.advantage.mode,
-                    adv_clip_max=config.train.adv_clip_max, tracker=tracker,
-                )
-            )
-            # 4. PPO update
-            metrics = workers.update(trajectories, advantages)
-            # 5. weights for the next epoch's samplers
-            weights = workers.get_weights()
-            t_updated = time.perf_counter()
-            # 6. log
-            row = {
-                "epoch": epoch,
-                "reward_mean": float(rewards.mean()),
-                "reward_std": float(rewards.std()),
-                **{f"reward_{k}_mean": float(v[torch.isfinite(v)].mean()) for k, v in scores.parts.items()},
-                **metrics,
-                "num_samples": len(trajectories),
-                "num_dropped": dropped,
-                "sample_seconds": t_sampled - t0,
-                "update_seconds": t_updated - t_sampled,
-                "wall_seconds": t_updated - t0,
-                "samples_per_second": len(scores.scores) / (t_sampled - t0),
-                "actor_restarts": workers.restarts,
-            }
-            rows = run.append_metrics(row)
-            for key, value in row.items():
-                writer.add_scalar(key, value, epoch)
-            save_image_grid(trajectories.images[:8], _captions(trajectories.prompts, torch.from_numpy(rewards)),
-                            run.grids / f"epoch_{epoch:04d}.png")
-            save_reward_curve([r["epoch"] for r in rows], [r["reward_mean"] for r in rows],
-                              [r["reward_std"] for r in rows], run.reward_curve, title=f"{config.run_name}: {config.reward.spec}")
+                row, weights = _run_epoch(epoch, weights, config=config, run=run, workers=workers,
+                                          tracker=tracker, prompts=prompts, writer=writer)
+            except LearnerFailedError as error:
+                learner_failures += 1
+                if learner_failures > config.resources.max_restarts:
+                    raise TrainingStopped(
+                        f"the learner failed {learner_failures} times, more than resources.max_restarts="
+                        f"{config.resources.max_restarts} ({error}); the checkpoints are kept: resume with "
+                        f"`texforce train --resume {run.path}`"
+                    ) from error
+                log.warning("%s; restarting the learners from the last checkpoint (%d of %d restarts)",
+                            error, learner_failures, config.resources.max_restarts)
+                workers.restart_learners()
+                tracker, epoch = _restore(run, config, workers)
+                weights = workers.get_weights()
+                bar.n = epoch
+                bar.refresh()
+                continue
+            bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.4f}", kl=f"{row.get('approx_kl', 0):.1e}")
-            # 7. checkpoint
-            if (epoch + 1) % config.save_every == 0 or epoch == config.num_epochs - 1:
-                _save_checkpoint(run, config, workers, tracker, weights, epoch)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
+            epoch += 1
+        bar.close()
         writer.close()
         run.save_final_lora(weights, config)
     finally:
         workers.shutdown()
     return run
+
+
+def _run_epoch(
+    epoch: int, weights: PolicyWeights, *, config: TexForceConfig, run: RunDirectory, workers,
+    tracker: PerPromptStatTracker, prompts: list[str], writer,
+) -> tuple[dict, PolicyWeights]:
+    """One epoch: sample -> reward -> advantage -> update -> sync weights -> log -> checkpoint.
+    Returns the epoch's metrics row and the weights for the next epoch's samplers."""
+    t0 = time.perf_counter()
+    # 1-2. sample trajectories and score them
+    group = config.advantage.group_size if config.advantage.mode == "group" else 1
+    epoch_prompt_list, seeds = epoch_prompts(
+        prompts, seed=config.seed, epoch=epoch, num_samples=config.samples_per_epoch, group_size=group
+    )
+    trajectories, scores = workers.rollout(weights, epoch_prompt_list, seeds)
+    t_sampled = time.perf_counter()
+    try:
+        trajectories, rewards, dropped = drop_non_finite(trajectories, scores, config)
+    except NonFiniteRewardError:
+        save_image_grid(trajectories.images, _captions(trajectories.prompts, scores.scores),
+                        run.grids / f"epoch_{epoch:04d}_non_finite.png")
+        latest = run.latest_checkpoint()
+        if epoch > 0 and (latest is None or latest.name != f"epoch_{epoch - 1:04d}"):
+            _save_checkpoint(run, config, workers, tracker, weights, epoch - 1)
+        raise
+    # 3. advantages
+    advantages = torch.from_numpy(
+        compute_advantages(
+            trajectories.prompts, rewards, mode=config.advantage.mode,
+            adv_clip_max=config.train.adv_clip_max, tracker=tracker,
+        )
+    )
+    # 4. PPO update
+    metrics = workers.update(trajectories, advantages)
+    # 5. weights for the next epoch's samplers
+    weights = workers.get_weights()
+    t_updated = time.perf_counter()
+    # 6. log
+    row = {
+        "epoch": epoch,
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        **{f"reward_{k}_mean": float(v[torch.isfinite(v)].mean()) for k, v in scores.parts.items()},
+        **metrics,
+        "num_samples": len(trajectories),
+        "num_dropped": dropped,
+        "sample_seconds": t_sampled - t0,
+        "update_seconds": t_updated - t_sampled,
+        "wall_seconds": t_updated - t0,
+        "samples_per_second": len(scores.scores) / (t_sampled - t0),
+        "actor_restarts": workers.restarts,
+    }
+    rows = run.append_metrics(row)
+    for key, value in row.items():
+        writer.add_scalar(key, value, epoch)
+    save_image_grid(trajectories.images[:8], _captions(trajectories.prompts, torch.from_numpy(rewards)),
+                    run.grids / f"epoch_{epoch:04d}.png")
+    save_reward_curve([r["epoch"] for r in rows], [r["reward_mean"] for r in rows],
+                      [r["reward_std"] for r in rows], run.reward_curve, title=f"{config.run_name}: {config.reward.spec}")
+    # 7. checkpoint
+    if (epoch + 1) % config.save_every == 0 or epoch == config.num_epochs - 1:
+        _save_checkpoint(run, config, workers, tracker, weights, epoch)
+    return row, weights
+
+
+def _new_tracker(config: TexForceConfig) -> PerPromptStatTracker:
+    return PerPromptStatTracker(config.advantage.buffer_size, config.advantage.min_count)
+
+
+def _restore(run: RunDirectory, config: TexForceConfig, workers) -> tuple[PerPromptStatTracker, int]:
+    """Load the last readable checkpoint into the learners; returns the reward statistics and
+    the epoch to go on from (0, with fresh statistics, when there is no checkpoint)."""
+    tracker = _new_tracker(config)
+    loaded = run.load_latest_checkpoint()
+    if loaded is None:
+        return tracker, 0
+    path, learner_state, driver_state = loaded
+    workers.load_learner_state(learner_state)
+    tracker.load_state_dict(driver_state["tracker"])
+    log.info("restored %s from %s", run.path, path.name)
+    return tracker, driver_state["epoch"] + 1
 
 
 def _captions(prompts: list[str], rewards: torch.Tensor) -> list[str]:

@@ -54,6 +54,9 @@ class LearnerWorker:
     def load_state_dict(self, state: dict) -> None:
         self.learner.load_state_dict(state)
 
+    def ping(self) -> int:
+        return self.learner.version
+
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -13,21 +13,24 @@ from rl.sampling import images_to_float
 
 @dataclass
 class RewardScores:
-    """scores: [B] float32 (NaN/inf kept); parts: name -> [B]; report: the non-finite summary."""
+    """scores: [B] float32 (NaN/inf kept); parts: name -> [B].
+
+    The finiteness report is computed from the scores, not stored, so after `cat` its sample
+    indices are positions in the whole epoch rather than in one shard.
+    """
 
     scores: torch.Tensor
     parts: dict[str, torch.Tensor]
-    finite: torch.Tensor
-    report: str
+
+    @property
+    def finite_report(self) -> rewards.FiniteReport:
+        return rewards.check_finite(rewards.RewardOutput(self.scores, self.parts))
 
     @staticmethod
     def cat(parts: list["RewardScores"]) -> "RewardScores":
-        reports = [p.report for p in parts if p.report != "all rewards finite"]
         return RewardScores(
             scores=torch.cat([p.scores for p in parts]),
             parts={k: torch.cat([p.parts[k] for p in parts]) for k in parts[0].parts},
-            finite=torch.cat([p.finite for p in parts]),
-            report="; ".join(reports) or "all rewards finite",
         )
 
 
@@ -44,12 +47,8 @@ class RewardActor:
     def score(self, images: torch.Tensor, prompts: list[str]) -> RewardScores:
         """images: [B, 3, H, W] uint8."""
         output = self.reward(images_to_float(images.to(self.device)), prompts)
-        report = rewards.check_finite(output)
         return RewardScores(
-            scores=output.scores.float().cpu(),
-            parts={k: v.float().cpu() for k, v in output.parts.items()},
-            finite=report.mask.cpu(),
-            report=str(report),
+            scores=output.scores.float().cpu(), parts={k: v.float().cpu() for k, v in output.parts.items()}
         )
 
     def ping(self) -> bool:

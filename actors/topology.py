@@ -10,6 +10,8 @@ import logging
 import math
 import time
 from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 
@@ -45,12 +47,17 @@ class InlineWorkers:
         self.reward = RewardActor(config.reward, device=config.model.device)
         self.restarts = 0
 
-    def rollout(self, weights: PolicyWeights, prompts: list[str], seeds: list[int]) -> tuple[Trajectories, RewardScores]:
+    def rollout(
+        self, weights: PolicyWeights, prompts: list[str], seeds: list[int],
+        *, on_shard_done: Callable[[str, int], None] | None = None,
+    ) -> tuple[Trajectories, RewardScores]:
         trajectories, scores = [], []
-        for shard_prompts, shard_seeds in _shards(prompts, seeds, self.config.sample.batch_size):
+        for shard, (shard_prompts, shard_seeds) in enumerate(_shards(prompts, seeds, self.config.sample.batch_size)):
             traj, images = self.sampler.sample(weights, shard_prompts, shard_seeds)
             trajectories.append(traj)
             scores.append(self.reward.score(images, shard_prompts))
+            if on_shard_done is not None:
+                on_shard_done("score", shard)
         return Trajectories.cat(trajectories), RewardScores.cat(scores)
 
     def update(self, trajectories: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
@@ -107,12 +114,43 @@ def check_resources(config: TexForceConfig) -> None:
     )
 
 
+class ActorsLostError(RuntimeError):
+    """Every actor of a role is gone for good: each used up its resources.max_restarts."""
+
+
+class LearnerFailedError(RuntimeError):
+    """A learner rank died; the driver restarts the learner group from the last checkpoint."""
+
+
+def _actor_info(actor) -> dict:
+    """The GCS actor-table entry of `actor` (state, number of restarts)."""
+    from ray._private import state
+
+    return state.actors(actor_id=actor._actor_id.hex())
+
+
+@dataclass
+class _Call:
+    """One remote call in flight during a rollout: sampling or scoring a shard, or waiting
+    for a restarted actor to answer (`revive`)."""
+
+    kind: Literal["sample", "score", "revive"]
+    role: Literal["sampler", "reward actor"]
+    actor: int
+    shard: int = -1
+    images: object = None  # the images ref a score call reads
+
+
 class RayWorkers:
     """Samplers, reward actors and L learner ranks as Ray actors.
 
     Weights go out as one `ray.put` per version. Reward scoring of a finished shard overlaps
-    with sampling of the next. A sampler or reward actor that dies is restarted by Ray
-    (max_restarts) and its shard re-issued; every remote wait has a timeout.
+    with sampling of the next. Faults:
+    - a sampler or reward actor that dies is restarted by Ray (resources.max_restarts); its
+      work goes back to the queue and it gets no new work until it answers a ping that Ray
+      holds until the restart is done, so one death costs one restart, however busy the node;
+    - a learner rank that dies raises LearnerFailedError; `restart_learners` replaces the group.
+    Every remote wait has a timeout (resources.call_timeout_s).
     """
 
     def __init__(self, config: TexForceConfig):
@@ -128,7 +166,6 @@ class RayWorkers:
         reward_cls = ray.remote(RewardActor).options(
             num_cpus=r.cpus_per_reward_actor, num_gpus=r.gpus_per_reward_actor, max_restarts=r.max_restarts
         )
-        learner_cls = ray.remote(LearnerWorker).options(num_cpus=r.cpus_per_learner, num_gpus=r.gpus_per_learner)
         self.samplers = [
             sampler_cls.remote(config, num_threads=_threads(r.cpus_per_sampler)) for _ in range(r.num_samplers)
         ]
@@ -136,103 +173,191 @@ class RayWorkers:
             reward_cls.remote(config.reward, device=config.model.device, num_threads=_threads(r.cpus_per_reward_actor))
             for _ in range(r.num_reward_actors)
         ]
-        self.learners = [
-            learner_cls.remote(config, rank=i, world_size=r.num_learners, num_threads=_threads(r.cpus_per_learner))
-            for i in range(r.num_learners)
-        ]
+        self.learners = self._start_learners()
         # surface construction errors (missing model, bad reward files) now, not mid-epoch
         self._get([a.ping.remote() for a in self.samplers + self.reward_actors])
+        self.learner_restarts = 0
+
+    def _start_learners(self) -> list:
+        """L learner ranks, joined in one process group when L > 1. Ray does not restart them
+        (max_restarts=0): a rank alone cannot rejoin a process group, so the driver replaces all."""
+        import ray
+
+        r = self.config.resources
+        learner_cls = ray.remote(LearnerWorker).options(num_cpus=r.cpus_per_learner, num_gpus=r.gpus_per_learner)
+        learners = [
+            learner_cls.remote(self.config, rank=i, world_size=r.num_learners, num_threads=_threads(r.cpus_per_learner))
+            for i in range(r.num_learners)
+        ]
         if r.num_learners > 1:
-            host, port = self._get(self.learners[0].rendezvous_address.remote())
-            self._get([learner.init_process_group.remote(host, port) for learner in self.learners])
-        self.restarts = 0
+            host, port = self._get(learners[0].rendezvous_address.remote())
+            self._get([learner.init_process_group.remote(host, port) for learner in learners])
+        else:
+            self._get(learners[0].ping.remote())
+        return learners
 
     def _get(self, refs):
         import ray
 
         return ray.get(refs, timeout=self.timeout)
 
-    def rollout(self, weights: PolicyWeights, prompts: list[str], seeds: list[int]) -> tuple[Trajectories, RewardScores]:
-        """Sample every shard and score it; shards whose actor died are re-issued."""
+    @property
+    def restarts(self) -> int:
+        """Actor restarts so far: Ray's restarts of samplers and reward actors (read from the
+        GCS, so a death is counted once however many calls it failed) plus learner-group restarts."""
+        return sum(int(_actor_info(a).get("NumRestarts", 0)) for a in self.samplers + self.reward_actors) + (
+            self.learner_restarts * len(self.learners)
+        )
+
+    def rollout(
+        self, weights: PolicyWeights, prompts: list[str], seeds: list[int],
+        *, on_shard_done: Callable[[str, int], None] | None = None,
+    ) -> tuple[Trajectories, RewardScores]:
+        """Sample every shard and score it; the work of an actor that died is re-issued.
+
+        on_shard_done(kind, shard) is called as each shard is sampled ("sample") and scored ("score").
+        """
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         weights_ref = ray.put(weights)
         shards = _shards(prompts, seeds, self.config.sample.batch_size)
-        todo = deque(range(len(shards)))
-        idle = deque(range(len(self.samplers)))
+        actors = {"sampler": self.samplers, "reward actor": self.reward_actors}
+        to_sample: deque[int] = deque(range(len(shards)))
+        to_score: deque[tuple[int, object]] = deque()
+        idle_samplers: deque[int] = deque(range(len(self.samplers)))
+        scorers = list(range(len(self.reward_actors)))  # in service, round-robin
+        lost: dict[str, set[int]] = {"sampler": set(), "reward actor": set()}
         trajectory_refs: dict[int, ray.ObjectRef] = {}
         scores: dict[int, RewardScores] = {}
-        in_flight: dict[ray.ObjectRef, tuple[str, int, int, ray.ObjectRef | None]] = {}
-        attempts: Counter = Counter()
-        next_reward = 0
+        in_flight: dict[ray.ObjectRef, _Call] = {}
+        failures: Counter = Counter()
+        max_restarts = self.config.resources.max_restarts
+        next_scorer = 0
 
-        def score(shard: int, images_ref) -> None:
-            nonlocal next_reward
-            actor = next_reward % len(self.reward_actors)
-            next_reward += 1
-            ref = self.reward_actors[actor].score.remote(images_ref, shards[shard][0])
-            in_flight[ref] = ("score", shard, actor, images_ref)
+        def take_out_of_service(role: str, actor: int) -> None:
+            """Stop sending work to `actor` until a ping, queued by Ray until the restart is done, answers."""
+            if role == "reward actor":
+                if actor not in scorers:
+                    return  # already being revived: one death, one ping
+                scorers.remove(actor)
+            ping = actors[role][actor].ping.options(max_task_retries=-1).remote()
+            in_flight[ping] = _Call("revive", role, actor)
 
-        while todo or in_flight:
-            while todo and idle:
-                shard, sampler = todo.popleft(), idle.popleft()
+        while len(scores) < len(shards):
+            while to_sample and idle_samplers:
+                shard, sampler = to_sample.popleft(), idle_samplers.popleft()
                 traj_ref, images_ref = self.samplers[sampler].sample.options(num_returns=2).remote(
                     weights_ref, *shards[shard]
                 )
                 trajectory_refs[shard] = traj_ref
-                in_flight[images_ref] = ("sample", shard, sampler, None)
+                in_flight[images_ref] = _Call("sample", "sampler", sampler, shard)
+            while to_score and scorers:
+                shard, images_ref = to_score.popleft()
+                actor = scorers[next_scorer % len(scorers)]
+                next_scorer += 1
+                ref = self.reward_actors[actor].score.remote(images_ref, shards[shard][0])
+                in_flight[ref] = _Call("score", "reward actor", actor, shard, images_ref)
+            for role, group in actors.items():
+                if len(lost[role]) == len(group):
+                    raise ActorsLostError(
+                        f"every {role} died more than resources.max_restarts={max_restarts} times; "
+                        "raise resources.max_restarts or find what kills them (memory? see the Ray logs)"
+                    )
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self.timeout)
             if not ready:
                 raise TimeoutError(f"no sampler or reward actor answered within {self.timeout:g} s "
                                    "(resources.call_timeout_s)")
-            ref = ready[0]
-            kind, shard, actor, images_ref = in_flight.pop(ref)
+            call = in_flight.pop(ready[0])
             try:
-                value = ray.get(ref)
+                value = ray.get(ready[0])
             except (RayActorError, ActorUnavailableError) as error:
-                attempts[(kind, shard)] += 1
-                if attempts[(kind, shard)] > self.config.resources.max_restarts:
-                    raise RuntimeError(f"{kind} of shard {shard} failed {attempts[(kind, shard)]} times") from error
-                self.restarts += 1
-                log.warning("%s actor %d died on shard %d (%s); re-issuing", kind, actor, shard, type(error).__name__)
-                if kind == "sample":
-                    todo.appendleft(shard)
-                    idle.append(actor)  # Ray restarts it; calls queue until it is back
+                if call.kind == "revive":  # Ray gave up on it: its restarts are used up
+                    lost[call.role].add(call.actor)
+                    log.warning("%s %d is gone after %d restarts", call.role, call.actor, max_restarts)
+                    continue
+                failures[(call.kind, call.shard)] += 1
+                if failures[(call.kind, call.shard)] > max(1, max_restarts):
+                    raise ActorsLostError(
+                        f"{call.kind} of shard {call.shard} (prompts {shards[call.shard][0]}) failed "
+                        f"{failures[(call.kind, call.shard)]} times: its actor dies on this input"
+                    ) from error
+                log.warning("%s %d failed on shard %d (%s); waiting for its restart, re-issuing the shard",
+                            call.role, call.actor, call.shard, type(error).__name__)
+                if call.kind == "sample":
+                    to_sample.appendleft(call.shard)
                 else:
-                    score(shard, images_ref)
+                    to_score.appendleft((call.shard, call.images))
+                take_out_of_service(call.role, call.actor)
                 continue
-            if kind == "sample":
-                idle.append(actor)
-                score(shard, ref)
+            if call.kind == "revive":
+                (idle_samplers.append if call.role == "sampler" else scorers.append)(call.actor)
+            elif call.kind == "sample":
+                idle_samplers.append(call.actor)
+                to_score.append((call.shard, ready[0]))
             else:
-                scores[shard] = value
+                scores[call.shard] = value
+            if on_shard_done is not None and call.kind != "revive":
+                on_shard_done(call.kind, call.shard)
         trajectories = self._get([trajectory_refs[i] for i in range(len(shards))])
         return Trajectories.cat(trajectories), RewardScores.cat([scores[i] for i in range(len(shards))])
+
+    def _learner_call(self, refs):
+        """ray.get on learner calls, surfacing the first failure as soon as it happens. A dead
+        rank becomes LearnerFailedError (the other ranks then fail in their collective too); an
+        error with every rank alive is a bug and is re-raised."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayError
+
+        pending = refs if isinstance(refs, list) else [refs]
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=self.timeout)
+                if not ready:
+                    raise TimeoutError(f"a learner did not answer within {self.timeout:g} s (resources.call_timeout_s)")
+                ray.get(ready[0])
+            return self._get(refs)
+        except RayError as error:
+            dead = [i for i, a in enumerate(self.learners) if _actor_info(a).get("State") == "DEAD"]
+            if not dead and not isinstance(error, (RayActorError, ActorUnavailableError)):
+                raise
+            raise LearnerFailedError(f"learner rank(s) {dead or '?'} died ({type(error).__name__})") from error
+
+    def restart_learners(self) -> None:
+        """Replace every learner rank with a fresh one (the caller loads a checkpoint into them)."""
+        import ray
+
+        for learner in self.learners:
+            ray.kill(learner)
+        self.learners = self._start_learners()
+        self.learner_restarts += 1
 
     def update(self, trajectories: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
         import ray
 
         batch_ref, advantages_ref = ray.put(trajectories), ray.put(advantages)
-        return self._get([learner.update.remote(batch_ref, advantages_ref) for learner in self.learners])[0]
+        return self._learner_call([learner.update.remote(batch_ref, advantages_ref) for learner in self.learners])[0]
 
     def get_weights(self) -> PolicyWeights:
-        return self._get(self.learners[0].get_weights.remote())
+        return self._learner_call(self.learners[0].get_weights.remote())
 
     def learner_state(self) -> dict:
-        return self._get(self.learners[0].state_dict.remote())
+        return self._learner_call(self.learners[0].state_dict.remote())
 
     def load_learner_state(self, state: dict) -> None:
         import ray
 
         state_ref = ray.put(state)
-        self._get([learner.load_state_dict.remote(state_ref) for learner in self.learners])
+        self._learner_call([learner.load_state_dict.remote(state_ref) for learner in self.learners])
 
     def shutdown(self) -> None:
         import ray
+        from ray.exceptions import RayError
 
         try:
             self._get([learner.shutdown.remote() for learner in self.learners])
+        except RayError:
+            pass  # a dead rank has nothing to shut down
         finally:
             for actor in self.samplers + self.reward_actors + self.learners:
                 ray.kill(actor)

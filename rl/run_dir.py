@@ -16,6 +16,7 @@ read with `torch.load(..., weights_only=True)`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -24,6 +25,8 @@ import torch
 
 from rl.config import TexForceConfig, load_config, save_config
 from rl.lora import PolicyWeights, save_lora
+
+log = logging.getLogger("texforce")
 
 
 class RunDirectory:
@@ -39,16 +42,24 @@ class RunDirectory:
 
     @classmethod
     def create(cls, config: TexForceConfig) -> "RunDirectory":
-        """A new run directory at output_dir/run_name; refuses to overwrite an existing run."""
+        """A run directory at output_dir/run_name. A folder that already holds a run's progress
+        (metrics or checkpoints) is refused; one left by a run that failed before its first epoch
+        ended is reused, so the same command works once the problem is fixed."""
         run = cls(Path(config.output_dir) / config.run_name)
-        if run.config_path.exists():
+        if run.has_progress():
             raise FileExistsError(
                 f"run directory {run.path} already holds a run; continue it with `--resume {run.path}` "
                 "or choose another run_name=..."
             )
         run.path.mkdir(parents=True, exist_ok=True)
-        save_config(config, run.config_path)
+        run.save_config(config)
         return run
+
+    def has_progress(self) -> bool:
+        return self.metrics_path.exists() or any(self.checkpoints.glob("epoch_*"))
+
+    def save_config(self, config: TexForceConfig) -> None:
+        save_config(config, self.config_path)
 
     def load_config(self) -> TexForceConfig:
         if not self.config_path.is_file():
@@ -94,14 +105,31 @@ class RunDirectory:
         return final
 
     def latest_checkpoint(self) -> Path | None:
-        done = sorted(p for p in self.checkpoints.glob("epoch_*") if (p / "driver.json").exists())
+        done = self.complete_checkpoints()
         return done[-1] if done else None
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Checkpoint folders whose save finished (driver.json is written last), oldest first."""
+        return sorted(p for p in self.checkpoints.glob("epoch_*") if (p / "driver.json").exists())
+
+    def load_latest_checkpoint(self) -> tuple[Path, dict, dict] | None:
+        """(folder, learner_state, driver_state) of the newest checkpoint that reads back; a
+        damaged one (truncated file, bad JSON) is skipped with a warning naming it."""
+        for path in reversed(self.complete_checkpoints()):
+            try:
+                return (path, *self.load_checkpoint(path))
+            except (RuntimeError, ValueError, OSError, EOFError, KeyError) as error:
+                log.warning("checkpoint %s cannot be read (%s: %s); falling back to the one before it",
+                            path, type(error).__name__, error)
+        return None
 
     @staticmethod
     def load_checkpoint(path: Path) -> tuple[dict, dict]:
         """(learner_state, driver_state) of a checkpoint folder."""
         learner_state = torch.load(path / "learner.pt", map_location="cpu", weights_only=True)
         driver_state = json.loads((path / "driver.json").read_text())
+        if not isinstance(driver_state, dict) or "epoch" not in driver_state:
+            raise ValueError(f"{path / 'driver.json'} has no epoch")
         return learner_state, driver_state
 
     def save_final_lora(self, weights: PolicyWeights, config: TexForceConfig) -> Path:

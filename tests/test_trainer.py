@@ -1,6 +1,8 @@
 """The trainer end to end: Ray actors, data-parallel learners, faults, resume, bad input."""
 import math
-import threading
+import os
+import shutil
+import signal
 import time
 
 import numpy as np
@@ -10,13 +12,14 @@ import torch
 from safetensors.torch import load_file
 
 import rewards
-from actors.driver import NonFiniteRewardError, train
+from actors.driver import NonFiniteRewardError, TrainingStopped, train
 from actors.sampler import SamplerWorker
 from actors.topology import InsufficientResourcesError, RayWorkers
 from conftest import tiny_config
+from rl.config import load_config
 from rl.learner import PPOLearner
 from rl.models import load_pipeline
-from rl.prompts import BUILTIN
+from rl.prompts import BUILTIN, epoch_prompts
 
 
 def _trainer_config(tiny_sd_dir, tmp_path, *overrides):
@@ -85,60 +88,158 @@ def test_two_learners_match_one_learner_on_the_union_batch(ray_session, tiny_sd_
         torch.testing.assert_close(distributed.text_encoder[key], value, rtol=1e-4, atol=5e-5)
 
 
-def test_killed_sampler_and_reward_actor_are_recovered(ray_session, tiny_sd_dir, tmp_path):
-    config = _trainer_config(tiny_sd_dir, tmp_path, "resources.num_samplers=2", "sample.num_steps=8",
-                             "sample.batch_size=2", "sample.num_batches_per_epoch=12")
-    workers = RayWorkers(config)
+def _fault_config(tiny_sd_dir, tmp_path, *overrides):
+    return _trainer_config(tiny_sd_dir, tmp_path, "resources.num_samplers=2", "sample.num_steps=4",
+                           "sample.batch_size=2", "sample.num_batches_per_epoch=6", *overrides)
+
+
+def test_killed_sampler_and_reward_actor_cost_one_restart_each(ray_session, tiny_sd_dir, tmp_path):
+    workers = RayWorkers(_fault_config(tiny_sd_dir, tmp_path))
     try:
         weights = workers.get_weights()
-        prompts, seeds = BUILTIN["colors"][:24], list(range(24))
+        prompts, seeds = BUILTIN["colors"][:12], list(range(12))
         reference, reference_scores = workers.rollout(weights, prompts, seeds)
+        assert workers.restarts == 0
+        killed = []
 
-        def kill_soon():
-            time.sleep(0.6)
-            ray_session.kill(workers.samplers[0], no_restart=False)
-            ray_session.kill(workers.reward_actors[0], no_restart=False)
+        def kill_after_the_first_shard(kind, shard):  # mid-epoch, whatever the load on the cores
+            if kind == "sample" and not killed:
+                killed.append(shard)
+                ray_session.kill(workers.samplers[0], no_restart=False)
+                ray_session.kill(workers.reward_actors[0], no_restart=False)
 
-        killer = threading.Thread(target=kill_soon)
-        killer.start()
-        trajectories, scores = workers.rollout(weights, prompts, seeds)
-        killer.join()
-        assert workers.restarts >= 1
+        trajectories, scores = workers.rollout(weights, prompts, seeds, on_shard_done=kill_after_the_first_shard)
+        assert killed
+        # Ray's own restart count: one death is one restart, not one per failed or retried call
+        assert workers.restarts == 2
     finally:
         workers.shutdown()
-    assert len(trajectories) == 24 and trajectories.prompts == prompts
+    assert len(trajectories) == 12 and trajectories.prompts == prompts
     # re-issued shards are sampled from the same seeds: nothing differs from the clean epoch
     torch.testing.assert_close(scores.scores, reference_scores.scores)
     torch.testing.assert_close(trajectories.latents, reference.latents)
 
 
-def test_resume_reaches_the_same_lora(tiny_sd_dir, tmp_path):
-    overrides = ("resources.mode=inline", "num_epochs=3", "advantage.mode=per_prompt", "advantage.min_count=2")
+def test_a_sampler_out_of_restarts_leaves_its_work_to_the_others(ray_session, tiny_sd_dir, tmp_path, caplog):
+    workers = RayWorkers(_fault_config(tiny_sd_dir, tmp_path, "resources.max_restarts=0"))
+    try:
+        weights = workers.get_weights()
+        prompts, seeds = BUILTIN["colors"][:12], list(range(12))
+
+        killed = []
+
+        def kill_once(kind, shard):
+            if kind == "sample" and not killed:
+                killed.append(shard)
+                ray_session.kill(workers.samplers[0], no_restart=False)
+
+        with caplog.at_level("WARNING", logger="texforce"):
+            trajectories, scores = workers.rollout(weights, prompts, seeds, on_shard_done=kill_once)
+    finally:
+        workers.shutdown()
+    assert trajectories.prompts == prompts and torch.isfinite(scores.scores).all()
+    assert "sampler 0 is gone after 0 restarts" in caplog.text
+
+
+def _learner_pids(ray) -> list[int]:
+    from ray._private import state
+
+    return [a["Pid"] for a in state.actors().values() if a["ActorClassName"] == "LearnerWorker" and a["State"] == "ALIVE"]
+
+
+def _kill_the_learner_after_epoch_0(ray):
+    def on_epoch_end(epoch, row):
+        if epoch == 0:
+            (pid,) = _learner_pids(ray)
+            os.kill(pid, signal.SIGKILL)
+
+    return on_epoch_end
+
+
+def test_a_dead_learner_is_replaced_and_the_run_goes_on_from_its_checkpoint(ray_session, tiny_sd_dir, tmp_path):
+    overrides = ("num_epochs=2", "resources.num_samplers=1", "sample.num_steps=4")
     straight = train(_trainer_config(tiny_sd_dir, tmp_path, "run_name=straight", *overrides))
-
-    class Interrupt(Exception):
-        pass
-
-    def interrupt_after_epoch_1(epoch, row):
-        if epoch == 1:
-            raise Interrupt
-
-    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=resumed", *overrides)
-    with pytest.raises(Interrupt):
-        train(config, on_epoch_end=interrupt_after_epoch_1)
-    resumed_dir = tmp_path / "resumed"
-    assert not (resumed_dir / "final_lora").exists()
-    resumed = train(config, resume=resumed_dir)
-    assert [r["epoch"] for r in resumed.read_metrics()] == [0, 1, 2]
+    run = train(_trainer_config(tiny_sd_dir, tmp_path, "run_name=killed", *overrides),
+                on_epoch_end=_kill_the_learner_after_epoch_0(ray_session))
+    rows = run.read_metrics()
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[-1]["actor_restarts"] == 1
+    # epoch 1 ran on a new learner loaded from epoch 0's checkpoint: the same LoRA as without the fault
     a = load_file(str(straight.final_lora / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(resumed.final_lora / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(run.final_lora / "pytorch_lora_weights.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
+
+
+def test_a_learner_out_of_restarts_stops_with_how_to_resume(ray_session, tiny_sd_dir, tmp_path):
+    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=stops", "num_epochs=2", "resources.num_samplers=1",
+                             "sample.num_steps=4", "resources.max_restarts=0")
+    with pytest.raises(TrainingStopped, match=r"resume with `texforce train --resume .*stops`"):
+        train(config, on_epoch_end=_kill_the_learner_after_epoch_0(ray_session))
+    assert (tmp_path / "stops" / "checkpoints" / "epoch_0000" / "learner.pt").exists()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_after_epoch_1(epoch, row):
+    if epoch == 1:
+        raise _Interrupt
+
+
+_RESUME_OVERRIDES = ("resources.mode=inline", "num_epochs=3", "advantage.mode=per_prompt", "advantage.min_count=2")
+
+
+@pytest.fixture(scope="module")
+def runs_for_resume(tiny_sd_dir, tmp_path_factory):
+    """A straight 3-epoch inline run, and the same run interrupted after epoch 1 (checkpoints 0 and 1)."""
+    tmp_path = tmp_path_factory.mktemp("resume")
+    straight = train(_trainer_config(tiny_sd_dir, tmp_path, "run_name=straight", *_RESUME_OVERRIDES))
+    with pytest.raises(_Interrupt):
+        train(_trainer_config(tiny_sd_dir, tmp_path, "run_name=interrupted", *_RESUME_OVERRIDES),
+              on_epoch_end=_interrupt_after_epoch_1)
+    assert not (tmp_path / "interrupted" / "final_lora").exists()
+    return straight, tmp_path / "interrupted"
+
+
+def _assert_same_lora(run, straight):
+    a = load_file(str(straight.final_lora / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(run.final_lora / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(
-        [r["reward_mean"] for r in resumed.read_metrics()], [r["reward_mean"] for r in straight.read_metrics()],
-        rtol=1e-5,
+        [r["reward_mean"] for r in run.read_metrics()], [r["reward_mean"] for r in straight.read_metrics()], rtol=1e-5,
     )
+
+
+def test_resume_reaches_the_same_lora(runs_for_resume, tmp_path):
+    straight, interrupted = runs_for_resume
+    run_dir = shutil.copytree(interrupted, tmp_path / "run")
+    resumed = train(load_config(run_dir / "config.yaml"), resume=run_dir)
+    assert [r["epoch"] for r in resumed.read_metrics()] == [0, 1, 2]
+    _assert_same_lora(resumed, straight)
+
+
+def test_resume_falls_back_from_a_truncated_checkpoint(runs_for_resume, tmp_path, caplog):
+    straight, interrupted = runs_for_resume
+    run_dir = shutil.copytree(interrupted, tmp_path / "run")
+    latest = run_dir / "checkpoints" / "epoch_0001" / "learner.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    with caplog.at_level("WARNING", logger="texforce"):
+        resumed = train(load_config(run_dir / "config.yaml"), resume=run_dir)
+    assert "epoch_0001 cannot be read" in caplog.text
+    # epoch 1 is trained again from epoch 0's checkpoint, to the same end
+    _assert_same_lora(resumed, straight)
+
+
+def test_resume_overrides_are_saved_for_the_next_resume(runs_for_resume, tmp_path):
+    _, interrupted = runs_for_resume
+    run_dir = shutil.copytree(interrupted, tmp_path / "run")
+    config = load_config(run_dir / "config.yaml", ["num_epochs=2"])  # as `--resume RUN num_epochs=2` builds it
+    train(config, resume=run_dir)  # epochs 0-1 are done: nothing to train, the final LoRA is written
+    assert load_config(run_dir / "config.yaml").num_epochs == 2
+    assert (run_dir / "final_lora" / "pytorch_lora_weights.safetensors").exists()
 
 
 def test_resource_check_fails_fast_with_the_shortfall(ray_session, tiny_sd_dir, tmp_path):
@@ -173,7 +274,11 @@ def test_non_finite_rewards_are_dropped_with_a_warning(tiny_sd_dir, tmp_path, na
     row = run.read_metrics()[0]
     assert row["num_dropped"] > 0 and row["num_samples"] == 8 - row["num_dropped"]
     assert math.isfinite(row["reward_mean"]) and math.isfinite(row["loss"])
-    assert "non-finite" in caplog.text and "nan_for_blue at samples" in caplog.text
+    # the indices are positions in the whole epoch (2 shards of 4), not in a shard
+    prompts, _ = epoch_prompts(["a red ball", "a blue ball"], seed=config.seed, epoch=0, num_samples=8)
+    blue = [i for i, p in enumerate(prompts) if "blue" in p]
+    assert max(blue) >= 4
+    assert f"nan_for_blue at samples {blue}" in caplog.text
 
 
 def test_non_finite_rewards_stop_after_a_checkpoint(tiny_sd_dir, tmp_path, nan_reward, monkeypatch):
