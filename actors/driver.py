@@ -37,7 +37,7 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (learner restarts used up); the message says how to resume."""
 
 
-# Ray reads this once, at import: "0" makes a local cluster bind its servers to 127.0.0.1
+# "0" makes a local Ray cluster bind its servers to 127.0.0.1 (Ray reads it at import)
 LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
@@ -45,13 +45,16 @@ def connect_ray(config: TexForceConfig) -> None:
     """Join resources.address or RAY_ADDRESS if given, else start a local single-node cluster
     that listens on 127.0.0.1 only (to serve other machines, start a head with `ray start
     --head` and pass its address)."""
-    address = config.resources.address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
     import ray
 
     if ray.is_initialized():
         return
+    address = config.resources.address or os.environ.get("RAY_ADDRESS")
+    if not address and os.environ.setdefault(LOOPBACK_ONLY_ENV, "0") == "0":
+        # the processes Ray starts read the variable; this one read it when ray was imported
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
     if address:
         ray.init(address=address, log_to_driver=True)
     else:

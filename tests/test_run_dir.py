@@ -1,0 +1,63 @@
+"""The run directory: what a failed start leaves, and how a local Ray listens."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rl.config import load_config
+from rl.run_dir import RunDirectory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_run_directory_without_progress_is_reused_and_one_with_progress_refused(tmp_path):
+    config = load_config(None, [f"output_dir={tmp_path}", "run_name=r"])
+    RunDirectory.create(config)  # e.g. the run then failed before its first epoch ended
+    run = RunDirectory.create(config)  # the same command, once the problem is fixed
+    run.append_metrics({"epoch": 0, "reward_mean": 0.5})
+    with pytest.raises(FileExistsError, match="--resume"):
+        RunDirectory.create(config)
+
+
+def test_the_newest_readable_checkpoint_is_loaded(tmp_path, caplog):
+    run = RunDirectory(tmp_path)
+    for epoch in (0, 1):
+        folder = run.checkpoints / f"epoch_{epoch:04d}"
+        folder.mkdir(parents=True)
+        torch.save({"version": torch.tensor(epoch)}, folder / "learner.pt")
+        (folder / "driver.json").write_text(json.dumps({"epoch": epoch, "tracker": {}}))
+    bad = run.checkpoints / "epoch_0001" / "learner.pt"
+    bad.write_bytes(bad.read_bytes()[:40])
+    with caplog.at_level("WARNING", logger="texforce"):
+        path, learner_state, driver_state = run.load_latest_checkpoint()
+    assert path.name == "epoch_0000" and driver_state["epoch"] == 0 and int(learner_state["version"]) == 0
+    assert f"{bad.parent} cannot be read" in caplog.text
+    (run.checkpoints / "epoch_0000" / "driver.json").write_text("{not json")
+    assert run.load_latest_checkpoint() is None
+
+
+def test_a_local_ray_listens_on_loopback_only():
+    """`texforce train` without an address starts Ray bound to 127.0.0.1, not every interface."""
+    script = """
+import psutil, ray
+from actors.driver import connect_ray
+from rl.config import load_config
+connect_ray(load_config(None, []))
+listening = set()
+for process in [psutil.Process()] + psutil.Process().children(recursive=True):
+    try:
+        listening |= {c.laddr.ip for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    except psutil.NoSuchProcess:
+        pass
+print(sorted(listening))
+ray.shutdown()
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    addresses = eval(out.stdout.strip().splitlines()[-1])
+    assert addresses, "no listening socket found"
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip in addresses), addresses
