@@ -64,26 +64,28 @@ class ClipSimilarity(nn.Module):
 
     scale: a number (CLIP score uses 100, HPSv2 uses 1) or None for the model's
     `logit_scale.exp()` (PickScore). The text runs causally and is pooled at its EOS token,
-    so padding never changes a score and batch size does not either.
+    so padding never changes a score and batch size does not either. letterbox: fit the longer
+    side and zero-pad instead of cropping the shorter one (HPSv2's eval transform).
     """
 
     differentiable = True
 
     def __init__(self, clip, tokenizer, *, name: str, scale: float | None,
-                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
+                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD, letterbox: bool = False):
         super().__init__()
         self.name = name
         self.clip = clip
         self.tokenizer = tokenizer
         self.scale = scale
         self.mean, self.std = tuple(mean), tuple(std)
+        self.letterbox = letterbox
         self.image_size = int(clip.config.vision_config.image_size)
         self.max_length = int(clip.config.text_config.max_position_embeddings)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         param = next(self.clip.parameters())
         pixels = clip_preprocess(images.to(param.device), self.image_size, mean=self.mean, std=self.std,
-                                 dtype=param.dtype)
+                                 dtype=param.dtype, letterbox=self.letterbox)
         ids = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt").input_ids.to(param.device)
         image = nn.functional.normalize(clip_image_embeds(self.clip, pixels).float(), dim=-1)

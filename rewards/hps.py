@@ -3,7 +3,9 @@
 The official `HPS_v2_compressed.pt` / `HPS_v2.1_compressed.pt` hold `{"state_dict": <OpenCLIP
 CLIP state dict>}`; we map it onto transformers' `CLIPModel` (`rewards.openclip`) since
 open_clip needs torchvision. Score: `cos(image_features, text_features)`, as `hpsv2.score`,
-with the OpenCLIP eval transform (bicubic resize of the short side, center crop, CLIP norm).
+with HPSv2's eval transform (open_clip `ResizeMaxSize` via `light_augmentation=True`): the
+longer side resized to 224 (bicubic), the shorter side zero-padded to a square (black, before
+the CLIP normalisation), not the resize-and-center-crop of other CLIP scorers.
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def _build(name: str, files: tuple[FileSpec, FileSpec], *, paths: Mapping[str, s
     clip = CLIPModel(config)
     load_strict(clip, openclip_to_hf(state_dict, path=path, what=what), path=path, what=what)
     clip = clip.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return ClipSimilarity(clip, tokenizer, name=name, scale=1.0)
+    return ClipSimilarity(clip, tokenizer, name=name, scale=1.0, letterbox=True)
 
 
 def build_hpsv2(*, paths: Mapping[str, str] | None, device, dtype: torch.dtype) -> ClipSimilarity:

@@ -158,7 +158,7 @@ def test_hps_matches_openclip_reference(built, tiny_reward_files):
     images = _images()
     ids = scorer.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
-        ref = _openclip_reference_score(sd, clip_preprocess(images, 32), ids)
+        ref = _openclip_reference_score(sd, clip_preprocess(images, 32, letterbox=True), ids)  # HPSv2 pads
         ours = built["hpsv2"](images, PROMPTS).scores
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
 
