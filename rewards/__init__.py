@@ -3,6 +3,10 @@
     reward = rewards.build_reward("imagereward:1.0,aesthetic:0.5", paths={...})
     out = reward(images, prompts)          # out.scores [B], out.parts {"imagereward": [B], ...}
     report = rewards.check_finite(out)     # which samples/parts went NaN or inf
+    rewards.check_reward(spec, paths={...})  # before a run: the spec parses, the files exist
+
+User errors (a bad spec, a missing model file, unreadable input) are `rewards.RewardError`;
+the `texforce` command line prints them as one line and exits with code 2.
 
 Importable without Ray; model libraries are imported when a reward is built.
 
@@ -21,11 +25,22 @@ Model files come from `paths` (or the environment variable `TEXFORCE_<KEY>`); no
 | face_quality            | face_quality_python (optional: a Python with mediapipe==0.10.21)         |
 | color_alignment, brightness, jpeg_compressibility, jpeg_incompressibility | none           |
 """
-from rewards.base import FiniteReport, Reward, RewardOutput, Scorer, check_finite
+from rewards.base import (
+    FiniteReport,
+    Reward,
+    RewardDependencyError,
+    RewardError,
+    RewardFileError,
+    RewardOutput,
+    RewardSpecError,
+    Scorer,
+    check_finite,
+)
 from rewards.files import FileSpec
 from rewards.registry import (
     RewardEntry,
     build_reward,
+    check_reward,
     get_entry,
     list_entries,
     parse_spec,
@@ -33,6 +48,7 @@ from rewards.registry import (
 )
 
 __all__ = [
-    "FileSpec", "FiniteReport", "Reward", "RewardEntry", "RewardOutput", "Scorer", "build_reward",
-    "check_finite", "get_entry", "list_entries", "parse_spec", "register",
+    "FileSpec", "FiniteReport", "Reward", "RewardDependencyError", "RewardEntry", "RewardError", "RewardFileError",
+    "RewardOutput", "RewardSpecError", "Scorer", "build_reward", "check_finite", "check_reward", "get_entry",
+    "list_entries", "parse_spec", "register",
 ]

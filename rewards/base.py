@@ -13,6 +13,23 @@ from typing import Protocol
 import torch
 
 
+class RewardError(ValueError):
+    """A user error about rewards: a bad spec, a missing or unusable model file, unreadable
+    input. Command lines print it as one line and exit with code 2."""
+
+
+class RewardSpecError(RewardError):
+    """A reward spec that does not parse: an unknown name, a bad or non-finite weight, a duplicate."""
+
+
+class RewardFileError(RewardError, FileNotFoundError):
+    """A model file a reward needs is not given, not found, or cannot be used."""
+
+
+class RewardDependencyError(RewardError, ImportError):
+    """A package a reward needs is not importable (e.g. mediapipe for face_quality)."""
+
+
 class Scorer(Protocol):
     """One score. `__call__(images [B,3,H,W] in [0,1], prompts: list[str]) -> Tensor[B]`."""
 

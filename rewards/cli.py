@@ -1,5 +1,7 @@
 """`texforce rewards list` and `texforce score`.
 
+Bad input raises `rewards.RewardError`, which the `texforce` entry prints as one line (exit 2).
+
     texforce rewards list
     texforce score --reward imagereward --images DIR --prompts prompts.txt \
         --paths imagereward=/ckpt/ImageReward.pt imagereward_tokenizer=/ckpt/bert-base-uncased
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from rewards.base import RewardError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -51,7 +55,7 @@ def parse_paths(items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
-            raise ValueError(f"--paths takes KEY=PATH items, got {item!r}")
+            raise RewardError(f"--paths takes KEY=PATH items, got {item!r}")
         paths[key.strip()] = value.strip()
     return paths
 
@@ -59,34 +63,78 @@ def parse_paths(items: list[str]) -> dict[str, str]:
 def read_prompts(path: Path, n_images: int) -> list[str]:
     """One prompt per image, or one prompt repeated; blank lines are ignored."""
     if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} not found")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        raise RewardError(f"prompts file {path} not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise RewardError(f"prompts file {path}: line {line} is not UTF-8 text; save it as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"prompts file {path} is empty: write one prompt per image, or one prompt for all")
+        raise RewardError(f"prompts file {path} is empty: write one prompt per image, or one prompt for all")
     if len(prompts) == 1:
         return prompts * n_images
     if len(prompts) != n_images:
-        raise ValueError(f"{path} has {len(prompts)} prompts for {n_images} images: give one per image or one for all")
+        raise RewardError(f"{path} has {len(prompts)} prompts for {n_images} images: give one per image or one for all")
     return prompts
 
 
 def list_images(directory: Path) -> list[Path]:
+    """The image files of `directory` in sorted order, each checked to be readable (cheaply,
+    without decoding), so a corrupt file fails before any scoring."""
+    from PIL import Image
+
     if not directory.is_dir():
-        raise FileNotFoundError(f"image directory {directory} not found")
+        raise RewardError(f"image directory {directory} not found")
     files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {directory}")
+        raise RewardError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {directory}")
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                image.verify()
+        except Exception as err:  # noqa: BLE001 - PIL raises many types for a bad file
+            raise _unreadable(file, err) from None
     return files
 
 
+def _unreadable(path: Path, err: Exception) -> RewardError:
+    return RewardError(f"{path} is not a readable image ({type(err).__name__}: {err}); remove or replace it")
+
+
+def check_device(device: str) -> None:
+    """--device must name a torch device that this machine has."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise RewardError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise RewardError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+        if (parsed.index or 0) >= count:
+            raise RewardError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
 def load_image(path: Path):
-    """An image file -> `[3,H,W]` float tensor in [0,1]."""
+    """An image file -> `[3,H,W]` float tensor in [0,1]. 16-bit images keep their full range
+    (PIL's RGB conversion would clip them to 255); grey images are repeated over RGB."""
     import numpy as np
     import torch
     from PIL import Image
 
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    try:
+        with Image.open(path) as image:
+            if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+                array = np.asarray(image, dtype=np.float32) / 65535.0
+                array = np.repeat(np.clip(array, 0.0, 1.0)[..., None], 3, axis=-1)
+            else:
+                array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for a bad file
+        raise _unreadable(path, err) from None
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -117,23 +165,27 @@ def score_directory(reward, files: list[Path], prompts: list[str], *, batch_size
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    """Every input is checked before the reward model loads; errors are RewardError (one line, exit 2)."""
     import math
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rewards.registry import build_reward
+    from rewards.registry import build_reward, check_reward
 
-    try:
-        if args.batch_size < 1:
-            raise ValueError("--batch-size must be at least 1")
-        files = list_images(args.images)
-        prompts = read_prompts(args.prompts, len(files))
-        reward = build_reward(args.reward, device=args.device, paths=parse_paths(args.paths))
-        rows = score_directory(reward, files, prompts, batch_size=args.batch_size, device=args.device)
-    except (FileNotFoundError, ValueError, KeyError, ImportError) as err:
-        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
-        return 2
+    if args.batch_size < 1:
+        raise RewardError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.out.is_dir():
+        raise RewardError(
+            f"--out {args.out} is a directory; give the parquet file to write, e.g. {args.out / 'scores.parquet'}"
+        )
+    check_device(args.device)
+    paths = parse_paths(args.paths)
+    check_reward(args.reward, paths=paths)
+    files = list_images(args.images)
+    prompts = read_prompts(args.prompts, len(files))
+    reward = build_reward(args.reward, device=args.device, paths=paths)
+    rows = score_directory(reward, files, prompts, batch_size=args.batch_size, device=args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), args.out)
     bad = [r["file"] for r in rows if not math.isfinite(r["score"])]

@@ -32,6 +32,7 @@ PYTHON = FileSpec(
     "face_quality_python", "file",
     "a Python interpreter with mediapipe==0.10.21 and numpy<2 (python -m venv /venv-mp && "
     "/venv-mp/bin/pip install mediapipe==0.10.21 'numpy<2'), unless mediapipe imports here",
+    optional=True,
 )
 FILES = (PYTHON,)
 INSTALL_HINT = "pip install 'texforce[face]' in an environment that allows numpy<2, or " + PYTHON.what

@@ -6,13 +6,21 @@ Builders import their heavy dependencies (transformers, mediapipe) only when cal
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from rewards import aesthetic, clip_models, color, face, hps, imagereward, jpeg
-from rewards.base import Reward, Scorer
+from rewards.base import (
+    Reward,
+    RewardDependencyError,
+    RewardError,
+    RewardFileError,
+    RewardSpecError,
+    Scorer,
+)
 from rewards.files import FileSpec
 
 Builder = Callable[..., Scorer]  # builder(*, paths, device, dtype) -> Scorer
@@ -49,10 +57,11 @@ def register(entry: RewardEntry) -> None:
 
 
 def get_entry(name: str) -> RewardEntry:
+    """The entry named `name`; an unknown name is a RewardSpecError listing the valid ones."""
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(_REGISTRY))}") from None
+        raise RewardSpecError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def list_entries() -> list[RewardEntry]:
@@ -60,23 +69,48 @@ def list_entries() -> list[RewardEntry]:
 
 
 def parse_spec(spec: str) -> list[tuple[str, float]]:
-    """`"imagereward:1.0,aesthetic:0.5"` -> `[("imagereward", 1.0), ("aesthetic", 0.5)]`; a bare name weighs 1."""
+    """`"imagereward:1.0,aesthetic:0.5"` -> `[("imagereward", 1.0), ("aesthetic", 0.5)]`; a bare name weighs 1.
+
+    An unknown name, a missing, non-numeric or non-finite weight, or a repeated name is a RewardSpecError.
+    """
+    example = "write e.g. 'imagereward:1.0,aesthetic:0.5'"
     parts = []
     for item in spec.split(","):
         item = item.strip()
         if not item:
-            raise ValueError(f"empty reward in spec {spec!r}; write e.g. 'imagereward:1.0,aesthetic:0.5'")
+            raise RewardSpecError(f"empty reward in spec {spec!r}; {example}")
         name, sep, weight = item.partition(":")
         name = name.strip()
+        if not name:
+            raise RewardSpecError(f"{item!r} in spec {spec!r} names no reward; {example}")
         try:
             value = float(weight) if sep else 1.0
         except ValueError:
-            raise ValueError(f"weight {weight!r} of {name!r} in spec {spec!r} is not a number") from None
+            raise RewardSpecError(
+                f"weight {weight!r} of {name!r} in spec {spec!r} is not a number; {example}"
+            ) from None
+        if not math.isfinite(value):
+            raise RewardSpecError(f"weight {weight.strip()!r} of {name!r} in spec {spec!r} must be a finite number")
         get_entry(name)
         if name in (n for n, _ in parts):
-            raise ValueError(f"reward {name!r} appears twice in spec {spec!r}")
+            raise RewardSpecError(f"reward {name!r} appears twice in spec {spec!r}")
         parts.append((name, value))
     return parts
+
+
+def check_reward(spec: str, *, paths: Mapping[str, str] | None = None) -> list[tuple[str, float]]:
+    """Parse `spec` and find every model file its rewards need, loading nothing: what a run
+    checks before it starts. Raises RewardSpecError or RewardFileError; returns the parsed spec."""
+    parsed = parse_spec(spec)
+    for name, _ in parsed:
+        for file in get_entry(name).files:
+            if file.optional and not file.is_given(paths):
+                continue
+            try:
+                file.resolve(paths)
+            except RewardFileError as error:
+                raise RewardFileError(f"reward {name!r}: {error}") from None
+    return parsed
 
 
 def build_reward(
@@ -90,9 +124,21 @@ def build_reward(
 
     paths: model files by key (see `texforce rewards list` or each entry's `files`);
         `TEXFORCE_<KEY>` environment variables are the fallback.
+    Builders report a missing or unusable model file as FileNotFoundError / ValueError and a
+    missing package as ImportError; those become a RewardFileError / RewardDependencyError
+    naming the reward (user errors: one line on the command line).
     """
     parsed = parse_spec(spec)
-    scorers = [get_entry(name).build(paths=paths, device=device, dtype=dtype) for name, _ in parsed]
+    scorers = []
+    for name, _ in parsed:
+        try:
+            scorers.append(get_entry(name).build(paths=paths, device=device, dtype=dtype))
+        except RewardError as error:
+            raise type(error)(f"reward {name!r}: {error}") from error
+        except ImportError as error:
+            raise RewardDependencyError(f"reward {name!r}: {error}") from error
+        except (FileNotFoundError, ValueError) as error:
+            raise RewardFileError(f"reward {name!r}: {error}") from error
     return Reward(scorers, [w for _, w in parsed])
 
 

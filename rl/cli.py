@@ -2,11 +2,50 @@
 
 Heavy imports (torch, diffusers, ray) happen inside each subcommand, so `texforce --help`
 is instant and `rl` stays importable without Ray.
+
+A user error is one line on stderr and exit code 2, before any work starts; a traceback is
+for bugs. `run_command` is that rule, for this entry and for `python -m rl.train` and
+`python -m tune.cli`: the exception types in `USER_ERRORS` print as
+`texforce <command>: <message>`, anything else propagates.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+
+USER_ERRORS: tuple[str, ...] = (
+    "rl.config.ConfigError",  # a config key or value, an override, a command-line option
+    "rl.models.ModelNotFoundError",  # the model directory or one of its files
+    "rl.prompts.PromptsError",  # the prompt file
+    "rewards.base.RewardError",  # a reward spec, a reward's files or packages, `score` input
+    "tune.lora_io.LoraFormatError",  # a LoRA file, or LoRAs that do not fit together or the model
+    "actors.topology.InsufficientResourcesError",  # the cluster cannot host the requested actors
+)
+"""User-error exception types, as "module.Name". Named, not imported, so that this module stays
+light and Ray-free: an error can only be of a type whose module is loaded (`user_error_types`)."""
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The classes in USER_ERRORS whose modules are imported in this process."""
+    types = []
+    for dotted in USER_ERRORS:
+        module_name, _, name = dotted.rpartition(".")
+        module = sys.modules.get(module_name)
+        if module is not None:
+            types.append(getattr(module, name))
+    return tuple(types)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand (`args.func`); a user error becomes one line on stderr and 2."""
+    try:
+        return int(args.func(args) or 0)
+    except Exception as error:
+        if not isinstance(error, user_error_types()):
+            raise
+        message = " ".join(str(error).split())  # one line, whatever the message held
+        print(f"texforce {args.command}: {message}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

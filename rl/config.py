@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +19,10 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A bad key or value in a config file or an override."""
+    """A bad setting: a key or value in a config file or an override, or a command-line option.
+
+    A user error: the command line prints it as one line and exits with code 2 (rl/cli.py).
+    """
 
 
 @dataclass
@@ -193,34 +197,77 @@ class TexForceConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def validate(self) -> "TexForceConfig":
-        """Check cross-field constraints; raise ConfigError naming the field."""
+        """Check every value and the cross-field constraints; raise ConfigError naming the key and the fix.
+
+        What needs the model (image size vs the VAE, `train.min_sigma` vs the schedule), the
+        prompts or the reward files is checked by `rl.preflight.preflight`.
+        """
+        s, t, r, a = self.sample, self.train, self.resources, self.advantage
+        positive_int = "an integer >= 1"
         checks = [
-            (self.sample.num_steps >= 1, "sample.num_steps must be >= 1"),
-            (self.sample.eta > 0, "sample.eta must be > 0: with eta=0 DDIM is deterministic and has no log-prob"),
-            (0 < self.train.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]"),
-            (self.train.min_sigma >= 0, "train.min_sigma must be >= 0"),
-            (self.train.kl_coef >= 0, "train.kl_coef must be >= 0"),
-            (self.train.clip_range > 0, "train.clip_range must be > 0"),
-            (self.lora.rank >= 1, "lora.rank must be >= 1"),
-            (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
-            (self.resources.num_samplers >= 1, "resources.num_samplers must be >= 1"),
-            (self.resources.num_reward_actors >= 1, "resources.num_reward_actors must be >= 1"),
-            (self.resources.num_learners >= 1, "resources.num_learners must be >= 1"),
-            (self.advantage.group_size >= 2, "advantage.group_size must be >= 2"),
-            (
-                self.advantage.mode != "group" or self.samples_per_epoch % self.advantage.group_size == 0,
-                "samples per epoch (sample.batch_size * sample.num_batches_per_epoch) must be a multiple of "
-                "advantage.group_size in group mode",
-            ),
+            # (holds, key, value, what it must be, why / how to fix ("" if obvious))
+            (_is_folder_name(self.run_name), "run_name", self.run_name,
+             "a folder name without '/' or '\\' (not '', '.' or '..')", "the run directory is output_dir/run_name"),
+            (self.num_epochs >= 1, "num_epochs", self.num_epochs, positive_int, ""),
+            (self.save_every >= 1, "save_every", self.save_every, positive_int, "checkpoint every N epochs"),
+            (s.num_steps >= 1, "sample.num_steps", s.num_steps, positive_int, ""),
+            (0 < s.eta <= 1, "sample.eta", s.eta, "in (0, 1]",
+             "eta=0 is deterministic and has no log-prob; above 1 the DDIM step's variance goes negative"),
+            (s.guidance_scale >= 0, "sample.guidance_scale", s.guidance_scale, ">= 0",
+             "1 = the conditional prediction alone; the published setting is 5"),
+            (s.batch_size >= 1, "sample.batch_size", s.batch_size, positive_int, ""),
+            (s.num_batches_per_epoch >= 1, "sample.num_batches_per_epoch", s.num_batches_per_epoch, positive_int, ""),
+            (s.height is None or s.height >= 1, "sample.height", s.height, ">= 1, or null for the U-Net's size", ""),
+            (s.width is None or s.width >= 1, "sample.width", s.width, ">= 1, or null for the U-Net's size", ""),
+            (t.learning_rate > 0, "train.learning_rate", t.learning_rate, "> 0", "the published setting is 3e-4"),
+            (0 <= t.adam_beta1 < 1, "train.adam_beta1", t.adam_beta1, "in [0, 1)", ""),
+            (0 <= t.adam_beta2 < 1, "train.adam_beta2", t.adam_beta2, "in [0, 1)", ""),
+            (t.adam_epsilon > 0, "train.adam_epsilon", t.adam_epsilon, "> 0", ""),
+            (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0", ""),
+            (t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, ">= 0", ""),
+            (t.batch_size >= 1, "train.batch_size", t.batch_size, positive_int, ""),
+            (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", t.gradient_accumulation_steps,
+             positive_int, "1 = an optimizer step per minibatch"),
+            (t.num_inner_epochs >= 1, "train.num_inner_epochs", t.num_inner_epochs, positive_int,
+             "passes over each epoch's samples"),
+            (t.clip_range > 0, "train.clip_range", t.clip_range, "> 0", ""),
+            (t.adv_clip_max > 0, "train.adv_clip_max", t.adv_clip_max, "> 0", ""),
+            (0 < t.timestep_fraction <= 1, "train.timestep_fraction", t.timestep_fraction, "in (0, 1]", ""),
+            (t.min_sigma >= 0, "train.min_sigma", t.min_sigma, ">= 0", ""),
+            (t.max_grad_norm > 0, "train.max_grad_norm", t.max_grad_norm, "> 0", ""),
+            (t.kl_coef >= 0, "train.kl_coef", t.kl_coef, ">= 0", ""),
+            (self.lora.rank >= 1, "lora.rank", self.lora.rank, positive_int, ""),
+            (self.lora.alpha > 0, "lora.alpha", self.lora.alpha, "> 0", ""),
+            (a.buffer_size >= 1, "advantage.buffer_size", a.buffer_size, positive_int, ""),
+            (a.min_count >= 0, "advantage.min_count", a.min_count, ">= 0", ""),
+            (a.group_size >= 2, "advantage.group_size", a.group_size, "an integer >= 2", ""),
+            (r.num_samplers >= 1, "resources.num_samplers", r.num_samplers, positive_int, ""),
+            (r.num_reward_actors >= 1, "resources.num_reward_actors", r.num_reward_actors, positive_int, ""),
+            (r.num_learners >= 1, "resources.num_learners", r.num_learners, positive_int, ""),
+            *[
+                (getattr(r, key) >= 0, f"resources.{key}", getattr(r, key), ">= 0", "")
+                for key in ("cpus_per_sampler", "gpus_per_sampler", "cpus_per_reward_actor", "gpus_per_reward_actor",
+                            "cpus_per_learner", "gpus_per_learner", "max_restarts", "resource_wait_s")
+            ],
+            (r.call_timeout_s > 0, "resources.call_timeout_s", r.call_timeout_s, "> 0", ""),
         ]
-        for ok, message in checks:
+        for ok, key, value, rule, why in checks:
             if not ok:
-                raise ConfigError(message)
+                raise ConfigError(f"{key} must be {rule}, got {value!r}" + (f" ({why})" if why else ""))
+        if a.mode == "group" and self.samples_per_epoch % a.group_size:
+            raise ConfigError(
+                f"samples per epoch (sample.batch_size * sample.num_batches_per_epoch = {self.samples_per_epoch}) "
+                f"must be a multiple of advantage.group_size={a.group_size} in group mode"
+            )
         return self
 
     @property
     def samples_per_epoch(self) -> int:
         return self.sample.batch_size * self.sample.num_batches_per_epoch
+
+
+def _is_folder_name(name: str) -> bool:
+    return bool(name.strip()) and name not in (".", "..") and not any(sep in name for sep in ("/", "\\"))
 
 
 # --- building configs from dicts, YAML and overrides ---------------------------------------
@@ -271,6 +318,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a float, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -314,12 +363,69 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override '{item}' is not of the form section.key=value")
         dotted, raw = item.split("=", 1)
         parts = dotted.strip().split(".")
+        _check_override_key(parts, item)
         node = data
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part) or {}, dict):
+                prefix = ".".join(parts[: depth + 1])
+                raise ConfigError(f"override '{item}': {prefix} is {node[part]!r}, not a section; write {prefix}=VALUE")
             node[part] = dict(node.get(part) or {})
             node = node[part]
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(error)})") from None
     return data
+
+
+def _check_override_key(parts: list[str], item: str) -> None:
+    """Reject `num_epochs.x=1` (a value used as a section) and empty key parts; unknown keys are
+    left to `from_dict`, which suggests the closest valid one."""
+    if not all(parts):
+        raise ConfigError(f"override '{item}' has an empty key part; write section.key=value")
+    cls: Any = TexForceConfig
+    for depth, part in enumerate(parts[:-1]):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return
+        annotation = hints[part]
+        if dataclasses.is_dataclass(annotation):
+            cls = annotation
+            continue
+        if typing.get_origin(annotation) is dict and depth == len(parts) - 2:
+            return  # reward.paths.<key>=...
+        prefix = ".".join(parts[: depth + 1])
+        raise ConfigError(f"override '{item}': {prefix} is a value, not a section; write {prefix}=VALUE")
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at column {mark.column + 1}" if mark is not None else problem
+
+
+def utf8_problem(raw: bytes) -> str | None:
+    """None when `raw` decodes as UTF-8, else where it does not ("line 3: byte 0xe9 is not UTF-8")."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        return f"line {line}: byte 0x{raw[error.start]:02x} is not UTF-8"
+    return None
+
+
+def read_yaml(path: Path) -> Any:
+    """The parsed YAML file; a non-UTF-8 file or a syntax error is a ConfigError naming the file and line."""
+    raw = path.read_bytes()
+    problem = utf8_problem(raw)
+    if problem:
+        raise ConfigError(f"{path}: {problem}; save the file as UTF-8")
+    try:
+        return yaml.safe_load(raw.decode("utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {_yaml_problem(error)}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TexForceConfig:
@@ -329,7 +435,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     data = apply_overrides(data, overrides or [])

@@ -1,11 +1,18 @@
 """Prompt sets: a file with one prompt per line, or an embedded set that needs no download."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
-from rl.config import PromptConfig
+from rl.config import PromptConfig, utf8_problem
+
+log = logging.getLogger("texforce")
+
+
+class PromptsError(ValueError):
+    """A prompt file that is missing, empty or not UTF-8 text (a user error: one line, exit code 2)."""
 
 COLORS = ["red", "green", "blue", "yellow", "cyan", "magenta", "white", "black", "orange", "purple"]
 _OBJECTS = ["ball", "car", "house", "flower", "apple", "bird", "cup", "hat"]
@@ -19,16 +26,39 @@ BUILTIN = {
 
 
 def load_prompts(config: PromptConfig) -> list[str]:
-    """The prompt list named by the config; an empty or missing file is an error."""
+    """The prompt list named by the config; a missing, empty or non-UTF-8 file is a PromptsError."""
     if config.file is None:
         return list(BUILTIN[config.builtin])
     path = Path(config.file)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path} (prompts.file); one prompt per line")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        raise PromptsError(f"prompt file not found: {path} (prompts.file, or --prompts); one prompt per line")
+    raw = path.read_bytes()
+    problem = utf8_problem(raw)
+    if problem:
+        raise PromptsError(f"prompt file {path}: {problem}; save it as UTF-8 text, one prompt per line")
+    prompts = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"prompt file {path} has no prompts; write one prompt per line")
+        raise PromptsError(f"prompt file {path} has no prompts; write one prompt per line")
     return prompts
+
+
+def long_prompts(prompts: list[str], tokenizer) -> list[str]:
+    """The prompts longer than the tokenizer's `model_max_length` (with its start/end tokens):
+    Stable Diffusion encodes only their first tokens."""
+    distinct = list(dict.fromkeys(prompts))
+    ids = tokenizer(distinct, truncation=False, verbose=False).input_ids
+    return [p for p, tokens in zip(distinct, ids) if len(tokens) > tokenizer.model_max_length]
+
+
+def warn_long_prompts(prompts: list[str], tokenizer, *, source: str) -> int:
+    """Log one warning naming how many distinct prompts will be truncated; returns that number."""
+    long = long_prompts(prompts, tokenizer)
+    if long:
+        log.warning(
+            "%d of %d prompts in %s are longer than the tokenizer's %d tokens and will be truncated, e.g. %r",
+            len(long), len(set(prompts)), source, tokenizer.model_max_length, long[0][:80],
+        )
+    return len(long)
 
 
 def epoch_prompts(

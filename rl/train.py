@@ -4,7 +4,8 @@
     texforce train --resume runs/tiny [num_epochs=30]
 
 The training loop lives in actors.driver (it needs Ray); it is imported only when a run starts,
-so `rl` stays importable without Ray.
+so `rl` stays importable without Ray. Everything checkable is checked first (`rl.preflight`),
+so a bad run fails with one line and leaves no run directory behind.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from rl.config import ConfigError, load_config
+from rl.config import ConfigError, TexForceConfig, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,16 +31,10 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if args.resume:
-            if args.config:
-                raise ConfigError("--resume uses the run's own config.yaml; pass overrides, not --config")
-            config = load_config(Path(args.resume) / "config.yaml", args.overrides)
-        else:
-            config = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as error:
-        print(f"texforce train: {error}", file=sys.stderr)
-        return 2
+    config = load_run_config(args)
+    from rl.preflight import preflight
+
+    preflight(config)
     from actors.driver import summarize, train
 
     run_dir = train(config, resume=args.resume)
@@ -47,10 +42,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_run_config(args: argparse.Namespace) -> TexForceConfig:
+    """The config of a new run (`--config` + overrides) or of the run `--resume` continues
+    (its config.yaml + overrides); a new run must not reuse an existing run's directory."""
+    from rl.run_dir import RunDirectory
+
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume uses the run's own config.yaml; pass overrides, not --config")
+        run = RunDirectory(args.resume)
+        if not run.config_path.is_file():
+            raise ConfigError(
+                f"--resume {run.path} is not a run directory (no config.yaml); pass the output_dir/run_name "
+                "folder that `texforce train` created"
+            )
+        return load_config(run.config_path, args.overrides)
+    config = load_config(args.config, args.overrides)
+    run = RunDirectory(Path(config.output_dir) / config.run_name)
+    if run.config_path.exists():
+        raise ConfigError(
+            f"run directory {run.path} already holds a run; continue it with `--resume {run.path}` "
+            "or choose another run_name=..."
+        )
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
+    from rl.cli import run_command
+
     parser = argparse.ArgumentParser(prog="python -m rl.train", description="Train a LoRA with PPO on a reward.")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    parser.set_defaults(func=run, command="train")
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,41 @@
-"""The command line: `texforce train` and `python -m rl.train` are one entry; bad input fails early."""
+"""The command line: `texforce train` and `python -m rl.train` are one entry; bad input fails early.
+
+A user error is one line on stderr and exit code 2, before any work: no run directory is left
+behind, so the same command, corrected, starts cleanly. A bug still raises (a traceback).
+"""
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from rl import cli, train
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_YAML = str(ROOT / "configs" / "tiny.yaml")
+
+
+def one_line_error(capsys, code: int) -> str:
+    """The single stderr line of a user error (exit code 2, no traceback)."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def tiny_args(tiny_sd_dir, tmp_path, *overrides):
+    """A valid small `texforce train` command line on the tiny model (inline: no Ray)."""
+    return ["train", f"model.pretrained={tiny_sd_dir}", "model.device=cpu", f"output_dir={tmp_path}",
+            "run_name=r", "resources.mode=inline", "sample.num_steps=4", "sample.batch_size=2",
+            "sample.num_batches_per_epoch=1", "train.batch_size=2", "num_epochs=1", *overrides]
 
 
 def test_bad_override_names_the_key(capsys):
-    assert train.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "train.lerning_rate=1"]) == 2
+    assert train.main(["--config", TINY_YAML, "train.lerning_rate=1"]) == 2
     assert "unknown config key 'train.lerning_rate'; did you mean 'learning_rate'" in capsys.readouterr().err
-    assert cli.main(["train", "--config", str(ROOT / "configs" / "tiny.yaml"), "sample.num_steps=many"]) == 2
+    assert cli.main(["train", "--config", TINY_YAML, "sample.num_steps=many"]) == 2
     assert "sample.num_steps: expected an int" in capsys.readouterr().err
 
 
@@ -30,15 +54,117 @@ def test_python_m_rl_train_is_the_same_entry():
     assert out.returncode == 0 and "--resume RUN_DIR" in out.stdout and "section.key=value" in out.stdout
 
 
-def test_existing_run_directory_is_not_overwritten(tiny_sd_dir, tmp_path):
+def test_existing_run_directory_is_not_overwritten(tiny_sd_dir, tmp_path, capsys):
     from rl.config import load_config
     from rl.run_dir import RunDirectory
 
     config = load_config(None, [f"output_dir={tmp_path}", "run_name=r"])
     RunDirectory.create(config)
-    try:
+    with pytest.raises(FileExistsError, match="--resume"):
         RunDirectory.create(config)
-    except FileExistsError as error:
-        assert "--resume" in str(error)
-    else:
-        raise AssertionError("expected FileExistsError")
+    line = one_line_error(capsys, cli.main(tiny_args(tiny_sd_dir, tmp_path)))
+    assert line == (f"texforce train: run directory {tmp_path / 'r'} already holds a run; continue it with "
+                    f"`--resume {tmp_path / 'r'}` or choose another run_name=...")
+
+
+# --- one representative user error per category, through the real entry ----------------------
+
+
+def test_config_syntax_error_names_file_and_line(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sample:\n  num_steps: 10\n  eta: [1\n")
+    line = one_line_error(capsys, cli.main(["train", "--config", str(bad)]))
+    assert line.startswith(f"texforce train: {bad}:4: invalid YAML:")
+
+
+def test_bad_value_names_the_key_and_the_rule(capsys):
+    line = one_line_error(capsys, cli.main(["train", "--config", TINY_YAML, "sample.eta=1.5"]))
+    assert line.startswith("texforce train: sample.eta must be in (0, 1], got 1.5")
+
+
+def test_failed_train_leaves_no_run_directory_and_the_same_command_fails_the_same_way(capsys, tmp_path):
+    args = ["train", "--config", TINY_YAML, f"output_dir={tmp_path}", "model.pretrained=/nonexistent/sd",
+            "resources.mode=inline"]
+    first = one_line_error(capsys, cli.main(args))
+    assert "model directory not found: /nonexistent/sd" in first and "make-tiny" in first
+    assert list(tmp_path.iterdir()) == []
+    assert one_line_error(capsys, cli.main(args)) == first  # not "already holds a run"
+
+
+def test_truncated_model_file_is_named(capsys, tiny_sd_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "sd"
+    shutil.copytree(tiny_sd_dir, model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    line = one_line_error(capsys, cli.main(tiny_args(model, tmp_path / "runs")))
+    assert f"{weights} is truncated" in line and "download or copy it again" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_prompt_file(capsys, tiny_sd_dir, tmp_path):
+    line = one_line_error(capsys, cli.main(tiny_args(tiny_sd_dir, tmp_path, f"prompts.file={tmp_path / 'p.txt'}")))
+    assert f"prompt file not found: {tmp_path / 'p.txt'} (prompts.file" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_reward_file_names_the_config_key(capsys, tiny_sd_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("TEXFORCE_AESTHETIC", raising=False)
+    line = one_line_error(capsys, cli.main(tiny_args(tiny_sd_dir, tmp_path, "reward.spec=aesthetic")))
+    assert "reward 'aesthetic': no path given for 'aesthetic'" in line
+    assert "reward.paths.aesthetic=PATH" in line and "paths={" not in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_of_a_folder_that_is_not_a_run(capsys, tmp_path):
+    line = one_line_error(capsys, cli.main(["train", "--resume", str(tmp_path)]))
+    assert line == (f"texforce train: --resume {tmp_path} is not a run directory (no config.yaml); pass the "
+                    "output_dir/run_name folder that `texforce train` created")
+
+
+def test_resume_checks_the_run_config_with_its_overrides(capsys, tiny_sd_dir, tmp_path):
+    from rl.config import load_config
+    from rl.run_dir import RunDirectory
+
+    run = RunDirectory.create(load_config(None, tiny_args(tiny_sd_dir, tmp_path)[1:]))
+    line = one_line_error(capsys, cli.main(["train", "--resume", str(run.path), "reward.spec=nope"]))
+    assert line.startswith("texforce train: unknown reward 'nope'; valid rewards:")
+    line = one_line_error(capsys, cli.main(["train", "--resume", str(run.path), "sample.eta=2"]))
+    assert line.startswith("texforce train: sample.eta must be in (0, 1], got 2.0")
+
+
+def test_insufficient_resources_is_one_line_from_both_entries(capsys, tiny_sd_dir, tmp_path, monkeypatch):
+    from actors.topology import InsufficientResourcesError
+
+    def no_room(config, *, resume=None):
+        raise InsufficientResourcesError("the cluster cannot host 2 samplers: GPU: requested 2, the cluster has 0")
+
+    monkeypatch.setattr("actors.driver.train", no_room)
+    line = one_line_error(capsys, cli.main(tiny_args(tiny_sd_dir, tmp_path)))
+    assert line == "texforce train: the cluster cannot host 2 samplers: GPU: requested 2, the cluster has 0"
+    assert one_line_error(capsys, train.main(tiny_args(tiny_sd_dir, tmp_path)[1:])) == line
+
+
+def test_a_bug_still_raises(tiny_sd_dir, tmp_path, monkeypatch):
+    def bug(config, *, resume=None):
+        raise ValueError("a bug, not bad input")
+
+    monkeypatch.setattr("actors.driver.train", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(tiny_args(tiny_sd_dir, tmp_path))
+
+
+def test_user_error_types_are_listed_once_for_every_entry():
+    import actors.topology
+    import rewards
+    import rl.models
+    import rl.prompts
+    import tune.lora_io
+    from rl.config import ConfigError
+
+    assert set(cli.user_error_types()) == {
+        ConfigError, rl.models.ModelNotFoundError, rl.prompts.PromptsError, rewards.RewardError,
+        tune.lora_io.LoraFormatError, actors.topology.InsufficientResourcesError,
+    }

@@ -1,4 +1,7 @@
 """Config: published defaults, YAML + overrides, errors that name the key."""
+import re
+from pathlib import Path
+
 import pytest
 
 from rl.config import ConfigError, TexForceConfig, load_config, save_config
@@ -36,13 +39,75 @@ def test_yaml_then_overrides(tmp_path):
         ("sample.num_steps=2.5", "sample.num_steps: expected an int"),
         ("lora.policy=vae", "lora.policy: 'vae' is not one of"),
         ("train.clip_range=yes", "train.clip_range: expected a float"),
-        ("sample.eta=0", "sample.eta must be > 0"),
+        ("sample.eta=0", "sample.eta must be in (0, 1], got 0.0 (eta=0 is deterministic"),
         ("num_epochs", "not of the form"),
     ],
 )
 def test_errors_name_the_bad_key(override, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sample.batch_size=0", "sample.batch_size must be an integer >= 1, got 0"),
+        ("sample.batch_size=-2", "sample.batch_size must be an integer >= 1, got -2"),
+        ("sample.num_batches_per_epoch=0", "sample.num_batches_per_epoch must be an integer >= 1, got 0"),
+        ("save_every=0", "save_every must be an integer >= 1, got 0"),
+        ("train.gradient_accumulation_steps=0", "train.gradient_accumulation_steps must be an integer >= 1, got 0"),
+        ("train.learning_rate=0", "train.learning_rate must be > 0, got 0.0"),
+        ("train.learning_rate=-1e-4", "train.learning_rate must be > 0, got -0.0001"),
+        ("train.learning_rate=nan", "train.learning_rate: expected a finite number, got nan"),
+        ("sample.guidance_scale=-1", "sample.guidance_scale must be >= 0, got -1.0"),
+        ("num_epochs=0", "num_epochs must be an integer >= 1, got 0"),
+        ("num_epochs=-5", "num_epochs must be an integer >= 1, got -5"),
+        ("train.num_inner_epochs=0", "train.num_inner_epochs must be an integer >= 1, got 0"),
+        ("sample.eta=1.5", "sample.eta must be in (0, 1], got 1.5 (eta=0 is deterministic and has no log-prob; "
+                           "above 1 the DDIM step's variance goes negative)"),
+        ("sample.height=0", "sample.height must be >= 1, or null for the U-Net's size, got 0"),
+        ("run_name=../../x", "run_name must be a folder name without '/' or '\\' (not '', '.' or '..'), got '../../x'"),
+        ("run_name=a/b", "got 'a/b' (the run directory is output_dir/run_name)"),
+        ("run_name=", "run_name must be a folder name"),
+        ("run_name=..", "got '..'"),
+        ("num_epochs.x=1", "override 'num_epochs.x=1': num_epochs is a value, not a section; write num_epochs=VALUE"),
+        ("sample.eta.low=1", "override 'sample.eta.low=1': sample.eta is a value, not a section"),
+        (".eta=1", "override '.eta=1' has an empty key part"),
+        ("sample.eta=[1", "override 'sample.eta=[1': the value is not valid YAML"),
+    ],
+)
+def test_values_that_were_accepted_or_crashed_are_errors(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_a_value_from_the_file_used_as_a_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("num_epochs: 20\n")
+    with pytest.raises(ConfigError, match="num_epochs is a value, not a section"):
+        load_config(path, ["num_epochs.x=1"])
+    assert load_config(path, ["reward.paths.aesthetic=/m/a.pth"]).reward.paths == {"aesthetic": "/m/a.pth"}
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 1e-4\n    batch_size: 4\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}:3: invalid YAML: mapping values are not allowed here")):
+        load_config(path)
+
+
+def test_non_utf8_config_names_the_file_and_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("run_name: tiny\nprompts:\n  file: caf\u00e9.txt\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: line 3: byte 0xe9 is not UTF-8; save the file as UTF-8")):
+        load_config(path)
+
+
+def test_shipped_configs_are_valid():
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "configs").glob("*.yaml")):
+        if path.name != "runtime_env.yaml":
+            load_config(path)
 
 
 def test_missing_config_file_and_bad_top_level(tmp_path):

@@ -88,10 +88,73 @@ def test_cached_pipeline_with_swapped_loras_matches_a_fresh_load(tiny_sd_dir, lo
     assert not torch.equal(base.images, reused.images)
 
 
-def test_empty_prompt_file_is_an_error(tiny_sd_dir, tmp_path):
+# --- bad input: one line and exit code 2, before any model loads ---------------------------------
+
+
+def one_line_error(capsys, code: int) -> str:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+@pytest.fixture
+def eval_args(tiny_sd_dir, tmp_path, monkeypatch):
+    """A valid `texforce eval` command line, and a guard that no pipeline is loaded."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\n")
+    monkeypatch.setattr("tune.worker.cached_pipeline", lambda *a: pytest.fail("loaded the model before checking"))
+    return ["eval", "--model", tiny_sd_dir, "--prompts", str(prompts), "--reward", "brightness", "--device", "cpu",
+            "--steps", "2", "--out", str(tmp_path / "eval")]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--steps", "0", "texforce eval: --steps must be at least 1, got 0"),
+    ("--seeds", "0", "texforce eval: --seeds must be at least 1, got 0"),
+    ("--eta", "1.5", "texforce eval: --eta must be in [0, 1] (0: deterministic DDIM), got 1.5"),
+    ("--reward", "brightness:nan", "must be a finite number"),
+    ("--reward", "aesthetic", "reward 'aesthetic': no path given for 'aesthetic'"),
+    ("--model", "/nonexistent/sd", "texforce eval: model directory not found: /nonexistent/sd"),
+])
+def test_eval_bad_inputs_are_one_line(eval_args, capsys, monkeypatch, option, value, message):
+    from rl.cli import main
+
+    monkeypatch.delenv("TEXFORCE_AESTHETIC", raising=False)
+    assert message in one_line_error(capsys, main(eval_args + [option, value]))  # the last value given wins
+
+
+def test_eval_empty_prompt_file(eval_args, tmp_path, capsys):
     from rl.cli import main
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    with pytest.raises(ValueError, match="has no prompts"):
-        main(["eval", "--model", tiny_sd_dir, "--prompts", str(empty), "--reward", "brightness", "--device", "cpu"])
+    line = one_line_error(capsys, main(eval_args + ["--prompts", str(empty)]))
+    assert line == f"texforce eval: prompt file {empty} has no prompts; write one prompt per line"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_eval_cuda_device_without_cuda(eval_args, capsys):
+    from rl.cli import main
+
+    line = one_line_error(capsys, main(eval_args + ["--device", "cuda:0"]))
+    assert line == "texforce eval: --device=cuda:0: this machine has no CUDA device; use --device=cpu (or auto)"
+
+
+def test_eval_names_a_lora_of_another_base_model(eval_args, tmp_path, capsys):
+    from rl.cli import main
+    from tune.lora_io import write_lora
+
+    lora = write_lora({"unet.conv_in": (torch.zeros(2, 8, 3, 3), torch.zeros(32, 2, 1, 1))}, tmp_path / "other.safetensors")
+    line = one_line_error(capsys, main(eval_args + ["--lora", f"{lora}:0.5"]))
+    assert line.startswith(f"texforce eval: {lora} adapts unet.conv_in as a (32, 8, 3, 3) weight but the model")
+    assert "trained on another base model; pass that model with --model" in line
+
+
+def test_eval_refuses_existing_outputs_before_the_work(eval_args, tmp_path, capsys):
+    from rl.cli import main
+
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "summary.json").write_text("{}")
+    line = one_line_error(capsys, main(eval_args))
+    assert line == f"texforce eval: {tmp_path / 'eval' / 'summary.json'} already exists; remove it or choose another --out"
+    assert (tmp_path / "eval" / "summary.json").read_text() == "{}"

@@ -171,3 +171,73 @@ def test_fuse_cli_writes_a_loadable_file_with_provenance(loras, tiny_sd_dir, tmp
     pipe.load_lora_weights(str(out))
     scales = {m.scaling["default_0"] for m in pipe.unet.modules() if hasattr(m, "scaling") and m.scaling}
     assert scales == {1.0}
+
+
+# --- bad input: one line and exit code 2, before any work --------------------------------------
+
+
+def one_line_error(capsys, code: int) -> str:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+def test_fuse_bad_inputs_are_one_line(loras, tmp_path, capsys):
+    from rl.cli import main
+
+    a, _ = loras
+    out = str(tmp_path / "F.safetensors")
+    missing = tmp_path / "nope.safetensors"
+    assert one_line_error(capsys, main(["fuse", "--lora", str(missing), "--out", out])) == (
+        f"texforce fuse: LoRA file not found: {missing} (a .safetensors file or a directory written by save_lora)")
+    assert "alpha 'x' is not a number" in one_line_error(capsys, main(["fuse", "--lora", f"{a}:x", "--out", out]))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(a.read_bytes()[:-64])
+    line = one_line_error(capsys, main(["fuse", "--lora", str(truncated), "--out", out]))
+    assert line.startswith(f"texforce fuse: {truncated} is not a readable safetensors file")
+    assert not (tmp_path / "F.safetensors").exists()
+
+
+def test_fuse_refuses_an_existing_output_before_the_work(loras, tmp_path, capsys, monkeypatch):
+    from rl.cli import main
+
+    out = tmp_path / "F.safetensors"
+    out.write_bytes(b"keep me")
+    monkeypatch.setattr("tune.fusion.fuse", lambda *a, **k: pytest.fail("fused before refusing the output"))
+    line = one_line_error(capsys, main(["fuse", "--lora", str(loras[0]), "--out", str(out)]))
+    assert line == f"texforce fuse: {out} already exists; remove it or choose another --out"
+    assert out.read_bytes() == b"keep me"
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "pytorch_lora_weights.safetensors").write_bytes(b"keep me too")
+    assert "dir/pytorch_lora_weights.safetensors already exists" in one_line_error(
+        capsys, main(["fuse", "--lora", str(loras[0]), "--out", str(tmp_path / "dir")]))
+
+
+def test_loras_of_different_base_models_are_named_by_the_fuse_command(tmp_path, capsys):
+    from rl.cli import main
+    from tune.lora_io import write_lora
+
+    a = write_lora({"unet.mid.to_q": (torch.zeros(2, 32), torch.zeros(32, 2))}, tmp_path / "a.safetensors")
+    b = write_lora({"unet.mid.to_q": (torch.zeros(2, 64), torch.zeros(64, 2))}, tmp_path / "b.safetensors")
+    line = one_line_error(capsys, main(["fuse", "--lora", str(a), "--lora", str(b), "--out", str(tmp_path / "F.safetensors")]))
+    assert f"{a} adapts a weight of shape (32, 32) but {b} one of (64, 64); were these trained on the same base model?" in line
+
+
+def test_a_lora_that_does_not_fit_the_model_is_named(tiny_sd_dir, tmp_path):
+    from pathlib import Path
+
+    from tune.fusion import check_base_model
+
+    model = Path(tiny_sd_dir)
+    fits = LoraFile("fits.safetensors", {"unet.conv_in": LoraModule(torch.zeros(2, 4, 3, 3), torch.zeros(32, 2, 1, 1), 1.0)})
+    check_base_model(fits, model)
+    wider = LoraFile("wide.safetensors", {"unet.conv_in": LoraModule(torch.zeros(2, 8, 3, 3), torch.zeros(32, 2, 1, 1), 1.0)})
+    with pytest.raises(LoraFormatError, match=r"wide\.safetensors adapts unet\.conv_in as a \(32, 8, 3, 3\) weight but "
+                                              r"the model .* has \(32, 4, 3, 3\): the LoRA was trained on another base model"):
+        check_base_model(wider, model)
+    other = LoraFile("sdxl.safetensors", {"text_encoder_2.encoder.layers.0.self_attn.q_proj":
+                                          LoraModule(torch.zeros(2, 32), torch.zeros(32, 2), 1.0)})
+    with pytest.raises(LoraFormatError, match=r"sdxl\.safetensors adapts text_encoder_2\..*q_proj, which the model .* "
+                                              r"does not have: the LoRA was trained on another base model"):
+        check_base_model(other, model)

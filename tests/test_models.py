@@ -38,6 +38,7 @@ def test_missing_directory_with_hub_offline_names_the_fix(monkeypatch):
 
 
 def test_directory_without_model_index_or_component(tmp_path, tiny_sd_dir):
+    (tmp_path / "README.md").write_text("not a pipeline")
     with pytest.raises(ModelNotFoundError, match="no model_index.json.*make-tiny"):
         load_pipeline(str(tmp_path))
     broken = tmp_path / "broken"

@@ -1,7 +1,6 @@
-"""`texforce rewards list` and `texforce score`, through `rewards.cli.add_subcommands`."""
+"""`texforce rewards list` and `texforce score`, through the `texforce` entry (rl.cli.main)."""
 from __future__ import annotations
 
-import argparse
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,10 +17,17 @@ if TYPE_CHECKING:
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="texforce")
-    cli.add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from rl.cli import main
+
+    return main(argv)
+
+
+def one_line_error(capsys, code: int) -> str:
+    """The single stderr line of a user error (exit code 2, no traceback)."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
 
 
 @pytest.fixture
@@ -85,23 +91,83 @@ def test_score_single_prompt_for_all_and_model_paths(image_dir, tmp_path, tiny_r
 def test_score_prompt_file_errors(image_dir, tmp_path, capsys, content, message):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(content)
-    assert run(["score", "--reward", "brightness", "--images", str(image_dir), "--prompts", str(prompts),
-                "--out", str(tmp_path / "s.parquet")]) == 2
-    assert message in capsys.readouterr().err
+    assert message in one_line_error(capsys, run(["score", "--reward", "brightness", "--images", str(image_dir),
+                                                 "--prompts", str(prompts), "--out", str(tmp_path / "s.parquet")]))
 
 
 def test_score_reports_missing_model_files(image_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TEXFORCE_IMAGEREWARD", raising=False)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
-    assert run(["score", "--reward", "imagereward", "--images", str(image_dir), "--prompts", str(prompts),
-                "--out", str(tmp_path / "s.parquet")]) == 2
-    assert "ImageReward.pt from THUDM/ImageReward" in capsys.readouterr().err
-    assert run(["score", "--reward", "nope", "--images", str(image_dir), "--prompts", str(prompts)]) == 2
-    assert "valid rewards:" in capsys.readouterr().err
+    line = one_line_error(capsys, run(["score", "--reward", "imagereward", "--images", str(image_dir),
+                                       "--prompts", str(prompts), "--out", str(tmp_path / "s.parquet")]))
+    assert line.startswith("texforce score: reward 'imagereward': no path given for 'imagereward'")
+    assert "ImageReward.pt from THUDM/ImageReward" in line and "--paths imagereward=PATH" in line
+    line = one_line_error(capsys, run(["score", "--reward", "nope", "--images", str(image_dir), "--prompts", str(prompts)]))
+    assert "unknown reward 'nope'; valid rewards:" in line
 
 
 def test_load_image_matches_tensor_convention(image_dir):
     image = cli.load_image(image_dir / "b_red.png")
     assert image.shape == (3, 24, 32) and image.dtype == torch.float32
     assert image[0].min() == 1.0 and image[1:].max() == 0.0
+
+
+def _score(image_dir, tmp_path, *extra):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\n")
+    return run(["score", "--reward", "brightness", "--images", str(image_dir), "--prompts", str(prompts), *extra])
+
+
+def test_corrupt_image_is_named_before_scoring(image_dir, tmp_path, capsys):
+    (image_dir / "d_broken.png").write_bytes((image_dir / "a_blue.png").read_bytes()[:40])
+    (image_dir / "e_text.jpg").write_text("not a jpeg")
+    out = tmp_path / "s.parquet"
+    line = one_line_error(capsys, _score(image_dir, tmp_path, "--out", str(out)))
+    assert line.startswith(f"texforce score: {image_dir / 'd_broken.png'} is not a readable image")
+    assert line.endswith("remove or replace it") and not out.exists()
+
+
+def test_out_that_is_a_directory(image_dir, tmp_path, capsys):
+    line = one_line_error(capsys, _score(image_dir, tmp_path, "--out", str(tmp_path)))
+    assert line == (f"texforce score: --out {tmp_path} is a directory; give the parquet file to write, "
+                    f"e.g. {tmp_path / 'scores.parquet'}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda(image_dir, tmp_path, capsys):
+    line = one_line_error(capsys, _score(image_dir, tmp_path, "--out", str(tmp_path / "s.parquet"), "--device", "cuda:0"))
+    assert line == "texforce score: --device cuda:0: this machine has no CUDA device; use --device cpu"
+
+
+def test_sixteen_bit_images_keep_their_range(tmp_path):
+    grey = (np.arange(24 * 32, dtype=np.uint16).reshape(24, 32) * 85).astype(np.uint16)  # up to 65195
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    image = cli.load_image(tmp_path / "g16.png")
+    assert image.shape == (3, 24, 32)
+    expected = torch.from_numpy(grey.astype(np.float32) / 65535)
+    for channel in image:
+        torch.testing.assert_close(channel, expected)
+    eight = np.full((4, 4, 3), 128, np.uint8)
+    Image.fromarray(eight).save(tmp_path / "rgb8.png")
+    assert torch.allclose(cli.load_image(tmp_path / "rgb8.png"), torch.full((3, 4, 4), 128 / 255))
+    # 16-bit RGB (PIL cannot write it): PIL reads it as 8-bit RGB, within one 8-bit step
+    rgb16 = (np.arange(4 * 5 * 3).reshape(4, 5, 3) * 1000).astype(">u2")
+    _write_png16_rgb(tmp_path / "rgb16.png", rgb16)
+    expected = torch.from_numpy(rgb16.astype(np.float32) / 65535).permute(2, 0, 1)
+    assert (cli.load_image(tmp_path / "rgb16.png") - expected).abs().max() <= 1 / 255
+
+
+def _write_png16_rgb(path, array) -> None:
+    """A minimal 16-bit RGB PNG: IHDR (bit depth 16, colour type 2), one IDAT, IEND."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, _ = array.shape
+    rows = b"".join(b"\x00" + array[i].astype(">u2").tobytes() for i in range(h))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))

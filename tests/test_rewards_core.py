@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # --- registry -------------------------------------------------------------------------------
 
 def test_unknown_name_lists_valid_ones():
-    with pytest.raises(KeyError, match="valid rewards: .*color_alignment.*imagereward"):
+    with pytest.raises(rewards.RewardSpecError, match="valid rewards: .*color_alignment.*imagereward"):
         rewards.build_reward("imagerewrd")
 
 
@@ -45,14 +45,35 @@ def test_entries_carry_metadata():
 
 
 @pytest.mark.parametrize("spec, match", [
-    ("brightness:x", "not a number"),
+    ("brightness:x", "weight 'x' of 'brightness' in spec 'brightness:x' is not a number"),
     ("brightness,brightness:2", "appears twice"),
     ("brightness,,color_alignment", "empty reward"),
     ("nope:1", "unknown reward 'nope'"),
+    (":1", "':1' in spec ':1' names no reward"),
+    ("brightness:nan", "weight 'nan' of 'brightness' in spec 'brightness:nan' must be a finite number"),
+    ("brightness:1,color_alignment:-inf", "weight '-inf' of 'color_alignment' .* must be a finite number"),
 ])
 def test_bad_specs(spec, match):
-    with pytest.raises((ValueError, KeyError), match=match):
+    with pytest.raises(rewards.RewardSpecError, match=match):
         rewards.parse_spec(spec)
+
+
+def test_check_reward_finds_missing_files_without_building(tmp_path, monkeypatch):
+    for key in ("AESTHETIC", "AESTHETIC_CLIP", "FACE_QUALITY_PYTHON"):
+        monkeypatch.delenv(f"TEXFORCE_{key}", raising=False)
+    assert rewards.check_reward("brightness:2,color_alignment") == [("brightness", 2.0), ("color_alignment", 1.0)]
+    with pytest.raises(rewards.RewardFileError, match=r"reward 'aesthetic': no path given for 'aesthetic': provide .*; "
+                                                      r"set reward\.paths\.aesthetic=PATH in the training config"):
+        rewards.check_reward("brightness,aesthetic:0.5")
+    head = tmp_path / "head.pth"
+    head.write_bytes(b"not loaded by the check")
+    with pytest.raises(rewards.RewardFileError, match=f"'aesthetic_clip' not found at {tmp_path}/clip"):
+        rewards.check_reward("aesthetic", paths={"aesthetic": str(head), "aesthetic_clip": str(tmp_path / "clip")})
+    (tmp_path / "clip").mkdir()
+    rewards.check_reward("aesthetic", paths={"aesthetic": str(head), "aesthetic_clip": str(tmp_path / "clip")})
+    rewards.check_reward("face_quality")  # its interpreter is optional: mediapipe may import where it runs
+    with pytest.raises(rewards.RewardFileError, match="'face_quality_python' not found"):
+        rewards.check_reward("face_quality", paths={"face_quality_python": str(tmp_path / "python")})
 
 
 def test_import_is_cheap_and_ray_free():
@@ -201,7 +222,9 @@ def test_preprocess_shapes_grads_and_pil_agreement():
 
 def test_file_spec_errors_name_key_path_and_what(tmp_path, monkeypatch):
     spec = FileSpec("thing", "file", "thing.pt from somewhere", filename="thing.pt")
-    with pytest.raises(FileNotFoundError, match=r"no path given for 'thing': provide thing.pt from somewhere.*TEXFORCE_THING"):
+    with pytest.raises(FileNotFoundError, match=r"no path given for 'thing': provide thing.pt from somewhere; "
+                                                 r"set reward\.paths\.thing=PATH in the training config \(--paths "
+                                                 r"thing=PATH for score, eval and tune\) or TEXFORCE_THING=PATH"):
         spec.resolve({})
     with pytest.raises(FileNotFoundError, match=f"'thing' not found at {tmp_path}/thing.pt"):
         spec.resolve({"thing": str(tmp_path)})

@@ -278,7 +278,7 @@ def _paths(files: TinyRewardFiles, **overrides) -> dict[str, str]:
 def test_missing_checkpoint_says_what_to_download(tiny_reward_files, tmp_path, monkeypatch):
     monkeypatch.delenv("TEXFORCE_IMAGEREWARD", raising=False)
     with pytest.raises(FileNotFoundError, match=r"no path given for 'imagereward': provide ImageReward.pt from "
-                                                r"THUDM/ImageReward.*paths=\{'imagereward'"):
+                                                r"THUDM/ImageReward.*reward\.paths\.imagereward=PATH"):
         rewards.build_reward("imagereward", paths=_paths(tiny_reward_files, imagereward=None))
     with pytest.raises(FileNotFoundError, match=f"'hpsv2' not found at {tmp_path}/HPS_v2_compressed.pt: "
                                                 "provide HPS_v2_compressed.pt from xswu/HPSv2"):

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from lora_fixtures import make_lora
 
+from rl.config import ConfigError
 from tune.evaluate import EvalSettings
 from tune.fusion import fuse_files
 from tune.sweep import SweepSettings, anchor_points, config_alphas, resolve_search
@@ -95,7 +96,7 @@ def test_search_space_helpers():
     assert config_alphas({"alpha_1": 0.0, "alpha_2": 0.0}, 2, normalize=True) == [0.5, 0.5]
     assert config_alphas({"alpha_1": 1.0, "alpha_2": 3.0}, 2, normalize=False) == [1.0, 3.0]
     assert resolve_search("grid") == "grid" and resolve_search("auto") in ("optuna", "random")
-    with pytest.raises(ValueError, match="choose one of"):
+    with pytest.raises(ConfigError, match="choose one of"):
         resolve_search("bayes")
     assert SweepSettings().anchors
 
@@ -109,12 +110,51 @@ def test_objective_plot_for_one_two_and_more_loras(tmp_path, n):
     assert path.stat().st_size > 5000
 
 
-def test_tune_rejects_an_alpha_on_a_lora(tiny_sd_dir, tmp_path):
+@pytest.fixture
+def tune_args(tiny_sd_dir, directed_loras, tmp_path, monkeypatch):
+    """A valid `texforce tune` command line; Ray must not start (nor a model load) while checking it."""
+    import ray
+
+    def must_not_start(*args, **kwargs):
+        raise AssertionError("Ray started before the input was checked")
+
+    monkeypatch.setattr(ray, "init", must_not_start)
+    monkeypatch.setattr("tune.sweep.run_sweep", must_not_start)
+    monkeypatch.setattr("tune.worker.cached_pipeline", must_not_start)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    return ["tune", "--model", tiny_sd_dir, "--lora", directed_loras[0], "--lora", directed_loras[1],
+            "--prompts", str(prompts), "--objective", "color_alignment", "--device", "cpu", "--out", str(tmp_path / "sweep")]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--objective", "color_alignment:1,nope:0.2"], "unknown reward 'nope'; valid rewards:"),
+    (["--objective", "color_alignment:nan"], "weight 'nan' of 'color_alignment' in spec 'color_alignment:nan' must be"),
+    (["--num-samples", "0"], "texforce tune: --num-samples must be >= 1, got 0"),
+    (["--alpha-max", "-1"], "texforce tune: --alpha-max must be a positive number, got -1.0"),
+    (["--alpha-max", "nan"], "texforce tune: --alpha-max must be a positive number, got nan"),
+    (["--grid", "1"], "texforce tune: --grid needs at least 2 points per alpha, got 1"),
+    (["--steps", "0"], "texforce tune: --steps must be at least 1, got 0"),
+    (["--device", "cuda"], "texforce tune: --device cuda needs --gpus-per-trial > 0"),
+    (["--lora", "A.safetensors:0.5"], "texforce tune: --lora 'A.safetensors:0.5': tune searches the alphas"),
+])
+def test_tune_checks_its_input_before_ray_starts(tune_args, capsys, extra, message):
     from rl.cli import main
 
-    with pytest.raises(ValueError, match="searches the alphas"):
-        main(["tune", "--model", tiny_sd_dir, "--lora", "A.safetensors:0.5", "--prompts", "p.txt",
-              "--objective", "color_alignment"])
+    code = main(tune_args + extra)  # the last value given wins
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert message in err
+
+
+def test_tune_refuses_an_existing_sweep(tune_args, tmp_path, capsys):
+    from tune.cli import main
+
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "best.json").write_text("{}")
+    assert main(tune_args) == 2  # python -m tune.cli tune ...: the same handler
+    assert capsys.readouterr().err.strip() == (
+        f"texforce tune: {tmp_path / 'sweep' / 'best.json'} already exists; remove it or choose another --out")
 
 
 def test_importing_tune_does_not_load_ray():

@@ -6,7 +6,8 @@
         --num-samples 32 --out sweep/
 
 Also `python -m tune.cli tune ...` (no TTY assumed), which is what `ray job submit -- ...` runs.
-Heavy imports happen inside the commands; Ray only inside `tune`.
+Heavy imports happen inside the commands; Ray only inside `tune`, after every input is checked:
+a bad input is one line and exit code 2 (rl.cli.run_command), before any model loads or Ray starts.
 """
 from __future__ import annotations
 
@@ -73,36 +74,64 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="reward model files, e.g. imagereward=/ckpt/ImageReward.pt (see `texforce rewards list`)")
 
 
-def _job(args: argparse.Namespace, loras: list[str], reward: str):
+def _job(args: argparse.Namespace, loras: list[str], reward: str, *, local_device: bool):
+    """The FusionJob of `eval` / `tune`, with every input checked first (no model, reward or Ray
+    is loaded): the model directory, the LoRAs and their fit to it, prompts, the reward spec and
+    files, the sampling settings and the device. Raises the user errors `texforce` prints as one line."""
+    from rewards import check_reward
     from rewards.cli import parse_paths
     from rl.config import PromptConfig
-    from rl.prompts import load_prompts
+    from rl.models import check_device, check_model, load_tokenizer
+    from rl.prompts import load_prompts, warn_long_prompts
     from tune.evaluate import EvalSettings
+    from tune.fusion import check_base_model
     from tune.lora_io import resolve_lora_path
-    from tune.worker import FusionJob
+    from tune.worker import FusionJob, cached_lora
 
     settings = EvalSettings(
         num_seeds=args.seeds, base_seed=args.base_seed, num_steps=args.steps,
         guidance_scale=args.guidance, eta=args.eta, batch_size=args.batch_size,
     )
+    check_device(args.device, option="--device", local=local_device)
+    model_dir = check_model(args.model)
+    lora_files = [str(resolve_lora_path(p).resolve()) for p in loras]
+    if model_dir is not None:
+        for path in lora_files:
+            check_base_model(cached_lora(path), model_dir)
+    prompts = load_prompts(PromptConfig(file=str(args.prompts)))
+    paths = parse_paths(args.paths)
+    check_reward(reward, paths=paths)
+    if model_dir is not None:
+        warn_long_prompts(prompts, load_tokenizer(model_dir), source=str(args.prompts))
     return FusionJob(
-        model=str(Path(args.model).expanduser().resolve()) if Path(args.model).exists() else args.model,
-        loras=tuple(str(resolve_lora_path(p).resolve()) for p in loras),
-        prompts=tuple(load_prompts(PromptConfig(file=str(args.prompts)))),
+        model=str(model_dir.resolve()) if model_dir is not None else args.model,
+        loras=tuple(lora_files),
+        prompts=tuple(prompts),
         reward=reward,
         settings=settings,
         device=args.device,
         dtype=args.dtype,
-        reward_paths=tuple(sorted(parse_paths(args.paths).items())),
+        reward_paths=tuple(sorted(paths.items())),
     )
 
 
+def _refuse_existing(paths: list[Path]) -> None:
+    """Outputs are never overwritten: an existing one is refused before any work."""
+    from rl.config import ConfigError
+
+    existing = [p for p in paths if p.exists()]
+    if existing:
+        raise ConfigError(f"{existing[0]} already exists; remove it or choose another --out")
+
+
 def _fuse(args: argparse.Namespace) -> int:
-    from tune.fusion import fuse_files, parse_lora_arg
+    from tune.fusion import fuse, parse_lora_arg
+    from tune.lora_io import lora_output_path, read_lora
 
     items = [parse_lora_arg(text) for text in args.lora]
     alphas = [1.0 if item.alpha is None else item.alpha for item in items]
-    fused = fuse_files([item.path for item in items], alphas)
+    _refuse_existing([lora_output_path(args.out)])
+    fused = fuse([read_lora(item.path) for item in items], alphas)
     path = fused.save(args.out)
     ranks = sorted({down.shape[0] for down, _ in fused.modules.values()})
     print(f"fused {len(items)} LoRAs (alphas {alphas}) into {path}: {len(fused.modules)} modules, rank {ranks}")
@@ -110,13 +139,14 @@ def _fuse(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tune.evaluate import write_outputs
+    from tune.evaluate import output_paths, write_outputs
     from tune.fusion import parse_lora_arg
     from tune.worker import evaluate_alphas
 
     items = [parse_lora_arg(text) for text in args.lora]
     alphas = [1.0 if item.alpha is None else item.alpha for item in items]
-    job = _job(args, [item.path for item in items], args.reward)
+    _refuse_existing(list(output_paths(args.out).values()))
+    job = _job(args, [item.path for item in items], args.reward, local_device=True)
     result = evaluate_alphas(job, alphas)
     extra = {"model": job.model, "loras": list(job.loras), "alphas": alphas, "reward": job.reward, "eval": vars(job.settings)}
     paths = write_outputs(result, args.out, extra=extra)
@@ -127,20 +157,32 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    import ray
-
-    from tune.sweep import SweepSettings, run_sweep, write_sweep_outputs
+    from rl.config import ConfigError
+    from tune.sweep import SweepSettings, output_paths, run_sweep, write_sweep_outputs
 
     bad = [text for text in args.lora if _has_alpha(text)]
     if bad:
-        raise ValueError(f"--lora {bad[0]!r}: tune searches the alphas; pass the file without ':ALPHA'")
-    job = _job(args, args.lora, args.objective)
+        raise ConfigError(f"--lora {bad[0]!r}: tune searches the alphas; pass the file without ':ALPHA'")
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise ConfigError(f"--num-cpus must be >= 1, got {args.num_cpus}")
     settings = SweepSettings(
         num_samples=args.num_samples, alpha_max=args.alpha_max, normalize=args.normalize,
-        search="grid" if args.grid else args.search, grid=args.grid or 5, seed=args.search_seed, anchors=not args.no_anchors,
-        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
+        search="grid" if args.grid is not None else args.search, grid=args.grid if args.grid is not None else 5,
+        seed=args.search_seed, anchors=not args.no_anchors, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
     )
+    settings.check(len(args.lora))
+    _refuse_existing(list(output_paths(args.out).values()))
     address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    if args.device.startswith("cuda") and settings.gpus_per_trial == 0:
+        raise ConfigError(
+            f"--device {args.device} needs --gpus-per-trial > 0: Ray hides the GPUs from a trial that requests none"
+        )
+    # trials run in this machine's Ray unless a cluster is joined
+    job = _job(args, args.lora, args.objective, local_device=address == "local")
+
+    import ray
+
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, num_cpus=args.num_cpus if address == "local" else None, include_dashboard=False)
@@ -157,11 +199,12 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _has_alpha(text: str) -> bool:
+    from rl.config import ConfigError
     from tune.fusion import parse_lora_arg
 
     try:
         return parse_lora_arg(text).alpha is not None
-    except ValueError:
+    except ConfigError:
         return True
 
 
@@ -169,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m tune.cli {fuse,eval,tune} ...`, the entry `ray job submit` runs."""
     parser = argparse.ArgumentParser(prog="python -m tune.cli", description="LoRA fusion, evaluation and Tune sweeps")
     add_subcommands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    from rl.cli import run_command
+
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rl.config import ConfigError
 from rl.sampling import images_to_float
 
 
@@ -34,6 +35,19 @@ class EvalSettings:
     """DDIM eta (0: deterministic given the initial noise)."""
     batch_size: int = 8
     """Images per sampling call (does not change the images)."""
+
+    def __post_init__(self):
+        checks = [
+            (self.num_seeds >= 1, f"--seeds must be at least 1, got {self.num_seeds}"),
+            (self.num_steps >= 1, f"--steps must be at least 1, got {self.num_steps}"),
+            (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0,
+             f"--guidance must be >= 0 (1 = the conditional prediction alone), got {self.guidance_scale}"),
+            (0 <= self.eta <= 1, f"--eta must be in [0, 1] (0: deterministic DDIM), got {self.eta}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
 
 
 @dataclass
@@ -65,8 +79,6 @@ def summarize(values: np.ndarray) -> dict[str, float]:
 
 def eval_set(prompts: list[str], settings: EvalSettings) -> tuple[list[str], list[int]]:
     """Every prompt once per seed: prompts [N], seeds [N] with N = len(prompts) * num_seeds."""
-    if settings.num_seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {settings.num_seeds}")
     pairs = [(p, settings.base_seed + j) for p in prompts for j in range(settings.num_seeds)]
     return [p for p, _ in pairs], [s for _, s in pairs]
 
@@ -114,6 +126,12 @@ def evaluate(pipe, reward, prompts: list[str], settings: EvalSettings, *, reward
     return EvalResult(images=images, prompts=all_prompts, seeds=seeds, scores=parts, objective=objective)
 
 
+def output_paths(out_dir: str | Path) -> dict[str, Path]:
+    """What `write_outputs` writes into `out_dir`."""
+    out_dir = Path(out_dir)
+    return {"scores": out_dir / "scores.parquet", "summary": out_dir / "summary.json", "grid": out_dir / "grid.png"}
+
+
 def write_outputs(result: EvalResult, out_dir: str | Path, *, extra: dict | None = None, columns: int = 8) -> dict[str, Path]:
     """scores.parquet (prompt, seed, image index, one column per reward), summary.json, grid.png."""
     import pyarrow as pa
@@ -130,7 +148,7 @@ def write_outputs(result: EvalResult, out_dir: str | Path, *, extra: dict | None
         **{name: values.tolist() for name, values in result.scores.items()},
         "objective": result.objective.tolist(),
     }
-    paths = {"scores": out_dir / "scores.parquet", "summary": out_dir / "summary.json", "grid": out_dir / "grid.png"}
+    paths = output_paths(out_dir)
     pq.write_table(pa.table(table), paths["scores"])
     summary = {"rewards": result.summary(), **(extra or {})}
     paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from rl.config import ConfigError
 from tune.lora_io import (
     COMPONENTS,
     LoraFile,
@@ -44,13 +45,15 @@ def parse_lora_arg(text: str) -> LoraArg:
     if not sep or "/" in alpha or "\\" in alpha:
         return LoraArg(text)
     if not path:
-        raise ValueError(f"--lora {text!r} names no file; write PATH[:ALPHA], e.g. A.safetensors:0.6")
+        raise ConfigError(f"--lora {text!r} names no file; write PATH[:ALPHA], e.g. A.safetensors:0.6")
     try:
         value = float(alpha)
     except ValueError:
-        raise ValueError(f"--lora {text!r}: alpha {alpha!r} is not a number; write PATH[:ALPHA], e.g. A.safetensors:0.6") from None
+        raise ConfigError(
+            f"--lora {text!r}: alpha {alpha!r} is not a number; write PATH[:ALPHA], e.g. A.safetensors:0.6"
+        ) from None
     if not math.isfinite(value):
-        raise ValueError(f"--lora {text!r}: alpha must be finite")
+        raise ConfigError(f"--lora {text!r}: alpha must be finite")
     return LoraArg(path, value)
 
 
@@ -128,6 +131,41 @@ def _pad_to_uniform_rank(modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) 
                 up = torch.cat([up, up.new_zeros((up.shape[0], extra, *up.shape[2:]))], dim=1)
             out[n] = (down, up)
     return out
+
+
+def check_base_model(lora: LoraFile, model_dir: Path) -> None:
+    """Raise LoraFormatError when `lora` adapts a module the model in `model_dir` lacks, or one of
+    another shape: it was trained on another base model. Reads only safetensors headers."""
+    from rl.models import component_weight_shapes
+
+    shapes: dict[str, dict[str, tuple[int, ...]] | None] = {}
+    for module, factors in lora.modules.items():
+        component, _, name = module.partition(".")
+        if component not in shapes:
+            present = (model_dir / component).is_dir()
+            shapes[component] = component_weight_shapes(model_dir, component) if present else {}
+        table = shapes[component]
+        if table is None:
+            continue  # weights not in safetensors: checked when the LoRA loads
+        weight = table.get(f"{name}.weight")
+        if weight is None:
+            raise LoraFormatError(
+                f"{lora.path} adapts {module}, which the model {model_dir} does not have: the LoRA was trained on "
+                "another base model; pass that model with --model, or a LoRA trained on this one"
+            )
+        if _squeeze(weight) != _squeeze(factors.delta_shape):
+            raise LoraFormatError(
+                f"{lora.path} adapts {module} as a {tuple(factors.delta_shape)} weight but the model {model_dir} has "
+                f"{tuple(weight)}: the LoRA was trained on another base model; pass that model with --model"
+            )
+
+
+def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A 1x1 convolution's [out, in, 1, 1] and a linear [out, in] adapt the same weight."""
+    shape = tuple(shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def load_fused(pipe, fused: FusedLora, *, adapter_name: str = "fused") -> None:

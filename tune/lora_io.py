@@ -46,7 +46,12 @@ _LEGACY_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": 
 
 
 class LoraFormatError(ValueError):
-    """A LoRA file that cannot be parsed into (down, up) pairs, or two LoRAs that do not fit together."""
+    """A LoRA file that cannot be parsed into (down, up) pairs, or LoRAs that do not fit together
+    or do not fit the base model (a user error: one line, exit code 2)."""
+
+
+class LoraNotFoundError(LoraFormatError, FileNotFoundError):
+    """A LoRA path that names no LoRA file."""
 
 
 @dataclass(frozen=True)
@@ -94,13 +99,15 @@ def resolve_lora_path(path: str | Path) -> Path:
         candidate = path / LORA_WEIGHTS_NAME
         if not candidate.is_file():
             found = sorted(p.name for p in path.glob("*.safetensors"))
-            raise FileNotFoundError(
+            raise LoraNotFoundError(
                 f"LoRA directory {path} has no {LORA_WEIGHTS_NAME}"
                 + (f"; pass one of its files instead: {found}" if found else "")
             )
         return candidate
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA file not found: {path} (a .safetensors file or a directory written by save_lora)")
+        raise LoraNotFoundError(
+            f"LoRA file not found: {path} (a .safetensors file or a directory written by save_lora)"
+        )
     if path.suffix != ".safetensors":
         raise LoraFormatError(f"{path}: only .safetensors LoRA files are read (pickled .bin/.pt are not)")
     return path
@@ -108,12 +115,15 @@ def resolve_lora_path(path: str | Path) -> Path:
 
 def read_lora(path: str | Path) -> LoraFile:
     """Parse a LoRA file into per-module (down, up, scale); see the module docstring for formats."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     file = resolve_lora_path(path)
-    with safe_open(str(file), framework="pt") as handle:
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-        metadata = handle.metadata() or {}
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            metadata = handle.metadata() or {}
+    except SafetensorError as error:
+        raise LoraFormatError(f"{file} is not a readable safetensors file ({error}); copy or export it again") from None
     return parse_state_dict(tensors, metadata, source=str(file))
 
 
@@ -126,7 +136,10 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         tensors, alphas = _from_kohya(tensors, source)
     elif not any(k.split(".", 1)[0] in COMPONENTS for k in tensors):
         tensors = {f"unet.{k}": v for k, v in tensors.items()}  # legacy U-Net-only attention-processor files
-    config = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
+    try:
+        config = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
+    except json.JSONDecodeError:
+        raise LoraFormatError(f"{source}: its {METADATA_KEY!r} metadata is not JSON") from None
     if any(config.get(f"{c}.use_dora") for c in COMPONENTS):
         raise LoraFormatError(f"{source} is a DoRA adapter: its update is not a weight delta that can be summed")
 
@@ -228,6 +241,13 @@ def adapter_metadata(modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> d
     return config
 
 
+def lora_output_path(path: str | Path) -> Path:
+    """The file `write_lora(..., path)` writes: `path` itself if it ends in .safetensors, else
+    `path/pytorch_lora_weights.safetensors`."""
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path / LORA_WEIGHTS_NAME
+
+
 def write_lora(
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path, *, provenance: dict | None = None
 ) -> Path:
@@ -238,9 +258,7 @@ def write_lora(
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path / LORA_WEIGHTS_NAME
+    path = lora_output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", METADATA_KEY: json.dumps(adapter_metadata(modules), sort_keys=True)}
     if provenance is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rl.config import ConfigError
 from tune.worker import LOADS, FusionJob, evaluate_alphas
 
 SEARCHES = ("auto", "random", "grid", "optuna")
@@ -43,6 +44,24 @@ class SweepSettings:
     """Most trials at once; 0 lets the declared resources decide."""
     anchors: bool = True
     """Random/Optuna search first tries the box's anchor points (`anchor_points`)."""
+
+    def check(self, num_loras: int) -> str:
+        """Raise ConfigError (naming the `texforce tune` option) for a setting Tune cannot run;
+        returns the resolved search. Called before Ray starts."""
+        checks = [
+            (num_loras >= 1, "a sweep needs at least one --lora"),
+            (self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}"),
+            (0 < self.alpha_max < float("inf"), f"--alpha-max must be a positive number, got {self.alpha_max}"),
+            (self.search != "grid" or self.grid >= 2, f"--grid needs at least 2 points per alpha, got {self.grid}"),
+            (self.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}"),
+            (self.gpus_per_trial >= 0, f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}"),
+            (self.max_concurrent >= 0,
+             f"--max-concurrent must be >= 0 (0: resources decide), got {self.max_concurrent}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return resolve_search(self.search)
 
 
 def alpha_names(n: int) -> list[str]:
@@ -75,7 +94,7 @@ def anchor_points(n: int, alpha_max: float) -> list[dict[str, float]]:
 def resolve_search(search: str) -> str:
     """"auto" -> "optuna" when importable, else "random"; "optuna" without the package is an error."""
     if search not in SEARCHES:
-        raise ValueError(f"unknown search {search!r}; choose one of {', '.join(SEARCHES)}")
+        raise ConfigError(f"unknown search {search!r}; choose one of {', '.join(SEARCHES)}")
     try:
         import optuna  # noqa: F401
 
@@ -83,7 +102,7 @@ def resolve_search(search: str) -> str:
     except ImportError:
         has_optuna = False
     if search == "optuna" and not has_optuna:
-        raise ImportError("--search optuna needs the optuna package (pip install optuna); or use --search random")
+        raise ConfigError("--search optuna needs the optuna package (pip install optuna); or use --search random")
     if search == "auto":
         return "optuna" if has_optuna else "random"
     return search
@@ -116,16 +135,10 @@ def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path) -> l
     from ray.tune.search import BasicVariantGenerator
 
     n = len(job.loras)
-    if n < 1:
-        raise ValueError("a sweep needs at least one --lora")
-    if settings.alpha_max <= 0:
-        raise ValueError(f"--alpha-max must be positive, got {settings.alpha_max}")
-    search = resolve_search(settings.search)
+    search = settings.check(n)
     names = alpha_names(n)
     num_samples = settings.num_samples
     if search == "grid":
-        if settings.grid < 2:
-            raise ValueError(f"--grid needs at least 2 points per alpha, got {settings.grid}")
         values = [float(v) for v in np.linspace(0.0, settings.alpha_max, settings.grid)]
         space = {name: ray_tune.grid_search(values) for name in names}
         search_alg, num_samples = BasicVariantGenerator(max_concurrent=settings.max_concurrent), 1
@@ -192,6 +205,17 @@ def _one_line_per_trial(names: list[str]):
     return _Printer()
 
 
+def output_paths(out_dir: str | Path) -> dict[str, Path]:
+    """What `write_sweep_outputs` writes into `out_dir`."""
+    out_dir = Path(out_dir)
+    return {
+        "results": out_dir / "results.parquet",
+        "best": out_dir / "best.json",
+        "best_lora": out_dir / "best_lora",
+        "plot": out_dir / "objective.png",
+    }
+
+
 def write_sweep_outputs(job: FusionJob, settings: SweepSettings, rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
     """results.parquet, best.json, best_lora/pytorch_lora_weights.safetensors, objective.png."""
     import pyarrow as pa
@@ -203,12 +227,7 @@ def write_sweep_outputs(job: FusionJob, settings: SweepSettings, rows: list[dict
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = alpha_names(len(job.loras))
-    paths = {
-        "results": out_dir / "results.parquet",
-        "best": out_dir / "best.json",
-        "best_lora": out_dir / "best_lora",
-        "plot": out_dir / "objective.png",
-    }
+    paths = output_paths(out_dir)
     pq.write_table(pa.Table.from_pylist(rows), paths["results"])
     best = rows[0]
     alphas = [best[name] for name in names]

@@ -1,0 +1,77 @@
+"""Everything a training run can check before it creates its run directory or loads a model.
+
+`preflight(config)` fails with one user error (ConfigError, ModelNotFoundError, PromptsError,
+a rewards.RewardError) that names the setting and the fix, so a bad run leaves nothing behind
+and the same command, corrected, starts cleanly. It reads only small files: configs, the
+prompts, safetensors headers, the tokenizer and the scheduler config; no weights, no Ray.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rl.config import ConfigError, SampleConfig, TexForceConfig
+from rl.models import check_device, check_model, load_tokenizer, vae_scale_factor
+from rl.prompts import load_prompts, warn_long_prompts
+
+log = logging.getLogger("texforce")
+
+
+def preflight(config: TexForceConfig) -> None:
+    """Raise the first user error of `config`; warn (once) about prompts that will be truncated."""
+    import rewards
+
+    config.validate()
+    check_device(config.model.device, option="model.device", local=config.resources.mode == "inline")
+    check_gpu_requests(config)
+    prompts = load_prompts(config.prompts)
+    rewards.check_reward(config.reward.spec, paths=config.reward.paths)
+    model_dir = check_model(config.model.pretrained)
+    if model_dir is None:
+        log.info("model %s is a hub id: its files are checked when it loads", config.model.pretrained)
+        return
+    check_image_size(config.sample, model_dir)
+    check_min_sigma(config, model_dir)
+    source = config.prompts.file or f"the builtin '{config.prompts.builtin}' set"
+    warn_long_prompts(prompts, load_tokenizer(model_dir), source=source)
+
+
+def check_gpu_requests(config: TexForceConfig) -> None:
+    """A CUDA model.device on Ray needs every role to request GPUs: Ray hides them from an actor that requests none."""
+    r = config.resources
+    if r.mode != "ray" or not config.model.device.startswith("cuda"):
+        return
+    for key in ("gpus_per_sampler", "gpus_per_learner", "gpus_per_reward_actor"):
+        if getattr(r, key) <= 0:
+            raise ConfigError(
+                f"model.device={config.model.device} but resources.{key}=0: Ray hides the GPUs from an actor that "
+                f"requests none; set resources.{key} (fractions share a GPU) or model.device=cpu"
+            )
+
+
+def check_image_size(sample: SampleConfig, model_dir: Path) -> None:
+    """sample.height/width must be multiples of the VAE's downscale factor (latents are whole cells)."""
+    factor = vae_scale_factor(model_dir)
+    for key, value in (("sample.height", sample.height), ("sample.width", sample.width)):
+        if value is not None and value % factor:
+            below = value - value % factor
+            nearest = " or ".join(str(v) for v in sorted({max(factor, below), below + factor}))
+            raise ConfigError(
+                f"{key}={value} is not a multiple of the VAE's downscale factor {factor} "
+                f"(from {model_dir / 'vae' / 'config.json'}); use {nearest}"
+            )
+
+
+def check_min_sigma(config: TexForceConfig, model_dir: Path) -> None:
+    """train.min_sigma must leave a step to train in this model's DDIM schedule (the learner's own check)."""
+    from diffusers import DDIMScheduler
+
+    from rl.ddim import DDIMSchedule
+    from rl.learner import trainable_steps
+
+    scheduler = DDIMScheduler.from_pretrained(str(model_dir), subfolder="scheduler")
+    try:
+        schedule = DDIMSchedule.from_scheduler(scheduler, config.sample.num_steps)
+    except ValueError as error:  # the scheduler settings the policy log-prob cannot use
+        raise ConfigError(f"{model_dir / 'scheduler'}: {error}") from None
+    trainable_steps(schedule, config.sample.eta, config.train.min_sigma)

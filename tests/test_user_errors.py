@@ -1,0 +1,172 @@
+"""Checks before a run starts (`rl.preflight`): the model directory, prompts, rewards, devices and
+the settings that need the model. Each names the file or key and the fix; none loads weights."""
+import json
+import logging
+import re
+import shutil
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from rl.config import ConfigError, PromptConfig
+from rl.models import ModelNotFoundError, check_device, check_model, safetensors_header
+from rl.preflight import preflight
+from rl.prompts import PromptsError, load_prompts
+
+WEIGHTS = {
+    "unet": "unet/diffusion_pytorch_model.safetensors",
+    "vae": "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder": "text_encoder/model.safetensors",
+}
+
+
+@pytest.fixture
+def model_copy(tiny_sd_dir, tmp_path):
+    """A copy of the tiny pipeline to break."""
+    return shutil.copytree(tiny_sd_dir, tmp_path / "sd")
+
+
+# --- the model directory -----------------------------------------------------------------------
+
+
+def test_missing_and_empty_model_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # a path is never sent to the hub
+    with pytest.raises(ModelNotFoundError, match=re.escape(f"model directory not found: {tmp_path / 'sd'}")):
+        check_model(str(tmp_path / "sd"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match=r"model directory .*empty is empty: .*make-tiny"):
+        check_model(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("component", sorted(WEIGHTS))
+def test_truncated_weights_are_named(model_copy, component):
+    weights = model_copy / WEIGHTS[component]
+    size = weights.stat().st_size
+    with open(weights, "r+b") as handle:
+        handle.truncate(size - 100)
+    with pytest.raises(ModelNotFoundError, match=re.escape(
+            f"{weights} is truncated: its header describes {size} bytes but the file has {size - 100}")):
+        check_model(str(model_copy))
+
+
+def test_corrupt_and_empty_weights_files(model_copy):
+    weights = model_copy / WEIGHTS["vae"]
+    weights.write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match=re.escape(f"{weights} is truncated or not a safetensors file (0 bytes)")):
+        check_model(str(model_copy))
+    weights.write_bytes((20).to_bytes(8, "little") + b"{not json at all....}")
+    with pytest.raises(ModelNotFoundError, match=re.escape(f"{weights} has a corrupt safetensors header")):
+        safetensors_header(weights)
+    weights.unlink()
+    with pytest.raises(ModelNotFoundError, match=r"vae has no weights \(\*\.safetensors or \*\.bin\)"):
+        check_model(str(model_copy))
+
+
+def test_missing_or_empty_tokenizer_says_how_to_fix(model_copy):
+    (model_copy / "tokenizer" / "tokenizer.json").write_text("")
+    with pytest.raises(ModelNotFoundError, match=r"tokenizer file .*tokenizer\.json is empty; copy the tokenizer/ folder"):
+        check_model(str(model_copy))
+    for file in (model_copy / "tokenizer").iterdir():
+        file.unlink()
+    with pytest.raises(ModelNotFoundError, match=r"tokenizer holds no tokenizer \(tokenizer\.json, or vocab\.json \+ "
+                                                 r"merges\.txt\); copy the tokenizer/ folder of the same model"):
+        check_model(str(model_copy))
+    shutil.rmtree(model_copy / "tokenizer")
+    with pytest.raises(ModelNotFoundError, match="missing the 'tokenizer' component"):
+        check_model(str(model_copy))
+
+
+def test_corrupt_config_json_is_named(model_copy):
+    (model_copy / "unet" / "config.json").write_text("{")
+    with pytest.raises(ModelNotFoundError, match=re.escape(f"{model_copy / 'unet' / 'config.json'} is not valid JSON")):
+        check_model(str(model_copy))
+
+
+def test_the_tiny_pipeline_passes(tiny_sd_dir):
+    assert check_model(tiny_sd_dir) is not None
+    header = safetensors_header(next((check_model(tiny_sd_dir) / "vae").glob("*.safetensors")))
+    assert all(len(v["data_offsets"]) == 2 for k, v in header.items() if k != "__metadata__")
+
+
+# --- settings that need the model --------------------------------------------------------------
+
+
+def test_image_size_must_be_a_multiple_of_the_vae_factor(tiny_sd_dir):
+    factor = 2 ** (len(json.loads(open(f"{tiny_sd_dir}/vae/config.json").read())["block_out_channels"]) - 1)
+    assert factor == 4
+    with pytest.raises(ConfigError, match=r"sample\.height=33 is not a multiple of the VAE's downscale factor 4 "
+                                          r"\(from .*vae/config\.json\); use 32 or 36"):
+        preflight(tiny_config(tiny_sd_dir, "sample.height=33"))
+    with pytest.raises(ConfigError, match=r"sample\.width=2 is not a multiple .* use 4$"):
+        preflight(tiny_config(tiny_sd_dir, "sample.width=2"))
+    preflight(tiny_config(tiny_sd_dir, "sample.height=36", "sample.width=28"))
+
+
+def test_min_sigma_too_large_fails_before_the_model_loads(tiny_sd_dir, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("preflight must not load the pipeline")
+
+    monkeypatch.setattr("rl.models.load_pipeline", no_loading)
+    with pytest.raises(ConfigError, match=r"train\.min_sigma=5\.0 leaves no step to train.*lower train\.min_sigma"):
+        preflight(tiny_config(tiny_sd_dir, "train.min_sigma=5"))
+
+
+# --- prompts -----------------------------------------------------------------------------------
+
+
+def test_prompt_file_missing_empty_or_not_utf8(tmp_path):
+    path = tmp_path / "p.txt"
+    with pytest.raises(PromptsError, match=re.escape(f"prompt file not found: {path}")):
+        load_prompts(PromptConfig(file=str(path)))
+    path.write_text("\n  \n")
+    with pytest.raises(PromptsError, match=re.escape(f"prompt file {path} has no prompts; write one prompt per line")):
+        load_prompts(PromptConfig(file=str(path)))
+    path.write_bytes("a red ball\na caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(PromptsError, match=re.escape(f"prompt file {path}: line 2: byte 0xe9 is not UTF-8; save it")):
+        load_prompts(PromptConfig(file=str(path)))
+
+
+def test_long_prompts_warn_once_naming_how_many(tiny_sd_dir, tmp_path, caplog):
+    path = tmp_path / "p.txt"
+    long = "a red ball " + "and a blue car " * 30
+    path.write_text(f"a red ball\n{long}\n{long}\n{long} again\n")
+    with caplog.at_level(logging.WARNING, logger="texforce"):
+        preflight(tiny_config(tiny_sd_dir, f"prompts.file={path}"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"2 of 3 prompts in {path} are longer than the tokenizer's 77 tokens and will be truncated")
+
+
+# --- rewards and devices -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nope", "unknown reward 'nope'; valid rewards:"),
+    ("color_alignment:x", "weight 'x' of 'color_alignment' in spec 'color_alignment:x' is not a number"),
+    (":1", "':1' in spec ':1' names no reward"),
+    ("color_alignment:nan", "weight 'nan' of 'color_alignment' in spec 'color_alignment:nan' must be a finite number"),
+])
+def test_reward_spec_is_checked_before_sampling(tiny_sd_dir, monkeypatch, spec, message):
+    import rewards
+
+    monkeypatch.setattr("actors.driver.train", lambda *a, **k: pytest.fail("must fail before training"), raising=False)
+    with pytest.raises(rewards.RewardSpecError, match=re.escape(message)):
+        preflight(tiny_config(tiny_sd_dir, f"reward.spec={spec}"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda(tiny_sd_dir):
+    with pytest.raises(ConfigError, match=r"model\.device=cuda:0: this machine has no CUDA device; use model\.device=cpu"):
+        preflight(tiny_config(tiny_sd_dir, "resources.mode=inline", "model.device=cuda:0"))
+    with pytest.raises(ConfigError, match=r"--device=cuda: this machine has no CUDA device"):
+        check_device("cuda", option="--device", local=True)
+    check_device("cuda:1", option="model.device", local=False)  # on a Ray cluster the workers have the GPUs
+
+
+def test_device_names_and_gpu_requests(tiny_sd_dir):
+    with pytest.raises(ConfigError, match=r"model\.device='gpu' is not a torch device; use auto, cpu, cuda or cuda:N"):
+        check_device("gpu", option="model.device", local=False)
+    with pytest.raises(ConfigError, match=r"resources\.gpus_per_sampler=0: Ray hides the GPUs from an actor that "
+                                          r"requests none; set resources\.gpus_per_sampler"):
+        preflight(tiny_config(tiny_sd_dir, "model.device=cuda"))
