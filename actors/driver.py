@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from actors.reward import RewardScores
-from actors.topology import InlineWorkers, LearnerFailedError, RayWorkers
+from actors.topology import ActorsLostError, InlineWorkers, LearnerFailedError, RayWorkers
 from rl.advantages import PerPromptStatTracker, compute_advantages
 from rl.config import TexForceConfig
 from rl.lora import PolicyWeights
 from rl.plots import save_image_grid, save_reward_curve
+from rl.preflight import preflight
 from rl.prompts import epoch_prompts, load_prompts
 from rl.run_dir import RunDirectory
 from rl.sampling import Trajectories
@@ -29,12 +30,13 @@ from rl.sampling import Trajectories
 log = logging.getLogger("texforce")
 
 
-class NonFiniteRewardError(RuntimeError):
-    """A reward came back NaN/inf and reward.on_non_finite is `stop`."""
-
-
 class TrainingStopped(RuntimeError):
-    """The run cannot go on (learner restarts used up); the message says how to resume."""
+    """The run cannot go on (learner restarts used up, actors lost, non-finite rewards); the
+    message says how to resume. The CLI prints it as one line."""
+
+
+class NonFiniteRewardError(TrainingStopped):
+    """A reward came back NaN/inf and reward.on_non_finite is `stop`."""
 
 
 # "0" makes a local Ray cluster bind its servers to 127.0.0.1 (Ray reads it at import)
@@ -99,6 +101,7 @@ def train(
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
+    preflight(config)  # every user error before the run directory exists
     if resume:
         run = RunDirectory(resume)
         run.save_config(config)  # this resume's overrides (num_epochs=...) hold for the next one too
@@ -158,17 +161,19 @@ def _run_epoch(
     epoch_prompt_list, seeds = epoch_prompts(
         prompts, seed=config.seed, epoch=epoch, num_samples=config.samples_per_epoch, group_size=group
     )
-    trajectories, scores = workers.rollout(weights, epoch_prompt_list, seeds)
+    try:
+        trajectories, scores = workers.rollout(weights, epoch_prompt_list, seeds)
+    except ActorsLostError as error:
+        _checkpoint_last_finished_epoch(run, config, workers, tracker, weights, epoch)
+        raise TrainingStopped(f"{error}; then `texforce train --resume {run.path}`") from error
     t_sampled = time.perf_counter()
     try:
         trajectories, rewards, dropped = drop_non_finite(trajectories, scores, config)
-    except NonFiniteRewardError:
+    except NonFiniteRewardError as error:
         save_image_grid(trajectories.images, _captions(trajectories.prompts, scores.scores),
                         run.grids / f"epoch_{epoch:04d}_non_finite.png")
-        latest = run.latest_checkpoint()
-        if epoch > 0 and (latest is None or latest.name != f"epoch_{epoch - 1:04d}"):
-            _save_checkpoint(run, config, workers, tracker, weights, epoch - 1)
-        raise
+        _checkpoint_last_finished_epoch(run, config, workers, tracker, weights, epoch)
+        raise NonFiniteRewardError(f"{error}; fix the reward, then `texforce train --resume {run.path}`") from None
     # 3. advantages
     advantages = torch.from_numpy(
         compute_advantages(
@@ -229,6 +234,13 @@ def _restore(run: RunDirectory, config: TexForceConfig, workers) -> tuple[PerPro
 
 def _captions(prompts: list[str], rewards: torch.Tensor) -> list[str]:
     return [f"{p} | r={float(r):.4f}" for p, r in zip(prompts, rewards)]
+
+
+def _checkpoint_last_finished_epoch(run, config, workers, tracker, weights, epoch: int) -> None:
+    """Before stopping in `epoch`: make sure epoch - 1's work is in a checkpoint (save_every may have skipped it)."""
+    latest = run.latest_checkpoint()
+    if epoch > 0 and (latest is None or latest.name != f"epoch_{epoch - 1:04d}"):
+        _save_checkpoint(run, config, workers, tracker, weights, epoch - 1)
 
 
 def _save_checkpoint(run, config, workers, tracker, weights, epoch: int) -> None:

@@ -5,8 +5,8 @@ is instant and `rl` stays importable without Ray.
 
 A user error is one line on stderr and exit code 2, before any work starts; a traceback is
 for bugs. `run_command` is that rule, for this entry and for `python -m rl.train` and
-`python -m tune.cli`: the exception types in `USER_ERRORS` print as
-`texforce <command>: <message>`, anything else propagates.
+`python -m tune.cli`: the exception types in `USER_ERRORS` (exit 2) and `RUN_STOPS` (exit 1)
+print as `texforce <command>: <message>`, anything else propagates.
 """
 from __future__ import annotations
 
@@ -21,14 +21,17 @@ USER_ERRORS: tuple[str, ...] = (
     "tune.lora_io.LoraFormatError",  # a LoRA file, or LoRAs that do not fit together or the model
     "actors.topology.InsufficientResourcesError",  # the cluster cannot host the requested actors
 )
+RUN_STOPS: tuple[str, ...] = (
+    "actors.driver.TrainingStopped",  # a run that cannot go on; its message says how to resume
+)
 """User-error exception types, as "module.Name". Named, not imported, so that this module stays
 light and Ray-free: an error can only be of a type whose module is loaded (`user_error_types`)."""
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """The classes in USER_ERRORS whose modules are imported in this process."""
+def _loaded_types(names: tuple[str, ...]) -> tuple[type[BaseException], ...]:
+    """The classes named in `names` whose modules are imported in this process."""
     types = []
-    for dotted in USER_ERRORS:
+    for dotted in names:
         module_name, _, name = dotted.rpartition(".")
         module = sys.modules.get(module_name)
         if module is not None:
@@ -37,15 +40,20 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run a parsed subcommand (`args.func`); a user error becomes one line on stderr and 2."""
+    """Run a parsed subcommand (`args.func`). A user error becomes one line on stderr and exit
+    code 2; a run that stops (RUN_STOPS) one line and exit code 1; anything else propagates."""
     try:
         return int(args.func(args) or 0)
     except Exception as error:
-        if not isinstance(error, user_error_types()):
+        if isinstance(error, _loaded_types(USER_ERRORS)):
+            code = 2
+        elif isinstance(error, _loaded_types(RUN_STOPS)):
+            code = 1
+        else:
             raise
         message = " ".join(str(error).split())  # one line, whatever the message held
         print(f"texforce {args.command}: {message}", file=sys.stderr)
-        return 2
+        return code
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,10 +32,7 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_run_config(args)
-    from rl.preflight import preflight
-
-    preflight(config)
-    from actors.driver import summarize, train
+    from actors.driver import summarize, train  # train() runs the preflight checks first
 
     run_dir = train(config, resume=args.resume)
     print(summarize(run_dir))
@@ -59,7 +56,7 @@ def load_run_config(args: argparse.Namespace) -> TexForceConfig:
         return load_config(run.config_path, args.overrides)
     config = load_config(args.config, args.overrides)
     run = RunDirectory(Path(config.output_dir) / config.run_name)
-    if run.config_path.exists():
+    if run.has_progress():
         raise ConfigError(
             f"run directory {run.path} already holds a run; continue it with `--resume {run.path}` "
             "or choose another run_name=..."

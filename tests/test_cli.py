@@ -59,7 +59,7 @@ def test_existing_run_directory_is_not_overwritten(tiny_sd_dir, tmp_path, capsys
     from rl.run_dir import RunDirectory
 
     config = load_config(None, [f"output_dir={tmp_path}", "run_name=r"])
-    RunDirectory.create(config)
+    RunDirectory.create(config).append_metrics({"epoch": 0, "reward_mean": 0.5})  # a run with progress
     with pytest.raises(FileExistsError, match="--resume"):
         RunDirectory.create(config)
     line = one_line_error(capsys, cli.main(tiny_args(tiny_sd_dir, tmp_path)))
@@ -164,7 +164,19 @@ def test_user_error_types_are_listed_once_for_every_entry():
     import tune.lora_io
     from rl.config import ConfigError
 
-    assert set(cli.user_error_types()) == {
+    assert set(cli._loaded_types(cli.USER_ERRORS)) == {
         ConfigError, rl.models.ModelNotFoundError, rl.prompts.PromptsError, rewards.RewardError,
         tune.lora_io.LoraFormatError, actors.topology.InsufficientResourcesError,
     }
+
+
+def test_a_run_that_stops_prints_one_line_and_exits_1(tiny_sd_dir, tmp_path, monkeypatch, capsys):
+    from actors.driver import TrainingStopped
+
+    def stops(config, *, resume=None):
+        raise TrainingStopped("the learner failed 4 times\n...; resume with `texforce train --resume runs/x`")
+
+    monkeypatch.setattr("actors.driver.train", stops)
+    assert cli.main(tiny_args(tiny_sd_dir, tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "--resume runs/x" in err
