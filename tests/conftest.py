@@ -59,6 +59,14 @@ def tiny_config(tiny_sd_dir: str, *overrides: str):
     )
 
 
+def one_line_error(capsys, code: int) -> str:
+    """The single stderr line of a user error (exit code 2, no traceback)."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray cluster for the whole session (loopback, no dashboard)."""

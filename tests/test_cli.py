@@ -10,19 +10,12 @@ from pathlib import Path
 import pytest
 
 from rl import cli, train
+from conftest import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = str(ROOT / "configs" / "tiny.yaml")
 
 
-def one_line_error(capsys, code: int) -> str:
-    """The single stderr line of a user error (exit code 2, no traceback)."""
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def tiny_args(tiny_sd_dir, tmp_path, *overrides):

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import one_line_error
 from lora_fixtures import make_lora
 
 from tune.evaluate import EvalSettings, evaluate, summarize
@@ -91,11 +92,6 @@ def test_cached_pipeline_with_swapped_loras_matches_a_fresh_load(tiny_sd_dir, lo
 # --- bad input: one line and exit code 2, before any model loads ---------------------------------
 
 
-def one_line_error(capsys, code: int) -> str:
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    return err.strip()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from conftest import one_line_error
 from lora_fixtures import make_lora, merged_deltas
 from safetensors import safe_open
 
@@ -176,11 +177,6 @@ def test_fuse_cli_writes_a_loadable_file_with_provenance(loras, tiny_sd_dir, tmp
 # --- bad input: one line and exit code 2, before any work --------------------------------------
 
 
-def one_line_error(capsys, code: int) -> str:
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    return err.strip()
 
 
 def test_fuse_bad_inputs_are_one_line(loras, tmp_path, capsys):

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from rewards import cli
+from conftest import one_line_error
 
 pytest_plugins = ("rewards_fixtures",)  # the session fixture tiny_reward_files (see test_rewards_models)
 if TYPE_CHECKING:
@@ -22,12 +23,6 @@ def run(argv: list[str]) -> int:
     return main(argv)
 
 
-def one_line_error(capsys, code: int) -> str:
-    """The single stderr line of a user error (exit code 2, no traceback)."""
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    return err.strip()
 
 
 @pytest.fixture
