@@ -86,7 +86,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     warmup_steps: int = 10
-    """Linear warmup optimizer steps before the cosine decay."""
+    """Optimizer steps of linear warmup from LR 0 before the cosine decay."""
+    warmup_fraction: float = 0.0
+    """Warmup as a fraction of the run's optimizer steps (TexForce's code: 0.03); when > 0 it replaces warmup_steps."""
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     """LR schedule after warmup."""
     batch_size: int = 4
@@ -108,6 +110,10 @@ class TrainConfig:
     bench/gradient_snr.py."""
     max_grad_norm: float = 1.0
     """Gradient-norm clip."""
+    init_loss_scale: float = 65536.0
+    """float16 only: initial dynamic loss scale (2^16, as torch's GradScaler); halved on inf/NaN gradients."""
+    loss_scale_growth_interval: int = 2000
+    """float16 only: optimizer steps with finite gradients after which the loss scale doubles."""
     kl_coef: float = 0.0
     """Weight of a KL penalty to the base model's step distribution, per trained step (0 = off,
     as in TexForce). Costs one extra U-Net pass per trained step with the LoRA disabled."""

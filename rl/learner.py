@@ -1,12 +1,18 @@
 """The PPO learner: advantages and clipped updates on the LoRA of a Stable Diffusion pipeline.
 
-Pure PyTorch. The Ray learner actor wraps this class; with torch.distributed initialised
-(Ray Train), gradients are all-reduced before every optimizer step, so L learners on L
-shards take the same step as one learner on the union batch.
+Pure PyTorch. The Ray learner actor wraps this class; with torch.distributed initialised,
+gradients are summed across ranks before every optimizer step. Each rank weights its loss by
+its rows' share of the rows in the step, so every optimizer step follows the mean gradient over
+the rows actually in it, however they split across ranks and accumulated minibatches, and L
+learners on L shards take the same step as one learner on the union batch.
 
 The text encoder runs forward and backward once per minibatch: its output embeddings are
 the only path from the loss to its weights, so d(loss)/d(embeddings) is accumulated on
-detached leaves over the trained timesteps and then backpropagated through the encoder once.
+detached float32 leaves over the trained timesteps and then backpropagated through the encoder once.
+
+Half precision: the frozen weights are in `model.dtype`, the LoRA weights, optimizer state,
+log-probs, ratios and losses in float32. With float16 the loss is scaled (`LossScaler`) so the
+gradients of the dimension-averaged log-prob do not underflow in the fp16 backward pass.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rl.config import ConfigError, TexForceConfig
+from rl.config import ConfigError, TexForceConfig, TrainConfig
 from rl.ddim import DDIMSchedule, ddim_sigma
 from rl.lora import (
     PolicyWeights,
@@ -30,11 +36,11 @@ from rl.sampling import Trajectories, encode, step_distribution
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, schedule: str):
-    """LR multiplier: linear warmup, then cosine decay to 0 (or constant)."""
+    """LR multiplier: linear warmup from 0, then cosine decay to 0 (or constant)."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / warmup_steps
+            return step / warmup_steps
         if schedule == "constant":
             return 1.0
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -53,6 +59,76 @@ def trainable_steps(schedule: DDIMSchedule, eta: float, min_sigma: float) -> tor
             f"{schedule.num_steps}-step schedule at eta={eta} is {sigma.max().item():.3g}; lower train.min_sigma"
         )
     return steps
+
+
+def warmup_length(train: TrainConfig, total_steps: int) -> int:
+    """Warmup optimizer steps: `warmup_fraction` of the run when set (TexForce: 3%), else `warmup_steps`."""
+    if train.warmup_fraction > 0:
+        return int(train.warmup_fraction * total_steps)
+    return train.warmup_steps
+
+
+def accumulation_plan(
+    num_samples: int, *, batch_size: int, accumulate: int, world_size: int = 1, rank: int = 0
+) -> list[list[tuple[int, int, float]]]:
+    """Per optimizer step, this rank's minibatches as (begin, end, weight) into the shuffled order.
+
+    Global minibatch i covers positions [i*world*b, (i+1)*world*b), of which rank r takes the r-th
+    b; every `accumulate` global minibatches (and the last, possibly short, group) make one
+    optimizer step. weight = (rows of this minibatch) / (rows of the whole step over all ranks):
+    a minibatch's mean loss times its weight, summed over minibatches and ranks, is the mean over
+    the step's rows. A rank left without rows gets (p, p, 0.0).
+    """
+    span = batch_size * world_size
+    starts = list(range(0, num_samples, span))
+    plan = []
+    for g in range(0, len(starts), accumulate):
+        group = starts[g : g + accumulate]
+        step_rows = sum(min(span, num_samples - start) for start in group)
+        steps = []
+        for start in group:
+            begin = min(start + rank * batch_size, num_samples)
+            end = min(start + (rank + 1) * batch_size, start + span, num_samples)
+            steps.append((begin, end, (end - begin) / step_rows))
+        plan.append(steps)
+    return plan
+
+
+class LossScaler:
+    """Dynamic loss scaling for float16 backward passes; a no-op (scale 1) otherwise.
+
+    The loss is multiplied by `scale` before backward, so the per-element gradients of the
+    dimension-averaged log-prob stay in fp16's normal range, and the float32 gradients are divided
+    by it before clipping. A step with inf/NaN gradients is skipped and the scale halved; after
+    `growth_interval` finite steps in a row it doubles. bf16 has float32's range: no scaling.
+    """
+
+    def __init__(self, *, enabled: bool, init_scale: float, growth_interval: int):
+        self.enabled = enabled
+        self.scale = float(init_scale) if enabled else 1.0
+        self.growth_interval = growth_interval
+        self.finite_steps = 0  # finite steps since the last change of scale
+
+    def update(self, finite: bool) -> None:
+        """Back off on a non-finite step; grow after `growth_interval` finite ones."""
+        if not self.enabled:
+            return
+        if not finite:
+            self.scale *= 0.5
+            self.finite_steps = 0
+            return
+        self.finite_steps += 1
+        if self.finite_steps >= self.growth_interval:
+            self.scale *= 2.0
+            self.finite_steps = 0
+
+    def state_dict(self) -> dict[str, bool | float | int]:
+        return {"enabled": self.enabled, "scale": self.scale, "finite_steps": self.finite_steps}
+
+    def load_state_dict(self, state: dict[str, bool | float | int]) -> None:
+        """Resume the scale; a state saved without scaling (not fp16) leaves the initial scale."""
+        if self.enabled and state["enabled"]:
+            self.scale, self.finite_steps = float(state["scale"]), int(state["finite_steps"])
 
 
 def _world_and_rank() -> tuple[int, int]:
@@ -84,11 +160,20 @@ class PPOLearner:
             eps=self.train.adam_epsilon,
             weight_decay=self.train.weight_decay,
         )
-        samples_per_learner = config.samples_per_epoch // world_size
-        steps_per_epoch = math.ceil(samples_per_learner / (self.train.batch_size * self.train.gradient_accumulation_steps))
+        steps_per_epoch = len(
+            accumulation_plan(
+                config.samples_per_epoch, batch_size=self.train.batch_size,
+                accumulate=self.train.gradient_accumulation_steps, world_size=world_size,
+            )
+        )
         total_steps = steps_per_epoch * self.train.num_inner_epochs * config.num_epochs
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(self.train.warmup_steps, total_steps, self.train.lr_schedule)
+            self.optimizer, warmup_cosine(warmup_length(self.train, total_steps), total_steps, self.train.lr_schedule)
+        )
+        self.scaler = LossScaler(
+            enabled=pipe.unet.dtype == torch.float16,
+            init_scale=self.train.init_loss_scale,
+            growth_interval=self.train.loss_scale_growth_interval,
         )
         self.schedule = DDIMSchedule.from_scheduler(pipe.scheduler, self.sample.num_steps)
         self.trainable_steps = trainable_steps(self.schedule, self.sample.eta, self.train.min_sigma)
@@ -100,53 +185,59 @@ class PPOLearner:
     def update(self, trajectories: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
         """`num_inner_epochs` passes of minibatch PPO over this batch; returns mean metrics.
 
-        Every rank gets the whole batch and draws the same shuffle; rank r trains rows
-        [r*b, (r+1)*b) of each global minibatch of world*b rows, so the all-reduced gradient
-        is the gradient of the union minibatch.
+        Every rank gets the whole batch and draws the same shuffle; `accumulation_plan` says which
+        rows of each optimizer step this rank trains and with what weight, so the summed gradient
+        is the mean gradient over the step's rows. `skipped_steps` counts fp16 steps skipped for
+        inf/NaN gradients, `loss_scale` is the scale after this update.
         """
         num_samples, num_steps = trajectories.log_probs.shape
         if num_steps != self.schedule.num_steps:
             raise ValueError(f"trajectories have {num_steps} steps, the learner's schedule {self.schedule.num_steps}")
         steps = self.trainable_steps
         num_trained = max(1, int(len(steps) * self.train.timestep_fraction))
-        bs, accumulate = self.train.batch_size, self.train.gradient_accumulation_steps
         world, rank = _world_and_rank()
+        plan = accumulation_plan(
+            num_samples, batch_size=self.train.batch_size, accumulate=self.train.gradient_accumulation_steps,
+            world_size=world, rank=rank,
+        )
         history: dict[str, list[float]] = {}
         first = True
         for _ in range(self.train.num_inner_epochs):
             # 1. shuffle samples, and pick each sample's trained steps at random among the trainable ones
             order = torch.randperm(num_samples, generator=self.generator)
             step_index = torch.stack([steps[torch.randperm(len(steps), generator=self.generator)] for _ in range(num_samples)])
-            starts = list(range(0, num_samples, bs * world))
-            for i, start in enumerate(starts):
-                rows = order[start : start + bs * world][rank * bs : (rank + 1) * bs]
-                # 2. accumulate gradients of this rank's share of the minibatch
-                metrics = self.minibatch_backward(
-                    trajectories.select(rows), advantages[rows], step_index[rows, :num_trained], 1.0 / accumulate
-                )
-                if first:  # before any optimizer step: the learner must agree with the sampler
-                    metrics["logprob_mismatch"] = metrics.pop("abs_logprob_diff")
-                    first = False
-                else:
-                    metrics.pop("abs_logprob_diff")
-                # 3. optimizer step every `accumulate` minibatches (and at the end)
-                if (i + 1) % accumulate == 0 or i == len(starts) - 1:
-                    metrics.update(self.optimizer_step())
-                for key, value in metrics.items():
+            for minibatches in plan:
+                # 2. accumulate the row-weighted gradients of this rank's minibatches of the step
+                for begin, end, weight in minibatches:
+                    rows = order[begin:end]
+                    metrics = self.minibatch_backward(
+                        trajectories.select(rows), advantages[rows], step_index[rows, :num_trained], weight
+                    )
+                    if first:  # before any optimizer step: the learner must agree with the sampler
+                        metrics["logprob_mismatch"] = metrics.pop("abs_logprob_diff")
+                        first = False
+                    else:
+                        metrics.pop("abs_logprob_diff")
+                    for key, value in metrics.items():
+                        history.setdefault(key, []).append(value)
+                # 3. one optimizer step over them
+                for key, value in self.optimizer_step().items():
                     history.setdefault(key, []).append(value)
         self.version += 1
         summary = {key: float(np.mean(values)) for key, values in history.items()}
+        summary["skipped_steps"] = float(np.sum(history["skipped_steps"]))
+        summary["loss_scale"] = self.scaler.scale
         summary["policy_version"] = self.version
         return summary
 
     def minibatch_backward(
-        self, batch: Trajectories, advantages: torch.Tensor, step_index: torch.Tensor, loss_scale: float = 1.0
+        self, batch: Trajectories, advantages: torch.Tensor, step_index: torch.Tensor, weight: float = 1.0
     ) -> dict[str, float]:
-        """Accumulate d(loss)/d(LoRA) for one minibatch into `.grad`.
+        """Accumulate d(loss)/d(LoRA) for one minibatch into `.grad`, times the loss scale (fp16).
 
         step_index: [b, K] which stored steps of each trajectory to train on. The loss is the
         PPO surrogate, plus kl_coef times the KL to the base model's step, averaged over the K
-        steps, times `loss_scale`.
+        steps and the b rows, times `weight` (the minibatch's share of its optimizer step's rows).
         """
         device = self.pipe.unet.device
         use_kl = self.train.kl_coef > 0
@@ -159,8 +250,9 @@ class PPOLearner:
         with torch.set_grad_enabled(self.train_text_encoder):
             cond = encode(self.pipe.text_encoder, batch.prompt_ids)
             uncond = encode(self.pipe.text_encoder, batch.negative_ids)
-        cond_leaf = cond.detach().requires_grad_(self.train_text_encoder)
-        uncond_leaf = uncond.detach().requires_grad_(self.train_text_encoder)
+        # float32 leaves: the K steps' embedding gradients accumulate in float32
+        cond_leaf = cond.detach().float().requires_grad_(self.train_text_encoder)
+        uncond_leaf = uncond.detach().float().requires_grad_(self.train_text_encoder)
         if use_kl and self.train_text_encoder:  # the base model's embeddings
             with torch.no_grad(), adapters_disabled(self.pipe, self.policy):
                 ref_cond = encode(self.pipe.text_encoder, batch.prompt_ids)
@@ -190,31 +282,44 @@ class PPOLearner:
                 kl = gaussian_kl(mean, ref_mean, sigma).mean()
                 loss = loss + self.train.kl_coef * kl
                 sums["kl_to_base"] += kl.item() / num_trained
-            (loss * loss_scale / num_trained).backward()
+            (loss * (weight * self.scaler.scale / num_trained)).backward()
             sums["loss"] += loss.item() / num_trained
             for key in ("approx_kl", "clipfrac", "ratio"):
                 sums[key] += metrics[key].item() / num_trained
             sums["abs_logprob_diff"] += (log_prob - old_log_prob).abs().max().item() / num_trained
         # 3. one backward through the text encoder with the accumulated embedding gradients
         if self.train_text_encoder:
-            torch.autograd.backward([cond, uncond], [cond_leaf.grad, uncond_leaf.grad])
+            torch.autograd.backward([cond, uncond], [cond_leaf.grad.to(cond.dtype), uncond_leaf.grad.to(uncond.dtype)])
         return sums
 
     def optimizer_step(self) -> dict[str, float]:
-        """All-reduce (if distributed), clip, step, zero; returns grad_norm and lr."""
+        """Sum gradients over ranks, unscale, clip, step, zero; returns grad_norm, lr, loss_scale, skipped_steps.
+
+        The ranks' gradients are already weighted by their rows' share (`accumulation_plan`), so
+        they are summed, not averaged. In fp16 they are summed while still scaled (an inf on
+        any rank reaches all, so all ranks skip together), then unscaled in float32; a step with
+        inf/NaN gradients is skipped, LR schedule included, and the scale backs off.
+        """
         world, _ = _world_and_rank()
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         if world > 1:
             for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad /= world
+        scale = self.scaler.scale
+        if scale != 1.0:
+            for p in self.params:
+                p.grad.div_(scale)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.lr_scheduler.step()
+        skipped = self.scaler.enabled and not bool(torch.isfinite(grad_norm))
+        if not skipped:
+            self.optimizer.step()
+            self.lr_scheduler.step()
+        self.scaler.update(finite=not skipped)
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": float(grad_norm), "lr": lr}
+        return {"grad_norm": float(grad_norm), "lr": lr, "loss_scale": scale, "skipped_steps": float(skipped)}
 
     # --- weights and checkpoints -----------------------------------------------------------
 
@@ -222,11 +327,12 @@ class PPOLearner:
         return get_policy_weights(self.pipe, self.policy, self.version)
 
     def state_dict(self) -> dict:
-        """Everything needed to resume: LoRA, optimizer, LR schedule, shuffling RNG, version."""
+        """Everything needed to resume: LoRA, optimizer, LR schedule, loss scale, shuffling RNG, version."""
         return {
             "lora": {"text_encoder": (w := self.get_weights()).text_encoder, "unet": w.unet},
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
+            "loss_scaler": self.scaler.state_dict(),
             "generator": self.generator.get_state(),
             "version": self.version,
         }
@@ -236,5 +342,6 @@ class PPOLearner:
         set_policy_weights(self.pipe, PolicyWeights(state["version"], lora["text_encoder"], lora["unet"]))
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.scaler.load_state_dict(state["loss_scaler"])
         self.generator.set_state(state["generator"])
         self.version = state["version"]

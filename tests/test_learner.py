@@ -1,13 +1,16 @@
-"""The PPO learner: once-per-minibatch encoder backward, and learning on a fixed batch."""
+"""The PPO learner: once-per-minibatch encoder backward, learning on a fixed batch, row-weighted steps."""
 import dataclasses
+import math
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from conftest import tiny_config
 
-from rl.config import ConfigError
+from rl.config import ConfigError, TrainConfig
 from rl.ddim import ddim_sigma
-from rl.learner import PPOLearner
+from rl.learner import PPOLearner, accumulation_plan, warmup_cosine, warmup_length
 from rl.models import load_pipeline
 from rl.ppo import clipped_surrogate_loss, gaussian_kl
 from rl.sampling import encode, sample_trajectories, step_distribution
@@ -179,3 +182,122 @@ def test_state_dict_round_trip(pipe, tiny_sd_dir):
     for k, v in learner.get_weights().text_encoder.items():
         torch.testing.assert_close(other.get_weights().text_encoder[k], v)
     assert torch.equal(other.generator.get_state(), learner.generator.get_state())
+
+
+# --- every optimizer step follows the mean gradient over the rows in it -----------------------
+
+
+@pytest.mark.parametrize("num_samples, batch_size, accumulate, world", [(7, 2, 2, 1), (5, 2, 1, 2), (11, 2, 2, 2), (3, 4, 3, 3)])
+def test_accumulation_plan_weights_each_minibatch_by_its_share_of_the_step(num_samples, batch_size, accumulate, world):
+    plans = [accumulation_plan(num_samples, batch_size=batch_size, accumulate=accumulate, world_size=world, rank=r)
+             for r in range(world)]
+    assert len({len(plan) for plan in plans}) == 1  # every rank takes every optimizer step
+    covered = []
+    for step in zip(*plans):
+        minibatches = [mb for rank_minibatches in step for mb in rank_minibatches]
+        rows = sorted(i for begin, end, _ in minibatches for i in range(begin, end))
+        assert rows == list(range(rows[0], rows[0] + len(rows)))  # the step's rows, each once
+        assert sum(weight for _, _, weight in minibatches) == pytest.approx(1.0)
+        assert all(weight == (end - begin) / len(rows) for begin, end, weight in minibatches)
+        covered += rows
+    assert covered == list(range(num_samples))
+    # the short last accumulation group and a rank without rows
+    assert accumulation_plan(7, batch_size=2, accumulate=2)[-1] == [(4, 6, 2 / 3), (6, 7, 1 / 3)]
+    assert accumulation_plan(5, batch_size=2, accumulate=1, world_size=2, rank=1)[-1] == [(5, 5, 0.0)]
+
+
+def _assert_same_gradient(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    """Equal up to float32 summation order (minibatches of other sizes run other kernels), which
+    Adam's g / sqrt(v) amplifies in the weights of later steps: 1e-4 of the largest entry."""
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))
+
+
+def _record_step_gradients(learner) -> list[list[torch.Tensor]]:
+    """The gradients each optimizer step uses (after the all-reduce, unscaling and clipping)."""
+    recorded = []
+    learner.optimizer.register_step_pre_hook(lambda *_: recorded.append([p.grad.clone() for p in learner.params]))
+    return recorded
+
+
+_ROW_WEIGHTING = ("train.clip_range=0.2", "train.warmup_steps=0", "train.lr_schedule=constant",
+                  "train.learning_rate=1e-3", "train.max_grad_norm=1e6")
+
+
+def _off_policy_learner(tiny_sd_dir, *overrides):
+    learner = PPOLearner(load_pipeline(tiny_sd_dir, device="cpu"), tiny_config(tiny_sd_dir, *_ROW_WEIGHTING, *overrides))
+    _perturb(learner.params)  # B != 0, so every LoRA factor gets a gradient
+    return learner
+
+
+def test_short_last_accumulation_group_steps_on_the_mean_of_its_rows(pipe, tiny_sd_dir):
+    batch = sample_trajectories(pipe, ["a red ball", "a cat", "a dog"] * 2, list(range(6)), num_steps=6,
+                                guidance_scale=5.0, eta=1.0)
+    advantages = torch.tensor([1.0, -0.5, 0.3, -1.2, 0.8, -0.1])
+    # 3 minibatches of 2 with accumulate 2: steps of 4 and 2 rows, as one learner with minibatches of 4
+    accumulated = _off_policy_learner(tiny_sd_dir, "train.batch_size=2", "train.gradient_accumulation_steps=2")
+    single = _off_policy_learner(tiny_sd_dir, "train.batch_size=4")
+    grads_accumulated, grads_single = _record_step_gradients(accumulated), _record_step_gradients(single)
+    accumulated.update(batch, advantages)
+    single.update(batch, advantages)
+    assert len(grads_accumulated) == len(grads_single) == 2
+    for step_a, step_s in zip(grads_accumulated, grads_single):
+        assert sum(g.abs().sum() for g in step_s) > 0
+        _assert_same_gradient(step_a, step_s)
+
+
+def _rank_update(rank, world, init_file, tiny_sd_dir, batches, out_dir):
+    """One data-parallel rank (gloo): update on each batch, save the step gradients and the weights."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        learner = _off_policy_learner(tiny_sd_dir, "train.batch_size=2")
+        recorded = _record_step_gradients(learner)
+        for batch, advantages in batches:
+            learner.update(batch, advantages)
+        torch.save({"grads": recorded, "weights": learner.get_weights().text_encoder}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_fewer_or_no_rows_step_like_one_learner_on_the_union(pipe, tiny_sd_dir, tmp_path):
+    """Two gloo ranks with minibatches of 2 against one learner with minibatches of 4: 5 rows leave rank 1
+    nothing in the last step, 7 rows leave it one of three."""
+    prompts = ["a red ball", "a cat", "a dog", "a blue car"] * 2
+    batches = [(sample_trajectories(pipe, prompts[:n], list(range(n)), num_steps=6, guidance_scale=5.0, eta=1.0),
+                torch.linspace(-1.0, 1.5, n)) for n in (5, 7)]
+    mp.spawn(_rank_update, args=(2, tmp_path / "rendezvous", tiny_sd_dir, batches, tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    single = _off_policy_learner(tiny_sd_dir, "train.batch_size=4")
+    recorded = _record_step_gradients(single)
+    for batch, advantages in batches:
+        single.update(batch, advantages)
+    assert len(recorded) == len(ranks[0]["grads"]) == 4
+    for step, expected in enumerate(recorded):
+        for rank in ranks:
+            _assert_same_gradient(rank["grads"][step], expected)
+    for key, value in single.get_weights().text_encoder.items():  # 2% of an Adam step (lr 1e-3)
+        for rank in ranks:
+            torch.testing.assert_close(rank["weights"][key], value, rtol=0, atol=2e-5)
+
+
+# --- the LR schedule ---------------------------------------------------------------------
+
+
+def test_warmup_starts_from_lr_zero_and_warmup_fraction_sets_its_length(pipe, tiny_sd_dir):
+    factor = warmup_cosine(4, 20, "cosine")
+    assert [factor(s) for s in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert factor(12) == pytest.approx(0.5) and factor(20) == pytest.approx(0.0)
+    assert warmup_length(TrainConfig(warmup_fraction=0.03, warmup_steps=10), 6400) == 192  # TexForce: 3% of the steps
+    assert warmup_length(TrainConfig(warmup_steps=10), 6400) == 10
+    # 8 samples per epoch in minibatches of 2 for 25 epochs: 100 optimizer steps, 3 of warmup
+    cfg = tiny_config(tiny_sd_dir, "sample.batch_size=8", "num_epochs=25", "train.warmup_fraction=0.03",
+                      "train.learning_rate=1e-3")
+    learner = PPOLearner(pipe, cfg)
+    lrs = []
+    for _ in range(5):
+        lrs.append(learner.optimizer.param_groups[0]["lr"])
+        learner.optimizer.step()
+        learner.lr_scheduler.step()
+    assert lrs[:4] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3])
+    assert lrs[4] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 97)))

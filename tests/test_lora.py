@@ -74,3 +74,18 @@ def test_wrong_rank_is_a_clear_error(pipe, tiny_sd_dir):
     add_lora(other, LoraSettings(rank=8, alpha=8))
     with pytest.raises(ValueError, match="shape mismatch.*lora.rank"):
         set_policy_weights(other, weights)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_lora_stays_float32_on_a_half_precision_model(tiny_sd_dir, dtype):
+    pipe = load_pipeline(tiny_sd_dir, dtype=dtype, device="cpu")
+    params = add_lora(pipe, LoraSettings(policy="both", rank=4, alpha=4))
+    assert all(p.dtype == torch.float32 for p in params)  # master weights; AdamW state follows them
+    _perturb(params)
+    text = encode(pipe.text_encoder, tokenize(pipe.tokenizer, ["a red ball"]))
+    x = torch.randn(1, 4, 16, 16, dtype=pipe.unet.dtype)
+    out = pipe.unet(x, torch.tensor([500]), encoder_hidden_states=text).sample
+    # peft casts each LoRA input to float32 and the layer output back to the frozen weights' dtype
+    assert text.dtype == out.dtype == getattr(torch, dtype)
+    out.float().square().mean().backward()
+    assert all(p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in params)

@@ -1,9 +1,11 @@
 """Sampling records a consistent policy: recomputed log-probs equal the sampler's."""
+import pytest
 import torch
 
 from rl.config import LoraSettings
 from rl.ddim import DDIMSchedule
 from rl.lora import add_lora
+from rl.models import load_pipeline
 from rl.sampling import encode, sample_trajectories, step_distribution
 
 
@@ -14,13 +16,16 @@ def _perturb_lora(params, scale=0.05, seed=0):
             p.add_(scale * torch.randn(p.shape, generator=g))
 
 
-def test_recomputed_log_prob_equals_sampler_for_every_step(pipe):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # float16: tests/test_precision.py (slow on CPU)
+def test_recomputed_log_prob_equals_sampler_for_every_step(tiny_sd_dir, dtype):
+    pipe = load_pipeline(tiny_sd_dir, dtype=dtype, device="cpu")
     params = add_lora(pipe, LoraSettings(policy="text_encoder", rank=4, alpha=4))
     _perturb_lora(params)  # the LoRA is active, not an identity
     prompts = ["a red ball", "a blue car", "a red ball"]
     traj = sample_trajectories(pipe, prompts, [0, 1, 2], num_steps=5, guidance_scale=5.0, eta=1.0)
     assert traj.latents.shape == (3, 6, 4, 16, 16)
     assert traj.log_probs.shape == (3, 5) and traj.images.dtype == torch.uint8
+    assert traj.latents.dtype == traj.log_probs.dtype == torch.float32  # whatever the model's dtype
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, 5)
     with torch.no_grad():
         cond, uncond = encode(pipe.text_encoder, traj.prompt_ids), encode(pipe.text_encoder, traj.negative_ids)

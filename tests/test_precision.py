@@ -1,0 +1,99 @@
+"""Half-precision learning: fp16 loss scaling and bf16 give the float32 LoRA gradient; overflow is skipped."""
+import torch
+from conftest import tiny_config
+
+from rl.learner import PPOLearner
+from rl.lora import set_policy_weights
+from rl.models import load_pipeline
+from rl.sampling import sample_trajectories
+
+
+def _fp16_learner(tiny_sd_dir, *overrides):
+    pipe = load_pipeline(tiny_sd_dir, dtype="float16", device="cpu")
+    return PPOLearner(pipe, tiny_config(tiny_sd_dir, "model.dtype=float16", *overrides))
+
+
+def test_overflowing_fp16_step_is_skipped_and_the_scale_backs_off(tiny_sd_dir, one_torch_thread):
+    learner = _fp16_learner(tiny_sd_dir, "train.init_loss_scale=1e30", "train.loss_scale_growth_interval=1",
+                            "train.warmup_steps=0", "train.learning_rate=1e-2", "lora.policy=both")
+    assert all(p.dtype == torch.float32 for p in learner.params)  # fp32 master LoRA weights
+    batch = sample_trajectories(learner.pipe, ["a red ball", "a cat"], [0, 1], num_steps=6, guidance_scale=5.0, eta=1.0)
+    assert batch.latents.dtype == batch.log_probs.dtype == torch.float32
+    advantages = torch.tensor([1.0, -1.0])
+    before = [p.detach().clone() for p in learner.params]
+    # 1. a loss x 1e30 overflows fp16 in the backward pass: no step, no LR step, half the scale
+    metrics = learner.update(batch, advantages)
+    assert metrics["logprob_mismatch"] < 1e-5  # the fp16 learner recomputes the fp16 sampler's log-probs
+    assert metrics["skipped_steps"] == 1 and metrics["loss_scale"] == 5e29
+    assert all(torch.equal(p, b) for p, b in zip(learner.params, before))
+    assert learner.lr_scheduler.last_epoch == 0 and not learner.optimizer.state
+    # 2. at a scale fp16 can hold the step is taken, and after growth_interval=1 finite steps the scale doubles
+    learner.scaler.scale = 2.0**16
+    metrics = learner.update(batch, advantages)
+    assert metrics["skipped_steps"] == 0 and metrics["loss_scale"] == 2.0**17
+    assert all(torch.isfinite(p).all() for p in learner.params)
+    assert any(not torch.equal(p, b) for p, b in zip(learner.params, before))
+    assert learner.lr_scheduler.last_epoch == 1
+
+
+def test_loss_scale_survives_a_checkpoint(tiny_sd_dir, tmp_path):
+    learner = _fp16_learner(tiny_sd_dir)
+    assert learner.scaler.scale == 65536.0
+    learner.scaler.scale, learner.scaler.finite_steps = 1024.0, 7
+    torch.save(learner.state_dict(), tmp_path / "learner.pt")
+    resumed = _fp16_learner(tiny_sd_dir)
+    resumed.load_state_dict(torch.load(tmp_path / "learner.pt", weights_only=True))  # plain tensors and numbers
+    assert (resumed.scaler.scale, resumed.scaler.finite_steps) == (1024.0, 7)
+
+
+def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    a, b = torch.cat([x.flatten() for x in a]), torch.cat([x.flatten() for x in b])
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def test_half_precision_lora_gradients_match_float32_at_sd_latent_size(tiny_sd_dir, one_torch_thread):
+    """SD 1.5's latent size: 256 px through the tiny VAE's 4x downsampling gives 4x64x64 latents.
+
+    The log-prob is a mean over the 16384 latent dimensions, and the published setting trains
+    25 steps per trajectory, each entering the loss with weight 1/25. Here one step enters with
+    weight 1/25 (as one row of a 25-row optimizer step does), which sends the same per-element
+    gradients through the fp16 U-Net at a 25th of the CPU time: fp16 convolutions and matmuls
+    have no fast CPU kernels (~12 s per U-Net forward and backward at this size, bf16 ~1 s).
+    """
+    overrides = ("lora.policy=both", "sample.num_steps=10", "sample.height=256", "sample.width=256",
+                 "train.clip_range=10.0", "train.max_grad_norm=1e6")
+    reference = PPOLearner(load_pipeline(tiny_sd_dir, device="cpu"), tiny_config(tiny_sd_dir, *overrides))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B != 0: both LoRA factors get gradients
+        for p in reference.params:
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    batch = sample_trajectories(reference.pipe, ["a red ball"], [0], num_steps=10, guidance_scale=5.0, eta=1.0,
+                                height=256, width=256)
+    assert batch.latents.shape[-3:] == (4, 64, 64)
+    num_text_encoder = sum("lora_" in name for name, _ in reference.pipe.text_encoder.named_parameters())
+
+    def step_gradient(learner) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The (text-encoder LoRA, U-Net LoRA) gradient the optimizer steps on: unscaled, in float32."""
+        set_policy_weights(learner.pipe, reference.get_weights())
+        recorded = []
+        learner.optimizer.register_step_pre_hook(lambda *_: recorded.append([p.grad.clone() for p in learner.params]))
+        learner.minibatch_backward(batch, torch.tensor([1.0]), torch.tensor([[6]]), 1 / 25)
+        learner.optimizer_step()
+        assert all(g.dtype == torch.float32 for g in recorded[0])
+        return recorded[0][:num_text_encoder], recorded[0][num_text_encoder:]
+
+    def half_learner(dtype, *extra):
+        pipe = load_pipeline(tiny_sd_dir, dtype=dtype, device="cpu")
+        return PPOLearner(pipe, tiny_config(tiny_sd_dir, *overrides, f"model.dtype={dtype}", *extra))
+
+    fp32 = step_gradient(reference)
+    fp16_unscaled = step_gradient(half_learner("float16", "train.init_loss_scale=1"))
+    fp16 = step_gradient(half_learner("float16"))
+    bf16 = step_gradient(half_learner("bfloat16"))
+    for part in (0, 1):  # text-encoder LoRA, U-Net LoRA
+        # without loss scaling the per-element gradients underflow fp16 and the direction is lost
+        assert _cosine(fp16_unscaled[part], fp32[part]) < 0.8
+        for half in (fp16, bf16):
+            assert _cosine(half[part], fp32[part]) > 0.99
+            norm = torch.cat([g.flatten() for g in half[part]]).norm() / torch.cat([g.flatten() for g in fp32[part]]).norm()
+            assert abs(float(norm) - 1) < 0.05  # back to the float32 magnitude (unscaled)
