@@ -342,6 +342,7 @@ class PPOLearner:
         set_policy_weights(self.pipe, PolicyWeights(state["version"], lora["text_encoder"], lora["unet"]))
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.scaler.load_state_dict(state["loss_scaler"])
+        if "loss_scaler" in state:  # checkpoints from before fp16 loss scaling have none
+            self.scaler.load_state_dict(state["loss_scaler"])
         self.generator.set_state(state["generator"])
         self.version = state["version"]
