@@ -101,7 +101,9 @@ class PPOLearner:
             self.optimizer, warmup_cosine(self.train.warmup_steps, total_steps, self.train.lr_schedule)
         )
         self.schedule = DDIMSchedule.from_scheduler(pipe.scheduler, self.sample.num_steps)
-        self.trainable_steps = trainable_steps(self.schedule, self.sample.eta, self.train.min_sigma)
+        self.trainable_steps = trainable_steps(
+            self.schedule, self.sample.eta, self.train.min_sigma, max_step_gain=self.train.max_step_gain
+        )
         self.generator = torch.Generator().manual_seed(config.seed + 1)  # shuffles, timestep subsets
         self.version = 0
 
