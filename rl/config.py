@@ -105,9 +105,11 @@ class TrainConfig:
     """Fraction of each trajectory's trainable steps trained on (a random subset per sample)."""
     min_sigma: float = 0.0
     """Steps whose DDIM noise std sigma_t is below this are never trained (0 = train all, as the
-    papers do). A step's log-prob gradient scales as 1/sigma_t, so the near-deterministic steps at
-    the end (the step onto t=1 has sigma ~0.04 in SD's schedule) add noise, not signal; see
-    bench/gradient_snr.py."""
+    papers do). Kept for old configs: a step's noise follows its gain (`max_step_gain`), not
+    1/sigma_t; 0.05 happens to drop the one high-gain step (onto t=1) and the harmless last one."""
+    max_step_gain: float = 0.0
+    """Steps whose gain |d mean / d eps_hat| / sigma_t exceeds this are never trained (0 = off); 2 drops
+    the step onto t=1 of SD's schedule, whose SNR jump makes its log-prob gradient mostly noise."""
     max_grad_norm: float = 1.0
     """Gradient-norm clip."""
     init_loss_scale: float = 65536.0
@@ -245,6 +247,7 @@ class TexForceConfig:
             (t.adv_clip_max > 0, "train.adv_clip_max", t.adv_clip_max, "> 0", ""),
             (0 < t.timestep_fraction <= 1, "train.timestep_fraction", t.timestep_fraction, "in (0, 1]", ""),
             (t.min_sigma >= 0, "train.min_sigma", t.min_sigma, ">= 0", ""),
+            (t.max_step_gain >= 0, "train.max_step_gain", t.max_step_gain, ">= 0", "0 = off"),
             (t.max_grad_norm > 0, "train.max_grad_norm", t.max_grad_norm, "> 0", ""),
             (t.kl_coef >= 0, "train.kl_coef", t.kl_coef, ">= 0", ""),
             (self.lora.rank >= 1, "lora.rank", self.lora.rank, positive_int, ""),

@@ -138,3 +138,25 @@ def ddim_step_with_logprob(
     )
     log_prob = log_prob.mean(dim=tuple(range(1, x_t.ndim)))
     return prev_sample, log_prob, mean, sigma_t.flatten()
+
+
+def ddim_step_gain(schedule: DDIMSchedule, t: torch.Tensor, eta: float) -> torch.Tensor:
+    """Gain |c_t| / sigma_t of the step from each t in `t` ([B] long) -> [B] float32.
+
+    c_t = d mean / d model_output (a scalar per step: the mean is linear in the model output),
+    from the mean of `ddim_step_with_logprob`, for epsilon or v prediction. A step's score
+    term is d log pi / d theta = z * (c_t / sigma_t) * d model_output / d theta with z ~ N(0, I),
+    so its noise grows with this gain, not with 1/sigma_t. At eta = 1 with epsilon prediction
+    gain^2 = SNR_{t-1} / SNR_t - 1 (SNR = abar / (1 - abar)). Ignores sample clipping
+    (clipped elements have a smaller c_t). With eta = 0 the gain is infinite.
+    """
+    abar_t = schedule.alpha_bar(t)
+    abar_prev = schedule.alpha_bar(schedule.prev_timestep(t))
+    sigma_t = ddim_sigma(schedule, t, eta)
+    direction = (1 - abar_prev - sigma_t**2).clamp(min=0).sqrt()  # the eps_hat coefficient of the mean
+    if schedule.prediction_type == "epsilon":
+        # mean = sqrt(abar_prev) (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t) + direction * eps
+        c_t = direction - (abar_prev * (1 - abar_t) / abar_t).sqrt()
+    else:  # v_prediction: x0_hat = sqrt(abar_t) x_t - sqrt(1-abar_t) v, eps_hat = sqrt(abar_t) v + sqrt(1-abar_t) x_t
+        c_t = direction * abar_t.sqrt() - (abar_prev * (1 - abar_t)).sqrt()
+    return c_t.abs() / sigma_t

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from rl.config import ConfigError, TexForceConfig, TrainConfig
-from rl.ddim import DDIMSchedule, ddim_sigma
+from rl.ddim import DDIMSchedule, ddim_sigma, ddim_step_gain
 from rl.lora import (
     PolicyWeights,
     adapters_disabled,
@@ -49,16 +49,26 @@ def warmup_cosine(warmup_steps: int, total_steps: int, schedule: str):
     return factor
 
 
-def trainable_steps(schedule: DDIMSchedule, eta: float, min_sigma: float) -> torch.Tensor:
-    """Indices of the sampling steps whose sigma_t >= min_sigma: the steps the learner may train."""
+def trainable_steps(schedule: DDIMSchedule, eta: float, min_sigma: float, *, max_step_gain: float = 0.0) -> torch.Tensor:
+    """Indices [K] of the sampling steps the learner may train: sigma_t >= min_sigma and, unless
+    max_step_gain is 0, gain <= max_step_gain (`ddim_step_gain`, the size of a step's score noise)."""
     sigma = ddim_sigma(schedule, schedule.timesteps, eta)
-    steps = torch.nonzero(sigma >= min_sigma).flatten()
-    if len(steps) == 0:
+    keep = sigma >= min_sigma
+    if not keep.any():
         raise ConfigError(
             f"train.min_sigma={min_sigma} leaves no step to train: the largest sigma_t of this "
             f"{schedule.num_steps}-step schedule at eta={eta} is {sigma.max().item():.3g}; lower train.min_sigma"
         )
-    return steps
+    if max_step_gain != 0:
+        gain = ddim_step_gain(schedule, schedule.timesteps, eta)
+        if not (keep & (gain <= max_step_gain)).any():
+            raise ConfigError(
+                f"train.max_step_gain={max_step_gain} leaves no step to train: the smallest gain of this "
+                f"{schedule.num_steps}-step schedule at eta={eta} (with train.min_sigma={min_sigma}) is "
+                f"{gain[keep].min().item():.3g}; raise train.max_step_gain"
+            )
+        keep &= gain <= max_step_gain
+    return torch.nonzero(keep).flatten()
 
 
 def warmup_length(train: TrainConfig, total_steps: int) -> int:
@@ -176,7 +186,9 @@ class PPOLearner:
             growth_interval=self.train.loss_scale_growth_interval,
         )
         self.schedule = DDIMSchedule.from_scheduler(pipe.scheduler, self.sample.num_steps)
-        self.trainable_steps = trainable_steps(self.schedule, self.sample.eta, self.train.min_sigma)
+        self.trainable_steps = trainable_steps(
+            self.schedule, self.sample.eta, self.train.min_sigma, max_step_gain=self.train.max_step_gain
+        )
         self.generator = torch.Generator().manual_seed(config.seed + 1)  # shuffles, timestep subsets
         self.version = 0
 

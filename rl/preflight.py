@@ -63,7 +63,8 @@ def check_image_size(sample: SampleConfig, model_dir: Path) -> None:
 
 
 def check_min_sigma(config: TexForceConfig, model_dir: Path) -> None:
-    """train.min_sigma must leave a step to train in this model's DDIM schedule (the learner's own check)."""
+    """train.min_sigma and train.max_step_gain must leave a step to train in this model's DDIM
+    schedule (the learner's own check)."""
     from diffusers import DDIMScheduler
 
     from rl.ddim import DDIMSchedule
@@ -74,4 +75,4 @@ def check_min_sigma(config: TexForceConfig, model_dir: Path) -> None:
         schedule = DDIMSchedule.from_scheduler(scheduler, config.sample.num_steps)
     except ValueError as error:  # the scheduler settings the policy log-prob cannot use
         raise ConfigError(f"{model_dir / 'scheduler'}: {error}") from None
-    trainable_steps(schedule, config.sample.eta, config.train.min_sigma)
+    trainable_steps(schedule, config.sample.eta, config.train.min_sigma, max_step_gain=config.train.max_step_gain)

@@ -1,10 +1,11 @@
 """The DDIM policy step: its sample matches diffusers, its log-prob matches a Gaussian density."""
 import math
 
+import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from rl.ddim import DDIMSchedule, ddim_step_with_logprob
+from rl.ddim import DDIMSchedule, ddim_sigma, ddim_step_gain, ddim_step_with_logprob
 
 
 def _scheduler(**kw):
@@ -102,3 +103,55 @@ def test_eta_zero_is_plain_ddim_with_undefined_log_prob():
     got, log_prob, _, sigma = ddim_step_with_logprob(schedule, eps, t.repeat(2), x_t, eta=0.0)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert torch.all(sigma == 0) and torch.isnan(log_prob).all()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_step_gain_is_the_autograd_derivative_of_the_step_mean_over_sigma(prediction_type, eta):
+    schedule = DDIMSchedule.from_scheduler(_scheduler(prediction_type=prediction_type), 10)
+    t = schedule.timesteps  # every step, the step onto t=1 and the last one included
+    g = torch.Generator().manual_seed(3)
+    x_t = torch.randn(len(t), 4, 3, 3, generator=g)
+    model_output = torch.randn(len(t), 4, 3, 3, generator=g, requires_grad=True)
+    _, _, mean, sigma = ddim_step_with_logprob(schedule, model_output, t, x_t, eta=eta)
+    # the mean is elementwise linear in the model output: d mean / d output is one c_t per step
+    (c,) = torch.autograd.grad(mean.sum(), model_output)
+    assert torch.allclose(c, c[:, :1, :1, :1].expand_as(c))
+    expected = c[:, 0, 0, 0].abs() / sigma
+    torch.testing.assert_close(ddim_step_gain(schedule, t, eta), expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("num_steps", [10, 20, 50])
+def test_step_gain_at_eta_one_is_sqrt_of_the_snr_ratio_minus_one(num_steps):
+    schedule = DDIMSchedule.from_scheduler(_scheduler(), num_steps)
+    t = schedule.timesteps
+    abar_t, abar_prev = schedule.alpha_bar(t).double(), schedule.alpha_bar(schedule.prev_timestep(t)).double()
+    snr_t, snr_prev = abar_t / (1 - abar_t), abar_prev / (1 - abar_prev)
+    expected = (snr_prev / snr_t - 1).sqrt()
+    torch.testing.assert_close(ddim_step_gain(schedule, t, 1.0).double(), expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("source", ["sd", "tiny"])
+@pytest.mark.parametrize(("num_steps", "onto_one"), [(10, 8.32), (20, 5.43), (50, 3.27)])
+def test_the_step_onto_t1_is_the_gain_outlier_not_the_smallest_sigma(source, num_steps, onto_one, request):
+    """SD's config (leading spacing, steps_offset=1) and the tiny model's: one step has a large gain."""
+    if source == "tiny":
+        scheduler = DDIMScheduler.from_pretrained(request.getfixturevalue("tiny_sd_dir"), subfolder="scheduler")
+    else:
+        scheduler = _scheduler()
+    assert scheduler.config.timestep_spacing == "leading" and scheduler.config.steps_offset == 1
+    schedule = DDIMSchedule.from_scheduler(scheduler, num_steps)
+    gain = ddim_step_gain(schedule, schedule.timesteps, 1.0)
+    sigma = ddim_sigma(schedule, schedule.timesteps, 1.0)
+    # the step onto t=1 (second to last) jumps in SNR and is the outlier
+    assert int(schedule.prev_timestep(schedule.timesteps)[-2]) == 1
+    assert int(gain.argmax()) == num_steps - 2
+    assert gain[-2].item() == pytest.approx(onto_one, abs=0.01)
+    others = torch.cat([gain[:-2], gain[-1:]])
+    assert 0.35 < others.min() and others.max() < 1.35
+    # it carries most of the score-noise variance (86% / 73% / 49%)
+    share = gain[-2] ** 2 / (gain**2).sum()
+    assert share.item() == pytest.approx({10: 0.86, 20: 0.73, 50: 0.49}[num_steps], abs=0.01)
+    # the last step has the smallest sigma but an ordinary gain of 1
+    assert int(sigma.argmin()) == num_steps - 1
+    assert gain[-1].item() == pytest.approx(1.0, abs=0.01)

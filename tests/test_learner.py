@@ -301,3 +301,20 @@ def test_warmup_starts_from_lr_zero_and_warmup_fraction_sets_its_length(pipe, ti
         learner.lr_scheduler.step()
     assert lrs[:4] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3])
     assert lrs[4] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 97)))
+
+
+def test_max_step_gain_drops_the_step_onto_t1_and_keeps_the_last(pipe, tiny_sd_dir):
+    learner = PPOLearner(pipe, tiny_config(tiny_sd_dir, "sample.num_steps=10", "train.max_step_gain=2.0"))
+    # SD's leading spacing with steps_offset=1: 901, 801, ..., 101, 1; the step 101 -> 1 has gain 8.3
+    assert learner.schedule.timesteps[-2:].tolist() == [101, 1]
+    assert learner.trainable_steps.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 9]
+    # off by default; min_sigma still applies beside it
+    assert PPOLearner(load_pipeline(tiny_sd_dir, device="cpu"),
+                      tiny_config(tiny_sd_dir, "sample.num_steps=10")).trainable_steps.tolist() == list(range(10))
+    both = tiny_config(tiny_sd_dir, "sample.num_steps=10", "train.max_step_gain=2.0", "train.min_sigma=0.05")
+    assert PPOLearner(load_pipeline(tiny_sd_dir, device="cpu"), both).trainable_steps.tolist() == list(range(8))
+
+
+def test_max_step_gain_that_leaves_no_step_is_a_config_error(pipe, tiny_sd_dir):
+    with pytest.raises(ConfigError, match=r"train.max_step_gain=0.5 leaves no step to train.*smallest gain .* is 0.965; raise train.max_step_gain"):
+        PPOLearner(pipe, tiny_config(tiny_sd_dir, "sample.num_steps=10", "train.max_step_gain=0.5"))
