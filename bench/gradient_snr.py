@@ -6,14 +6,19 @@ computed directly by backpropagating through the sampling chain (the reparameter
 gradient). This script estimates both for the text-encoder LoRA at its initial point, splits the
 policy gradient by sampling step, and prints
 
-- each step's share: the norm of its policy-gradient term, its cosine to the direct gradient;
-- the cosine of the summed policy gradient to the direct gradient, for N samples, when every
-  step is trained and when the steps with sigma_t < --min-sigma are left out;
+- each step's sigma_t, its gain |d mean / d eps_hat| / sigma_t (the size of its score noise),
+  the norm of its policy-gradient term and that term's cosine to the direct gradient;
+- the cosine of the summed policy gradient to the direct gradient, for 16/64/256 samples, when
+  every step is trained, when the steps with sigma_t < --min-sigma are left out (train.min_sigma)
+  and when the steps with gain > --max-step-gain are left out (train.max_step_gain);
 - the fraction of LoRA weights whose gradient sign agrees (what Adam's first steps follow).
 
 and saves a PNG of the per-step figures. Run on the demo's model (README, "Why min_sigma"):
 
     python bench/gradient_snr.py runs/tiny-sd --prompts configs/prompts_magenta.txt
+
+It costs 256 x 10 U-Net forward/backward passes (20 min on 2 busy shared cores, mostly the
+policy gradient); `--samples 64 --direct-samples 64` gives the 16/64 rows in a quarter of that.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ import torch
 import rewards
 from rl.advantages import compute_advantages
 from rl.config import LoraSettings, PromptConfig
-from rl.ddim import DDIMSchedule, ddim_sigma
+from rl.ddim import DDIMSchedule, ddim_sigma, ddim_step_gain
+from rl.learner import trainable_steps
 from rl.lora import add_lora
 from rl.models import load_pipeline
 from rl.prompts import load_prompts
@@ -37,6 +43,7 @@ from rl.sampling import (
     denoise,
     encode,
     sample_trajectories,
+    step_distribution,
     tokenize,
 )
 
@@ -58,6 +65,32 @@ def sign_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((torch.sign(a[nonzero]) == torch.sign(b[nonzero])).float().mean())
 
 
+def summary_table(per_chunk_step: torch.Tensor, g_direct: torch.Tensor, rules: dict[str, torch.Tensor],
+                  chunk: int) -> str:
+    """Cosine / sign agreement to `g_direct` of the policy gradient summed over each rule's steps,
+    for 16, 64, 256 ... samples (averaged over disjoint groups of chunks).
+
+    per_chunk_step: [chunks, T, P], one chunk's gradient per step; rules: name -> step indices.
+    """
+    num_chunks, num_steps, _ = per_chunk_step.shape
+    width = max(22, *(len(name) + 2 for name in rules))
+    left_out = [", ".join(str(j) for j in range(num_steps) if j not in set(steps.tolist())) or "-"
+                for steps in rules.values()]
+    lines = ["cos / sign agreement to the direct gradient, summed over the steps each rule trains",
+             "samples    " + "".join(f"{name:<{width}}" for name in rules),
+             "left out   " + "".join(f"{steps:<{width}}" for steps in left_out)]
+    m = 1
+    while m <= num_chunks:
+        cells = []
+        for steps in rules.values():
+            sums = [per_chunk_step[i * m : (i + 1) * m][:, steps].sum((0, 1)) for i in range(num_chunks // m)]
+            cells.append(f"{np.mean([cosine(s, g_direct) for s in sums]):+.2f} / "
+                         f"{np.mean([sign_agreement(s, g_direct) for s in sums]):.2f}")
+        lines.append(f"{m * chunk:>7}    " + "".join(f"{cell:<{width}}" for cell in cells))
+        m *= 4
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="local diffusers directory (e.g. runs/tiny-sd)")
@@ -68,7 +101,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256, help="policy-gradient samples (a multiple of --chunk)")
     parser.add_argument("--direct-samples", type=int, default=128, help="samples for the direct gradient")
     parser.add_argument("--chunk", type=int, default=16)
-    parser.add_argument("--min-sigma", type=float, default=0.05)
+    parser.add_argument("--min-sigma", type=float, default=0.05, help="today's rule: train.min_sigma")
+    parser.add_argument("--max-step-gain", type=float, default=2.0, help="the gain rule: train.max_step_gain")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--out", default="gradient_snr.png")
     args = parser.parse_args()
@@ -80,6 +114,7 @@ def main() -> None:
     prompts_all = load_prompts(PromptConfig(file=args.prompts))
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, args.num_steps)
     sigma = ddim_sigma(schedule, schedule.timesteps, eta=1.0)
+    gain = ddim_step_gain(schedule, schedule.timesteps, eta=1.0)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     start = time.time()
 
@@ -126,35 +161,36 @@ def main() -> None:
     # 3. per step
     step_norm = per_chunk_step.sum(0).norm(dim=-1).numpy()
     step_cos = np.array([cosine(per_chunk_step[:, j].sum(0), g_direct) for j in range(args.num_steps)])
-    print("step  t     sigma_t  |grad|   cos(direct)")
+    print("step  t     sigma_t  gain    |grad|   cos(direct)")
     for j in range(args.num_steps):
-        print(f"{j:>4}  {int(schedule.timesteps[j]):>4}  {sigma[j]:.4f}   {step_norm[j]:.4f}   {step_cos[j]:+.2f}")
+        print(f"{j:>4}  {int(schedule.timesteps[j]):>4}  {sigma[j]:.4f}   {gain[j]:5.2f}   {step_norm[j]:.4f}   "
+              f"{step_cos[j]:+.2f}")
 
-    # 4. summed over steps, for growing sample counts
-    kept = (sigma >= args.min_sigma).numpy()
-    print(f"\nsamples   cos / sign agreement, all steps   cos / sign agreement, sigma_t >= {args.min_sigma}")
-    chunks = n // args.chunk
-    for m in [2**k for k in range(int(np.log2(chunks)) + 1)]:
-        rows = []
-        for steps in (np.ones_like(kept), kept):
-            sums = [per_chunk_step[i * m : (i + 1) * m][:, steps].sum((0, 1)) for i in range(chunks // m)]
-            rows.append(f"{np.mean([cosine(s, g_direct) for s in sums]):+.2f} / "
-                        f"{np.mean([sign_agreement(s, g_direct) for s in sums]):.2f}")
-        print(f"{m * args.chunk:>7}   {rows[0]:<33}  {rows[1]}")
+    # 4. summed over the steps each rule trains, for growing sample counts
+    rules = {"all steps": torch.arange(args.num_steps),
+             f"sigma_t >= {args.min_sigma:g}": trainable_steps(schedule, 1.0, args.min_sigma),
+             f"gain <= {args.max_step_gain:g}": trainable_steps(schedule, 1.0, 0.0, max_step_gain=args.max_step_gain)}
+    print()
+    print(summary_table(per_chunk_step, g_direct, rules, args.chunk))
 
-    # 5. plot
+    # 5. plot: red, the steps the gain rule leaves out
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax1.bar(range(args.num_steps), step_norm, color=["tab:blue" if k else "tab:red" for k in kept])
+    gain_kept = set(rules[f"gain <= {args.max_step_gain:g}"].tolist())
+    colors = ["tab:blue" if j in gain_kept else "tab:red" for j in range(args.num_steps)]
+    fig, (ax0, ax1, ax2) = plt.subplots(1, 3, figsize=(12, 3.2))
+    ax0.bar(range(args.num_steps), gain.numpy(), color=colors)
+    ax0.axhline(args.max_step_gain, color="black", lw=0.5, ls="--")
+    ax0.set(xlabel="sampling step", ylabel="|d mean / d eps_hat| / sigma_t", title="per-step gain (score-noise size)")
+    ax1.bar(range(args.num_steps), step_norm, color=colors)
     ax1.set(xlabel="sampling step", ylabel="|policy-gradient term|", title="per-step gradient norm")
-    ax2.bar(range(args.num_steps), step_cos, color=["tab:blue" if k else "tab:red" for k in kept])
+    ax2.bar(range(args.num_steps), step_cos, color=colors)
     ax2.axhline(0, color="black", lw=0.5)
     ax2.set(xlabel="sampling step", ylabel="cosine to direct gradient", title="per-step direction")
-    fig.suptitle(f"{Path(args.model).name}, {args.num_steps} steps, {n} samples; red: sigma_t < {args.min_sigma}")
+    fig.suptitle(f"{Path(args.model).name}, {args.num_steps} steps, {n} samples; red: gain > {args.max_step_gain:g}")
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)

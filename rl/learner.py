@@ -49,7 +49,9 @@ def warmup_cosine(warmup_steps: int, total_steps: int, schedule: str):
     return factor
 
 
-def trainable_steps(schedule: DDIMSchedule, eta: float, min_sigma: float, *, max_step_gain: float = 0.0) -> torch.Tensor:
+def trainable_steps(
+    schedule: DDIMSchedule, eta: float, min_sigma: float, *, max_step_gain: float = 0.0
+) -> torch.Tensor:
     """Indices [K] of the sampling steps the learner may train: sigma_t >= min_sigma and, unless
     max_step_gain is 0, gain <= max_step_gain (`ddim_step_gain`, the size of a step's score noise)."""
     sigma = ddim_sigma(schedule, schedule.timesteps, eta)
