@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rewards import aesthetic, clip_models, color, face, hps, imagereward, jpeg
+from rewards import aesthetic, clip_models, color, face, hps, imagereward, jpeg, objects
 from rewards.base import (
     Reward,
     RewardDependencyError,
@@ -147,6 +147,8 @@ def _register_builtins() -> None:
         RewardEntry("color_alignment", color.build_color_alignment, True, (),
                     "closeness of the pixels to the prompt's colour word (0 when it names none); the demo reward"),
         RewardEntry("brightness", color.build_brightness, True, (), "mean luma in [0,1]"),
+        RewardEntry("object_alignment", objects.build_object_alignment, True, (),
+                    "toy world: the prompt's colour and shape read back from the object's pixels (exact 0/0.5/1; soft gradients)"),
         RewardEntry("jpeg_compressibility", jpeg.build_jpeg_compressibility, False, (),
                     "minus the JPEG size in kB at quality 95 (DDPO)"),
         RewardEntry("jpeg_incompressibility", jpeg.build_jpeg_incompressibility, False, (),

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from rl import tiny
+    from toyworld import tiny
 
     tiny.add_subcommand(sub)
 

@@ -25,7 +25,7 @@ def _quiet_progress_bars():
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory) -> str:
     """A tiny SD pipeline saved with `save_pretrained` (real diffusers layout)."""
-    from rl.tiny import make_tiny
+    from toyworld.tiny import make_tiny
 
     return str(make_tiny(tmp_path_factory.mktemp("tiny-sd") / "tiny-sd", seed=0))
 

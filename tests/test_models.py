@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from rl.models import ModelNotFoundError, load_pipeline
-from rl.tiny import build_tiny_pipeline
+from toyworld.tiny import build_tiny_pipeline, make_tiny
 
 
 def test_make_tiny_cli_writes_a_loadable_pipeline(tmp_path):
@@ -29,6 +29,18 @@ def test_tiny_pipeline_is_deterministic_from_seed():
     a, b, c = build_tiny_pipeline(3), build_tiny_pipeline(3), build_tiny_pipeline(4)
     wa, wb, wc = (next(p.unet.parameters()) for p in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_make_tiny_pretrains_on_the_scene_set_it_is_given(tmp_path, monkeypatch):
+    import toyworld.pretrain
+    from toyworld.captions import all_combinations, train_combinations
+
+    seen = []
+    monkeypatch.setattr(toyworld.pretrain, "pretrain_tiny", lambda pipe, **kw: seen.append(kw) or {})
+    make_tiny(tmp_path / "train", pretrain_steps=9, scenes="train")
+    make_tiny(tmp_path / "all", pretrain_steps=9)
+    assert [kw["combinations"] for kw in seen] == [train_combinations(), all_combinations()]
+    assert seen[0]["vae_steps"] == 3 and seen[0]["unet_steps"] == 6
 
 
 def test_missing_directory_with_hub_offline_names_the_fix(monkeypatch):

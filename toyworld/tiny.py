@@ -1,4 +1,4 @@
-"""A tiny Stable Diffusion pipeline built offline, saved in the real diffusers layout.
+"""The toy world's model: a tiny Stable Diffusion pipeline built offline, in the real diffusers layout.
 
 Tests and the embedded demo load it with `StableDiffusionPipeline.from_pretrained(DIR)`,
 the same path that loads SD 1.x/2.x weights, so nothing is mocked. Weights are random but
@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
-_COLORS = ["red", "green", "blue", "yellow", "cyan", "magenta", "white", "black", "orange", "purple"]
-_WORDS = _COLORS + (
+from toyworld.captions import COLORS, SHAPES, all_combinations, train_combinations
+
+_WORDS = COLORS + (
     "a an the of on in with and photo picture painting of cat dog bird car ball house tree flower apple "
     "boat cup hat chair sky grass sea field street table wall horse fish dragon robot city forest"
 ).split()
+assert set(SHAPES) <= set(_WORDS), "every caption word is one token"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -117,20 +119,29 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
-def make_tiny(directory: str | Path, seed: int = 0, *, pretrain_steps: int = 0, progress: bool = False) -> Path:
+SCENE_SETS = {"all": all_combinations, "train": train_combinations}  # --scenes: which (colour, shape) pairs
+
+
+def make_tiny(directory: str | Path, seed: int = 0, *, pretrain_steps: int = 0, scenes: str = "all",
+              progress: bool = False) -> Path:  # fmt: skip
     """Build the tiny pipeline, optionally pretrain it on synthetic scenes, and `save_pretrained` it.
 
     pretrain_steps = 0 keeps the random weights (the test suite's model). N > 0 runs
-    `rl.synthetic.pretrain_tiny` with N // 3 VAE steps and N - N // 3 U-Net + text-encoder steps,
-    after which the prompt's colour word controls the image colour (the embedded demo's model).
+    `toyworld.pretrain.pretrain_tiny` with N // 3 VAE steps and N - N // 3 U-Net + text-encoder
+    steps, after which the prompt's colour word controls the image colour (the embedded demo's
+    model). scenes: "all" pairs of colour and shape, or only the "train" pairs
+    (`toyworld.captions`), so the held-out pairs are never seen.
     """
     directory = Path(directory)
     pipe = build_tiny_pipeline(seed)
     if pretrain_steps > 0:
-        from rl.synthetic import pretrain_tiny
+        from toyworld.pretrain import pretrain_tiny
 
         vae_steps = pretrain_steps // 3
-        pretrain_tiny(pipe, vae_steps=vae_steps, unet_steps=pretrain_steps - vae_steps, seed=seed, progress=progress)
+        pretrain_tiny(
+            pipe, vae_steps=vae_steps, unet_steps=pretrain_steps - vae_steps, seed=seed,
+            combinations=SCENE_SETS[scenes](), progress=progress,
+        )  # fmt: skip
     pipe.save_pretrained(directory, safe_serialization=True)
     return directory
 
@@ -148,13 +159,20 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
         "('a red ball') so the colour word controls the image: N//3 VAE steps, then N - N//3 U-Net + "
         "text-encoder steps (batches of 16 and 32). Recommended for the demo: N=750 (~3-5 min on 2 CPU cores).",
     )
+    parser.add_argument(
+        "--scenes",
+        choices=sorted(SCENE_SETS),
+        default="all",
+        help="which (colour, shape) pairs the pretraining draws: all 80 (default), or the 60 'train' pairs "
+        "so the 20 held-out pairs of toyworld.captions are never seen",
+    )
     parser.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
     if args.pretrain_steps < 0:
         raise SystemExit(f"--pretrain-steps must be >= 0, got {args.pretrain_steps}")
-    path = make_tiny(args.directory, seed=args.seed, pretrain_steps=args.pretrain_steps, progress=True)
+    path = make_tiny(args.directory, seed=args.seed, pretrain_steps=args.pretrain_steps, scenes=args.scenes, progress=True)
     kind = f"pretrained ({args.pretrain_steps} steps)" if args.pretrain_steps else "random"
     print(f"tiny Stable Diffusion pipeline ({kind}) written to {path}")
     return 0

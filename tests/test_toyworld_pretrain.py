@@ -1,45 +1,11 @@
-"""Synthetic scenes and the short pretraining that makes the tiny pipeline follow colour words."""
+"""The short pretraining that makes the tiny pipeline follow its captions (toyworld.pretrain)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rewards.color import COLORS as RGB
-from rl.prompts import BUILTIN
-from rl.synthetic import COVERAGE, denoising_loss, pretrain_tiny, synthetic_scenes, vae_loss
-
-
-def _scenes(seed: int, n: int = 64, size: int = 64):
-    return synthetic_scenes(n, size=size, generator=torch.Generator().manual_seed(seed), return_masks=True)
-
-
-def test_scenes_are_deterministic_from_the_generator():
-    images, captions, masks = _scenes(0)
-    again, captions_again, masks_again = _scenes(0)
-    other, _, _ = _scenes(1)
-    assert torch.equal(images, again) and captions == captions_again and torch.equal(masks, masks_again)
-    assert not torch.equal(images, other)
-    assert images.shape == (64, 3, 64, 64) and images.dtype == torch.float32
-    assert 0 <= images.min() and images.max() <= 1
-
-
-def test_captions_use_the_builtin_prompt_format():
-    _, captions, _ = _scenes(0, n=256, size=16)
-    assert set(captions) <= set(BUILTIN["colors"])
-    assert len(set(captions)) > 40  # draws cover most of the 80 prompts
-
-
-def test_object_pixels_have_the_caption_colour_and_the_intended_coverage():
-    images, captions, masks = _scenes(2)
-    coverage = masks.float().mean((1, 2))
-    assert COVERAGE[0] - 0.05 < coverage.min() and coverage.max() < COVERAGE[1] + 0.05
-    for image, caption, mask in zip(images, captions, masks):
-        rgb = torch.tensor(RGB[caption.split()[1]])
-        inside = image[:, mask].T  # [pixels, 3]
-        outside = image[:, ~mask].T
-        assert (inside - rgb).abs().max() < 1e-6
-        # the background is muted: far from every saturated corner, so the object stands out
-        assert (outside - rgb).norm(dim=1).mean() > 0.3
+from toyworld.pretrain import denoising_loss, pretrain_tiny, vae_loss
+from toyworld.scenes import synthetic_scenes
 
 
 def _held_out_losses(pipe) -> tuple[float, float]:

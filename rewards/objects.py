@@ -1,0 +1,73 @@
+"""`object_alignment`: does the image show the object the prompt names? (the toy world's reward)
+
+The prompt names a colour and a shape ("a magenta car", `toyworld.captions`); the image is
+read back by `toyworld.reader` (the object segmented from the muted background, its colour
+from its own pixels, its shape by template IoU). Per attribute, 1 if the image shows the
+named one and 0 if not (also when no object is found, or the prompt names no such word);
+the score is the mean over the two attributes, so 0, 0.5 or 1 per image:
+
+    object_alignment = (1[colour read == colour named] + 1[shape read == shape named]) / 2
+
+The values are exact; gradients (when the images require them) are those of the soft
+reading, the mean of the named colour's and shape's probabilities (`toyworld.reader.soft_read`),
+passed straight through: score = exact + soft - soft.detach(). `parts` gives the exact
+per-attribute scores, `soft_parts` the soft ones. Images are read one by one, so a score
+does not depend on its batch-mates. `toyworld` is imported when the reward is first called.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def _named(prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Colour and shape indices `[B]` named by each prompt, -1 where it names none."""
+    from toyworld.captions import COLORS, SHAPES, parse_caption
+
+    parsed = [parse_caption(p) for p in prompts]
+    color = torch.tensor([COLORS.index(c) if c else -1 for c, _ in parsed], dtype=torch.long)
+    shape = torch.tensor([SHAPES.index(s) if s else -1 for _, s in parsed], dtype=torch.long)
+    return color, shape
+
+
+class ObjectAlignment:
+    """Exact colour and shape agreement of the image's object with the prompt (module docstring)."""
+
+    name = "object_alignment"
+    differentiable = True
+
+    def parts(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Exact per-attribute scores: {"color": [B], "shape": [B]} in {0, 1}, float32 on the images' device."""
+        from toyworld.reader import read_objects
+
+        reading = read_objects(images)
+        color, shape = _named(prompts)
+        return {
+            "color": ((reading.color == color) & (color >= 0)).float().to(images.device),
+            "shape": ((reading.shape == shape) & (shape >= 0)).float().to(images.device),
+        }
+
+    def soft_parts(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Soft per-attribute scores: the probability of the named colour / shape, `[B]` each, differentiable."""
+        from toyworld.reader import soft_read
+
+        color_probs, shape_probs = soft_read(images)
+        color, shape = (index.to(images.device) for index in _named(prompts))
+        pick = torch.arange(len(color), device=images.device)
+        zero = torch.zeros_like(color_probs[:, 0])
+        return {
+            "color": torch.where(color >= 0, color_probs[pick, color.clamp_min(0)], zero),
+            "shape": torch.where(shape >= 0, shape_probs[pick, shape.clamp_min(0)], zero),
+        }
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        exact = torch.stack(list(self.parts(images, prompts).values())).mean(0)
+        if not (torch.is_grad_enabled() and images.requires_grad):
+            return exact
+        soft = torch.stack(list(self.soft_parts(images, prompts).values())).mean(0)
+        return exact + (soft - soft.detach())  # exact values, soft gradients
+
+
+def build_object_alignment(*, paths=None, device=None, dtype=None) -> ObjectAlignment:
+    return ObjectAlignment()
