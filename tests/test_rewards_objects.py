@@ -50,7 +50,7 @@ def test_reads_back_colour_and_shape_of_rendered_scenes(scenes):
     truth = [parse_caption(c) for c in captions]
     color_accuracy = sum(r[0] == t[0] for r, t in zip(read, truth)) / len(truth)
     shape_accuracy = sum(r[1] == t[1] for r, t in zip(read, truth)) / len(truth)
-    # measured: 1.0 and 1.0 here, and on 1024 random scenes at 64x64 and at 32x32
+    # measured: 1.0 and 1.0 here and on 4000 random scenes at 64x64 (at 32x32: 1 shape wrong in 2000)
     assert color_accuracy >= 0.995 and shape_accuracy >= 0.99
     scores = rewards.build_reward("object_alignment")(images, captions)
     assert scores.scores.mean() >= 0.99
@@ -66,6 +66,23 @@ def test_a_wrong_colour_or_shape_scores_lower_on_that_part(scenes):
         assert wrong[attribute].max() == 0 and torch.equal(wrong[other], right[other])
         assert (reward(images, _wrong(captions, attribute)) == 0.5).all()
     assert (reward(images, captions) == 1).all()
+
+
+def test_a_background_outside_the_muted_box_is_not_read_as_the_object():
+    """What the tiny model paints: near-white, lavender or olive backgrounds and a dark frame at the edge."""
+    pairs = [("red", "flower"), ("green", "house"), ("white", "car"), ("purple", "bird")]
+    backgrounds = torch.tensor([[0.95, 0.96, 0.98], [0.66, 0.47, 0.80], [0.45, 0.42, 0.10], [0.93, 0.90, 0.80]])
+    images, masks = [], []
+    for k, pair in enumerate(pairs):
+        generator = torch.Generator().manual_seed(k)
+        x, _, mask = synthetic_scenes(1, size=64, generator=generator, combinations=[pair], return_masks=True)
+        images.append(torch.where(mask[:, None], x, backgrounds[k].view(1, 3, 1, 1)))
+        masks.append(mask)
+    images = torch.cat(images)
+    images[:, :, :1], images[:, :, :, -1:] = 0.1, 0.1  # a dark frame, as the tiny VAE paints
+    assert read_objects(images).names() == pairs
+    color_probs, shape_probs = soft_read(images)
+    assert [(COLORS[c], SHAPES[s]) for c, s in zip(color_probs.argmax(1).tolist(), shape_probs.argmax(1).tolist())] == pairs
 
 
 def test_no_object_or_no_named_attribute_scores_zero():
