@@ -17,6 +17,7 @@ USER_ERRORS: tuple[str, ...] = (
     "rl.config.ConfigError",  # a config key or value, an override, a command-line option
     "rl.models.ModelNotFoundError",  # the model directory or one of its files
     "rl.prompts.PromptsError",  # the prompt file
+    "rl.run_dir.RunExistsError",  # a new run pointed at an existing run's directory
     "rewards.base.RewardError",  # a reward spec, a reward's files or packages, `score` input
     "tune.lora_io.LoraFormatError",  # a LoRA file, or LoRAs that do not fit together or the model
     "actors.topology.InsufficientResourcesError",  # the cluster cannot host the requested actors

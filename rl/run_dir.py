@@ -29,6 +29,10 @@ from rl.lora import PolicyWeights, save_lora
 log = logging.getLogger("texforce")
 
 
+class RunExistsError(FileExistsError):
+    """A new run was pointed at a directory that already holds one (a user error)."""
+
+
 class RunDirectory:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -46,14 +50,18 @@ class RunDirectory:
         (metrics or checkpoints) is refused; one left by a run that failed before its first epoch
         ended is reused, so the same command works once the problem is fixed."""
         run = cls(Path(config.output_dir) / config.run_name)
-        if run.has_progress():
-            raise FileExistsError(
-                f"run directory {run.path} already holds a run; continue it with `--resume {run.path}` "
-                "or choose another run_name=..."
-            )
+        run.refuse_if_taken()
         run.path.mkdir(parents=True, exist_ok=True)
         run.save_config(config)
         return run
+
+    def refuse_if_taken(self) -> None:
+        """Raise RunExistsError when this directory already holds a run's progress."""
+        if self.has_progress():
+            raise RunExistsError(
+                f"run directory {self.path} already holds a run; continue it with `--resume {self.path}` "
+                "or choose another run_name=..."
+            )
 
     def has_progress(self) -> bool:
         return self.metrics_path.exists() or any(self.checkpoints.glob("epoch_*"))

@@ -55,12 +55,7 @@ def load_run_config(args: argparse.Namespace) -> TexForceConfig:
             )
         return load_config(run.config_path, args.overrides)
     config = load_config(args.config, args.overrides)
-    run = RunDirectory(Path(config.output_dir) / config.run_name)
-    if run.has_progress():
-        raise ConfigError(
-            f"run directory {run.path} already holds a run; continue it with `--resume {run.path}` "
-            "or choose another run_name=..."
-        )
+    RunDirectory(Path(config.output_dir) / config.run_name).refuse_if_taken()  # before any check that takes time
     return config
 
 

@@ -154,12 +154,13 @@ def test_user_error_types_are_listed_once_for_every_entry():
     import rewards
     import rl.models
     import rl.prompts
+    import rl.run_dir
     import tune.lora_io
     from rl.config import ConfigError
 
     assert set(cli._loaded_types(cli.USER_ERRORS)) == {
         ConfigError, rl.models.ModelNotFoundError, rl.prompts.PromptsError, rewards.RewardError,
-        tune.lora_io.LoraFormatError, actors.topology.InsufficientResourcesError,
+        tune.lora_io.LoraFormatError, actors.topology.InsufficientResourcesError, rl.run_dir.RunExistsError,
     }
 
 
