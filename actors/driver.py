@@ -2,6 +2,9 @@
 
     for each epoch:  sample -> reward -> advantage -> update -> sync weights -> log -> checkpoint
 
+and, when `evaluation.prompts_file` is set, scores the policy on those (held-out) prompts with
+fixed seeds before training and after the last (or every N-th) epoch.
+
 It talks to the roles through `InlineWorkers` or `RayWorkers` (actors/topology.py) and owns
 the per-prompt reward statistics, so L learners see the advantages one learner would.
 """
@@ -23,7 +26,7 @@ from rl.config import TexForceConfig
 from rl.lora import PolicyWeights
 from rl.plots import save_image_grid, save_reward_curve
 from rl.preflight import preflight
-from rl.prompts import epoch_prompts, load_prompts
+from rl.prompts import epoch_prompts, load_prompts, read_prompt_file
 from rl.run_dir import RunDirectory
 from rl.sampling import Trajectories
 
@@ -112,6 +115,8 @@ def train(
     try:
         tracker, start = _restore(run, config, workers) if resume else (_new_tracker(config), 0)
         weights = workers.get_weights()
+        if start == 0 and not any(row["epoch"] == -1 for row in run.read_evaluations()):
+            evaluate_held_out(-1, weights, config=config, run=run, workers=workers)
         writer = SummaryWriter(str(run.tensorboard))
         bar = tqdm(total=config.num_epochs, initial=start, desc="epochs")
         learner_failures = 0
@@ -136,6 +141,9 @@ def train(
                 bar.n = epoch
                 bar.refresh()
                 continue
+            every = config.evaluation.every
+            if epoch == config.num_epochs - 1 or (every and (epoch + 1) % every == 0):
+                evaluate_held_out(epoch, weights, config=config, run=run, workers=workers)
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.4f}", kl=f"{row.get('approx_kl', 0):.1e}")
             if on_epoch_end is not None:
@@ -214,6 +222,36 @@ def _run_epoch(
     return row, weights
 
 
+def evaluate_held_out(epoch: int, weights: PolicyWeights, *, config: TexForceConfig, run: RunDirectory, workers) -> None:
+    """Score the policy `weights` (trained through `epoch`; -1 = the base model) on the evaluation prompts.
+
+    The same fixed (prompt, seed) pairs every time, sampled like the training samples (the
+    policy's own eta, steps and guidance) by the same samplers and reward actors; appends a row
+    to evaluation.parquet and saves each prompt's first image in grids/eval_epoch_NNNN.png
+    (eval_before_training.png for the base model).
+    """
+    from tune.evaluate import EvalSettings, eval_set, summarize
+
+    if config.evaluation.prompts_file is None:
+        return
+    prompts = read_prompt_file(config.evaluation.prompts_file, option="evaluation.prompts_file")
+    s = config.sample
+    settings = EvalSettings(num_seeds=config.evaluation.num_seeds, base_seed=config.evaluation.seed_base,
+                            num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta)  # fmt: skip
+    eval_prompts, seeds = eval_set(prompts, settings)
+    trajectories, scores = workers.rollout(weights, eval_prompts, seeds)
+    finite = torch.isfinite(scores.scores)
+    reward = summarize(scores.scores[finite].numpy())
+    row = {"epoch": epoch, "policy_version": weights.version, "reward_mean": reward["mean"], "reward_sem": reward["sem"],
+           **{f"reward_{k}_mean": float(v[finite].mean()) for k, v in scores.parts.items()},
+           "num_samples": len(eval_prompts), "num_dropped": int((~finite).sum())}  # fmt: skip
+    run.append_evaluation(row)
+    first = slice(None, None, config.evaluation.num_seeds)  # each prompt's first image
+    save_image_grid(trajectories.images[first][:16], _captions(eval_prompts[first], scores.scores[first])[:16],
+                    run.grids / ("eval_before_training.png" if epoch < 0 else f"eval_epoch_{epoch:04d}.png"))
+    log.info("held-out reward after epoch %d: %.4f +- %.4f (%d images)", epoch, reward["mean"], reward["sem"], len(eval_prompts))
+
+
 def _new_tracker(config: TexForceConfig) -> PerPromptStatTracker:
     return PerPromptStatTracker(config.advantage.buffer_size, config.advantage.min_count)
 
@@ -257,6 +295,12 @@ def summarize(run: RunDirectory) -> str:
     if rows:
         lines.append(f"mean reward: epoch {rows[0]['epoch']} {rows[0]['reward_mean']:.4f} -> "
                      f"epoch {rows[-1]['epoch']} {rows[-1]['reward_mean']:.4f}")
+    evaluations = run.read_evaluations()
+    if len(evaluations) >= 2:
+        before, after = evaluations[0], evaluations[-1]
+        lines.append(f"held-out reward ({after['num_samples']} images): before training {before['reward_mean']:.4f} "
+                     f"+- {before['reward_sem']:.4f} -> after epoch {after['epoch']} {after['reward_mean']:.4f} "
+                     f"+- {after['reward_sem']:.4f} (evaluation.parquet)")
     for label, path in [("final LoRA", run.final_lora / "pytorch_lora_weights.safetensors"),
                         ("metrics", run.metrics_path), ("reward curve", run.reward_curve),
                         ("image grids", run.grids), ("checkpoints", run.checkpoints),

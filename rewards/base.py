@@ -44,7 +44,8 @@ class RewardOutput:
     """What a `Reward` returns.
 
     scores: `[B]` float32, the weighted sum of the parts; NaN/inf are kept, never hidden.
-    parts: name -> `[B]` float32, each part unweighted.
+    parts: name -> `[B]` float32, each part unweighted; a scorer with `score_with_parts` (the
+        toy world's object rewards) adds its details as `{name}_{detail}`, which the sum ignores.
     """
 
     scores: torch.Tensor
@@ -125,7 +126,12 @@ class Reward:
         parts: dict[str, torch.Tensor] = {}
         total = None
         for scorer in self.scorers:
-            part = scorer(images, prompts).float()
+            if hasattr(scorer, "score_with_parts"):  # a scorer that also reports what its score averages
+                part, details = scorer.score_with_parts(images, prompts)
+                parts |= {f"{scorer.name}_{key}": value.float() for key, value in details.items()}
+            else:
+                part = scorer(images, prompts)
+            part = part.float()
             if part.shape != (images.shape[0],):
                 raise RuntimeError(
                     f"scorer {scorer.name!r} returned shape {tuple(part.shape)}, "

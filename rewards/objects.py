@@ -8,6 +8,9 @@ the score is the mean over the two attributes, so 0, 0.5 or 1 per image:
 
     object_alignment = (1[colour read == colour named] + 1[shape read == shape named]) / 2
 
+`object_color` and `object_shape` score one attribute each (two LoRAs, one per attribute,
+are what LoRA fusion combines); all three log both attributes as parts.
+
 The values are exact; gradients (when the images require them) are those of the soft
 reading, the mean of the named colour's and shape's probabilities (`toyworld.reader.soft_read`),
 passed straight through: score = exact + soft - soft.detach(). `parts` gives the exact
@@ -31,11 +34,18 @@ def _named(prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return color, shape
 
 
-class ObjectAlignment:
-    """Exact colour and shape agreement of the image's object with the prompt (module docstring)."""
+ATTRIBUTE_REWARDS = {"object_alignment": ("color", "shape"), "object_color": ("color",), "object_shape": ("shape",)}
+"""Reward name -> the attributes it averages: both, or one (to train a LoRA per attribute and fuse them)."""
 
-    name = "object_alignment"
+
+class ObjectAlignment:
+    """Exact agreement of the image's object with the prompt on `attributes` (module docstring)."""
+
     differentiable = True
+
+    def __init__(self, name: str = "object_alignment"):
+        self.name = name
+        self.attributes = ATTRIBUTE_REWARDS[name]
 
     def parts(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Exact per-attribute scores: {"color": [B], "shape": [B]} in {0, 1}, float32 on the images' device."""
@@ -61,13 +71,27 @@ class ObjectAlignment:
             "shape": torch.where(shape >= 0, shape_probs[pick, shape.clamp_min(0)], zero),
         }
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        exact = torch.stack(list(self.parts(images, prompts).values())).mean(0)
+    def score_with_parts(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(score `[B]`, the exact per-attribute scores of every attribute) from one reading.
+
+        `rewards.Reward` logs the per-attribute scores as parts `{name}_{attribute}`.
+        """
+        parts = self.parts(images, prompts)
+        exact = torch.stack([parts[a] for a in self.attributes]).mean(0)
         if not (torch.is_grad_enabled() and images.requires_grad):
-            return exact
-        soft = torch.stack(list(self.soft_parts(images, prompts).values())).mean(0)
-        return exact + (soft - soft.detach())  # exact values, soft gradients
+            return exact, parts
+        soft_parts = self.soft_parts(images, prompts)
+        soft = torch.stack([soft_parts[a] for a in self.attributes]).mean(0)
+        return exact + (soft - soft.detach()), parts  # exact values, soft gradients
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.score_with_parts(images, prompts)[0]
 
 
-def build_object_alignment(*, paths=None, device=None, dtype=None) -> ObjectAlignment:
-    return ObjectAlignment()
+def object_reward_builder(name: str):
+    """The registry's builder of the object reward `name` (a key of `ATTRIBUTE_REWARDS`)."""
+
+    def build(*, paths=None, device=None, dtype=None) -> ObjectAlignment:
+        return ObjectAlignment(name)
+
+    return build

@@ -142,6 +142,18 @@ class PromptConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    prompts_file: str | None = None
+    """Held-out prompts (one per line) scored before training and after the last epoch; None: no evaluation."""
+    num_seeds: int = 4
+    """Images per held-out prompt; image j of every prompt has the fixed seed `seed_base + j`, the same at every evaluation."""
+    seed_base: int = 2**31
+    """First evaluation seed; above the training seeds' range [0, 2^31)."""
+    every: int = 0
+    """Also evaluate after every N-th epoch; 0: only before training and after the last epoch."""
+
+
+@dataclass
 class RewardSettings:
     spec: str = "color_alignment"
     """Reward name or weighted sum, e.g. `imagereward:1.0,aesthetic:0.5`."""
@@ -202,6 +214,7 @@ class TexForceConfig:
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     reward: RewardSettings = field(default_factory=RewardSettings)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def validate(self) -> "TexForceConfig":
@@ -263,6 +276,9 @@ class TexForceConfig:
                 for key in ("cpus_per_sampler", "gpus_per_sampler", "cpus_per_reward_actor", "gpus_per_reward_actor",
                             "cpus_per_learner", "gpus_per_learner", "max_restarts", "resource_wait_s")
             ],
+            (self.evaluation.num_seeds >= 1, "evaluation.num_seeds", self.evaluation.num_seeds, positive_int, ""),
+            (self.evaluation.every >= 0, "evaluation.every", self.evaluation.every, ">= 0",
+             "0 = before training and after the last epoch only"),
             (r.call_timeout_s > 0, "resources.call_timeout_s", r.call_timeout_s, "> 0", ""),
         ]
         for ok, key, value, rule, why in checks:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rl.config import ConfigError, SampleConfig, TexForceConfig
 from rl.models import check_device, check_model, load_tokenizer, vae_scale_factor
-from rl.prompts import load_prompts, warn_long_prompts
+from rl.prompts import load_prompts, read_prompt_file, warn_long_prompts
 
 log = logging.getLogger("texforce")
 
@@ -25,6 +25,8 @@ def preflight(config: TexForceConfig) -> None:
     check_device(config.model.device, option="model.device", local=config.resources.mode == "inline")
     check_gpu_requests(config)
     prompts = load_prompts(config.prompts)
+    if config.evaluation.prompts_file is not None:
+        prompts = prompts + read_prompt_file(config.evaluation.prompts_file, option="evaluation.prompts_file")
     rewards.check_reward(config.reward.spec, paths=config.reward.paths)
     model_dir = check_model(config.model.pretrained)
     if model_dir is None:

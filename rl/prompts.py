@@ -29,9 +29,14 @@ def load_prompts(config: PromptConfig) -> list[str]:
     """The prompt list named by the config; a missing, empty or non-UTF-8 file is a PromptsError."""
     if config.file is None:
         return list(BUILTIN[config.builtin])
-    path = Path(config.file)
+    return read_prompt_file(config.file, option="prompts.file, or --prompts")
+
+
+def read_prompt_file(file: str | Path, *, option: str) -> list[str]:
+    """The non-empty lines of a UTF-8 prompt file; `option` names where the path came from, for the error."""
+    path = Path(file)
     if not path.is_file():
-        raise PromptsError(f"prompt file not found: {path} (prompts.file, or --prompts); one prompt per line")
+        raise PromptsError(f"prompt file not found: {path} ({option}); one prompt per line")
     raw = path.read_bytes()
     problem = utf8_problem(raw)
     if problem:

@@ -3,6 +3,7 @@
 Layout:
     config.yaml                     the resolved config
     metrics.parquet                 one row per epoch
+    evaluation.parquet              held-out reward before training (epoch -1) and after evaluated epochs
     checkpoints/epoch_NNNN/         lora/ (diffusers safetensors), learner.pt, driver.json
     final_lora/                     pytorch_lora_weights.safetensors
     grids/epoch_NNNN.png            sampled images with prompts and rewards
@@ -38,6 +39,7 @@ class RunDirectory:
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
         self.metrics_path = self.path / "metrics.parquet"
+        self.evaluation_path = self.path / "evaluation.parquet"
         self.config_path = self.path / "config.yaml"
         self.final_lora = self.path / "final_lora"
         self.grids = self.path / "grids"
@@ -77,24 +79,18 @@ class RunDirectory:
     # --- metrics ---------------------------------------------------------------------------
 
     def read_metrics(self) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        import pyarrow.parquet as pq
-
-        return pq.read_table(self.metrics_path).to_pylist()
+        return _read_rows(self.metrics_path)
 
     def append_metrics(self, row: dict) -> list[dict]:
         """Add one epoch's row (rewriting the file atomically); returns all rows."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        return _append_row(self.metrics_path, row)
 
-        rows = [r for r in self.read_metrics() if r["epoch"] < row["epoch"]] + [row]
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
-        tmp = self.metrics_path.with_suffix(".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.metrics_path)
-        return rows
+    def read_evaluations(self) -> list[dict]:
+        return _read_rows(self.evaluation_path)
+
+    def append_evaluation(self, row: dict) -> list[dict]:
+        """Add one held-out evaluation (its "epoch" is the last trained epoch, -1 before training)."""
+        return _append_row(self.evaluation_path, row)
 
     # --- checkpoints -----------------------------------------------------------------------
 
@@ -142,3 +138,25 @@ class RunDirectory:
 
     def save_final_lora(self, weights: PolicyWeights, config: TexForceConfig) -> Path:
         return save_lora(weights, config.lora, self.final_lora)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def _append_row(path: Path, row: dict) -> list[dict]:
+    """Keep the rows of earlier epochs, add `row` (a resumed run replaces what came after), write atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [r for r in _read_rows(path) if r["epoch"] < row["epoch"]] + [row]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return rows

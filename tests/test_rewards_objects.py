@@ -149,3 +149,25 @@ def test_registered_and_import_rewards_stays_free_of_the_toy_world_and_rl():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "True", "False"]
+
+
+def test_one_attribute_rewards_score_their_attribute_and_every_reward_reports_both(scenes):
+    images, captions = scenes[0][::8], scenes[1][::8]
+    wrong_shape = _wrong(captions, "shape")
+    for name, expected in (("object_alignment", 0.5), ("object_color", 1.0), ("object_shape", 0.0)):
+        output = rewards.build_reward(name)(images, wrong_shape)
+        assert (output.scores == expected).all(), name
+        assert (output.parts[f"{name}_color"] == 1).all() and (output.parts[f"{name}_shape"] == 0).all()
+    # a weighted sum ignores the detail parts: only the scorers' own scores are summed
+    both = rewards.build_reward("object_color:1,object_shape:2")(images, wrong_shape)
+    assert (both.scores == 1.0).all()
+    assert rewards.build_reward("object_shape").differentiable
+
+
+def test_one_attribute_reward_passes_the_gradient_of_its_own_attribute_only(scenes):
+    images = scenes[0][:4].clone().requires_grad_(True)
+    prompts = scenes[1][:4]
+    scorer = rewards.build_reward("object_shape").scorers[0]
+    (grad,) = torch.autograd.grad(scorer(images, prompts).sum(), images)
+    (expected,) = torch.autograd.grad(scorer.soft_parts(images, prompts)["shape"].sum(), images)
+    assert grad.abs().sum() > 0 and torch.allclose(grad, expected)

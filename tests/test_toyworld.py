@@ -51,6 +51,18 @@ def test_split_is_fixed_disjoint_and_covers_every_word_in_training():
     assert ("magenta", "flower") in held_out and ("magenta", "car") in train
 
 
+def test_prompt_files_of_the_split_are_the_split():
+    """configs/ holds the split as prompt files (rl/ reads files and does not import the toy world)."""
+    from pathlib import Path
+
+    from rl.config import PromptConfig
+    from rl.prompts import load_prompts
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert load_prompts(PromptConfig(file=str(configs / "prompts_toy_train.txt"))) == prompts_for(train_combinations())
+    assert load_prompts(PromptConfig(file=str(configs / "prompts_toy_held_out.txt"))) == prompts_for(held_out_combinations())
+
+
 # --- scenes -------------------------------------------------------------------------------------
 
 

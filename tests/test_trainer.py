@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import rewards
-from actors.driver import NonFiniteRewardError, TrainingStopped, train
+from actors.driver import NonFiniteRewardError, TrainingStopped, summarize, train
 from actors.sampler import SamplerWorker
 from actors.topology import InsufficientResourcesError, RayWorkers
 from conftest import tiny_config
@@ -20,6 +20,7 @@ from rl.config import load_config
 from rl.learner import PPOLearner
 from rl.models import load_pipeline
 from rl.prompts import BUILTIN, epoch_prompts
+from tune.evaluate import EvalSettings, evaluate
 
 
 def _trainer_config(tiny_sd_dir, tmp_path, *overrides):
@@ -41,7 +42,10 @@ def _trainer_config(tiny_sd_dir, tmp_path, *overrides):
 
 
 def test_end_to_end_ray_run(ray_session, tiny_sd_dir, tmp_path):
-    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=e2e", "num_epochs=2", "resources.num_samplers=2")
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a purple hat\na white cup\na black bird\n")
+    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=e2e", "num_epochs=2", "resources.num_samplers=2",
+                             f"evaluation.prompts_file={held_out}", "evaluation.num_seeds=2")  # fmt: skip
     run = train(config)
     rows = pq.read_table(run.metrics_path).to_pylist()
     assert [r["epoch"] for r in rows] == [0, 1]
@@ -58,7 +62,18 @@ def test_end_to_end_ray_run(ray_session, tiny_sd_dir, tmp_path):
     assert any(run.tensorboard.iterdir())
     # the exported LoRA loads into a fresh pipeline with diffusers
     pipe = load_pipeline(tiny_sd_dir, device="cpu")
+    # held-out evaluation before training and after the last epoch: the fixed (prompt, seed) set
+    # that `texforce eval` scores for the base model and for the final LoRA
+    evaluations = run.read_evaluations()
+    assert [r["epoch"] for r in evaluations] == [-1, 1] and [r["policy_version"] for r in evaluations] == [0, 2]
+    settings = EvalSettings(num_seeds=2, base_seed=config.evaluation.seed_base, num_steps=6, eta=1.0)
+    prompts = held_out.read_text().split("\n")[:3]
+    reward = rewards.build_reward(config.reward.spec)
+    assert evaluate(pipe, reward, prompts, settings).objective.mean() == pytest.approx(evaluations[0]["reward_mean"], abs=1e-6)
     pipe.load_lora_weights(str(run.final_lora))
+    assert evaluate(pipe, reward, prompts, settings).objective.mean() == pytest.approx(evaluations[1]["reward_mean"], abs=1e-6)
+    assert (run.grids / "eval_before_training.png").exists() and (run.grids / "eval_epoch_0001.png").exists()
+    assert "held-out reward (6 images): before training" in summarize(run)
 
 
 def test_two_learners_match_one_learner_on_the_union_batch(ray_session, tiny_sd_dir, tmp_path):
