@@ -24,6 +24,20 @@ from toyworld.scenes import synthetic_scenes
 KL_WEIGHT = 1e-3  # per latent element; small, as in SD's VAE: keeps latents tame, not Gaussian
 CAPTION_DROPOUT = 0.1  # fraction of captions replaced by "" so the U-Net also learns eps(x_t, "") for CFG
 GRAD_CLIP = 1.0
+WARMUP_STEPS = 200  # of the denoiser; then cosine decay to FINAL_LR_FRACTION of the learning rate
+FINAL_LR_FRACTION = 0.1
+
+
+def _warmup_cosine(steps: int, warmup: int):
+    """LR multiplier for a run of `steps`: linear warmup, then cosine to FINAL_LR_FRACTION."""
+    import math
+
+    def factor(step: int) -> float:
+        progress = min(1.0, step / max(1, steps))
+        cosine = FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+        return min(1.0, (step + 1) / max(1, warmup)) * cosine
+
+    return factor
 
 
 Combinations = list[tuple[str, str]] | None  # the (colour, shape) pairs scenes draw from; None: all
@@ -54,6 +68,7 @@ def train_vae(vae, *, steps: int, batch_size: int, learning_rate: float, generat
 
     vae.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, warmup=0))
     metrics = {"vae_loss": float("nan"), "vae_recon": float("nan"), "vae_kl": float("nan")}
     for _ in tqdm(range(steps), desc="pretrain vae", disable=not progress):
         x, _ = _scenes(batch_size, vae.config.sample_size, generator, combinations)
@@ -62,6 +77,7 @@ def train_vae(vae, *, steps: int, batch_size: int, learning_rate: float, generat
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), GRAD_CLIP)
         optimizer.step()
+        lr_schedule.step()
         metrics = {"vae_loss": loss.item(), "vae_recon": recon.item(), "vae_kl": kl.item()}
     vae.eval().requires_grad_(False)
     return metrics
@@ -84,7 +100,7 @@ def encode_scenes(vae, n: int, *, generator: torch.Generator,
     """n fresh scenes through the frozen VAE: posterior means and stds `[n, 4, h, w]` (unscaled), captions.
 
     The denoiser trains on a pool of these, drawing z ~ q(z|x) at every step: ~30% cheaper
-    than drawing and encoding new scenes per step; 2048 scenes are ~25 per caption.
+    than drawing and encoding new scenes per step; 8192 scenes are ~100-140 per caption.
     """
     means, stds, captions = [], [], []
     for start in range(0, n, 256):
@@ -127,6 +143,7 @@ def train_denoiser(pipe, *, steps: int, batch_size: int, num_scenes: int, learni
     unet.train().requires_grad_(True)
     text_encoder.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=1e-2)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, warmup=WARMUP_STEPS))
     metrics = {"unet_loss": float("nan")}
     for _ in tqdm(range(steps), desc="pretrain unet+text", disable=not progress):
         index = torch.randint(len(means), (batch_size,), generator=generator)
@@ -138,6 +155,7 @@ def train_denoiser(pipe, *, steps: int, batch_size: int, num_scenes: int, learni
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
         optimizer.step()
+        lr_schedule.step()
         metrics = {"unet_loss": loss.item()}
     for module in (unet, text_encoder):
         module.eval().requires_grad_(False)
@@ -151,7 +169,7 @@ def pretrain_tiny(
     unet_steps: int,
     batch_size: int = 32,
     vae_batch_size: int = 16,
-    num_scenes: int = 2048,
+    num_scenes: int = 8192,
     learning_rate: float = 1e-3,
     seed: int = 0,
     combinations: Combinations = None,

@@ -122,13 +122,13 @@ def build_tiny_pipeline(seed: int = 0):
 SCENE_SETS = {"all": all_combinations, "train": train_combinations}  # --scenes: which (colour, shape) pairs
 
 
-def make_tiny(directory: str | Path, seed: int = 0, *, pretrain_steps: int = 0, scenes: str = "all",
-              progress: bool = False) -> Path:  # fmt: skip
+def make_tiny(directory: str | Path, seed: int = 0, *, pretrain_steps: int = 0, vae_steps: int | None = None,
+              scenes: str = "all", progress: bool = False) -> Path:  # fmt: skip
     """Build the tiny pipeline, optionally pretrain it on synthetic scenes, and `save_pretrained` it.
 
     pretrain_steps = 0 keeps the random weights (the test suite's model). N > 0 runs
-    `toyworld.pretrain.pretrain_tiny` with N // 3 VAE steps and N - N // 3 U-Net + text-encoder
-    steps, after which the prompt's colour word controls the image colour (the embedded demo's
+    `toyworld.pretrain.pretrain_tiny` with `vae_steps` (default N // 3) VAE steps and N - vae_steps
+    U-Net + text-encoder steps, after which the prompt's colour word controls the image colour (the embedded demo's
     model). scenes: "all" pairs of colour and shape, or only the "train" pairs
     (`toyworld.captions`), so the held-out pairs are never seen.
     """
@@ -137,7 +137,7 @@ def make_tiny(directory: str | Path, seed: int = 0, *, pretrain_steps: int = 0, 
     if pretrain_steps > 0:
         from toyworld.pretrain import pretrain_tiny
 
-        vae_steps = pretrain_steps // 3
+        vae_steps = pretrain_steps // 3 if vae_steps is None else vae_steps
         pretrain_tiny(
             pipe, vae_steps=vae_steps, unet_steps=pretrain_steps - vae_steps, seed=seed,
             combinations=SCENE_SETS[scenes](), progress=progress,
@@ -159,6 +159,8 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
         "('a red ball') so the colour word controls the image: N//3 VAE steps, then N - N//3 U-Net + "
         "text-encoder steps (batches of 16 and 32). Recommended for the demo: N=750 (~3-5 min on 2 CPU cores).",
     )
+    parser.add_argument("--vae-steps", type=int, default=None, metavar="M",
+                        help="of the N pretraining steps, M train the VAE (default N//3)")
     parser.add_argument(
         "--scenes",
         choices=sorted(SCENE_SETS),
@@ -172,7 +174,10 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> int:
     if args.pretrain_steps < 0:
         raise SystemExit(f"--pretrain-steps must be >= 0, got {args.pretrain_steps}")
-    path = make_tiny(args.directory, seed=args.seed, pretrain_steps=args.pretrain_steps, scenes=args.scenes, progress=True)
+    if args.vae_steps is not None and not 0 <= args.vae_steps < args.pretrain_steps:
+        raise SystemExit(f"--vae-steps must be in [0, --pretrain-steps), got {args.vae_steps}")
+    path = make_tiny(args.directory, seed=args.seed, pretrain_steps=args.pretrain_steps, vae_steps=args.vae_steps,
+                     scenes=args.scenes, progress=True)  # fmt: skip
     kind = f"pretrained ({args.pretrain_steps} steps)" if args.pretrain_steps else "random"
     print(f"tiny Stable Diffusion pipeline ({kind}) written to {path}")
     return 0
