@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from rl.algorithms import get_algorithm
 from rl.config import ConfigError, SampleConfig, TexForceConfig
 from rl.models import check_device, check_model, load_tokenizer, vae_scale_factor
 from rl.prompts import load_prompts, warn_long_prompts
@@ -25,7 +26,13 @@ def preflight(config: TexForceConfig) -> None:
     check_device(config.model.device, option="model.device", local=config.resources.mode == "inline")
     check_gpu_requests(config)
     prompts = load_prompts(config.prompts)
-    rewards.check_reward(config.reward.spec, paths=config.reward.paths)
+    if get_algorithm(config.train.algorithm).learner == "gradient":
+        from rl.gradient import check_differentiable, reward_spec
+
+        check_differentiable(config)
+        rewards.check_reward(reward_spec(config), paths=config.reward.paths)
+    else:
+        rewards.check_reward(config.reward.spec, paths=config.reward.paths)
     model_dir = check_model(config.model.pretrained)
     if model_dir is None:
         log.info("model %s is a hub id: its files are checked when it loads", config.model.pretrained)
