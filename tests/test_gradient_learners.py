@@ -183,3 +183,17 @@ def test_half_precision_gradient_learner_matches_float32(tiny_sd_dir, one_torch_
         assert _cosine(half, fp32) > 0.99, dtype
         ratio = torch.cat([g.flatten() for g in half]).norm() / torch.cat([g.flatten() for g in fp32]).norm()
         assert abs(float(ratio) - 1) < 0.05, dtype
+
+
+def test_gradient_variance_bench_runs_on_the_tiny_model(tiny_sd_dir, one_torch_thread, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gradient_variance.py"
+    spec = importlib.util.spec_from_file_location("gradient_variance", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--model", tiny_sd_dir, "--samples", "3", "--steps", "3"])
+    assert [r["estimator"] for r in rows] == ["DRaFT-1", "DRaFT-LV (n=2)"]
+    assert all(r["variance"] > 0 and r["mean_norm"] > 0 for r in rows)
+    assert "| DRaFT-LV (n=2) |" in capsys.readouterr().out
