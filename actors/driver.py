@@ -141,7 +141,8 @@ def train(
                 bar.refresh()
                 continue
             bar.update(1)
-            bar.set_postfix(reward=f"{row['reward_mean']:.4f}", kl=f"{row.get('approx_kl', 0):.1e}")
+            progress = {"kl": f"{row['approx_kl']:.1e}"} if "approx_kl" in row else {"loss": f"{row['loss']:.4f}"}
+            bar.set_postfix(reward=f"{row['reward_mean']:.4f}", **progress)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
             epoch += 1
