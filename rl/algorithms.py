@@ -24,16 +24,15 @@ class Algorithm:
         of a differentiable reward through the sampler).
     truncation: which steps the gradient flows through (gradient learners): "all" (DRaFT),
         "fixed" (the last `gradient.truncation_k`), "random" (the last K, K drawn per minibatch,
-        AlignProp), "stop" (one step at a random stop point, scored on its predicted x0, ReFL).
-    low_variance: DRaFT-LV's n re-noised one-step copies of the final sample.
+        AlignProp), "stop" (one step at a random stop point, scored on its predicted x0, ReFL),
+        "copies" (none of the loop's; one step of each of n re-noised copies of x_0, DRaFT-LV).
     original_encoder_early: TextCraftor: the steps before the last K use the base text encoder.
     """
 
     name: str
     description: str
     learner: Literal["ppo", "gradient"]
-    truncation: Literal["none", "all", "fixed", "random", "stop"] = "none"
-    low_variance: bool = False
+    truncation: Literal["none", "all", "fixed", "random", "stop", "copies"] = "none"
     original_encoder_early: bool = False
 
     @property
@@ -66,8 +65,8 @@ for _entry in (
     Algorithm("ppo", "TexForce / DDPO: clipped PPO on per-step DDIM log-probs (eta > 0)", "ppo"),
     Algorithm("draft", "DRaFT: backpropagate the reward through every sampling step", "gradient", "all"),
     Algorithm("draft_k", "DRaFT-K: backpropagate through the last gradient.truncation_k steps only", "gradient", "fixed"),
-    Algorithm("draft_lv", "DRaFT-LV: K=1, plus gradient.lv_copies re-noised one-step copies of the final sample",
-              "gradient", "fixed", low_variance=True),
+    Algorithm("draft_lv", "DRaFT-LV: x_0 drawn without grad, then gradient.lv_copies copies of it re-noised to the "
+              "last step and denoised in one step with grad (K=1); their rewards summed", "gradient", "copies"),
     Algorithm("refl", "ReFL: stop at a random step in the gradient.refl_* range and score its predicted x0",
               "gradient", "stop"),
     Algorithm("alignprop", "AlignProp: backpropagate through the last K steps, K uniform in "

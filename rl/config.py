@@ -130,10 +130,11 @@ class GradientConfig:
     DDIM at eta 0 (sample.eta is PPO's) and sample.guidance_scale, and use train.* for the optimizer."""
 
     truncation_k: int = 1
-    """DRaFT-K / DRaFT-LV / TextCraftor: the gradient flows through the last K sampling steps (K=1 is
-    DRaFT's best); TextCraftor's fine-tuned encoder drives those K steps, the base encoder the rest."""
+    """DRaFT-K / TextCraftor: the gradient flows through the last K sampling steps (K=1 is DRaFT's
+    best); TextCraftor's fine-tuned encoder drives those K steps, the base encoder the rest."""
     lv_copies: int = 2
-    """DRaFT-LV: re-noised copies n of the final sample, each denoised in one step; their rewards are summed."""
+    """DRaFT-LV: copies n of the final sample (drawn without grad), each re-noised to the last timestep
+    and denoised in one step with grad; their rewards are summed."""
     refl_min_fraction: float = 0.75
     """ReFL: earliest stop step as a fraction of sample.num_steps (ReFL's code: step 30 of 40)."""
     refl_max_fraction: float = 0.975

@@ -79,7 +79,7 @@ class Window:
 def draw_window(algorithm: Algorithm, config: TexForceConfig, generator: torch.Generator) -> Window:
     """The window of one minibatch (the random ones drawn from `generator`, the same on every rank)."""
     g, steps = config.gradient, config.sample.num_steps
-    if algorithm.low_variance:
+    if algorithm.truncation == "copies":
         return Window(steps, steps, copies=g.lv_copies)
     if algorithm.truncation == "all":
         return Window(0, steps)
@@ -125,10 +125,11 @@ class ScoredSamples:
     def cat(parts: list["ScoredSamples"]) -> "ScoredSamples":
         """Concatenate and order by row (the ranks' pieces back into the epoch's order)."""
         rows = [r for p in parts for r in p.rows]
+        prompts = [x for p in parts for x in p.prompts]
         order = torch.as_tensor(np.argsort(rows, kind="stable"), dtype=torch.long)
         return ScoredSamples(
             rows=[rows[i] for i in order.tolist()],
-            prompts=[[x for p in parts for x in p.prompts][i] for i in order.tolist()],
+            prompts=[prompts[i] for i in order.tolist()],
             images=torch.cat([p.images for p in parts])[order],
             scores=torch.cat([p.scores for p in parts])[order],
             parts={k: torch.cat([p.parts[k] for p in parts])[order] for k in parts[0].parts},

@@ -1,4 +1,6 @@
-"""The PPO learner: advantages and clipped updates on the LoRA of a Stable Diffusion pipeline.
+"""The PPO learner: advantages and clipped updates on the LoRA of a Stable Diffusion pipeline,
+and `LoraLearner`, what it shares with the gradient learners (rl/gradient.py): the float32 LoRA,
+the optimizer and LR schedule, fp16 loss scaling, the optimizer step across ranks, checkpoints.
 
 Pure PyTorch. The Ray learner actor wraps this class; with torch.distributed initialised,
 gradients are summed across ranks before every optimizer step. Each rank weights its loss by
