@@ -2,6 +2,7 @@
 
     for each epoch:  sample -> reward -> advantage -> update -> sync weights -> log -> checkpoint
 
+(a gradient learner does the first four in one differentiable pass on the learner group),
 and, when `evaluation.prompts_file` is set, scores the policy on those (held-out) prompts with
 fixed seeds before training and after the last (or every N-th) epoch.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +24,7 @@ import torch
 from actors.reward import RewardScores
 from actors.topology import ActorsLostError, InlineWorkers, LearnerFailedError, RayWorkers
 from rl.advantages import PerPromptStatTracker, compute_advantages
+from rl.algorithms import get_algorithm
 from rl.config import TexForceConfig
 from rl.lora import PolicyWeights
 from rl.plots import save_image_grid, save_reward_curve
@@ -96,7 +99,7 @@ def train(
     resume: str | Path | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> RunDirectory:
-    """Run (or resume) a TexForce/DDPO training run; returns its run directory.
+    """Run (or resume) a training run of `train.algorithm` (PPO or a gradient learner); returns its run directory.
 
     A learner that dies is replaced and the run goes on from the last checkpoint, up to
     resources.max_restarts times; then TrainingStopped says how to resume.
@@ -145,7 +148,8 @@ def train(
             if epoch == config.num_epochs - 1 or (every and (epoch + 1) % every == 0):
                 evaluate_held_out(epoch, weights, config=config, run=run, workers=workers)
             bar.update(1)
-            bar.set_postfix(reward=f"{row['reward_mean']:.4f}", kl=f"{row.get('approx_kl', 0):.1e}")
+            progress = {"kl": f"{row['approx_kl']:.1e}"} if "approx_kl" in row else {"loss": f"{row['loss']:.4f}"}
+            bar.set_postfix(reward=f"{row['reward_mean']:.4f}", **progress)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
             epoch += 1
@@ -157,20 +161,76 @@ def train(
     return run
 
 
+@dataclass
+class _Experience:
+    """What an epoch's sample/reward/update phases hand to logging: the update's metrics, the
+    finite-reward samples' prompts, uint8 images and rewards, and all the scores."""
+
+    metrics: dict
+    prompts: list[str]
+    images: torch.Tensor
+    scores: RewardScores
+    rewards: np.ndarray
+    dropped: int
+    sample_seconds: float
+    update_seconds: float
+
+
 def _run_epoch(
     epoch: int, weights: PolicyWeights, *, config: TexForceConfig, run: RunDirectory, workers,
     tracker: PerPromptStatTracker, prompts: list[str], writer,
 ) -> tuple[dict, PolicyWeights]:
     """One epoch: sample -> reward -> advantage -> update -> sync weights -> log -> checkpoint.
-    Returns the epoch's metrics row and the weights for the next epoch's samplers."""
+    A gradient learner samples, scores and steps in one pass on its own worker group (no
+    samplers, reward actors or advantages). Returns the epoch's metrics row and the weights
+    for the next epoch's samplers."""
     t0 = time.perf_counter()
-    # 1-2. sample trajectories and score them
     group = config.advantage.group_size if config.advantage.mode == "group" else 1
     epoch_prompt_list, seeds = epoch_prompts(
         prompts, seed=config.seed, epoch=epoch, num_samples=config.samples_per_epoch, group_size=group
     )
+    # 1-4. sample, reward, (advantage,) update
+    phases = _gradient_phases if get_algorithm(config.train.algorithm).samples_in_learner else _ppo_phases
+    done = phases(epoch, weights, epoch_prompt_list, seeds, config=config, run=run, workers=workers, tracker=tracker)
+    # 5. weights for the next epoch's samplers
+    weights = workers.get_weights()
+    t_updated = time.perf_counter()
+    # 6. log
+    rewards, scores = done.rewards, done.scores
+    row = {
+        "epoch": epoch,
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        **{f"reward_{k}_mean": float(v[torch.isfinite(v)].mean()) for k, v in scores.parts.items()},
+        **done.metrics,
+        "num_samples": len(rewards),
+        "num_dropped": done.dropped,
+        "sample_seconds": done.sample_seconds,
+        "update_seconds": done.update_seconds,
+        "wall_seconds": t_updated - t0,
+        "samples_per_second": len(scores.scores) / (done.sample_seconds or done.update_seconds),
+        "actor_restarts": workers.restarts,
+    }
+    rows = run.append_metrics(row)
+    for key, value in row.items():
+        writer.add_scalar(key, value, epoch)
+    save_image_grid(done.images[:8], _captions(done.prompts, torch.from_numpy(rewards)),
+                    run.grids / f"epoch_{epoch:04d}.png")
+    save_reward_curve([r["epoch"] for r in rows], [r["reward_mean"] for r in rows],
+                      [r["reward_std"] for r in rows], run.reward_curve, title=f"{config.run_name}: {config.reward.spec}")
+    # 7. checkpoint
+    if (epoch + 1) % config.save_every == 0 or epoch == config.num_epochs - 1:
+        _save_checkpoint(run, config, workers, tracker, weights, epoch)
+    return row, weights
+
+
+def _ppo_phases(epoch: int, weights: PolicyWeights, prompts: list[str], seeds: list[int], *,
+                config: TexForceConfig, run: RunDirectory, workers, tracker: PerPromptStatTracker) -> _Experience:
+    """Samplers roll out, reward actors score, the driver computes advantages, the learners update."""
+    t0 = time.perf_counter()
+    # 1-2. sample trajectories and score them
     try:
-        trajectories, scores = workers.rollout(weights, epoch_prompt_list, seeds)
+        trajectories, scores = workers.rollout(weights, prompts, seeds)
     except ActorsLostError as error:
         _checkpoint_last_finished_epoch(run, config, workers, tracker, weights, epoch)
         raise TrainingStopped(f"{error}; then `texforce train --resume {run.path}`") from error
@@ -191,35 +251,34 @@ def _run_epoch(
     )
     # 4. PPO update
     metrics = workers.update(trajectories, advantages)
-    # 5. weights for the next epoch's samplers
-    weights = workers.get_weights()
-    t_updated = time.perf_counter()
-    # 6. log
-    row = {
-        "epoch": epoch,
-        "reward_mean": float(rewards.mean()),
-        "reward_std": float(rewards.std()),
-        **{f"reward_{k}_mean": float(v[torch.isfinite(v)].mean()) for k, v in scores.parts.items()},
-        **metrics,
-        "num_samples": len(trajectories),
-        "num_dropped": dropped,
-        "sample_seconds": t_sampled - t0,
-        "update_seconds": t_updated - t_sampled,
-        "wall_seconds": t_updated - t0,
-        "samples_per_second": len(scores.scores) / (t_sampled - t0),
-        "actor_restarts": workers.restarts,
-    }
-    rows = run.append_metrics(row)
-    for key, value in row.items():
-        writer.add_scalar(key, value, epoch)
-    save_image_grid(trajectories.images[:8], _captions(trajectories.prompts, torch.from_numpy(rewards)),
-                    run.grids / f"epoch_{epoch:04d}.png")
-    save_reward_curve([r["epoch"] for r in rows], [r["reward_mean"] for r in rows],
-                      [r["reward_std"] for r in rows], run.reward_curve, title=f"{config.run_name}: {config.reward.spec}")
-    # 7. checkpoint
-    if (epoch + 1) % config.save_every == 0 or epoch == config.num_epochs - 1:
-        _save_checkpoint(run, config, workers, tracker, weights, epoch)
-    return row, weights
+    return _Experience(metrics, trajectories.prompts, trajectories.images, scores, rewards, dropped,
+                       sample_seconds=t_sampled - t0, update_seconds=time.perf_counter() - t_sampled)
+
+
+def _gradient_phases(epoch: int, weights: PolicyWeights, prompts: list[str], seeds: list[int], *,
+                     config: TexForceConfig, run: RunDirectory, workers, tracker: PerPromptStatTracker) -> _Experience:
+    """The learner group samples with grad, scores with the differentiable reward and steps, in one pass.
+
+    Non-finite rewards were left out of the loss; in `stop` mode the run stops after a checkpoint
+    of this epoch (its update used only the finite ones)."""
+    t0 = time.perf_counter()
+    metrics, samples = workers.train_on_prompts(prompts, seeds)
+    scores = RewardScores(samples.scores, samples.parts)
+    finite = scores.finite_report.mask
+    dropped = int((~finite).sum())
+    if dropped:
+        message = f"{dropped} of {len(finite)} samples of the epoch have non-finite rewards ({scores.finite_report})"
+        if config.reward.on_non_finite == "stop" or dropped == len(finite):
+            save_image_grid(samples.images, _captions(samples.prompts, scores.scores),
+                            run.grids / f"epoch_{epoch:04d}_non_finite.png")
+            _save_checkpoint(run, config, workers, tracker, workers.get_weights(), epoch)
+            raise NonFiniteRewardError(f"{message}; stopping after a checkpoint of this epoch (they were left out of "
+                                       f"its update); fix the reward, then `texforce train --resume {run.path}`")
+        log.warning("%s; they were left out of the update (reward.on_non_finite=drop)", message)
+    keep = torch.nonzero(finite).flatten()
+    rewards = scores.scores[keep].numpy().astype(np.float64)
+    return _Experience(metrics, [samples.prompts[i] for i in keep.tolist()], samples.images[keep], scores, rewards, dropped,
+                       sample_seconds=0.0, update_seconds=time.perf_counter() - t0)
 
 
 def evaluate_held_out(epoch: int, weights: PolicyWeights, *, config: TexForceConfig, run: RunDirectory, workers) -> None:

@@ -1,4 +1,4 @@
-"""Learner worker: one data-parallel rank of the PPO learner (rl.learner.PPOLearner)."""
+"""Learner worker: one data-parallel rank of the run's learner (rl.learner.PPOLearner or rl.gradient.GradientLearner)."""
 from __future__ import annotations
 
 import socket
@@ -7,7 +7,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from rl.algorithms import get_algorithm
 from rl.config import TexForceConfig
+from rl.gradient import GradientLearner, ScoredSamples
 from rl.learner import PPOLearner
 from rl.lora import PolicyWeights
 from rl.models import load_pipeline_from_config
@@ -16,14 +18,17 @@ from rl.sampling import Trajectories
 
 class LearnerWorker:
     """Plain class; one per rank. With world_size > 1, `init_process_group` joins the group
-    (gloo on CPU, nccl on GPU) and PPOLearner all-reduces gradients before each step."""
+    (gloo on CPU, nccl on GPU) and the learner all-reduces gradients before each step. The
+    algorithm's registry entry picks the learner: PPO updates on the samplers' trajectories, a
+    gradient learner samples, scores and steps itself (`train_on_prompts`)."""
 
     def __init__(self, config: TexForceConfig, *, rank: int = 0, world_size: int = 1, num_threads: int | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.rank, self.world_size = rank, world_size
         pipe = load_pipeline_from_config(config.model)
-        self.learner = PPOLearner(pipe, config, world_size=world_size)
+        learner_cls = GradientLearner if get_algorithm(config.train.algorithm).samples_in_learner else PPOLearner
+        self.learner = learner_cls(pipe, config, world_size=world_size)
 
     @staticmethod
     def rendezvous_address() -> tuple[str, int]:
@@ -44,6 +49,9 @@ class LearnerWorker:
 
     def update(self, trajectories: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
         return self.learner.update(trajectories, advantages)
+
+    def train_on_prompts(self, prompts: list[str], seeds: list[int]) -> tuple[dict[str, float], ScoredSamples]:
+        return self.learner.update(prompts, seeds)
 
     def get_weights(self) -> PolicyWeights:
         return self.learner.get_weights()

@@ -1,8 +1,9 @@
 """Where the roles run: in this process (inline) or as Ray actors. The only place that knows
 how many samplers, reward actors and learners there are and what each one needs.
 
-Both classes offer the same four phases the driver calls: `rollout`, `update`,
-`get_weights`, and the learner checkpoint state.
+Both classes offer the same phases the driver calls: `rollout` and `update` (PPO),
+`train_on_prompts` (gradient learners: the learner group samples, scores and steps itself, so
+no samplers or reward actors are started), `get_weights`, and the learner checkpoint state.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import torch
 from actors.learner import LearnerWorker
 from actors.reward import RewardActor, RewardScores
 from actors.sampler import SamplerWorker
+from rl.algorithms import get_algorithm
 from rl.config import TexForceConfig
+from rl.gradient import ScoredSamples
 from rl.lora import PolicyWeights
 from rl.sampling import Trajectories
 
@@ -43,8 +46,9 @@ class InlineWorkers:
     def __init__(self, config: TexForceConfig):
         self.config = config
         self.learner = LearnerWorker(config)
-        self.sampler = SamplerWorker(config, pipe=self.learner.learner.pipe)
-        self.reward = RewardActor(config.reward, device=config.model.device)
+        if not get_algorithm(config.train.algorithm).samples_in_learner:
+            self.sampler = SamplerWorker(config, pipe=self.learner.learner.pipe)
+            self.reward = RewardActor(config.reward, device=config.model.device)
         self.restarts = 0
 
     def rollout(
@@ -62,6 +66,9 @@ class InlineWorkers:
 
     def update(self, trajectories: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
         return self.learner.update(trajectories, advantages)
+
+    def train_on_prompts(self, prompts: list[str], seeds: list[int]) -> tuple[dict[str, float], ScoredSamples]:
+        return self.learner.train_on_prompts(prompts, seeds)
 
     def get_weights(self) -> PolicyWeights:
         return self.learner.get_weights()
@@ -86,6 +93,8 @@ def check_resources(config: TexForceConfig) -> None:
         "reward actor": (r.num_reward_actors, r.cpus_per_reward_actor, r.gpus_per_reward_actor),
         "learner": (r.num_learners, r.cpus_per_learner, r.gpus_per_learner),
     }
+    if get_algorithm(config.train.algorithm).samples_in_learner:  # the learner group is the whole topology
+        roles = {"learner": roles["learner"]}
     need = {
         "CPU": sum(n * c for n, c, _ in roles.values()),
         "GPU": sum(n * g for n, _, g in roles.values()),
@@ -142,7 +151,8 @@ class _Call:
 
 
 class RayWorkers:
-    """Samplers, reward actors and L learner ranks as Ray actors.
+    """Samplers, reward actors and L learner ranks as Ray actors (only the learner ranks for a
+    gradient learner, which samples and scores itself).
 
     Weights go out as one `ray.put` per version. Reward scoring of a finished shard overlaps
     with sampling of the next. Faults:
@@ -166,13 +176,14 @@ class RayWorkers:
         reward_cls = ray.remote(RewardActor).options(
             num_cpus=r.cpus_per_reward_actor, num_gpus=r.gpus_per_reward_actor, max_restarts=r.max_restarts
         )
+        rollout_roles = not get_algorithm(config.train.algorithm).samples_in_learner
         self.samplers = [
             sampler_cls.remote(config, num_threads=_threads(r.cpus_per_sampler)) for _ in range(r.num_samplers)
-        ]
+        ] if rollout_roles else []
         self.reward_actors = [
             reward_cls.remote(config.reward, device=config.model.device, num_threads=_threads(r.cpus_per_reward_actor))
             for _ in range(r.num_reward_actors)
-        ]
+        ] if rollout_roles else []
         self.learners = self._start_learners()
         # surface construction errors (missing model, bad reward files) now, not mid-epoch
         self._get([a.ping.remote() for a in self.samplers + self.reward_actors])
@@ -337,6 +348,11 @@ class RayWorkers:
 
         batch_ref, advantages_ref = ray.put(trajectories), ray.put(advantages)
         return self._learner_call([learner.update.remote(batch_ref, advantages_ref) for learner in self.learners])[0]
+
+    def train_on_prompts(self, prompts: list[str], seeds: list[int]) -> tuple[dict[str, float], ScoredSamples]:
+        """Every rank samples, scores and steps on its rows; rank 0's metrics, all ranks' samples in epoch order."""
+        results = self._learner_call([learner.train_on_prompts.remote(prompts, seeds) for learner in self.learners])
+        return results[0][0], ScoredSamples.cat([samples for _, samples in results])
 
     def get_weights(self) -> PolicyWeights:
         return self._learner_call(self.learners[0].get_weights.remote())

@@ -75,6 +75,9 @@ class SampleConfig:
 
 @dataclass
 class TrainConfig:
+    algorithm: str = "ppo"
+    """ppo (TexForce/DDPO), or a gradient learner: draft, draft_k, draft_lv, refl, alignprop, textcraftor
+    (rl/algorithms.py; their settings are in `gradient`)."""
     learning_rate: float = 3e-4
     """AdamW learning rate (peak, after warmup)."""
     adam_beta1: float = 0.9
@@ -119,6 +122,32 @@ class TrainConfig:
     kl_coef: float = 0.0
     """Weight of a KL penalty to the base model's step distribution, per trained step (0 = off,
     as in TexForce). Costs one extra U-Net pass per trained step with the LoRA disabled."""
+
+
+@dataclass
+class GradientConfig:
+    """The gradient learners' settings (DRaFT paper, ReFL, AlignProp, TextCraftor). They sample with
+    DDIM at eta 0 (sample.eta is PPO's) and sample.guidance_scale, and use train.* for the optimizer."""
+
+    truncation_k: int = 1
+    """DRaFT-K / TextCraftor: the gradient flows through the last K sampling steps (K=1 is DRaFT's
+    best); TextCraftor's fine-tuned encoder drives those K steps, the base encoder the rest."""
+    lv_copies: int = 2
+    """DRaFT-LV: copies n of the final sample (drawn without grad), each re-noised to the last timestep
+    and denoised in one step with grad; their rewards are summed."""
+    refl_min_fraction: float = 0.75
+    """ReFL: earliest stop step as a fraction of sample.num_steps (ReFL's code: step 30 of 40)."""
+    refl_max_fraction: float = 0.975
+    """ReFL: latest stop step as a fraction of sample.num_steps (step 39 of 40); the stop step is
+    uniform in [floor(min * T), floor(max * T)], capped at T - 1."""
+    alignprop_max_k: int | None = None
+    """AlignProp: K is drawn uniformly from [1, alignprop_max_k] per minibatch; null = sample.num_steps."""
+    clip_score_weight: float = 0.0
+    """TextCraftor's regulariser: weight of a `clip_score` term added to the reward (0 = off; needs
+    reward.paths.clip_score)."""
+    checkpointing: bool = True
+    """Recompute each U-Net call and the VAE decode in the backward pass instead of storing their
+    activations: memory grows with K by the stored latents only (bench/gradient_memory.py)."""
 
 
 @dataclass
@@ -211,6 +240,7 @@ class TexForceConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    gradient: GradientConfig = field(default_factory=GradientConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     reward: RewardSettings = field(default_factory=RewardSettings)
@@ -284,12 +314,41 @@ class TexForceConfig:
         for ok, key, value, rule, why in checks:
             if not ok:
                 raise ConfigError(f"{key} must be {rule}, got {value!r}" + (f" ({why})" if why else ""))
+        self._validate_algorithm()
         if a.mode == "group" and self.samples_per_epoch % a.group_size:
             raise ConfigError(
                 f"samples per epoch (sample.batch_size * sample.num_batches_per_epoch = {self.samples_per_epoch}) "
                 f"must be a multiple of advantage.group_size={a.group_size} in group mode"
             )
         return self
+
+    def _validate_algorithm(self) -> None:
+        """train.algorithm is registered; a gradient learner's settings fit sample.num_steps and lora.policy."""
+        from rl.algorithms import UnknownAlgorithmError, get_algorithm
+
+        try:
+            algorithm = get_algorithm(self.train.algorithm)
+        except UnknownAlgorithmError as error:
+            raise ConfigError(f"train.algorithm: {error}") from None
+        if algorithm.learner != "gradient":
+            return
+        g, steps = self.gradient, self.sample.num_steps
+        checks = [
+            (1 <= g.truncation_k <= steps, "gradient.truncation_k", g.truncation_k,
+             f"in [1, sample.num_steps={steps}]", "the gradient flows through the last K of the sampling steps"),
+            (g.lv_copies >= 1, "gradient.lv_copies", g.lv_copies, "an integer >= 1", "DRaFT-LV uses 2"),
+            (0 <= g.refl_min_fraction <= g.refl_max_fraction < 1, "gradient.refl_min_fraction/refl_max_fraction",
+             (g.refl_min_fraction, g.refl_max_fraction), "0 <= min <= max < 1", "ReFL stops at step 30-39 of 40"),
+            (g.alignprop_max_k is None or 1 <= g.alignprop_max_k <= steps, "gradient.alignprop_max_k",
+             g.alignprop_max_k, f"in [1, sample.num_steps={steps}] or null", ""),
+            (g.clip_score_weight >= 0, "gradient.clip_score_weight", g.clip_score_weight, ">= 0", "0 = off"),
+            (not algorithm.original_encoder_early or self.lora.policy in ("text_encoder", "both"), "lora.policy",
+             self.lora.policy, "text_encoder or both with train.algorithm=textcraftor",
+             "TextCraftor fine-tunes the text encoder"),
+        ]
+        for ok, key, value, rule, why in checks:
+            if not ok:
+                raise ConfigError(f"{key} must be {rule}, got {value!r}" + (f" ({why})" if why else ""))
 
     @property
     def samples_per_epoch(self) -> int:

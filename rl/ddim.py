@@ -89,6 +89,37 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
+def _predicted_x0_and_noise(
+    schedule: DDIMSchedule, model_output: torch.Tensor, abar_t: torch.Tensor, x_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0_hat, eps_hat) from the model output at x_t; abar_t broadcast to x_t's shape."""
+    if schedule.prediction_type == "epsilon":
+        x0_hat = (x_t - (1 - abar_t).sqrt() * model_output) / abar_t.sqrt()
+        eps_hat = model_output
+    else:  # v_prediction
+        x0_hat = abar_t.sqrt() * x_t - (1 - abar_t).sqrt() * model_output
+        eps_hat = abar_t.sqrt() * model_output + (1 - abar_t).sqrt() * x_t
+    if schedule.clip_sample_range is not None:
+        x0_hat = x0_hat.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+    return x0_hat, eps_hat
+
+
+def predicted_x0(schedule: DDIMSchedule, model_output: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """x0_hat, the clean latent the model predicts from x_t in one step (what ReFL scores).
+
+    model_output, x_t: [B, C, H, W]; t: [B] long. Float32, differentiable.
+    """
+    x_t = x_t.float()
+    abar_t = _bcast(schedule.alpha_bar(t.to(x_t.device).long()), x_t)
+    return _predicted_x0_and_noise(schedule, model_output.float(), abar_t, x_t)[0]
+
+
+def add_noise(schedule: DDIMSchedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise: a clean latent re-noised to timestep t (DRaFT-LV)."""
+    abar_t = _bcast(schedule.alpha_bar(t.to(x0.device).long()), x0)
+    return abar_t.sqrt() * x0 + (1 - abar_t).sqrt() * noise
+
+
 def ddim_step_with_logprob(
     schedule: DDIMSchedule,
     model_output: torch.Tensor,
@@ -114,14 +145,7 @@ def ddim_step_with_logprob(
     abar_t = _bcast(schedule.alpha_bar(t), x_t)
     abar_prev = _bcast(schedule.alpha_bar(schedule.prev_timestep(t)), x_t)
     # 2. predicted x_0 and noise
-    if schedule.prediction_type == "epsilon":
-        x0_hat = (x_t - (1 - abar_t).sqrt() * model_output) / abar_t.sqrt()
-        eps_hat = model_output
-    else:  # v_prediction
-        x0_hat = abar_t.sqrt() * x_t - (1 - abar_t).sqrt() * model_output
-        eps_hat = abar_t.sqrt() * model_output + (1 - abar_t).sqrt() * x_t
-    if schedule.clip_sample_range is not None:
-        x0_hat = x0_hat.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+    x0_hat, eps_hat = _predicted_x0_and_noise(schedule, model_output, abar_t, x_t)
     # 3. sigma_t (eq. 16)
     sigma_t = _bcast(ddim_sigma(schedule, t, eta), x_t)
     # 4. mean of x_{t-1} (eq. 12)

@@ -1,4 +1,6 @@
-"""The PPO learner: advantages and clipped updates on the LoRA of a Stable Diffusion pipeline.
+"""The PPO learner: advantages and clipped updates on the LoRA of a Stable Diffusion pipeline,
+and `LoraLearner`, what it shares with the gradient learners (rl/gradient.py): the float32 LoRA,
+the optimizer and LR schedule, fp16 loss scaling, the optimizer step across ranks, checkpoints.
 
 Pure PyTorch. The Ray learner actor wraps this class; with torch.distributed initialised,
 gradients are summed across ranks before every optimizer step. Each rank weights its loss by
@@ -149,14 +151,15 @@ def _world_and_rank() -> tuple[int, int]:
     return 1, 0
 
 
-class PPOLearner:
-    """Owns the trainable LoRA, its optimizer and LR schedule; takes batches with advantages.
+class LoraLearner:
+    """What every learner shares: the trainable float32 LoRA, AdamW, the warmup + cosine LR
+    schedule, fp16 loss scaling, the seeded generator for its random choices, the policy
+    version, the optimizer step (gradients summed across ranks) and the checkpoint state.
 
-    Advantages are computed by the caller (the driver holds the per-prompt statistics for the
-    whole batch, so L learners see the same advantages as one).
+    `optimizer_steps_per_epoch` sizes the LR schedule; subclasses add `update`.
     """
 
-    def __init__(self, pipe, config: TexForceConfig, *, world_size: int = 1):
+    def __init__(self, pipe, config: TexForceConfig, *, optimizer_steps_per_epoch: int):
         self.pipe = pipe
         self.config = config
         self.train = config.train
@@ -172,13 +175,7 @@ class PPOLearner:
             eps=self.train.adam_epsilon,
             weight_decay=self.train.weight_decay,
         )
-        steps_per_epoch = len(
-            accumulation_plan(
-                config.samples_per_epoch, batch_size=self.train.batch_size,
-                accumulate=self.train.gradient_accumulation_steps, world_size=world_size,
-            )
-        )
-        total_steps = steps_per_epoch * self.train.num_inner_epochs * config.num_epochs
+        total_steps = optimizer_steps_per_epoch * config.num_epochs
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(warmup_length(self.train, total_steps), total_steps, self.train.lr_schedule)
         )
@@ -187,12 +184,85 @@ class PPOLearner:
             init_scale=self.train.init_loss_scale,
             growth_interval=self.train.loss_scale_growth_interval,
         )
+        self.generator = torch.Generator().manual_seed(config.seed + 1)  # shuffles, timestep subsets
+        self.version = 0
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Sum gradients over ranks, unscale, clip, step, zero; returns grad_norm, lr, loss_scale, skipped_steps.
+
+        The ranks' gradients are already weighted by their rows' share (`accumulation_plan`), so
+        they are summed, not averaged. In fp16 they are summed while still scaled (an inf on
+        any rank reaches all, so all ranks skip together), then unscaled in float32; a step with
+        inf/NaN gradients is skipped, LR schedule included, and the scale backs off.
+        """
+        world, _ = _world_and_rank()
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if world > 1:
+            for p in self.params:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        scale = self.scaler.scale
+        if scale != 1.0:
+            for p in self.params:
+                p.grad.div_(scale)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        skipped = self.scaler.enabled and not bool(torch.isfinite(grad_norm))
+        if not skipped:
+            self.optimizer.step()
+            self.lr_scheduler.step()
+        self.scaler.update(finite=not skipped)
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(grad_norm), "lr": lr, "loss_scale": scale, "skipped_steps": float(skipped)}
+
+    # --- weights and checkpoints -----------------------------------------------------------
+
+    def get_weights(self) -> PolicyWeights:
+        return get_policy_weights(self.pipe, self.policy, self.version)
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: LoRA, optimizer, LR schedule, loss scale, shuffling RNG, version."""
+        return {
+            "lora": {"text_encoder": (w := self.get_weights()).text_encoder, "unet": w.unet},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "loss_scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+            "version": self.version,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        lora = state["lora"]
+        set_policy_weights(self.pipe, PolicyWeights(state["version"], lora["text_encoder"], lora["unet"]))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if "loss_scaler" in state:  # checkpoints from before fp16 loss scaling have none
+            self.scaler.load_state_dict(state["loss_scaler"])
+        self.generator.set_state(state["generator"])
+        self.version = state["version"]
+
+
+class PPOLearner(LoraLearner):
+    """PPO on stored trajectories; takes batches with advantages.
+
+    Advantages are computed by the caller (the driver holds the per-prompt statistics for the
+    whole batch, so L learners see the same advantages as one).
+    """
+
+    def __init__(self, pipe, config: TexForceConfig, *, world_size: int = 1):
+        train = config.train
+        steps_per_epoch = len(
+            accumulation_plan(
+                config.samples_per_epoch, batch_size=train.batch_size,
+                accumulate=train.gradient_accumulation_steps, world_size=world_size,
+            )
+        )
+        super().__init__(pipe, config, optimizer_steps_per_epoch=steps_per_epoch * train.num_inner_epochs)
         self.schedule = DDIMSchedule.from_scheduler(pipe.scheduler, self.sample.num_steps)
         self.trainable_steps = trainable_steps(
             self.schedule, self.sample.eta, self.train.min_sigma, max_step_gain=self.train.max_step_gain
         )
-        self.generator = torch.Generator().manual_seed(config.seed + 1)  # shuffles, timestep subsets
-        self.version = 0
 
     # --- the update ------------------------------------------------------------------------
 
@@ -305,58 +375,3 @@ class PPOLearner:
         if self.train_text_encoder:
             torch.autograd.backward([cond, uncond], [cond_leaf.grad.to(cond.dtype), uncond_leaf.grad.to(uncond.dtype)])
         return sums
-
-    def optimizer_step(self) -> dict[str, float]:
-        """Sum gradients over ranks, unscale, clip, step, zero; returns grad_norm, lr, loss_scale, skipped_steps.
-
-        The ranks' gradients are already weighted by their rows' share (`accumulation_plan`), so
-        they are summed, not averaged. In fp16 they are summed while still scaled (an inf on
-        any rank reaches all, so all ranks skip together), then unscaled in float32; a step with
-        inf/NaN gradients is skipped, LR schedule included, and the scale backs off.
-        """
-        world, _ = _world_and_rank()
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if world > 1:
-            for p in self.params:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        scale = self.scaler.scale
-        if scale != 1.0:
-            for p in self.params:
-                p.grad.div_(scale)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
-        skipped = self.scaler.enabled and not bool(torch.isfinite(grad_norm))
-        if not skipped:
-            self.optimizer.step()
-            self.lr_scheduler.step()
-        self.scaler.update(finite=not skipped)
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": float(grad_norm), "lr": lr, "loss_scale": scale, "skipped_steps": float(skipped)}
-
-    # --- weights and checkpoints -----------------------------------------------------------
-
-    def get_weights(self) -> PolicyWeights:
-        return get_policy_weights(self.pipe, self.policy, self.version)
-
-    def state_dict(self) -> dict:
-        """Everything needed to resume: LoRA, optimizer, LR schedule, loss scale, shuffling RNG, version."""
-        return {
-            "lora": {"text_encoder": (w := self.get_weights()).text_encoder, "unet": w.unet},
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "loss_scaler": self.scaler.state_dict(),
-            "generator": self.generator.get_state(),
-            "version": self.version,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        lora = state["lora"]
-        set_policy_weights(self.pipe, PolicyWeights(state["version"], lora["text_encoder"], lora["unet"]))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if "loss_scaler" in state:  # checkpoints from before fp16 loss scaling have none
-            self.scaler.load_state_dict(state["loss_scaler"])
-        self.generator.set_state(state["generator"])
-        self.version = state["version"]

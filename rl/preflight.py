@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from rl.algorithms import get_algorithm
 from rl.config import ConfigError, SampleConfig, TexForceConfig
 from rl.models import check_device, check_model, load_tokenizer, vae_scale_factor
 from rl.prompts import load_prompts, read_prompt_file, warn_long_prompts
@@ -26,8 +27,19 @@ def preflight(config: TexForceConfig) -> None:
     check_gpu_requests(config)
     prompts = load_prompts(config.prompts)
     if config.evaluation.prompts_file is not None:
+        if get_algorithm(config.train.algorithm).samples_in_learner:
+            raise ConfigError(
+                f"evaluation.prompts_file works with train.algorithm=ppo only for now (train.algorithm="
+                f"{config.train.algorithm} starts no samplers); unset it and score the final LoRA with `texforce eval`"
+            )
         prompts = prompts + read_prompt_file(config.evaluation.prompts_file, option="evaluation.prompts_file")
-    rewards.check_reward(config.reward.spec, paths=config.reward.paths)
+    if get_algorithm(config.train.algorithm).learner == "gradient":
+        from rl.gradient import check_differentiable, reward_spec
+
+        check_differentiable(config)
+        rewards.check_reward(reward_spec(config), paths=config.reward.paths)
+    else:
+        rewards.check_reward(config.reward.spec, paths=config.reward.paths)
     model_dir = check_model(config.model.pretrained)
     if model_dir is None:
         log.info("model %s is a hub id: its files are checked when it loads", config.model.pretrained)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+import torch.utils.checkpoint
 
 from rl.ddim import DDIMSchedule, ddim_step_with_logprob
 
@@ -123,22 +124,41 @@ def denoise(
     eta: float,
     height: int,
     width: int,
+    start: torch.Tensor | None = None,
+    steps: range | None = None,
+    checkpoint: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The DDIM loop with CFG from each seed's x_T: ([x_T, ..., x_0], [log-prob of each step]).
 
-    Differentiable (bench/gradient_snr.py backpropagates through it); `sample_trajectories`
-    runs it without grad. Each sample's x_T and step noise come from its
-    own seed, so a sample does not depend on its batch-mates.
+    Differentiable (the gradient learners backpropagate through it); `sample_trajectories`
+    runs it without grad. Each sample's x_T and step noise come from its own seed, so a sample
+    does not depend on its batch-mates.
+
+    steps: the schedule's step indices to run (default all); with `start`, the latent at the
+    first of them (default x_T), so a loop can run in pieces (no grad, then with grad) and give
+    the whole loop's result: each step still gets the noise draw it gets in a full run.
+    Returns then ([start, ...], [log-probs of those steps]). checkpoint: recompute each U-Net
+    call in the backward pass instead of storing its activations (torch.utils.checkpoint).
     """
     device = pipe.unet.device
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     scale = pipe.vae_scale_factor
     latent_shape = (pipe.unet.config.in_channels, height // scale, width // scale)
     x = _randn(latent_shape, generators, device) * pipe.scheduler.init_noise_sigma
+    steps = range(schedule.num_steps) if steps is None else steps
+    if start is not None:
+        x = start
+    for _ in range(steps.start):  # the draws of the steps before this piece
+        _randn(latent_shape, generators, device)
     latents, log_probs = [x], []
-    for t_scalar in schedule.timesteps:
-        t = torch.full((len(seeds),), int(t_scalar), device=device, dtype=torch.long)
-        eps_hat = guided_noise_prediction(pipe.unet, x, t, cond, uncond, guidance_scale)
+    for j in steps:
+        t = torch.full((len(seeds),), int(schedule.timesteps[j]), device=device, dtype=torch.long)
+        if checkpoint:
+            eps_hat = torch.utils.checkpoint.checkpoint(
+                guided_noise_prediction, pipe.unet, x, t, cond, uncond, guidance_scale, use_reentrant=False
+            )
+        else:
+            eps_hat = guided_noise_prediction(pipe.unet, x, t, cond, uncond, guidance_scale)
         noise = _randn(latent_shape, generators, device)
         x, log_prob, _, _ = ddim_step_with_logprob(schedule, eps_hat, t, x, eta=eta, noise=noise)
         latents.append(x)

@@ -174,3 +174,35 @@ def test_a_run_that_stops_prints_one_line_and_exits_1(tiny_sd_dir, tmp_path, mon
     assert cli.main(tiny_args(tiny_sd_dir, tmp_path)) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and "--resume runs/x" in err
+
+
+# --- gradient learners: bad input is one line, before any work ---------------------------------
+
+
+def test_unknown_algorithm_names_the_valid_ones(capsys, tmp_path):
+    line = one_line_error(capsys, cli.main(["train", "--config", TINY_YAML, f"output_dir={tmp_path}",
+                                            "train.algorithm=sgd"]))
+    assert "train.algorithm: unknown algorithm 'sgd'; valid algorithms: ppo, draft, draft_k, draft_lv, refl, " \
+           "alignprop, textcraftor" in line
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_truncation_longer_than_the_trajectory_is_a_config_error(capsys, tmp_path):
+    line = one_line_error(capsys, cli.main(["train", "--config", TINY_YAML, f"output_dir={tmp_path}",
+                                            "train.algorithm=draft_k", "gradient.truncation_k=11"]))
+    assert "gradient.truncation_k must be in [1, sample.num_steps=10], got 11" in line
+
+
+def test_non_differentiable_reward_with_a_gradient_learner_names_the_differentiable_ones(capsys, tiny_sd_dir, tmp_path):
+    line = one_line_error(capsys, cli.main(tiny_args(tiny_sd_dir, tmp_path, "train.algorithm=refl",
+                                                     "reward.spec=color_alignment:1,jpeg_compressibility:0.1")))
+    assert "train.algorithm=refl backpropagates the reward, but jpeg_compressibility is not differentiable; use a " \
+           "differentiable reward (" in line
+    assert "color_alignment" in line.split("differentiable reward (")[1] and "face_quality" not in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_textcraftor_needs_a_text_encoder_lora(capsys, tmp_path):
+    line = one_line_error(capsys, cli.main(["train", "--config", TINY_YAML, f"output_dir={tmp_path}",
+                                            "train.algorithm=textcraftor", "lora.policy=unet"]))
+    assert "lora.policy must be text_encoder or both with train.algorithm=textcraftor, got 'unet'" in line

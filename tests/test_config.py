@@ -117,3 +117,23 @@ def test_missing_config_file_and_bad_top_level(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(bad)
+
+
+def test_every_registered_algorithm_validates_with_the_papers_defaults():
+    from rl.algorithms import algorithm_names, get_algorithm
+
+    config = load_config(None, [])
+    assert config.train.algorithm == "ppo"
+    g = config.gradient
+    assert (g.truncation_k, g.lv_copies, g.refl_min_fraction, g.refl_max_fraction) == (1, 2, 0.75, 0.975)
+    assert (g.alignprop_max_k, g.clip_score_weight, g.checkpointing) == (None, 0.0, True)
+    assert algorithm_names() == ["ppo", "draft", "draft_k", "draft_lv", "refl", "alignprop", "textcraftor"]
+    for name in algorithm_names():
+        assert load_config(None, [f"train.algorithm={name}", "sample.num_steps=4"]).train.algorithm == name
+        assert get_algorithm(name).samples_in_learner == (name != "ppo")
+    with pytest.raises(ConfigError, match=r"gradient\.alignprop_max_k must be in \[1, sample\.num_steps=4\]"):
+        load_config(None, ["train.algorithm=alignprop", "sample.num_steps=4", "gradient.alignprop_max_k=5"])
+    with pytest.raises(ConfigError, match=r"refl_min_fraction/refl_max_fraction must be 0 <= min <= max < 1"):
+        load_config(None, ["train.algorithm=refl", "gradient.refl_min_fraction=0.9", "gradient.refl_max_fraction=0.8"])
+    # a PPO run ignores the gradient learners' settings
+    assert load_config(None, ["sample.num_steps=4", "gradient.truncation_k=9"]).gradient.truncation_k == 9

@@ -22,6 +22,7 @@ def test_no_ray_import_in_rl_or_rewards():
 def test_importing_rl_does_not_load_ray():
     code = (
         "import sys, rl.config, rl.ddim, rl.sampling, rl.ppo, rl.advantages, rl.learner, rl.lora, rl.models, "
+        "rl.algorithms, rl.gradient, "
         "rl.cli, rewards, toyworld.tiny, toyworld.reader; print('ray' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

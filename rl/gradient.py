@@ -1,0 +1,294 @@
+"""Gradient learners: backpropagate a differentiable reward through the sampler (DRaFT paper).
+
+One loop covers DRaFT, DRaFT-K, DRaFT-LV, ReFL, AlignProp and TextCraftor (the DRaFT paper's
+general reward fine-tuning algorithm): sample with DDIM at eta 0 and classifier-free guidance,
+without grad for all but a window of steps, keep the graph for the window (each U-Net call
+and the VAE decode checkpointed, so memory grows with the window by the stored latents only),
+decode, and take `-reward` as the loss. The algorithm (rl/algorithms.py) picks the window:
+
+| algorithm   | steps with grad                       | scored                                      |
+|-------------|---------------------------------------|---------------------------------------------|
+| draft       | all T                                 | the sample x_0                              |
+| draft_k     | the last K                            | x_0                                         |
+| draft_lv    | none in the loop; n copies, 1 step    | sum over n copies: x_0 re-noised to the last timestep, denoised in one step |
+| alignprop   | the last K, K ~ U[1, max_k] per minibatch | x_0                                     |
+| refl        | step m only, m ~ U[m_min, m_max]      | x0_hat predicted at step m                  |
+| textcraftor | the last K, with the fine-tuned text encoder; the base encoder drives the rest | x_0 |
+
+The logged reward is always that of the finished sample x_0 (for ReFL the loop is finished
+without grad after the backward pass), so reward curves compare across algorithms.
+
+Pure PyTorch; the Ray learner actor wraps `GradientLearner` exactly as it wraps PPOLearner.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from rl.algorithms import Algorithm, get_algorithm
+from rl.config import ConfigError, TexForceConfig
+from rl.ddim import DDIMSchedule, add_noise, ddim_step_with_logprob, predicted_x0
+from rl.learner import LoraLearner, _world_and_rank, accumulation_plan
+from rl.lora import adapters_disabled
+from rl.sampling import decode_latents, denoise, encode, guided_noise_prediction, images_to_uint8, tokenize
+
+
+def reward_spec(config: TexForceConfig) -> str:
+    """The reward a gradient learner maximises: reward.spec, plus TextCraftor's CLIP-score term when weighted."""
+    weight = config.gradient.clip_score_weight
+    return config.reward.spec + (f",clip_score:{weight:g}" if weight > 0 else "")
+
+
+def check_differentiable(config: TexForceConfig) -> None:
+    """A gradient learner needs every part of its reward to pass gradients to the images; ConfigError names the fix."""
+    import rewards
+
+    bad = [name for name, _ in rewards.parse_spec(reward_spec(config)) if not rewards.get_entry(name).differentiable]
+    if bad:
+        usable = [entry.name for entry in rewards.list_entries() if entry.differentiable]
+        raise ConfigError(
+            f"train.algorithm={config.train.algorithm} backpropagates the reward, but {', '.join(bad)} "
+            f"{'is' if len(bad) == 1 else 'are'} not differentiable; use a differentiable reward "
+            f"({', '.join(usable)}) or train.algorithm=ppo"
+        )
+
+
+@dataclass
+class Window:
+    """Where the gradient flows in one minibatch's loop of T steps.
+
+    Steps [0, first) run without grad, steps [first, end) with it. stop: score x0_hat predicted
+    at step end - 1 (ReFL) instead of the latent after step T - 1. copies: DRaFT-LV's re-noised
+    copies (with first = end = T: the loop itself carries no grad).
+    """
+
+    first: int
+    end: int
+    stop: bool = False
+    copies: int = 0
+
+    @property
+    def num_grad_steps(self) -> int:
+        return self.end - self.first
+
+
+def draw_window(algorithm: Algorithm, config: TexForceConfig, generator: torch.Generator) -> Window:
+    """The window of one minibatch (the random ones drawn from `generator`, the same on every rank)."""
+    g, steps = config.gradient, config.sample.num_steps
+    if algorithm.truncation == "copies":
+        return Window(steps, steps, copies=g.lv_copies)
+    if algorithm.truncation == "all":
+        return Window(0, steps)
+    if algorithm.truncation == "fixed":
+        return Window(steps - g.truncation_k, steps)
+    if algorithm.truncation == "random":
+        k = int(torch.randint(1, (g.alignprop_max_k or steps) + 1, (1,), generator=generator))
+        return Window(steps - k, steps)
+    if algorithm.truncation == "stop":
+        low, high = refl_stop_range(g.refl_min_fraction, g.refl_max_fraction, steps)
+        m = int(torch.randint(low, high + 1, (1,), generator=generator))
+        return Window(m, m + 1, stop=True)
+    raise ValueError(f"algorithm {algorithm.name!r} is not a gradient learner")
+
+
+def refl_stop_range(min_fraction: float, max_fraction: float, num_steps: int) -> tuple[int, int]:
+    """[m_min, m_max], the step indices ReFL stops at: floor(fraction * T), the latest capped at T - 1."""
+    high = min(num_steps - 1, int(max_fraction * num_steps + 1e-9))
+    return min(int(min_fraction * num_steps + 1e-9), high), high
+
+
+def _decode(vae, latents: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
+    """[B, 4, h, w] -> [B, 3, H, W] float32 in [0, 1], differentiable; checkpointed: activations recomputed in backward."""
+    if use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(decode_latents, vae, latents, use_reentrant=False)
+    return decode_latents(vae, latents)
+
+
+@dataclass
+class ScoredSamples:
+    """The samples one rank drew in an update: rows = positions in the epoch's prompt list.
+
+    images: [B, 3, H, W] uint8; scores: [B] float32, the final samples' rewards; parts: name -> [B].
+    """
+
+    rows: list[int]
+    prompts: list[str]
+    images: torch.Tensor
+    scores: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def cat(parts: list["ScoredSamples"]) -> "ScoredSamples":
+        """Concatenate and order by row (the ranks' pieces back into the epoch's order)."""
+        rows = [r for p in parts for r in p.rows]
+        prompts = [x for p in parts for x in p.prompts]
+        order = torch.as_tensor(np.argsort(rows, kind="stable"), dtype=torch.long)
+        return ScoredSamples(
+            rows=[rows[i] for i in order.tolist()],
+            prompts=[prompts[i] for i in order.tolist()],
+            images=torch.cat([p.images for p in parts])[order],
+            scores=torch.cat([p.scores for p in parts])[order],
+            parts={k: torch.cat([p.parts[k] for p in parts])[order] for k in parts[0].parts},
+        )
+
+
+class GradientLearner(LoraLearner):
+    """Samples, scores and steps in one pass over prompts and seeds (no samplers, no advantages).
+
+    Every rank gets the epoch's prompts and seeds and takes its rows of each optimizer step from
+    `accumulation_plan`, weighting its loss by their share, so L ranks step like one learner on
+    the union batch (gradients summed in `optimizer_step`). The reward model lives here: it
+    must pass gradients to the images.
+    """
+
+    def __init__(self, pipe, config: TexForceConfig, *, world_size: int = 1):
+        import rewards
+
+        self.algorithm = get_algorithm(config.train.algorithm)
+        if self.algorithm.learner != "gradient":
+            raise ValueError(f"train.algorithm={self.algorithm.name} is not a gradient learner")
+        check_differentiable(config)
+        train = config.train
+        steps_per_epoch = len(
+            accumulation_plan(
+                config.samples_per_epoch, batch_size=train.batch_size,
+                accumulate=train.gradient_accumulation_steps, world_size=world_size,
+            )
+        )
+        super().__init__(pipe, config, optimizer_steps_per_epoch=steps_per_epoch)
+        self.gradient = config.gradient
+        self.reward = rewards.build_reward(reward_spec(config), device=pipe.unet.device, paths=config.reward.paths)
+        for scorer in self.reward.scorers:  # frozen: gradients flow through, never into, the reward model
+            if isinstance(scorer, nn.Module):
+                scorer.requires_grad_(False)
+        self.schedule = DDIMSchedule.from_scheduler(pipe.scheduler, self.sample.num_steps)
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.height, self.width = self.sample.height or size, self.sample.width or size
+
+    # --- the update ------------------------------------------------------------------------
+
+    def update(self, prompts: list[str], seeds: list[int]) -> tuple[dict[str, float], ScoredSamples]:
+        """One pass over the epoch's prompts (one sample per prompt and seed): the mean metrics,
+        and this rank's samples with their rewards."""
+        world, rank = _world_and_rank()
+        plan = accumulation_plan(
+            len(prompts), batch_size=self.train.batch_size, accumulate=self.train.gradient_accumulation_steps,
+            world_size=world, rank=rank,
+        )
+        history: dict[str, list[float]] = {}
+        samples = []
+        for minibatches in plan:
+            for begin, end, weight in minibatches:
+                window = draw_window(self.algorithm, self.config, self.generator)  # drawn on every rank alike
+                if end == begin:
+                    continue
+                metrics, scored = self.minibatch_backward(prompts[begin:end], seeds[begin:end], window, weight)
+                scored.rows = list(range(begin, end))
+                samples.append(scored)
+                for key, value in metrics.items():
+                    history.setdefault(key, []).append(value)
+            for key, value in self.optimizer_step().items():
+                history.setdefault(key, []).append(value)
+        self.version += 1
+        summary = {key: float(np.mean(values)) for key, values in history.items()}
+        summary["skipped_steps"] = float(np.sum(history["skipped_steps"]))
+        summary["loss_scale"] = self.scaler.scale
+        summary["policy_version"] = self.version
+        if not samples:  # a rank without rows this epoch
+            samples = [ScoredSamples([], [], torch.zeros(0, 3, self.height, self.width, dtype=torch.uint8),
+                                     torch.zeros(0), {name: torch.zeros(0) for name in self.reward.weights})]
+        return summary, ScoredSamples.cat(samples)
+
+    def embeddings(self, prompts: list[str], *, base: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) [B, L, D] from the text encoder, with grad when its LoRA trains;
+        base: the text encoder with its LoRA off, no grad (TextCraftor's early steps)."""
+        prompt_ids = tokenize(self.pipe.tokenizer, prompts)
+        negative_ids = tokenize(self.pipe.tokenizer, [self.sample.negative_prompt] * len(prompts))
+        if base:
+            with torch.no_grad(), adapters_disabled(self.pipe, "text_encoder"):
+                return encode(self.pipe.text_encoder, prompt_ids), encode(self.pipe.text_encoder, negative_ids)
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            return encode(self.pipe.text_encoder, prompt_ids), encode(self.pipe.text_encoder, negative_ids)
+
+    def loss(self, prompts: list[str], seeds: list[int], window: Window) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """(-reward, averaged over the minibatch [summed over LV copies]; its metrics; the final
+        sample x_0 [B, 4, h, w], detached). Non-finite rewards leave the loss."""
+        cond, uncond = self.embeddings(prompts)
+        early = self.embeddings(prompts, base=True) if self.algorithm.original_encoder_early else (cond, uncond)
+        run = dict(guidance_scale=self.sample.guidance_scale, eta=0.0, height=self.height, width=self.width)
+        # 1. the steps before the window, without grad (TextCraftor: driven by the base text encoder)
+        with torch.no_grad():
+            latents, _ = denoise(self.pipe, early[0].detach(), early[1].detach(), seeds, self.schedule,
+                                 steps=range(0, window.first), **run)
+        x = latents[-1]
+        # 2. the window, with grad, each U-Net call checkpointed
+        if window.stop:  # ReFL: score x0_hat predicted at the stop step, then finish the sample without grad
+            t = torch.full((len(seeds),), int(self.schedule.timesteps[window.first]), device=x.device, dtype=torch.long)
+            eps_hat = self.noise_prediction(x, t, cond, uncond)
+            scored = [predicted_x0(self.schedule, eps_hat, t, x)]
+            with torch.no_grad():
+                x = ddim_step_with_logprob(self.schedule, eps_hat.detach(), t, x, eta=0.0)[0]
+                x = denoise(self.pipe, cond.detach(), uncond.detach(), seeds, self.schedule, start=x,
+                            steps=range(window.end, self.schedule.num_steps), **run)[0][-1]
+        else:
+            x = denoise(self.pipe, cond, uncond, seeds, self.schedule, start=x, steps=range(window.first, window.end),
+                        checkpoint=self.gradient.checkpointing, **run)[0][-1]
+            scored = [x]
+        if window.copies:  # DRaFT-LV: n re-noised copies of x_0, each denoised in one step with grad
+            last = self.schedule.num_steps - 1
+            t = torch.full((len(seeds),), int(self.schedule.timesteps[last]), device=x.device, dtype=torch.long)
+            scored = [
+                denoise(self.pipe, cond, uncond, seeds, self.schedule, start=add_noise(self.schedule, x, noise, t),
+                        steps=range(last, last + 1), checkpoint=self.gradient.checkpointing, **run)[0][-1]
+                for noise in self.copy_noise(x, seeds, window.copies)
+            ]
+        # 3. decode, score, -reward
+        terms, metrics = [], {}
+        for latent in scored:
+            images = _decode(self.pipe.vae, latent, self.gradient.checkpointing)
+            output = self.reward(images, prompts)
+            finite = torch.isfinite(output.scores)
+            terms.append(-torch.where(finite, output.scores, torch.zeros_like(output.scores)).sum() / len(prompts))
+        metrics["reward_trained"] = float(sum(-t.item() for t in terms) / len(terms))
+        return sum(terms), metrics, x.detach()
+
+    def noise_prediction(self, x: torch.Tensor, t: torch.Tensor, cond, uncond) -> torch.Tensor:
+        """The guided eps_hat at x_t (ReFL's stop step), checkpointed like the loop's U-Net calls."""
+        args = (self.pipe.unet, x, t, cond, uncond, self.sample.guidance_scale)
+        if self.gradient.checkpointing:
+            return checkpoint(guided_noise_prediction, *args, use_reentrant=False)
+        return guided_noise_prediction(*args)
+
+    @staticmethod
+    def copy_noise(x0: torch.Tensor, seeds: list[int], copies: int) -> list[torch.Tensor]:
+        """DRaFT-LV's re-noising draws, [B, C, h, w] per copy, each sample's from its own seed."""
+        return [
+            torch.stack([
+                torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(int(s) * 7919 + copy + 1))
+                for s in seeds
+            ]).to(x0.device)
+            for copy in range(copies)
+        ]
+
+    def minibatch_backward(
+        self, prompts: list[str], seeds: list[int], window: Window, weight: float = 1.0
+    ) -> tuple[dict[str, float], ScoredSamples]:
+        """Accumulate d(loss)/d(LoRA) x weight (x the fp16 loss scale) into `.grad`; the metrics
+        and the minibatch's final samples with their rewards (scored without grad)."""
+        loss, metrics, x0 = self.loss(prompts, seeds, window)
+        (loss * (weight * self.scaler.scale)).backward()
+        with torch.no_grad():
+            images = decode_latents(self.pipe.vae, x0)
+            output = self.reward(images, prompts)
+        metrics |= {"loss": loss.item(), "grad_steps": float(window.num_grad_steps)}
+        if window.stop:
+            metrics["refl_stop_step"] = float(window.first)
+        scored = ScoredSamples(
+            rows=[], prompts=list(prompts), images=images_to_uint8(images).cpu(), scores=output.scores.float().cpu(),
+            parts={k: v.float().cpu() for k, v in output.parts.items()},
+        )
+        return metrics, scored

@@ -1,0 +1,199 @@
+"""Gradient learners (rl/gradient.py): the truncated gradient is the true derivative of the reward
+through the last K steps, the steps before them carry none, ReFL stops in its range, TextCraftor's
+early steps run on the base text encoder, and half precision gives the float32 gradient."""
+import pytest
+import torch
+from conftest import tiny_config
+
+from rl.algorithms import get_algorithm
+from rl.gradient import GradientLearner, Window, _decode, draw_window, refl_stop_range
+from rl.lora import set_policy_weights
+from rl.models import load_pipeline
+from rl.sampling import denoise, encode, tokenize
+
+PROMPTS, SEEDS = ["a red ball", "a blue car"], [1, 2]
+
+
+def _learner(tiny_sd_dir, algorithm, *overrides, dtype="float32"):
+    config = tiny_config(tiny_sd_dir, f"train.algorithm={algorithm}", "lora.policy=both", "sample.num_steps=4",
+                         f"model.dtype={dtype}", *overrides)
+    return GradientLearner(load_pipeline(tiny_sd_dir, dtype=dtype, device="cpu"), config)
+
+
+def _perturb(learner, scale=0.1, seed=0):
+    """Non-zero LoRA factors (B starts at 0, where A's gradient vanishes) on both modules."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in learner.params:
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+
+
+def _run(learner):
+    return dict(guidance_scale=learner.sample.guidance_scale, eta=0.0, height=learner.height, width=learner.width)
+
+
+@pytest.mark.parametrize("k", [2, 4])  # the last 2 of 4 steps (DRaFT-K), and all 4 (DRaFT)
+def test_truncated_lora_gradient_matches_finite_differences(tiny_sd_dir, one_torch_thread, k):
+    """d(-mean reward)/d(LoRA) along each of the three LoRA tensors with the largest gradient,
+    against central differences of the same loss with x_{T-K} held fixed (the truncated objective;
+    for K = T that is x_T, so the plain derivative). float32 throughout: relative error < 3%
+    at h = 0.03 (measured 0.06-0.8%; the reward's roundoff limits smaller h)."""
+    learner = _learner(tiny_sd_dir, "draft_k", f"gradient.truncation_k={k}")
+    _perturb(learner)
+    steps = learner.schedule.num_steps
+    learner.minibatch_backward(PROMPTS, SEEDS, Window(steps - k, steps))
+    grads = [p.grad.clone() for p in learner.params]
+    with torch.no_grad():
+        cond, uncond = learner.embeddings(PROMPTS)
+        x_start = denoise(learner.pipe, cond, uncond, SEEDS, learner.schedule, steps=range(0, steps - k),
+                          **_run(learner))[0][-1]
+
+        def loss() -> float:
+            cond, uncond = learner.embeddings(PROMPTS)
+            x0 = denoise(learner.pipe, cond, uncond, SEEDS, learner.schedule, start=x_start,
+                         steps=range(steps - k, steps), **_run(learner))[0][-1]
+            return -learner.reward(_decode(learner.pipe.vae, x0, False), PROMPTS).scores.double().mean().item()
+
+        norms = torch.stack([g.norm() for g in grads])
+        assert norms.max() > 0
+        h = 0.03
+        for i in norms.argsort(descending=True)[:3].tolist():
+            param, direction = learner.params[i], grads[i] / norms[i]
+            original = param.clone()
+            param.add_(h * direction)
+            plus = loss()
+            param.copy_(original - h * direction)
+            minus = loss()
+            param.copy_(original)
+            finite_difference = (plus - minus) / (2 * h)  # the derivative along the gradient: its norm
+            assert abs(finite_difference - norms[i].item()) < 0.03 * abs(finite_difference), (i, finite_difference)
+
+
+def test_what_the_weights_do_before_the_last_k_steps_changes_nothing_in_the_gradient(tiny_sd_dir, one_torch_thread):
+    """A hook adds (s - s.detach()) to the U-Net's input latent, s = the sum of the U-Net LoRA
+    parameters: the values stay the same, but every call it touches gains a path from the weights to
+    the loss. On the steps before the last K the gradient is bit-identical (they run without grad);
+    on a step inside the window it changes (the test would catch a leak)."""
+    learner = _learner(tiny_sd_dir, "draft_k", "gradient.truncation_k=2")
+    _perturb(learner)
+    unet_lora = [p for n, p in learner.pipe.unet.named_parameters() if "lora_" in n]
+    timesteps = learner.schedule.timesteps.tolist()
+    window = Window(2, 4)
+
+    def gradient(hooked_timesteps: list[int]) -> list[torch.Tensor]:
+        def hook(module, args):
+            latent, t = args[0], args[1]
+            if int(t[0]) not in hooked_timesteps:
+                return None
+            s = sum(p.sum() for p in unet_lora)
+            return (latent + (s - s.detach()), *args[1:])
+
+        handle = learner.pipe.unet.register_forward_pre_hook(hook)
+        try:
+            learner.minibatch_backward(PROMPTS, SEEDS, window)
+        finally:
+            handle.remove()
+        grads = [p.grad.clone() for p in learner.params]
+        learner.optimizer.zero_grad(set_to_none=True)
+        return grads
+
+    plain = gradient([])
+    early = gradient(timesteps[:2])  # the two steps before the window
+    inside = gradient(timesteps[2:3])  # the first step of the window
+    assert all(torch.equal(a, b) for a, b in zip(plain, early))
+    assert not all(torch.allclose(a, b) for a, b in zip(plain, inside))
+
+
+def test_refl_stops_in_its_range():
+    assert refl_stop_range(0.75, 0.975, 40) == (30, 39)  # ImageReward's ReFL: step 30-39 of 40
+    assert refl_stop_range(0.75, 0.975, 10) == (7, 9)
+    assert refl_stop_range(0.9, 0.99, 4) == (3, 3)
+    config = tiny_config("unused", "train.algorithm=refl", "sample.num_steps=10")
+    generator = torch.Generator().manual_seed(0)
+    windows = [draw_window(get_algorithm("refl"), config, generator) for _ in range(200)]
+    assert {w.first for w in windows} == {7, 8, 9}  # every step of the range, none outside
+    assert all(w.stop and w.end == w.first + 1 for w in windows)
+    ks = {draw_window(get_algorithm("alignprop"), config, generator).num_grad_steps for _ in range(300)}
+    assert ks == set(range(1, 11))  # AlignProp: K uniform in [1, T]
+
+
+def test_refl_update_scores_its_stop_step(tiny_sd_dir, one_torch_thread):
+    learner = _learner(tiny_sd_dir, "refl", "sample.num_steps=8", "train.batch_size=1")
+    metrics, samples = learner.update(["a red ball"] * 4, [0, 1, 2, 3])
+    low, high = refl_stop_range(0.75, 0.975, 8)
+    assert low <= metrics["refl_stop_step"] <= high and metrics["grad_steps"] == 1
+    assert samples.rows == [0, 1, 2, 3] and samples.images.dtype == torch.uint8
+
+
+def test_textcraftor_early_steps_run_on_the_base_text_encoder(tiny_sd_dir, one_torch_thread):
+    """The learner's sample equals: the base model's first T-K steps (a pipeline without any LoRA),
+    then the LoRA'd encoder's last K; it differs from the all-LoRA and the all-base samples."""
+    learner = _learner(tiny_sd_dir, "textcraftor", "lora.policy=text_encoder", "gradient.truncation_k=2")
+    _perturb(learner, scale=0.5)
+    base = load_pipeline(tiny_sd_dir, device="cpu")
+    steps, run = learner.schedule.num_steps, _run(learner)
+    with torch.no_grad():
+        _, _, x0 = learner.loss(PROMPTS, SEEDS, draw_window(learner.algorithm, learner.config, learner.generator))
+        cond, uncond = learner.embeddings(PROMPTS)
+        base_cond = encode(base.text_encoder, tokenize(base.tokenizer, PROMPTS))
+        base_uncond = encode(base.text_encoder, tokenize(base.tokenizer, [""] * len(PROMPTS)))
+        base_latents = denoise(base, base_cond, base_uncond, SEEDS, learner.schedule, **run)[0]
+        expected = denoise(learner.pipe, cond, uncond, SEEDS, learner.schedule, start=base_latents[steps - 2],
+                           steps=range(steps - 2, steps), **run)[0][-1]
+        all_lora = denoise(learner.pipe, cond, uncond, SEEDS, learner.schedule, **run)[0][-1]
+    torch.testing.assert_close(x0, expected, rtol=1e-5, atol=1e-5)
+    assert (x0 - all_lora).abs().max() > 1e-3  # 100x the tolerance of the match above
+    assert (x0 - base_latents[-1]).abs().max() > 1e-3
+
+
+def test_draft_lv_sums_the_rewards_of_its_copies(tiny_sd_dir, one_torch_thread):
+    learner = _learner(tiny_sd_dir, "draft_lv", "gradient.lv_copies=3")
+    _perturb(learner)
+    window = draw_window(learner.algorithm, learner.config, learner.generator)
+    assert (window.first, window.end, window.copies) == (4, 4, 3)  # the loop itself carries no grad
+    loss, metrics, _ = learner.loss(PROMPTS, SEEDS, window)
+    assert loss.item() == pytest.approx(-3 * metrics["reward_trained"], rel=1e-5)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in learner.params)
+
+
+def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    a, b = torch.cat([x.flatten() for x in a]), torch.cat([x.flatten() for x in b])
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def test_half_precision_gradient_learner_matches_float32(tiny_sd_dir, one_torch_thread):
+    """DRaFT-1 on both LoRAs, one prompt at the tiny model's 64 px: the unscaled float32 LoRA gradient
+    the optimizer steps on, from fp16 (loss-scaled) and bf16 frozen weights, against float32."""
+    reference = _learner(tiny_sd_dir, "draft_k", "train.max_grad_norm=1e6")
+    _perturb(reference)
+
+    def step_gradient(learner) -> list[torch.Tensor]:
+        set_policy_weights(learner.pipe, reference.get_weights())
+        recorded = []
+        learner.optimizer.register_step_pre_hook(lambda *_: recorded.append([p.grad.clone() for p in learner.params]))
+        learner.minibatch_backward(PROMPTS[:1], SEEDS[:1], Window(3, 4))
+        learner.optimizer_step()
+        assert all(g.dtype == torch.float32 for g in recorded[0])
+        return recorded[0]
+
+    fp32 = step_gradient(reference)
+    for dtype in ("float16", "bfloat16"):
+        half = step_gradient(_learner(tiny_sd_dir, "draft_k", "train.max_grad_norm=1e6", dtype=dtype))
+        assert _cosine(half, fp32) > 0.99, dtype
+        ratio = torch.cat([g.flatten() for g in half]).norm() / torch.cat([g.flatten() for g in fp32]).norm()
+        assert abs(float(ratio) - 1) < 0.05, dtype
+
+
+def test_gradient_variance_bench_runs_on_the_tiny_model(tiny_sd_dir, one_torch_thread, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gradient_variance.py"
+    spec = importlib.util.spec_from_file_location("gradient_variance", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--model", tiny_sd_dir, "--samples", "3", "--steps", "3"])
+    assert [r["estimator"] for r in rows] == ["DRaFT-1", "DRaFT-LV (n=2)"]
+    assert all(r["variance"] > 0 and r["mean_norm"] > 0 for r in rows)
+    assert "| DRaFT-LV (n=2) |" in capsys.readouterr().out

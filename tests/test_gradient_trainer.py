@@ -1,0 +1,125 @@
+"""Gradient learners on the trainer: the same run directory, checkpoints, resume and Ray topology as PPO,
+and a ReFL U-Net LoRA fused with a TexForce text-encoder LoRA loads into diffusers."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+from actors.driver import train
+from rl.config import load_config
+from rl.learner import PPOLearner
+from rl.lora import get_policy_weights, save_lora
+from rl.models import load_pipeline
+from rl.gradient import GradientLearner
+from rl.sampling import sample_trajectories
+
+
+def _config(tiny_sd_dir, tmp_path, *overrides):
+    return tiny_config(
+        tiny_sd_dir, f"output_dir={tmp_path}", "train.algorithm=refl", "lora.policy=unet", "sample.num_steps=4",
+        "sample.batch_size=4", "sample.num_batches_per_epoch=2", "train.batch_size=4", "train.learning_rate=1e-2",
+        "train.warmup_steps=0", "num_epochs=3", "resources.cpus_per_learner=1", *overrides,
+    )
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_after_epoch_1(epoch, row):
+    if epoch == 1:
+        raise _Interrupt
+
+
+@pytest.fixture(scope="module")
+def inline_runs(tiny_sd_dir, tmp_path_factory):
+    """A straight 3-epoch inline ReFL run, and the same run interrupted after epoch 1."""
+    tmp_path = tmp_path_factory.mktemp("gradient-runs")
+    straight = train(_config(tiny_sd_dir, tmp_path, "run_name=straight", "resources.mode=inline"))
+    with pytest.raises(_Interrupt):
+        train(_config(tiny_sd_dir, tmp_path, "run_name=interrupted", "resources.mode=inline"),
+              on_epoch_end=_interrupt_after_epoch_1)
+    return straight, tmp_path / "interrupted"
+
+
+def _assert_same_run(run, straight, *, rtol=1e-5, atol=1e-7):
+    a = load_file(str(straight.final_lora / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(run.final_lora / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(k.startswith("unet.") for k in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=rtol, atol=atol)
+    np.testing.assert_allclose([r["reward_mean"] for r in run.read_metrics()],
+                               [r["reward_mean"] for r in straight.read_metrics()], rtol=rtol)
+
+
+def test_inline_run_writes_the_ppo_outputs_and_learns(inline_runs):
+    straight, _ = inline_runs
+    rows = straight.read_metrics()
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    # ReFL's range at 4 steps is step 3 only: floor(0.75 * 4) to min(3, floor(0.975 * 4))
+    assert all(r["num_samples"] == 8 and r["num_dropped"] == 0 and r["refl_stop_step"] == 3 for r in rows)
+    assert [r["policy_version"] for r in rows] == [1, 2, 3] and all(r["grad_norm"] > 0 for r in rows)
+    for path in [straight.reward_curve, straight.grids / "epoch_0002.png",
+                 straight.checkpoints / "epoch_0002" / "learner.pt",
+                 straight.checkpoints / "epoch_0002" / "lora" / "pytorch_lora_weights.safetensors"]:
+        assert path.exists(), path
+    assert any(straight.tensorboard.iterdir())
+
+
+def test_gradient_run_resumes_to_the_same_lora(inline_runs, tmp_path):
+    straight, interrupted = inline_runs
+    assert not (interrupted / "final_lora").exists()
+    run_dir = shutil.copytree(interrupted, tmp_path / "run")
+    resumed = train(load_config(run_dir / "config.yaml"), resume=run_dir)
+    assert [r["epoch"] for r in resumed.read_metrics()] == [0, 1, 2]
+    _assert_same_run(resumed, straight)
+
+
+def test_ray_run_with_two_learner_ranks_matches_the_inline_run(ray_session, inline_runs, tiny_sd_dir, tmp_path):
+    """No samplers or reward actors: two learner ranks sample, score and step on 2 rows each per
+    optimizer step, all-reducing gradients, like one inline learner on the 4 rows."""
+    straight, _ = inline_runs
+    config = _config(tiny_sd_dir, tmp_path, "run_name=ray", "resources.num_learners=2", "train.batch_size=2",
+                     "resources.cpus_per_learner=0.5")
+    run = train(config)
+    _assert_same_run(run, straight, rtol=1e-4, atol=1e-6)
+    assert all(r["actor_restarts"] == 0 for r in run.read_metrics())
+
+
+def test_refl_unet_lora_fuses_with_a_texforce_text_encoder_lora(tiny_sd_dir, tmp_path, capsys, one_torch_thread):
+    """Each LoRA gets two optimizer steps on the tiny model (ReFL on the U-Net; PPO on the text
+    encoder), is saved the trainer's way, and `texforce fuse` combines them; the fused file loads
+    with `pipe.load_lora_weights` and its images differ from each LoRA's alone."""
+    from rl.cli import main
+
+    refl_config = _config(tiny_sd_dir, tmp_path, "lora.unet_targets=to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2")
+    refl = GradientLearner(load_pipeline(tiny_sd_dir, device="cpu"), refl_config)
+    for _ in range(2):
+        refl.update(["a red ball", "a blue car", "a green cup", "a red hat"], [0, 1, 2, 3])
+    unet_file = save_lora(refl.get_weights(), refl_config.lora, tmp_path / "refl")
+
+    ppo_config = tiny_config(tiny_sd_dir, "lora.policy=text_encoder", "sample.num_steps=4", "train.learning_rate=1e-2",
+                             "train.warmup_steps=0", "train.clip_range=10")
+    ppo = PPOLearner(load_pipeline(tiny_sd_dir, device="cpu"), ppo_config)
+    for _ in range(2):
+        batch = sample_trajectories(ppo.pipe, ["a red ball", "a blue car"], [0, 1], num_steps=4, guidance_scale=5.0,
+                                    eta=1.0)
+        ppo.update(batch, torch.tensor([1.0, -1.0]))
+    text_file = save_lora(get_policy_weights(ppo.pipe, "text_encoder", ppo.version), ppo_config.lora, tmp_path / "tex")
+
+    fused_file = tmp_path / "fused.safetensors"
+    assert main(["fuse", "--lora", f"{unet_file}:1", "--lora", f"{text_file}:1", "--out", str(fused_file)]) == 0
+    assert "fused 2 LoRAs" in capsys.readouterr().out
+
+    def images(lora) -> torch.Tensor:
+        pipe = load_pipeline(tiny_sd_dir, device="cpu")
+        pipe.load_lora_weights(str(lora))
+        return pipe(["a red ball"], num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                    output_type="pt").images
+
+    fused, unet_only, text_only = images(fused_file), images(unet_file), images(text_file)
+    assert (fused - unet_only).abs().max() > 1e-3 and (fused - text_only).abs().max() > 1e-3
+    assert any("ff.net" in key for key in load_file(str(fused_file)))  # attention and feed-forward LoRA
