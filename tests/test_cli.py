@@ -206,3 +206,11 @@ def test_textcraftor_needs_a_text_encoder_lora(capsys, tmp_path):
     line = one_line_error(capsys, cli.main(["train", "--config", TINY_YAML, f"output_dir={tmp_path}",
                                             "train.algorithm=textcraftor", "lora.policy=unet"]))
     assert "lora.policy must be text_encoder or both with train.algorithm=textcraftor, got 'unet'" in line
+
+
+def test_held_out_evaluation_with_a_gradient_learner_is_a_config_error(capsys, tiny_sd_dir, tmp_path):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a purple hat\n")
+    line = one_line_error(capsys, cli.main(tiny_args(tiny_sd_dir, tmp_path, "train.algorithm=refl",
+                                                     f"evaluation.prompts_file={held_out}")))
+    assert "evaluation.prompts_file works with train.algorithm=ppo only for now" in line and "texforce eval" in line
