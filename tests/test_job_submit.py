@@ -48,6 +48,17 @@ def ray_head(tmp_path):
             assert head.poll() is None, "ray start --head exited"
             assert time.monotonic() < deadline, "the head's job server did not come up in 60 s"
             time.sleep(1)
+        # the job server answers before the node's job agent has registered with it; until then
+        # a submission fails with "No available agent": wait for a trivial job to be accepted
+        while True:
+            probe = subprocess.run([str(ray_bin), "job", "submit", "--address", address, "--no-wait", "--", "true"],
+                                   env=env, capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            assert "No available agent" in probe.stdout + probe.stderr, probe.stdout[-2000:] + probe.stderr[-2000:]
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline + 60, "the head's job agent did not register in 120 s"
+            time.sleep(1)
         yield ray_bin, address, env
     finally:
         os.killpg(head.pid, signal.SIGTERM)

@@ -24,7 +24,7 @@ from toyworld.scenes import synthetic_scenes
 KL_WEIGHT = 1e-3  # per latent element; small, as in SD's VAE: keeps latents tame, not Gaussian
 CAPTION_DROPOUT = 0.1  # fraction of captions replaced by "" so the U-Net also learns eps(x_t, "") for CFG
 GRAD_CLIP = 1.0
-WARMUP_STEPS = 200  # of the denoiser; then cosine decay to FINAL_LR_FRACTION of the learning rate
+WARMUP_STEPS = 200  # of the denoiser (at most a fifth of its steps); then cosine decay to FINAL_LR_FRACTION of the learning rate
 FINAL_LR_FRACTION = 0.1
 
 
@@ -143,7 +143,7 @@ def train_denoiser(pipe, *, steps: int, batch_size: int, num_scenes: int, learni
     unet.train().requires_grad_(True)
     text_encoder.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=1e-2)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, warmup=WARMUP_STEPS))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, warmup=min(WARMUP_STEPS, steps // 5)))
     metrics = {"unet_loss": float("nan")}
     for _ in tqdm(range(steps), desc="pretrain unet+text", disable=not progress):
         index = torch.randint(len(means), (batch_size,), generator=generator)
