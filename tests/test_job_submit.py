@@ -37,6 +37,10 @@ def ray_head(tmp_path):
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={_free_port()}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
+         # the agents' default ports are fixed (52365, ...): a Ray the test session started earlier
+         # holds them, and a job agent that cannot bind never registers ("No available agent")
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--runtime-env-agent-port={_free_port()}",
          "--num-cpus=2", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
@@ -57,7 +61,7 @@ def ray_head(tmp_path):
                 break
             assert "No available agent" in probe.stdout + probe.stderr, probe.stdout[-2000:] + probe.stderr[-2000:]
             assert head.poll() is None, "ray start --head exited"
-            assert time.monotonic() < deadline + 60, "the head's job agent did not register in 120 s"
+            assert time.monotonic() < deadline + 240, "the head's job agent did not register in 300 s"
             time.sleep(1)
         yield ray_bin, address, env
     finally:
