@@ -114,12 +114,14 @@ def train(
     else:
         run = RunDirectory.create(config)
     prompts = load_prompts(config.prompts)
+    held_out = config.evaluation.prompts_file
+    eval_prompts = read_prompt_file(held_out, option="evaluation.prompts_file") if held_out else []
     workers = make_workers(config)
     try:
         tracker, start = _restore(run, config, workers) if resume else (_new_tracker(config), 0)
         weights = workers.get_weights()
         if start == 0 and not any(row["epoch"] == -1 for row in run.read_evaluations()):
-            evaluate_held_out(-1, weights, config=config, run=run, workers=workers)
+            evaluate_held_out(-1, weights, eval_prompts, config=config, run=run, workers=workers)
         writer = SummaryWriter(str(run.tensorboard))
         bar = tqdm(total=config.num_epochs, initial=start, desc="epochs")
         learner_failures = 0
@@ -146,7 +148,7 @@ def train(
                 continue
             every = config.evaluation.every
             if epoch == config.num_epochs - 1 or (every and (epoch + 1) % every == 0):
-                evaluate_held_out(epoch, weights, config=config, run=run, workers=workers)
+                evaluate_held_out(epoch, weights, eval_prompts, config=config, run=run, workers=workers)
             bar.update(1)
             progress = {"kl": f"{row['approx_kl']:.1e}"} if "approx_kl" in row else {"loss": f"{row['loss']:.4f}"}
             bar.set_postfix(reward=f"{row['reward_mean']:.4f}", **progress)
@@ -281,8 +283,10 @@ def _gradient_phases(epoch: int, weights: PolicyWeights, prompts: list[str], see
                        sample_seconds=0.0, update_seconds=time.perf_counter() - t0)
 
 
-def evaluate_held_out(epoch: int, weights: PolicyWeights, *, config: TexForceConfig, run: RunDirectory, workers) -> None:
-    """Score the policy `weights` (trained through `epoch`; -1 = the base model) on the evaluation prompts.
+def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *, config: TexForceConfig,
+                      run: RunDirectory, workers) -> None:  # fmt: skip
+    """Score the policy `weights` (trained through `epoch`; -1 = the base model) on the evaluation
+    `prompts` (evaluation.prompts_file; none: nothing to do).
 
     The same fixed (prompt, seed) pairs every time, sampled like the training samples (the
     policy's own eta, steps and guidance) by the same samplers and reward actors; appends a row
@@ -291,9 +295,8 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, *, config: TexForceCon
     """
     from tune.evaluate import EvalSettings, eval_set, summarize
 
-    if config.evaluation.prompts_file is None:
+    if not prompts:
         return
-    prompts = read_prompt_file(config.evaluation.prompts_file, option="evaluation.prompts_file")
     s = config.sample
     settings = EvalSettings(num_seeds=config.evaluation.num_seeds, base_seed=config.evaluation.seed_base,
                             num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta)  # fmt: skip

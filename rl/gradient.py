@@ -193,11 +193,7 @@ class GradientLearner(LoraLearner):
                     history.setdefault(key, []).append(value)
             for key, value in self.optimizer_step().items():
                 history.setdefault(key, []).append(value)
-        self.version += 1
-        summary = {key: float(np.mean(values)) for key, values in history.items()}
-        summary["skipped_steps"] = float(np.sum(history["skipped_steps"]))
-        summary["loss_scale"] = self.scaler.scale
-        summary["policy_version"] = self.version
+        summary = self.finish_update(history)
         if not samples:  # a rank without rows this epoch
             samples = [ScoredSamples([], [], torch.zeros(0, 3, self.height, self.width, dtype=torch.uint8),
                                      torch.zeros(0), {name: torch.zeros(0) for name in self.reward.weights})]

@@ -216,6 +216,15 @@ class LoraLearner:
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": float(grad_norm), "lr": lr, "loss_scale": scale, "skipped_steps": float(skipped)}
 
+    def finish_update(self, history: dict[str, list[float]]) -> dict[str, float]:
+        """Close one update: bump the policy version; per-step metrics averaged, skipped steps summed."""
+        self.version += 1
+        summary = {key: float(np.mean(values)) for key, values in history.items()}
+        summary["skipped_steps"] = float(np.sum(history["skipped_steps"]))
+        summary["loss_scale"] = self.scaler.scale
+        summary["policy_version"] = self.version
+        return summary
+
     # --- weights and checkpoints -----------------------------------------------------------
 
     def get_weights(self) -> PolicyWeights:
@@ -307,12 +316,7 @@ class PPOLearner(LoraLearner):
                 # 3. one optimizer step over them
                 for key, value in self.optimizer_step().items():
                     history.setdefault(key, []).append(value)
-        self.version += 1
-        summary = {key: float(np.mean(values)) for key, values in history.items()}
-        summary["skipped_steps"] = float(np.sum(history["skipped_steps"]))
-        summary["loss_scale"] = self.scaler.scale
-        summary["policy_version"] = self.version
-        return summary
+        return self.finish_update(history)
 
     def minibatch_backward(
         self, batch: Trajectories, advantages: torch.Tensor, step_index: torch.Tensor, weight: float = 1.0
