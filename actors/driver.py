@@ -306,12 +306,27 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
     reward = summarize(scores.scores[finite].numpy())
     row = {"epoch": epoch, "policy_version": weights.version, "reward_mean": reward["mean"], "reward_sem": reward["sem"],
            **{f"reward_{k}_mean": float(v[finite].mean()) for k, v in scores.parts.items()},
-           "num_samples": len(eval_prompts), "num_dropped": int((~finite).sum())}  # fmt: skip
+           "num_samples": len(eval_prompts), "num_dropped": int((~finite).sum()),
+           "rewards": scores.scores.tolist()}  # fmt: skip
+    base = [r for r in run.read_evaluations() if r["epoch"] == -1]
+    if epoch >= 0 and base:
+        row |= paired_gain(np.asarray(base[0]["rewards"], dtype=np.float64), scores.scores.numpy().astype(np.float64))
     run.append_evaluation(row)
     first = slice(None, None, config.evaluation.num_seeds)  # each prompt's first image
     save_image_grid(trajectories.images[first][:16], _captions(eval_prompts[first], scores.scores[first])[:16],
                     run.grids / ("eval_before_training.png" if epoch < 0 else f"eval_epoch_{epoch:04d}.png"))
     log.info("held-out reward after epoch %d: %.4f +- %.4f (%d images)", epoch, reward["mean"], reward["sem"], len(eval_prompts))
+
+
+def paired_gain(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
+    """The change of the held-out reward against the base model's, image by image: the same
+    (prompt, seed) pairs are scored at every evaluation, so the standard error is that of the
+    paired differences (pairs with a non-finite reward left out)."""
+    from tune.evaluate import summarize
+
+    finite = np.isfinite(before) & np.isfinite(after)
+    change = summarize(after[finite] - before[finite])
+    return {"reward_gain": change["mean"], "reward_gain_sem": change["sem"]}
 
 
 def _new_tracker(config: TexForceConfig) -> PerPromptStatTracker:
@@ -363,6 +378,10 @@ def summarize(run: RunDirectory) -> str:
         lines.append(f"held-out reward ({after['num_samples']} images): before training {before['reward_mean']:.4f} "
                      f"+- {before['reward_sem']:.4f} -> after epoch {after['epoch']} {after['reward_mean']:.4f} "
                      f"+- {after['reward_sem']:.4f} (evaluation.parquet)")
+        if after.get("reward_gain") is not None:
+            lines.append(f"held-out gain, paired over the same prompts and seeds: {after['reward_gain']:+.4f} "
+                         f"+- {after['reward_gain_sem']:.4f} ({after['reward_gain'] / max(after['reward_gain_sem'], 1e-12):+.1f} "
+                         f"standard errors)")
     for label, path in [("final LoRA", run.final_lora / "pytorch_lora_weights.safetensors"),
                         ("metrics", run.metrics_path), ("reward curve", run.reward_curve),
                         ("image grids", run.grids), ("checkpoints", run.checkpoints),

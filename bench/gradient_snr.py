@@ -11,14 +11,19 @@ policy gradient by sampling step, and prints
 - the cosine of the summed policy gradient to the direct gradient, for 16/64/256 samples, when
   every step is trained, when the steps with sigma_t < --min-sigma are left out (train.min_sigma)
   and when the steps with gain > --max-step-gain are left out (train.max_step_gain);
-- the fraction of LoRA weights whose gradient sign agrees (what Adam's first steps follow).
+- the fraction of LoRA weights whose gradient sign agrees (what Adam's first steps follow);
+- each estimator against its own noise, which needs no reference (the direct gradient is noisy
+  too): the number of samples at which its signal equals its noise, and its split-half cosine.
+  Summed over the high-noise first steps only (--early-sigma, train.min_sigma) and over all.
 
-and saves a PNG of the per-step figures. Run on the demo's model (README, "Why min_sigma"):
+and saves a PNG of the per-step figures. Run on the demo's model (README, "Why the demo trains
+the first steps"):
 
-    python bench/gradient_snr.py runs/tiny-sd --prompts configs/prompts_magenta.txt
+    python bench/gradient_snr.py models/toy-sd --prompts configs/prompts_toy_train.txt \
+        --reward object_alignment --samples 1024 --direct-samples 512 --group-size 8
 
-It costs 256 x 10 U-Net forward/backward passes (20 min on 2 busy shared cores, mostly the
-policy gradient); `--samples 64 --direct-samples 64` gives the 16/64 rows in a quarter of that.
+That costs 1024 x 10 U-Net forward/backward passes for the policy gradient and 512 sampling chains
+backpropagated for the direct one (about 4 min on 2 cores).
 """
 from __future__ import annotations
 
@@ -91,6 +96,34 @@ def summary_table(per_chunk_step: torch.Tensor, g_direct: torch.Tensor, rules: d
     return "\n".join(line.rstrip() for line in lines)
 
 
+def samples_for_unit_snr(chunk_grads: torch.Tensor, chunk: int) -> tuple[float, float]:
+    """(samples at which the estimator's signal equals its noise, split-half cosine of the whole set).
+
+    chunk_grads: [K, P], one gradient per chunk of `chunk` samples, independent draws of the
+    same estimator. With mean g and per-chunk noise trace tr(S), |g|^2 is estimated without bias
+    as |mean|^2 - tr(S) / K; an n-sample average then has signal-to-noise |g|^2 / (tr(S) chunk / n),
+    which is 1 at n = chunk tr(S) / |g|^2 (inf: no signal measurable at this K). It needs no
+    reference gradient, so it measures the direct gradient by the same rule.
+    """
+    k = len(chunk_grads)
+    mean = chunk_grads.mean(0)
+    noise = float(((chunk_grads - mean) ** 2).sum(1).mean()) * k / (k - 1)
+    signal = float(mean @ mean) - noise / k
+    half = k // 2
+    split = cosine(chunk_grads[:half].sum(0), chunk_grads[half : 2 * half].sum(0))
+    return (chunk * noise / signal if signal > 0 else float("inf")), split
+
+
+def snr_table(estimators: dict[str, torch.Tensor], chunk: int) -> str:
+    """One row per estimator (name -> [K, P] chunk gradients): samples for signal = noise, split-half cosine."""
+    width = max(len(name) for name in estimators) + 2
+    lines = [f"{'estimator':<{width}}samples for SNR 1   split-half cosine (samples per half)"]
+    for name, grads in estimators.items():
+        n_unit, split = samples_for_unit_snr(grads, chunk)
+        lines.append(f"{name:<{width}}{n_unit:>16.0f}   {split:+.2f} ({len(grads) // 2 * chunk})")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="local diffusers directory (e.g. runs/tiny-sd)")
@@ -103,6 +136,10 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--min-sigma", type=float, default=0.05, help="today's rule: train.min_sigma")
     parser.add_argument("--max-step-gain", type=float, default=2.0, help="the gain rule: train.max_step_gain")
+    parser.add_argument("--early-sigma", type=float, default=0.55,
+                        help="the early window: train.min_sigma that keeps only the high-noise first steps")
+    parser.add_argument("--group-size", type=int, default=1,
+                        help="consecutive samples per prompt (advantages are normalised within each group)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--out", default="gradient_snr.png")
     args = parser.parse_args()
@@ -121,7 +158,7 @@ def main() -> None:
     # 1. the direct gradient of the mean reward, backpropagated through the sampling chain
     direct = []
     for c in range(0, args.direct_samples, args.chunk):
-        prompts = [prompts_all[i % len(prompts_all)] for i in range(args.chunk)]
+        prompts = [prompts_all[((c + i) // args.group_size) % len(prompts_all)] for i in range(args.chunk)]
         seeds = [10**6 + c + i for i in range(args.chunk)]
         cond = encode(pipe.text_encoder, tokenize(pipe.tokenizer, prompts))
         uncond = encode(pipe.text_encoder, tokenize(pipe.tokenizer, [""] * len(prompts)))
@@ -137,7 +174,7 @@ def main() -> None:
 
     # 2. the policy gradient, per chunk of samples and per step, at ratio 1 (the first PPO step)
     n = args.samples
-    prompts = [prompts_all[i % len(prompts_all)] for i in range(n)]
+    prompts = [prompts_all[(i // args.group_size) % len(prompts_all)] for i in range(n)]
     parts = [sample_trajectories(pipe, prompts[i : i + args.chunk], list(range(i, i + args.chunk)),
                                  num_steps=args.num_steps, guidance_scale=args.guidance_scale, eta=1.0)
              for i in range(0, n, args.chunk)]
@@ -169,11 +206,19 @@ def main() -> None:
     # 4. summed over the steps each rule trains, for growing sample counts
     rules = {"all steps": torch.arange(args.num_steps),
              f"sigma_t >= {args.min_sigma:g}": trainable_steps(schedule, 1.0, args.min_sigma),
-             f"gain <= {args.max_step_gain:g}": trainable_steps(schedule, 1.0, 0.0, max_step_gain=args.max_step_gain)}
+             f"gain <= {args.max_step_gain:g}": trainable_steps(schedule, 1.0, 0.0, max_step_gain=args.max_step_gain),
+             f"sigma_t >= {args.early_sigma:g}": trainable_steps(schedule, 1.0, args.early_sigma)}
     print()
     print(summary_table(per_chunk_step, g_direct, rules, args.chunk))
 
-    # 5. plot: red, the steps the gain rule leaves out
+    # 5. each estimator against its own noise: no reference needed (the direct gradient is noisy too)
+    estimators = {"direct (backprop through the chain)": direct}
+    for name, steps in rules.items():
+        estimators[f"policy gradient, {name} (steps {steps.min().item()}-{steps.max().item()})"] = per_chunk_step[:, steps].sum(1)
+    print()
+    print(snr_table(estimators, args.chunk))
+
+    # 6. plot: red, the steps the gain rule leaves out
     import matplotlib
 
     matplotlib.use("Agg")

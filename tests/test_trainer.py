@@ -70,10 +70,19 @@ def test_end_to_end_ray_run(ray_session, tiny_sd_dir, tmp_path):
     prompts = held_out.read_text().split("\n")[:3]
     reward = rewards.build_reward(config.reward.spec)
     assert evaluate(pipe, reward, prompts, settings).objective.mean() == pytest.approx(evaluations[0]["reward_mean"], abs=1e-6)
+    base_scores = evaluate(pipe, reward, prompts, settings).objective
+    assert evaluations[0]["rewards"] == pytest.approx(base_scores.tolist(), abs=1e-6)
     pipe.load_lora_weights(str(run.final_lora))
-    assert evaluate(pipe, reward, prompts, settings).objective.mean() == pytest.approx(evaluations[1]["reward_mean"], abs=1e-6)
+    final_scores = evaluate(pipe, reward, prompts, settings).objective
+    assert final_scores.mean() == pytest.approx(evaluations[1]["reward_mean"], abs=1e-6)
+    # the gain is paired image by image over the same (prompt, seed) pairs
+    change = final_scores - base_scores
+    assert evaluations[1]["reward_gain"] == pytest.approx(change.mean(), abs=1e-6)
+    assert evaluations[1]["reward_gain_sem"] == pytest.approx(change.std(ddof=1) / math.sqrt(len(change)), abs=1e-6)
+    assert "reward_gain" not in evaluations[0] or evaluations[0]["reward_gain"] is None
     assert (run.grids / "eval_before_training.png").exists() and (run.grids / "eval_epoch_0001.png").exists()
     assert "held-out reward (6 images): before training" in summarize(run)
+    assert "held-out gain, paired over the same prompts and seeds" in summarize(run)
 
 
 def test_two_learners_match_one_learner_on_the_union_batch(ray_session, tiny_sd_dir, tmp_path):
