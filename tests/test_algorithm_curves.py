@@ -1,0 +1,51 @@
+"""bench/algorithm_curves.py: every algorithm trained for one wall-clock budget, curves in one figure."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import algorithm_curves  # noqa: E402
+
+from rl.algorithms import algorithm_names  # noqa: E402
+
+
+def test_every_registered_algorithm_has_its_overrides():
+    assert set(algorithm_curves.METHOD_OVERRIDES) == set(algorithm_names())
+
+
+def test_smooth_is_a_trailing_mean():
+    assert algorithm_curves.smooth(np.array([1.0, 3.0, 5.0, 7.0]), 2) == pytest.approx([1.0, 2.0, 4.0, 6.0])
+
+
+def test_a_tiny_budget_stops_each_run_after_one_epoch_and_reruns_reuse_it(tiny_sd_dir, tmp_path, one_torch_thread):
+    out = tmp_path / "curves"
+    overrides = [f"model.pretrained={tiny_sd_dir}", "sample.num_steps=4", "sample.batch_size=4",
+                 "sample.num_batches_per_epoch=1", "advantage.group_size=4", "train.batch_size=4", "lora.rank=4",
+                 "lora.alpha=4", "train.min_sigma=0", "prompts.file=null"]
+    argv = [*overrides, "--out", str(out), "--budget-s", "0.01", "--algorithms", "ppo", "refl"]
+    assert algorithm_curves.main(argv) == 0
+
+    rows = pq.read_table(out / "curves.parquet").to_pylist()
+    assert [r["algorithm"] for r in rows] == ["ppo", "refl"]
+    for row in rows:
+        assert np.isfinite(row["reward_mean"]) and row["seconds"] > 0
+        metrics = pq.read_table(out / row["algorithm"] / "metrics.parquet").to_pylist()
+        assert len(metrics) == 1
+        assert row["epoch"] == metrics[0]["epoch"] == 0
+        assert row["seconds"] == metrics[0]["wall_seconds"]
+        assert row["reward_mean"] == metrics[0]["reward_mean"]
+        assert row["num_samples"] == metrics[0]["num_samples"] == 4
+    assert (out / "curves.png").stat().st_size > 0
+    table = (out / "curves.md").read_text()
+    assert "| ppo | 1 | 4 |" in table and "| refl | 1 | 4 |" in table
+
+    # a second call reads the finished runs instead of training again
+    written = {name: (out / name / "metrics.parquet").stat().st_mtime_ns for name in ("ppo", "refl")}
+    assert algorithm_curves.main(argv) == 0
+    assert {name: (out / name / "metrics.parquet").stat().st_mtime_ns for name in written} == written
+    assert pq.read_table(out / "curves.parquet").to_pylist() == rows
