@@ -31,10 +31,10 @@ evidence: setup
 	cd models/toy-sd && sha256sum --quiet -c SHA256SUMS
 	$(BIN)/python bench/evidence.py --out runs/evidence
 
-# The command that built models/toy-sd (~8 min on 2 cores). Bit-identical only on the same CPU
+# The command that built models/toy-sd (~13 min on 2 cores). Bit-identical only on the same CPU
 # instruction set and thread count, hence the committed copy.
 toy-model: setup
-	$(BIN)/texforce make-tiny runs/toy-sd-rebuilt --pretrain-steps 3600 --vae-steps 1000 --scenes train
+	$(BIN)/texforce make-tiny runs/toy-sd-rebuilt --pretrain-steps 4000 --vae-steps 1000 --scenes train
 
 test: setup
 	$(BIN)/python -m pytest -q

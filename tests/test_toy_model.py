@@ -41,5 +41,5 @@ def test_the_toy_model_draws_held_out_pairs_partly_right():
     named = [parse_caption(p) for p in prompts]
     color = sum(r[0] == n[0] for r, n in zip(read, named)) / len(named)
     shape = sum(r[1] == n[1] for r, n in zip(read, named)) / len(named)
-    # measured: colour 0.875, shape 0.25 (chance 0.1 and 0.125); the issue asks for 30-70% of attributes
+    # measured: colour 0.80, shape 0.35 (chance 0.1 and 0.125); the issue asks for 30-70% of attributes
     assert 0.3 <= (color + shape) / 2 <= 0.7 and color >= 0.5, (color, shape)
