@@ -80,7 +80,7 @@ def test_ray_job_submit_runs_the_training_entry(ray_head, tiny_sd_dir, tmp_path)
          "--runtime-env", str(ROOT / "configs" / "runtime_env.yaml"), "--",
          "python", "-m", "rl.train", "--config", "configs/tiny.yaml", f"model.pretrained={tiny_sd_dir}",
          f"output_dir={out_dir}", "run_name=job", "num_epochs=1", "sample.num_batches_per_epoch=1",
-         "sample.batch_size=4", "train.batch_size=4", "advantage.group_size=4"],
+         "sample.batch_size=4", "train.batch_size=4", "advantage.group_size=4", "evaluation.num_seeds=1"],
         env=env, capture_output=True, text=True, timeout=400,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
