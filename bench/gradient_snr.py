@@ -16,14 +16,14 @@ policy gradient by sampling step, and prints
   too): the number of samples at which its signal equals its noise, and its split-half cosine.
   Summed over the high-noise first steps only (--early-sigma, train.min_sigma) and over all.
 
-and saves a PNG of the per-step figures. Run on the demo's model (README, "Why the demo trains
-the first steps"):
+and saves a PNG of the per-step figures. Run on the demo's model (README, "Why the demo does not
+learn yet"):
 
     python bench/gradient_snr.py models/toy-sd --prompts configs/prompts_toy_train.txt \
         --reward object_alignment --samples 1024 --direct-samples 512 --group-size 8
 
 That costs 1024 x 10 U-Net forward/backward passes for the policy gradient and 512 sampling chains
-backpropagated for the direct one (about 4 min on 2 cores).
+backpropagated for the direct one (about 5 min on 2 cores with --direct-samples 256).
 """
 from __future__ import annotations
 

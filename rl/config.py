@@ -109,7 +109,7 @@ class TrainConfig:
     min_sigma: float = 0.0
     """Steps whose DDIM noise std sigma_t is below this are never trained (0 = train all, as the
     papers do). sigma_t falls along the trajectory, so this keeps an early window: the demo's 0.55
-    trains the first 4 of 10 steps, where the policy gradient's signal is (bench/gradient_snr.py)."""
+    trains the first 4 of 10 steps (bench/gradient_snr.py measures the signal per window)."""
     max_step_gain: float = 0.0
     """Steps whose gain |d mean / d eps_hat| / sigma_t exceeds this are never trained (0 = off); 2 drops
     the step onto t=1 of SD's schedule, whose SNR jump makes its log-prob gradient mostly noise."""
