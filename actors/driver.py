@@ -293,7 +293,7 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
     to evaluation.parquet and saves each prompt's first image in grids/eval_epoch_NNNN.png
     (eval_before_training.png for the base model).
     """
-    from tune.evaluate import EvalSettings, eval_set, summarize
+    from tune.evaluate import EvalSettings, eval_set, paired_gain, summarize
 
     if not prompts:
         return
@@ -310,23 +310,13 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
            "rewards": scores.scores.tolist()}  # fmt: skip
     base = [r for r in run.read_evaluations() if r["epoch"] == -1]
     if epoch >= 0 and base:
-        row |= paired_gain(np.asarray(base[0]["rewards"], dtype=np.float64), scores.scores.numpy().astype(np.float64))
+        gain = paired_gain(np.asarray(base[0]["rewards"], dtype=np.float64), scores.scores.numpy().astype(np.float64))
+        row |= {"reward_gain": gain["mean"], "reward_gain_sem": gain["sem"]}
     run.append_evaluation(row)
     first = slice(None, None, config.evaluation.num_seeds)  # each prompt's first image
     save_image_grid(trajectories.images[first][:16], _captions(eval_prompts[first], scores.scores[first])[:16],
                     run.grids / ("eval_before_training.png" if epoch < 0 else f"eval_epoch_{epoch:04d}.png"))
     log.info("held-out reward after epoch %d: %.4f +- %.4f (%d images)", epoch, reward["mean"], reward["sem"], len(eval_prompts))
-
-
-def paired_gain(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
-    """The change of the held-out reward against the base model's, image by image: the same
-    (prompt, seed) pairs are scored at every evaluation, so the standard error is that of the
-    paired differences (pairs with a non-finite reward left out)."""
-    from tune.evaluate import summarize
-
-    finite = np.isfinite(before) & np.isfinite(after)
-    change = summarize(after[finite] - before[finite])
-    return {"reward_gain": change["mean"], "reward_gain_sem": change["sem"]}
 
 
 def _new_tracker(config: TexForceConfig) -> PerPromptStatTracker:

@@ -81,9 +81,9 @@ def score_model(pipe, reward, prompts: list[str], settings, loras: list[Path]) -
 
 
 def rows_for(method: str, seed: int, scores: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> dict:
-    from tune.evaluate import summarize
+    from tune.evaluate import paired_gain, summarize
 
-    gain = summarize(scores["reward"] - base["reward"])
+    gain = paired_gain(base["reward"], scores["reward"])
     row = {"method": method, "seed": seed, "reward": float(scores["reward"].mean()),
            "reward_sem": summarize(scores["reward"])["sem"], "gain": gain["mean"], "gain_sem": gain["sem"]}
     for part in ("object_alignment_color", "object_alignment_shape"):

@@ -77,6 +77,13 @@ def summarize(values: np.ndarray) -> dict[str, float]:
     return {"mean": float(values.mean()), "std": std, "sem": std / math.sqrt(n) if n else float("nan"), "n": n}
 
 
+def paired_gain(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
+    """`summarize` of the change image by image, for two scorings of the same (prompt, seed) pairs:
+    the standard error is that of the paired differences (pairs with a non-finite score left out)."""
+    finite = np.isfinite(before) & np.isfinite(after)
+    return summarize(after[finite] - before[finite])
+
+
 def eval_set(prompts: list[str], settings: EvalSettings) -> tuple[list[str], list[int]]:
     """Every prompt once per seed: prompts [N], seeds [N] with N = len(prompts) * num_seeds."""
     pairs = [(p, settings.base_seed + j) for p in prompts for j in range(settings.num_seeds)]
