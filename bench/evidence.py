@@ -42,8 +42,7 @@ from rl.config import load_config  # noqa: E402
 TRAINED = {
     "texforce": [],
     "ddpo": ["lora.policy=unet"],
-    "refl": ["train.algorithm=refl", "lora.policy=unet", "train.learning_rate=1e-3", "train.weight_decay=0.1",
-             "evaluation.prompts_file=null"],
+    "refl": ["train.algorithm=refl", "lora.policy=unet", "train.learning_rate=1e-3", "train.weight_decay=0.1"],
 }
 # Fused models: which trained LoRAs are loaded together (alpha 1 each).
 FUSED = {"texforce + ddpo": ("texforce", "ddpo"), "refl + texforce": ("refl", "texforce")}
@@ -58,8 +57,9 @@ def train_method(method: str, seed: int, *, base_config: Path, out: Path, overri
     lora = out / run_name / "final_lora" / "pytorch_lora_weights.safetensors"
     if lora.exists():
         return lora
+    # no held-out evaluation inside the run: the script scores every model itself, once
     config = load_config(base_config, [*overrides, *TRAINED[method], f"seed={seed}", f"run_name={run_name}",
-                                       f"output_dir={out}", "resources.mode=inline"])
+                                       f"output_dir={out}", "resources.mode=inline", "evaluation.prompts_file=null"])
     if RunDirectory(out / run_name).has_progress():  # an interrupted run: go on from its last checkpoint
         train(config, resume=out / run_name)
     else:
