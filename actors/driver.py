@@ -2,7 +2,12 @@
 
     for each epoch:  sample -> reward -> advantage -> update -> sync weights -> log -> checkpoint
 
-(a gradient learner does the first four in one differentiable pass on the learner group),
+(a gradient learner does the first four in one differentiable pass on the learner group). With
+train.async_staleness=1 (PPO) the samplers draw epoch e+1 with the LoRA the learner starts epoch
+e from, while the learner trains on epoch e, so neither waits for the other:
+
+    epoch e:  advantage(batch e) -> start update e -> sample + reward batch e+1 -> finish update e
+
 and, when `evaluation.prompts_file` is set, scores the policy on those (held-out) prompts with
 fixed seeds before training and after the last (or every N-th) epoch.
 
@@ -27,7 +32,8 @@ from rl.advantages import PerPromptStatTracker, compute_advantages
 from rl.algorithms import get_algorithm
 from rl.config import TexForceConfig
 from rl.lora import PolicyWeights
-from rl.plots import save_image_grid, save_reward_curve
+from rl.outputs import EpochOutputs
+from rl.plots import save_image_grid
 from rl.preflight import preflight
 from rl.prompts import epoch_prompts, load_prompts, read_prompt_file
 from rl.run_dir import RunDirectory
@@ -104,7 +110,6 @@ def train(
     A learner that dies is replaced and the run goes on from the last checkpoint, up to
     resources.max_restarts times; then TrainingStopped says how to resume.
     """
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
     preflight(config)  # every user error before the run directory exists
@@ -117,19 +122,21 @@ def train(
     held_out = config.evaluation.prompts_file
     eval_prompts = read_prompt_file(held_out, option="evaluation.prompts_file") if held_out else []
     workers = make_workers(config)
+    outputs = None
     try:
         tracker, start = _restore(run, config, workers) if resume else (_new_tracker(config), 0)
         weights = workers.get_weights()
+        batches = _Batches(config, prompts, _sampling_weights(config, workers, weights))
         if start == 0 and not any(row["epoch"] == -1 for row in run.read_evaluations()):
             evaluate_held_out(-1, weights, eval_prompts, config=config, run=run, workers=workers)
-        writer = SummaryWriter(str(run.tensorboard))
+        outputs = EpochOutputs(run, title=f"{config.run_name}: {config.reward.spec}")
         bar = tqdm(total=config.num_epochs, initial=start, desc="epochs")
         learner_failures = 0
         epoch = start
         while epoch < config.num_epochs:
             try:
                 row, weights = _run_epoch(epoch, weights, config=config, run=run, workers=workers,
-                                          tracker=tracker, prompts=prompts, writer=writer)
+                                          tracker=tracker, batches=batches, outputs=outputs)
             except LearnerFailedError as error:
                 learner_failures += 1
                 if learner_failures > config.resources.max_restarts:
@@ -143,6 +150,7 @@ def train(
                 workers.restart_learners()
                 tracker, epoch = _restore(run, config, workers)
                 weights = workers.get_weights()
+                batches = _Batches(config, prompts, _sampling_weights(config, workers, weights))
                 bar.n = epoch
                 bar.refresh()
                 continue
@@ -156,10 +164,13 @@ def train(
                 on_epoch_end(epoch, row)
             epoch += 1
         bar.close()
-        writer.close()
         run.save_final_lora(weights, config)
     finally:
-        workers.shutdown()
+        try:
+            if outputs is not None:
+                outputs.close()  # everything queued is on disk when train returns or stops
+        finally:
+            workers.shutdown()
     return run
 
 
@@ -178,24 +189,51 @@ class _Experience:
     update_seconds: float
 
 
+class _Batches:
+    """Which prompts, seeds and sampling LoRA each epoch's batch is drawn with, and the batch
+    already sampled for the next epoch (async sampling). The sampling LoRA is the learner's
+    current one, or with train.async_staleness=1 the one before it: a run resumed from a
+    checkpoint draws the same samples as the run that was not interrupted."""
+
+    def __init__(self, config: TexForceConfig, prompts: list[str], sampling_weights: PolicyWeights):
+        self.config, self.prompts = config, prompts
+        self.weights = sampling_weights
+        self.ready: tuple[Trajectories, RewardScores] | None = None  # the next epoch's, sampled early
+
+    def prompts_and_seeds(self, epoch: int) -> tuple[list[str], list[int]]:
+        c = self.config
+        group = c.advantage.group_size if c.advantage.mode == "group" else 1
+        return epoch_prompts(self.prompts, seed=c.seed, epoch=epoch, num_samples=c.samples_per_epoch, group_size=group)
+
+
+def _sampling_weights(config: TexForceConfig, workers, weights: PolicyWeights) -> PolicyWeights:
+    """The LoRA the next batch is drawn with: `weights` (the learner's), or the version before it
+    with async sampling (none before version 0)."""
+    if config.train.async_staleness and weights.version > 0 and not get_algorithm(config.train.algorithm).samples_in_learner:
+        return workers.get_weights(weights.version - 1)
+    return weights
+
+
 def _run_epoch(
     epoch: int, weights: PolicyWeights, *, config: TexForceConfig, run: RunDirectory, workers,
-    tracker: PerPromptStatTracker, prompts: list[str], writer,
+    tracker: PerPromptStatTracker, batches: _Batches, outputs: EpochOutputs,
 ) -> tuple[dict, PolicyWeights]:
     """One epoch: sample -> reward -> advantage -> update -> sync weights -> log -> checkpoint.
     A gradient learner samples, scores and steps in one pass on its own worker group (no
-    samplers, reward actors or advantages). Returns the epoch's metrics row and the weights
-    for the next epoch's samplers."""
+    samplers, reward actors or advantages). Returns the epoch's metrics row and the learner's
+    weights after it."""
     t0 = time.perf_counter()
-    group = config.advantage.group_size if config.advantage.mode == "group" else 1
-    epoch_prompt_list, seeds = epoch_prompts(
-        prompts, seed=config.seed, epoch=epoch, num_samples=config.samples_per_epoch, group_size=group
-    )
     # 1-4. sample, reward, (advantage,) update
-    phases = _gradient_phases if get_algorithm(config.train.algorithm).samples_in_learner else _ppo_phases
-    done = phases(epoch, weights, epoch_prompt_list, seeds, config=config, run=run, workers=workers, tracker=tracker)
+    if get_algorithm(config.train.algorithm).samples_in_learner:
+        epoch_prompt_list, seeds = batches.prompts_and_seeds(epoch)
+        done = _gradient_phases(epoch, weights, epoch_prompt_list, seeds, config=config, run=run, workers=workers,
+                                tracker=tracker)
+    else:
+        done = _ppo_phases(epoch, weights, batches, config=config, run=run, workers=workers, tracker=tracker)
     # 5. weights for the next epoch's samplers
     weights = workers.get_weights()
+    if not config.train.async_staleness:
+        batches.weights = weights
     t_updated = time.perf_counter()
     # 6. log
     rewards, scores = done.rewards, done.scores
@@ -213,30 +251,23 @@ def _run_epoch(
         "samples_per_second": len(scores.scores) / (done.sample_seconds or done.update_seconds),
         "actor_restarts": workers.restarts,
     }
-    rows = run.append_metrics(row)
-    for key, value in row.items():
-        writer.add_scalar(key, value, epoch)
-    save_image_grid(done.images[:8], _captions(done.prompts, torch.from_numpy(rewards)),
-                    run.grids / f"epoch_{epoch:04d}.png")
-    save_reward_curve([r["epoch"] for r in rows], [r["reward_mean"] for r in rows],
-                      [r["reward_std"] for r in rows], run.reward_curve, title=f"{config.run_name}: {config.reward.spec}")
+    outputs.write(row, done.images[:8], _captions(done.prompts[:8], torch.from_numpy(rewards[:8])))  # in the background
     # 7. checkpoint
     if (epoch + 1) % config.save_every == 0 or epoch == config.num_epochs - 1:
         _save_checkpoint(run, config, workers, tracker, weights, epoch)
     return row, weights
 
 
-def _ppo_phases(epoch: int, weights: PolicyWeights, prompts: list[str], seeds: list[int], *,
-                config: TexForceConfig, run: RunDirectory, workers, tracker: PerPromptStatTracker) -> _Experience:
-    """Samplers roll out, reward actors score, the driver computes advantages, the learners update."""
+def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config: TexForceConfig,
+                run: RunDirectory, workers, tracker: PerPromptStatTracker) -> _Experience:
+    """Samplers roll out, reward actors score, the driver computes advantages, the learners update;
+    with async sampling the next epoch's rollout runs while the learners update."""
     t0 = time.perf_counter()
-    # 1-2. sample trajectories and score them
-    try:
-        trajectories, scores = workers.rollout(weights, prompts, seeds)
-    except ActorsLostError as error:
-        _checkpoint_last_finished_epoch(run, config, workers, tracker, weights, epoch)
-        raise TrainingStopped(f"{error}; then `texforce train --resume {run.path}`") from error
-    t_sampled = time.perf_counter()
+    # 1-2. sample trajectories and score them (unless they were sampled during the last epoch)
+    if batches.ready is None:
+        batches.ready = _rollout(epoch, epoch, batches, config=config, run=run, workers=workers, tracker=tracker)
+    (trajectories, scores), batches.ready = batches.ready, None
+    sample_seconds = time.perf_counter() - t0
     try:
         trajectories, rewards, dropped = drop_non_finite(trajectories, scores, config)
     except NonFiniteRewardError as error:
@@ -251,10 +282,37 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, prompts: list[str], seeds: l
             adv_clip_max=config.train.adv_clip_max, tracker=tracker,
         )
     )
-    # 4. PPO update
-    metrics = workers.update(trajectories, advantages)
+    # 4. PPO update, and meanwhile (async) the next epoch's rollout with the LoRA this one starts from
+    t_update = time.perf_counter()
+    pending = workers.start_update(trajectories, advantages)
+    if config.train.async_staleness and epoch + 1 < config.num_epochs:
+        batches.weights = weights
+        t_next = time.perf_counter()
+        try:
+            batches.ready = _rollout(epoch + 1, epoch, batches, config=config, run=run, workers=workers, tracker=tracker,
+                                     pending=pending)
+        finally:
+            sample_seconds += time.perf_counter() - t_next
+    metrics = workers.finish_update(pending)
     return _Experience(metrics, trajectories.prompts, trajectories.images, scores, rewards, dropped,
-                       sample_seconds=t_sampled - t0, update_seconds=time.perf_counter() - t_sampled)
+                       sample_seconds=sample_seconds, update_seconds=time.perf_counter() - t_update)
+
+
+def _rollout(batch_epoch: int, epoch: int, batches: _Batches, *, config: TexForceConfig, run: RunDirectory,
+             workers, tracker: PerPromptStatTracker, pending=None) -> tuple[Trajectories, RewardScores]:
+    """Sample and score epoch `batch_epoch`'s batch during `epoch`. If the samplers or reward
+    actors are gone for good, stop with the finished work checkpointed: the update in flight
+    (`pending`) is finished and saved as this epoch's, else the last finished epoch is."""
+    prompts, seeds = batches.prompts_and_seeds(batch_epoch)
+    try:
+        return workers.rollout(batches.weights, prompts, seeds)
+    except ActorsLostError as error:
+        if pending is None:
+            _checkpoint_last_finished_epoch(run, config, workers, tracker, workers.get_weights(), epoch)
+        else:
+            workers.finish_update(pending)
+            _save_checkpoint(run, config, workers, tracker, workers.get_weights(), epoch)
+        raise TrainingStopped(f"{error}; then `texforce train --resume {run.path}`") from error
 
 
 def _gradient_phases(epoch: int, weights: PolicyWeights, prompts: list[str], seeds: list[int], *,

@@ -53,8 +53,9 @@ class LearnerWorker:
     def train_on_prompts(self, prompts: list[str], seeds: list[int]) -> tuple[dict[str, float], ScoredSamples]:
         return self.learner.update(prompts, seeds)
 
-    def get_weights(self) -> PolicyWeights:
-        return self.learner.get_weights()
+    def get_weights(self, version: int | None = None) -> PolicyWeights:
+        """The current LoRA, or (PPO) the version before it, which async sampling draws with."""
+        return self.learner.get_weights() if version is None else self.learner.get_weights(version)
 
     def state_dict(self) -> dict:
         return self.learner.state_dict()

@@ -8,6 +8,7 @@ import torch
 import rewards
 from rl.config import RewardSettings
 from rl.models import resolve_device
+from rl.priority import lower_cpu_priority
 from rl.sampling import images_to_float
 
 
@@ -37,9 +38,12 @@ class RewardScores:
 class RewardActor:
     """Plain class; `ray.remote(RewardActor)` where it is started, or used in-process."""
 
-    def __init__(self, settings: RewardSettings, *, device: str = "auto", num_threads: int | None = None):
+    def __init__(self, settings: RewardSettings, *, device: str = "auto", num_threads: int | None = None,
+                 low_priority: bool = False):
         if num_threads:
             torch.set_num_threads(num_threads)
+        if low_priority:  # its own process (Ray): yield the cores to a learner sharing them
+            lower_cpu_priority()
         self.device = resolve_device(device)
         self.reward = rewards.build_reward(settings.spec, device=self.device, paths=settings.paths)
 

@@ -6,6 +6,7 @@ import torch
 from rl.config import TexForceConfig
 from rl.lora import PolicyWeights, add_lora, set_policy_weights
 from rl.models import load_pipeline_from_config
+from rl.priority import lower_cpu_priority
 from rl.sampling import Trajectories, sample_trajectories
 
 
@@ -16,9 +17,11 @@ class SamplerWorker:
     from the config and given a LoRA of the config's shape, whose values come with each call.
     """
 
-    def __init__(self, config: TexForceConfig, *, pipe=None, num_threads: int | None = None):
+    def __init__(self, config: TexForceConfig, *, pipe=None, num_threads: int | None = None, low_priority: bool = False):
         if num_threads:
             torch.set_num_threads(num_threads)
+        if low_priority:  # its own process (Ray): yield the cores to a learner sharing them
+            lower_cpu_priority()
         self.config = config
         if pipe is None:
             pipe = load_pipeline_from_config(config.model)
@@ -32,15 +35,19 @@ class SamplerWorker:
         The weights travel with every call, so a restarted worker re-run on the same shard gives
         the same samples (the call is idempotent).
         """
-        if weights.version != self.version:
-            set_policy_weights(self.pipe, weights)
-            self.version = weights.version
+        self.sample_with(weights)
         s = self.config.sample
         trajectories = sample_trajectories(
             self.pipe, prompts, seeds, num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta,
             negative_prompt=s.negative_prompt, height=s.height, width=s.width, policy_version=weights.version,
         )
         return trajectories, trajectories.images
+
+    def sample_with(self, weights: PolicyWeights) -> None:
+        """Put `weights` into the pipeline unless they are already there."""
+        if weights.version != self.version:
+            set_policy_weights(self.pipe, weights)
+            self.version = weights.version
 
     def ping(self) -> int:
         return self.version

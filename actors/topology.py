@@ -1,7 +1,8 @@
 """Where the roles run: in this process (inline) or as Ray actors. The only place that knows
 how many samplers, reward actors and learners there are and what each one needs.
 
-Both classes offer the same phases the driver calls: `rollout` and `update` (PPO),
+Both classes offer the same phases the driver calls: `rollout` and `start_update` /
+`finish_update` (PPO; the driver samples the next epoch between the two),
 `train_on_prompts` (gradient learners: the learner group samples, scores and steps itself, so
 no samplers or reward actors are started), `get_weights`, and the learner checkpoint state.
 """
@@ -55,23 +56,40 @@ class InlineWorkers:
         self, weights: PolicyWeights, prompts: list[str], seeds: list[int],
         *, on_shard_done: Callable[[str, int], None] | None = None,
     ) -> tuple[Trajectories, RewardScores]:
+        """Sample and score in turn; the sampler shares the learner's pipeline, so older `weights`
+        (async sampling after a resume) are put back to the learner's once the rollout is done."""
+        self.sampler.version = self.learner.learner.version  # what the shared pipeline holds now
+        learner_weights = self.get_weights() if weights.version != self.sampler.version else None
         trajectories, scores = [], []
-        for shard, (shard_prompts, shard_seeds) in enumerate(_shards(prompts, seeds, self.config.sample.batch_size)):
-            traj, images = self.sampler.sample(weights, shard_prompts, shard_seeds)
-            trajectories.append(traj)
-            scores.append(self.reward.score(images, shard_prompts))
-            if on_shard_done is not None:
-                on_shard_done("score", shard)
+        try:
+            for shard, (shard_prompts, shard_seeds) in enumerate(_shards(prompts, seeds, self.config.sample.batch_size)):
+                traj, images = self.sampler.sample(weights, shard_prompts, shard_seeds)
+                trajectories.append(traj)
+                scores.append(self.reward.score(images, shard_prompts))
+                if on_shard_done is not None:
+                    on_shard_done("score", shard)
+        finally:
+            if learner_weights is not None:
+                self.sampler.sample_with(learner_weights)
         return Trajectories.cat(trajectories), RewardScores.cat(scores)
 
+    def start_update(self, trajectories: Trajectories, advantages: torch.Tensor) -> Callable[[], dict[str, float]]:
+        """The update to run at `finish_update`: in one process nothing overlaps, so it runs after
+        whatever the driver samples in between, which is the order its inputs follow on Ray too."""
+        return lambda: self.learner.update(trajectories, advantages)
+
+    @staticmethod
+    def finish_update(pending: Callable[[], dict[str, float]]) -> dict[str, float]:
+        return pending()
+
     def update(self, trajectories: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
-        return self.learner.update(trajectories, advantages)
+        return self.finish_update(self.start_update(trajectories, advantages))
 
     def train_on_prompts(self, prompts: list[str], seeds: list[int]) -> tuple[dict[str, float], ScoredSamples]:
         return self.learner.train_on_prompts(prompts, seeds)
 
-    def get_weights(self) -> PolicyWeights:
-        return self.learner.get_weights()
+    def get_weights(self, version: int | None = None) -> PolicyWeights:
+        return self.learner.get_weights(version)
 
     def learner_state(self) -> dict:
         return self.learner.state_dict()
@@ -178,10 +196,12 @@ class RayWorkers:
         )
         rollout_roles = not get_algorithm(config.train.algorithm).samples_in_learner
         self.samplers = [
-            sampler_cls.remote(config, num_threads=_threads(r.cpus_per_sampler)) for _ in range(r.num_samplers)
+            sampler_cls.remote(config, num_threads=_threads(r.cpus_per_sampler), low_priority=r.rollout_low_priority)
+            for _ in range(r.num_samplers)
         ] if rollout_roles else []
         self.reward_actors = [
-            reward_cls.remote(config.reward, device=config.model.device, num_threads=_threads(r.cpus_per_reward_actor))
+            reward_cls.remote(config.reward, device=config.model.device, num_threads=_threads(r.cpus_per_reward_actor),
+                              low_priority=r.rollout_low_priority)
             for _ in range(r.num_reward_actors)
         ] if rollout_roles else []
         self.learners = self._start_learners()
@@ -343,19 +363,28 @@ class RayWorkers:
         self.learners = self._start_learners()
         self.learner_restarts += 1
 
-    def update(self, trajectories: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
+    def start_update(self, trajectories: Trajectories, advantages: torch.Tensor) -> list:
+        """Send the batch to every rank and return at once; the learners train while the driver
+        samples the next epoch."""
         import ray
 
         batch_ref, advantages_ref = ray.put(trajectories), ray.put(advantages)
-        return self._learner_call([learner.update.remote(batch_ref, advantages_ref) for learner in self.learners])[0]
+        return [learner.update.remote(batch_ref, advantages_ref) for learner in self.learners]
+
+    def finish_update(self, pending: list) -> dict[str, float]:
+        """Rank 0's metrics of the update `start_update` sent."""
+        return self._learner_call(pending)[0]
+
+    def update(self, trajectories: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
+        return self.finish_update(self.start_update(trajectories, advantages))
 
     def train_on_prompts(self, prompts: list[str], seeds: list[int]) -> tuple[dict[str, float], ScoredSamples]:
         """Every rank samples, scores and steps on its rows; rank 0's metrics, all ranks' samples in epoch order."""
         results = self._learner_call([learner.train_on_prompts.remote(prompts, seeds) for learner in self.learners])
         return results[0][0], ScoredSamples.cat([samples for _, samples in results])
 
-    def get_weights(self) -> PolicyWeights:
-        return self._learner_call(self.learners[0].get_weights.remote())
+    def get_weights(self, version: int | None = None) -> PolicyWeights:
+        return self._learner_call(self.learners[0].get_weights.remote(version))
 
     def learner_state(self) -> dict:
         return self._learner_call(self.learners[0].state_dict.remote())

@@ -122,6 +122,11 @@ class TrainConfig:
     kl_coef: float = 0.0
     """Weight of a KL penalty to the base model's step distribution, per trained step (0 = off,
     as in TexForce). Costs one extra U-Net pass per trained step with the LoRA disabled."""
+    async_staleness: int = 1
+    """PPO only. 1: the samplers draw epoch e+1 with the LoRA the learner starts epoch e from,
+    while it trains on epoch e (one version stale; the stored old log-probs keep the PPO ratio
+    correct); on Ray sampling and learning then overlap. 0: sample, then train, in turn (on-policy).
+    Inline mode computes the same run as Ray for either value."""
 
 
 @dataclass
@@ -216,6 +221,11 @@ class ResourcesConfig:
     """GPUs per learner."""
     cpus_per_learner: float = 1.0
     """CPUs per learner."""
+    rollout_low_priority: bool = True
+    """Ray samplers and reward actors run at the lowest CPU priority (Linux SCHED_IDLE, else nice
+    19). Where they share cores with a learner (one node, async sampling), the learner's update,
+    which every epoch waits for, keeps its core and the next epoch's rollout gets what is left
+    (measured: README, Performance); on cores of their own they run at full speed either way."""
     call_timeout_s: float = 1800.0
     """Longest wait for one remote call before the run fails."""
     max_restarts: int = 3
@@ -293,6 +303,8 @@ class TexForceConfig:
             (t.max_step_gain >= 0, "train.max_step_gain", t.max_step_gain, ">= 0", "0 = off"),
             (t.max_grad_norm > 0, "train.max_grad_norm", t.max_grad_norm, "> 0", ""),
             (t.kl_coef >= 0, "train.kl_coef", t.kl_coef, ">= 0", ""),
+            (t.async_staleness in (0, 1), "train.async_staleness", t.async_staleness, "0 or 1",
+             "0 = sample then train on-policy, 1 = sample the next epoch while training this one"),
             (self.lora.rank >= 1, "lora.rank", self.lora.rank, positive_int, ""),
             (self.lora.alpha > 0, "lora.alpha", self.lora.alpha, "> 0", ""),
             (a.buffer_size >= 1, "advantage.buffer_size", a.buffer_size, positive_int, ""),

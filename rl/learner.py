@@ -37,6 +37,11 @@ from rl.ppo import clipped_surrogate_loss, gaussian_kl
 from rl.sampling import Trajectories, encode, step_distribution
 
 
+MISMATCH_PROBE_ROWS = 8
+"""Rows of a stale batch whose log-probs the learner recomputes under the sampling LoRA (an
+extra no-grad pass; on-policy batches are checked for free on the first minibatch)."""
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int, schedule: str):
     """LR multiplier: linear warmup from 0, then cosine decay to 0 (or constant)."""
 
@@ -272,6 +277,32 @@ class PPOLearner(LoraLearner):
         self.trainable_steps = trainable_steps(
             self.schedule, self.sample.eta, self.train.min_sigma, max_step_gain=self.train.max_step_gain
         )
+        # the LoRA of the version before this one: with train.async_staleness=1 the samplers draw
+        # an epoch with it while the learner trains on the epoch before
+        self.previous_weights: PolicyWeights | None = None
+
+    def get_weights(self, version: int | None = None) -> PolicyWeights:
+        """This version's LoRA, or (version = current - 1) the one before it."""
+        if version is None or version == self.version:
+            return super().get_weights()
+        if self.previous_weights is None or self.previous_weights.version != version:
+            kept = [self.version] + ([self.previous_weights.version] if self.previous_weights else [])
+            raise ValueError(f"the learner keeps the LoRA of versions {kept}, not {version}")
+        return self.previous_weights
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.previous_weights is not None:
+            w = self.previous_weights
+            state["previous_lora"] = {"version": w.version, "text_encoder": w.text_encoder, "unet": w.unet}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        previous = state.get("previous_lora")  # absent in checkpoints from before async sampling
+        self.previous_weights = (
+            PolicyWeights(previous["version"], previous["text_encoder"], previous["unet"]) if previous else None
+        )
 
     # --- the update ------------------------------------------------------------------------
 
@@ -281,7 +312,10 @@ class PPOLearner(LoraLearner):
         Every rank gets the whole batch and draws the same shuffle; `accumulation_plan` says which
         rows of each optimizer step this rank trains and with what weight, so the summed gradient
         is the mean gradient over the step's rows. `skipped_steps` counts fp16 steps skipped for
-        inf/NaN gradients, `loss_scale` is the scale after this update.
+        inf/NaN gradients, `loss_scale` is the scale after this update. `staleness` is how many
+        versions behind the learner the sampling LoRA was (train.async_staleness); the stored
+        log-probs are the old policy's either way, so the PPO ratio stays correct. `logprob_mismatch`
+        compares them with the learner's recomputation under the sampling LoRA, before any step.
         """
         num_samples, num_steps = trajectories.log_probs.shape
         if num_steps != self.schedule.num_steps:
@@ -293,6 +327,8 @@ class PPOLearner(LoraLearner):
             num_samples, batch_size=self.train.batch_size, accumulate=self.train.gradient_accumulation_steps,
             world_size=world, rank=rank,
         )
+        staleness = self.version - trajectories.policy_version
+        this_version = super().get_weights()
         history: dict[str, list[float]] = {}
         first = True
         for _ in range(self.train.num_inner_epochs):
@@ -303,20 +339,52 @@ class PPOLearner(LoraLearner):
                 # 2. accumulate the row-weighted gradients of this rank's minibatches of the step
                 for begin, end, weight in minibatches:
                     rows = order[begin:end]
+                    if first and staleness:  # before any step, under the LoRA that sampled; a few rows suffice
+                        probe = rows[:MISMATCH_PROBE_ROWS]
+                        mismatch = self.logprob_mismatch(trajectories.select(probe), step_index[probe, :num_trained],
+                                                         trajectories.policy_version)
                     metrics = self.minibatch_backward(
                         trajectories.select(rows), advantages[rows], step_index[rows, :num_trained], weight
                     )
                     if first:  # before any optimizer step: the learner must agree with the sampler
-                        metrics["logprob_mismatch"] = metrics.pop("abs_logprob_diff")
+                        metrics["logprob_mismatch"] = mismatch if staleness else metrics.pop("abs_logprob_diff")
                         first = False
-                    else:
-                        metrics.pop("abs_logprob_diff")
+                    metrics.pop("abs_logprob_diff", None)
                     for key, value in metrics.items():
                         history.setdefault(key, []).append(value)
                 # 3. one optimizer step over them
                 for key, value in self.optimizer_step().items():
                     history.setdefault(key, []).append(value)
-        return self.finish_update(history)
+        self.previous_weights = this_version
+        return self.finish_update(history) | {"staleness": float(staleness)}
+
+    @torch.no_grad()
+    def logprob_mismatch(self, batch: Trajectories, step_index: torch.Tensor, version: int) -> float:
+        """Max over rows of |recomputed - stored log-prob| under the LoRA of `version`, averaged
+        over the trained steps (NaN when the learner no longer keeps that version): the check
+        that learner and samplers compute the same policy, for a batch sampled by an older one."""
+        try:
+            sampling = self.get_weights(version)
+        except ValueError:
+            return float("nan")
+        current = super().get_weights()
+        set_policy_weights(self.pipe, sampling)
+        try:
+            device = self.pipe.unet.device
+            cond = encode(self.pipe.text_encoder, batch.prompt_ids).float()
+            uncond = encode(self.pipe.text_encoder, batch.negative_ids).float()
+            rows, total = torch.arange(len(batch)), 0.0
+            for k in range(step_index.shape[1]):
+                j = step_index[:, k]
+                log_prob, _, _ = step_distribution(
+                    self.pipe.unet, self.schedule, batch.latents[rows, j].to(device), batch.timesteps[rows, j].to(device),
+                    batch.latents[rows, j + 1].to(device), cond, uncond,
+                    guidance_scale=self.sample.guidance_scale, eta=self.sample.eta,
+                )
+                total += (log_prob - batch.log_probs[rows, j].to(device)).abs().max().item()
+        finally:
+            set_policy_weights(self.pipe, current)
+        return total / step_index.shape[1]
 
     def minibatch_backward(
         self, batch: Trajectories, advantages: torch.Tensor, step_index: torch.Tensor, weight: float = 1.0

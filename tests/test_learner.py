@@ -98,6 +98,38 @@ def test_update_runs_inner_epochs_and_bumps_version(pipe, tiny_sd_dir):
     assert any(changed)
 
 
+def test_a_batch_one_version_stale_is_checked_under_the_lora_that_sampled_it(pipe, tiny_sd_dir):
+    """train.async_staleness=1: epoch e+1 is sampled by version e while the learner trains on
+    epoch e. The learner keeps version e's LoRA, recomputes the stale batch's log-probs under it
+    (they must agree with the sampler's), and trains from its own current LoRA, unchanged by the check."""
+    cfg = tiny_config(tiny_sd_dir, "train.batch_size=2", "train.clip_range=0.2", "train.learning_rate=1e-2",
+                      "train.warmup_steps=0")
+    learner = PPOLearner(pipe, cfg)
+    prompts, seeds = ["a red ball", "a cat"], [0, 1]
+    v0 = learner.get_weights()
+    fresh = sample_trajectories(pipe, prompts, seeds, num_steps=6, guidance_scale=5.0, eta=1.0, policy_version=0)
+    stale = sample_trajectories(pipe, prompts, [2, 3], num_steps=6, guidance_scale=5.0, eta=1.0, policy_version=0)
+    assert learner.update(fresh, torch.tensor([1.0, -1.0]))["staleness"] == 0
+    v1 = learner.get_weights()
+    assert v1.version == 1 and not all(torch.equal(v0.text_encoder[k], v1.text_encoder[k]) for k in v0.text_encoder)
+    for key, value in learner.get_weights(0).text_encoder.items():  # kept, and in the checkpoint state
+        assert torch.equal(value, v0.text_encoder[key])
+        assert torch.equal(learner.state_dict()["previous_lora"]["text_encoder"][key], value)
+    metrics = learner.update(stale, torch.tensor([1.0, -1.0]))
+    assert metrics["staleness"] == 1
+    assert metrics["logprob_mismatch"] < 1e-5  # under version 0's LoRA, not the learner's version 1
+    assert metrics["ratio"] != pytest.approx(1.0, abs=1e-7)  # the learner's own policy did move
+    # the same update without the check in between: the check left the learner's LoRA as it was
+    replay = PPOLearner(load_pipeline(tiny_sd_dir, device="cpu"), cfg)
+    replay.update(fresh, torch.tensor([1.0, -1.0]))
+    replay.previous_weights = None  # nothing to check the stale batch against: NaN, same step
+    assert math.isnan(replay.update(stale, torch.tensor([1.0, -1.0]))["logprob_mismatch"])
+    for key, value in replay.get_weights().text_encoder.items():
+        torch.testing.assert_close(learner.get_weights().text_encoder[key], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="keeps the LoRA of versions"):
+        learner.get_weights(0)
+
+
 def test_min_sigma_never_trains_the_near_deterministic_last_steps(pipe, tiny_sd_dir):
     cfg = tiny_config(tiny_sd_dir, "train.min_sigma=0.05", "train.timestep_fraction=1.0", "train.batch_size=4",
                       "train.learning_rate=1e-2", "train.warmup_steps=0")

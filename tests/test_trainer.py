@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import rewards
 from actors.driver import NonFiniteRewardError, TrainingStopped, summarize, train
 from actors.sampler import SamplerWorker
-from actors.topology import InsufficientResourcesError, RayWorkers
+from actors.topology import InsufficientResourcesError, RayWorkers, _actor_info
 from conftest import tiny_config
 from rl.config import load_config
 from rl.learner import PPOLearner
@@ -112,6 +112,29 @@ def test_two_learners_match_one_learner_on_the_union_batch(ray_session, tiny_sd_
         torch.testing.assert_close(distributed.text_encoder[key], value, rtol=1e-4, atol=5e-5)
 
 
+def test_async_sampling_on_ray_is_the_inline_run_one_version_stale(ray_session, tiny_sd_dir, tmp_path):
+    """train.async_staleness=1 (the default): Ray samples epoch e+1 while the learner trains on
+    epoch e; inline mode computes the same run in turn. Epoch 0's batch is on-policy either way;
+    later ones are drawn by the version before the learner's, which the synchronous loop does not do."""
+    overrides = ("num_epochs=3", "resources.num_samplers=2", "sample.num_steps=4")
+    on_ray = train(_trainer_config(tiny_sd_dir, tmp_path, "run_name=async_ray", *overrides))
+    inline = train(_trainer_config(tiny_sd_dir, tmp_path, "run_name=async_inline", "resources.mode=inline", *overrides))
+    synchronous = train(_trainer_config(tiny_sd_dir, tmp_path, "run_name=sync", "resources.mode=inline",
+                                        "train.async_staleness=0", *overrides))
+    rows, sync_rows = on_ray.read_metrics(), synchronous.read_metrics()
+    assert [r["staleness"] for r in rows] == [0, 1, 1] and [r["staleness"] for r in sync_rows] == [0, 0, 0]
+    assert all(r["logprob_mismatch"] < 1e-5 for r in rows)  # under the LoRA that drew each batch
+    ray_lora, inline_lora, sync_lora = (load_file(str(run.final_lora / "pytorch_lora_weights.safetensors"))
+                                        for run in (on_ray, inline, synchronous))
+    # Ray and inline differ by float noise only (different thread counts; here ~3e-7), the
+    # synchronous loop's LoRA by a training step's size (Adam moves each weight by ~lr = 1e-3)
+    for key, value in inline_lora.items():
+        torch.testing.assert_close(ray_lora[key], value, rtol=1e-4, atol=2e-6)
+    assert max((sync_lora[k] - v).abs().max() for k, v in inline_lora.items()) > 1e-4
+    np.testing.assert_allclose([r["reward_mean"] for r in rows], [r["reward_mean"] for r in inline.read_metrics()],
+                               rtol=1e-5)
+
+
 def _fault_config(tiny_sd_dir, tmp_path, *overrides):
     return _trainer_config(tiny_sd_dir, tmp_path, "resources.num_samplers=2", "sample.num_steps=4",
                            "sample.batch_size=2", "sample.num_batches_per_epoch=6", *overrides)
@@ -136,6 +159,10 @@ def test_killed_sampler_and_reward_actor_cost_one_restart_each(ray_session, tiny
         assert killed
         # Ray's own restart count: one death is one restart, not one per failed or retried call
         assert workers.restarts == 2
+        # the rollout roles, restarted ones included, yield the cores to the learner (resources.rollout_low_priority)
+        policy = {role: [os.sched_getscheduler(_actor_info(a)["Pid"]) for a in actors]
+                  for role, actors in [("rollout", workers.samplers + workers.reward_actors), ("learner", workers.learners)]}
+        assert policy == {"rollout": [os.SCHED_IDLE] * 3, "learner": [os.SCHED_OTHER]}
     finally:
         workers.shutdown()
     assert len(trajectories) == 12 and trajectories.prompts == prompts

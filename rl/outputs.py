@@ -1,0 +1,59 @@
+"""An epoch's outputs (metrics row in parquet and TensorBoard, image grid, reward curve), written
+off the training loop's critical path.
+
+One background thread writes them in epoch order, so the driver starts the next update as soon
+as an epoch's update is back instead of waiting on parquet, PNG encoding and matplotlib. A
+failed write is raised in the driver at the next epoch's `write` or at `close`, which waits for
+everything queued (the run's files are complete when `train` returns or stops).
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from rl.plots import save_image_grid, save_reward_curve
+from rl.run_dir import RunDirectory
+
+
+class EpochOutputs:
+    def __init__(self, run: RunDirectory, *, title: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run, self.title = run, title
+        self.writer = SummaryWriter(str(run.tensorboard))
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-outputs")
+        self.pending: list[Future] = []
+
+    def write(self, row: dict, images: torch.Tensor, captions: list[str]) -> None:
+        """Queue epoch `row["epoch"]`'s outputs: images [N, 3, H, W] uint8 with their captions go to the grid."""
+        self._raise_failed()
+        self.pending.append(self.executor.submit(self._write, dict(row), images.clone(), list(captions)))
+
+    def _write(self, row: dict, images: torch.Tensor, captions: list[str]) -> None:
+        epoch = row["epoch"]
+        rows = self.run.append_metrics(row)
+        for key, value in row.items():
+            self.writer.add_scalar(key, value, epoch)
+        save_image_grid(images, captions, self.run.grids / f"epoch_{epoch:04d}.png")
+        save_reward_curve([r["epoch"] for r in rows], [r["reward_mean"] for r in rows],
+                          [r["reward_std"] for r in rows], self.run.reward_curve, title=self.title)
+
+    def _raise_failed(self) -> None:
+        done = [f for f in self.pending if f.done()]
+        self.pending = [f for f in self.pending if not f.done()]
+        for future in done:
+            future.result()  # re-raises a failed write here, in the driver
+
+    def flush(self) -> None:
+        """Wait until everything queued is written."""
+        for future in self.pending:
+            future.result()
+        self.pending = []
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self.executor.shutdown(wait=True)
+            self.writer.close()
