@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from actors.reward import RewardScores
+from actors.rollout import Rollout
 from actors.topology import ActorsLostError, InlineWorkers, LearnerFailedError, RayWorkers
 from rl.advantages import PerPromptStatTracker, compute_advantages
 from rl.algorithms import get_algorithm
@@ -37,7 +38,6 @@ from rl.plots import save_image_grid
 from rl.preflight import preflight
 from rl.prompts import epoch_prompts, load_prompts, read_prompt_file
 from rl.run_dir import RunDirectory
-from rl.sampling import Trajectories
 
 log = logging.getLogger("texforce")
 
@@ -82,21 +82,20 @@ def make_workers(config: TexForceConfig):
     return RayWorkers(config)
 
 
-def drop_non_finite(
-    trajectories: Trajectories, scores: RewardScores, config: TexForceConfig
-) -> tuple[Trajectories, np.ndarray, int]:
-    """Keep only finite-reward samples (with a warning), or raise in `stop` mode."""
-    report = scores.finite_report
+def drop_non_finite(rollout: Rollout, config: TexForceConfig) -> tuple[Rollout, np.ndarray, int]:
+    """Keep only finite-reward samples (with a warning), or raise in `stop` mode; returns the
+    kept rollout, its rewards and how many were dropped."""
+    report = rollout.scores.finite_report
     finite = report.mask
     dropped = int((~finite).sum())
     if dropped == 0:
-        return trajectories, scores.scores.numpy().astype(np.float64), 0
+        return rollout, rollout.scores.scores.numpy().astype(np.float64), 0
     message = f"{dropped} of {len(finite)} samples of the epoch have non-finite rewards ({report})"
     if config.reward.on_non_finite == "stop" or dropped == len(finite):
         raise NonFiniteRewardError(message + "; stopping (reward.on_non_finite=stop or no finite sample left)")
     log.warning("%s; dropping them (reward.on_non_finite=drop)", message)
-    keep = torch.nonzero(finite).flatten()
-    return trajectories.select(keep), scores.scores[keep].numpy().astype(np.float64), dropped
+    kept = rollout.select(torch.nonzero(finite).flatten())
+    return kept, kept.scores.scores.numpy().astype(np.float64), dropped
 
 
 def train(
@@ -198,7 +197,7 @@ class _Batches:
     def __init__(self, config: TexForceConfig, prompts: list[str], sampling_weights: PolicyWeights):
         self.config, self.prompts = config, prompts
         self.weights = sampling_weights
-        self.ready: tuple[Trajectories, RewardScores] | None = None  # the next epoch's, sampled early
+        self.ready: Rollout | None = None  # the next epoch's, sampled early
 
     def prompts_and_seeds(self, epoch: int) -> tuple[list[str], list[int]]:
         c = self.config
@@ -266,25 +265,27 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config
     # 1-2. sample trajectories and score them (unless they were sampled during the last epoch)
     if batches.ready is None:
         batches.ready = _rollout(epoch, epoch, batches, config=config, run=run, workers=workers, tracker=tracker)
-    (trajectories, scores), batches.ready = batches.ready, None
+    rollout, batches.ready = batches.ready, None
     sample_seconds = time.perf_counter() - t0
     try:
-        trajectories, rewards, dropped = drop_non_finite(trajectories, scores, config)
+        kept, rewards, dropped = drop_non_finite(rollout, config)
     except NonFiniteRewardError as error:
-        save_image_grid(trajectories.images, _captions(trajectories.prompts, scores.scores),
+        bad = torch.nonzero(~torch.isfinite(rollout.scores.scores)).flatten()[:16].tolist()
+        save_image_grid(rollout.images(bad), _captions([rollout.prompts[i] for i in bad], rollout.scores.scores[bad]),
                         run.grids / f"epoch_{epoch:04d}_non_finite.png")
         _checkpoint_last_finished_epoch(run, config, workers, tracker, weights, epoch)
         raise NonFiniteRewardError(f"{error}; fix the reward, then `texforce train --resume {run.path}`") from None
     # 3. advantages
     advantages = torch.from_numpy(
         compute_advantages(
-            trajectories.prompts, rewards, mode=config.advantage.mode,
+            kept.prompts, rewards, mode=config.advantage.mode,
             adv_clip_max=config.train.adv_clip_max, tracker=tracker,
         )
     )
-    # 4. PPO update, and meanwhile (async) the next epoch's rollout with the LoRA this one starts from
+    # 4. PPO update (the learners fetch the trajectories from the samplers' shards), and meanwhile
+    #    (async) the next epoch's rollout with the LoRA this one starts from
     t_update = time.perf_counter()
-    pending = workers.start_update(trajectories, advantages)
+    pending = workers.start_update(kept.trajectories(), advantages)
     if config.train.async_staleness and epoch + 1 < config.num_epochs:
         batches.weights = weights
         t_next = time.perf_counter()
@@ -294,12 +295,13 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config
         finally:
             sample_seconds += time.perf_counter() - t_next
     metrics = workers.finish_update(pending)
-    return _Experience(metrics, trajectories.prompts, trajectories.images, scores, rewards, dropped,
+    shown = list(range(min(8, len(kept))))  # the epoch's image grid
+    return _Experience(metrics, [kept.prompts[i] for i in shown], kept.images(shown), rollout.scores, rewards, dropped,
                        sample_seconds=sample_seconds, update_seconds=time.perf_counter() - t_update)
 
 
 def _rollout(batch_epoch: int, epoch: int, batches: _Batches, *, config: TexForceConfig, run: RunDirectory,
-             workers, tracker: PerPromptStatTracker, pending=None) -> tuple[Trajectories, RewardScores]:
+             workers, tracker: PerPromptStatTracker, pending=None) -> Rollout:
     """Sample and score epoch `batch_epoch`'s batch during `epoch`. If the samplers or reward
     actors are gone for good, stop with the finished work checkpointed: the update in flight
     (`pending`) is finished and saved as this epoch's, else the last finished epoch is."""
@@ -359,7 +361,8 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
     settings = EvalSettings(num_seeds=config.evaluation.num_seeds, base_seed=config.evaluation.seed_base,
                             num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta)  # fmt: skip
     eval_prompts, seeds = eval_set(prompts, settings)
-    trajectories, scores = workers.rollout(weights, eval_prompts, seeds)
+    rollout = workers.rollout(weights, eval_prompts, seeds)
+    scores = rollout.scores
     finite = torch.isfinite(scores.scores)
     reward = summarize(scores.scores[finite].numpy())
     row = {"epoch": epoch, "policy_version": weights.version, "reward_mean": reward["mean"], "reward_sem": reward["sem"],
@@ -371,8 +374,8 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
         gain = paired_gain(np.asarray(base[0]["rewards"], dtype=np.float64), scores.scores.numpy().astype(np.float64))
         row |= {"reward_gain": gain["mean"], "reward_gain_sem": gain["sem"]}
     run.append_evaluation(row)
-    first = slice(None, None, config.evaluation.num_seeds)  # each prompt's first image
-    save_image_grid(trajectories.images[first][:16], _captions(eval_prompts[first], scores.scores[first])[:16],
+    first = list(range(0, len(eval_prompts), config.evaluation.num_seeds))[:16]  # each prompt's first image
+    save_image_grid(rollout.images(first), _captions([eval_prompts[i] for i in first], scores.scores[first]),
                     run.grids / ("eval_before_training.png" if epoch < 0 else f"eval_epoch_{epoch:04d}.png"))
     log.info("held-out reward after epoch %d: %.4f +- %.4f (%d images)", epoch, reward["mean"], reward["sem"], len(eval_prompts))
 

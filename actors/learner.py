@@ -7,6 +7,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from actors.rollout import TrajectoryShards
 from rl.algorithms import get_algorithm
 from rl.config import TexForceConfig
 from rl.gradient import GradientLearner, ScoredSamples
@@ -47,7 +48,10 @@ class LearnerWorker:
             timeout=timedelta(seconds=timeout_s),
         )
 
-    def update(self, trajectories: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
+    def update(self, trajectories: TrajectoryShards | Trajectories, advantages: torch.Tensor) -> dict[str, float]:
+        """PPO on the batch; refs to the samplers' shards are fetched here, from the object store."""
+        if isinstance(trajectories, TrajectoryShards):
+            trajectories = trajectories.fetch()
         return self.learner.update(trajectories, advantages)
 
     def train_on_prompts(self, prompts: list[str], seeds: list[int]) -> tuple[dict[str, float], ScoredSamples]:

@@ -19,6 +19,7 @@ import torch
 
 from actors.learner import LearnerWorker
 from actors.reward import RewardActor, RewardScores
+from actors.rollout import Rollout, TrajectoryShards
 from actors.sampler import SamplerWorker
 from rl.algorithms import get_algorithm
 from rl.config import TexForceConfig
@@ -55,25 +56,26 @@ class InlineWorkers:
     def rollout(
         self, weights: PolicyWeights, prompts: list[str], seeds: list[int],
         *, on_shard_done: Callable[[str, int], None] | None = None,
-    ) -> tuple[Trajectories, RewardScores]:
+    ) -> Rollout:
         """Sample and score in turn; the sampler shares the learner's pipeline, so older `weights`
         (async sampling after a resume) are put back to the learner's once the rollout is done."""
         self.sampler.version = self.learner.learner.version  # what the shared pipeline holds now
         learner_weights = self.get_weights() if weights.version != self.sampler.version else None
-        trajectories, scores = [], []
+        trajectories, images, scores = [], [], []
         try:
             for shard, (shard_prompts, shard_seeds) in enumerate(_shards(prompts, seeds, self.config.sample.batch_size)):
-                traj, images = self.sampler.sample(weights, shard_prompts, shard_seeds)
+                traj, shard_images = self.sampler.sample(weights, shard_prompts, shard_seeds)
                 trajectories.append(traj)
-                scores.append(self.reward.score(images, shard_prompts))
+                images.append(shard_images)
+                scores.append(self.reward.score(shard_images, shard_prompts))
                 if on_shard_done is not None:
                     on_shard_done("score", shard)
         finally:
             if learner_weights is not None:
                 self.sampler.sample_with(learner_weights)
-        return Trajectories.cat(trajectories), RewardScores.cat(scores)
+        return Rollout(list(prompts), RewardScores.cat(scores), [len(t) for t in trajectories], trajectories, images)
 
-    def start_update(self, trajectories: Trajectories, advantages: torch.Tensor) -> Callable[[], dict[str, float]]:
+    def start_update(self, trajectories: TrajectoryShards, advantages: torch.Tensor) -> Callable[[], dict[str, float]]:
         """The update to run at `finish_update`: in one process nothing overlaps, so it runs after
         whatever the driver samples in between, which is the order its inputs follow on Ray too."""
         return lambda: self.learner.update(trajectories, advantages)
@@ -82,7 +84,7 @@ class InlineWorkers:
     def finish_update(pending: Callable[[], dict[str, float]]) -> dict[str, float]:
         return pending()
 
-    def update(self, trajectories: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
+    def update(self, trajectories: TrajectoryShards | Trajectories, advantages: torch.Tensor) -> dict[str, float]:
         return self.finish_update(self.start_update(trajectories, advantages))
 
     def train_on_prompts(self, prompts: list[str], seeds: list[int]) -> tuple[dict[str, float], ScoredSamples]:
@@ -243,8 +245,9 @@ class RayWorkers:
     def rollout(
         self, weights: PolicyWeights, prompts: list[str], seeds: list[int],
         *, on_shard_done: Callable[[str, int], None] | None = None,
-    ) -> tuple[Trajectories, RewardScores]:
-        """Sample every shard and score it; the work of an actor that died is re-issued.
+    ) -> Rollout:
+        """Sample every shard and score it; the work of an actor that died is re-issued. The
+        trajectories and images stay in the object store (the Rollout holds their refs).
 
         on_shard_done(kind, shard) is called as each shard is sampled ("sample") and scored ("score").
         """
@@ -260,6 +263,7 @@ class RayWorkers:
         scorers = list(range(len(self.reward_actors)))  # in service, round-robin
         lost: dict[str, set[int]] = {"sampler": set(), "reward actor": set()}
         trajectory_refs: dict[int, ray.ObjectRef] = {}
+        image_refs: dict[int, ray.ObjectRef] = {}
         scores: dict[int, RewardScores] = {}
         in_flight: dict[ray.ObjectRef, _Call] = {}
         failures: Counter = Counter()
@@ -325,13 +329,15 @@ class RayWorkers:
                 (idle_samplers.append if call.role == "sampler" else scorers.append)(call.actor)
             elif call.kind == "sample":
                 idle_samplers.append(call.actor)
+                image_refs[call.shard] = ready[0]
                 to_score.append((call.shard, ready[0]))
             else:
                 scores[call.shard] = value
             if on_shard_done is not None and call.kind != "revive":
                 on_shard_done(call.kind, call.shard)
-        trajectories = self._get([trajectory_refs[i] for i in range(len(shards))])
-        return Trajectories.cat(trajectories), RewardScores.cat([scores[i] for i in range(len(shards))])
+        order = range(len(shards))
+        return Rollout(list(prompts), RewardScores.cat([scores[i] for i in order]), [len(shards[i][0]) for i in order],
+                       [trajectory_refs[i] for i in order], [image_refs[i] for i in order])
 
     def _learner_call(self, refs):
         """ray.get on learner calls, surfacing the first failure as soon as it happens. A dead
@@ -363,9 +369,10 @@ class RayWorkers:
         self.learners = self._start_learners()
         self.learner_restarts += 1
 
-    def start_update(self, trajectories: Trajectories, advantages: torch.Tensor) -> list:
-        """Send the batch to every rank and return at once; the learners train while the driver
-        samples the next epoch."""
+    def start_update(self, trajectories: TrajectoryShards | Trajectories, advantages: torch.Tensor) -> list:
+        """Send the batch (refs to the samplers' shards: each rank fetches them from the object
+        store, not through the driver) to every rank and return at once; the learners train while
+        the driver samples the next epoch."""
         import ray
 
         batch_ref, advantages_ref = ray.put(trajectories), ray.put(advantages)
@@ -375,7 +382,7 @@ class RayWorkers:
         """Rank 0's metrics of the update `start_update` sent."""
         return self._learner_call(pending)[0]
 
-    def update(self, trajectories: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
+    def update(self, trajectories: TrajectoryShards | Trajectories, advantages: torch.Tensor) -> dict[str, float]:
         return self.finish_update(self.start_update(trajectories, advantages))
 
     def train_on_prompts(self, prompts: list[str], seeds: list[int]) -> tuple[dict[str, float], ScoredSamples]:

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from safetensors.torch import load_file
 
@@ -145,7 +146,10 @@ def test_killed_sampler_and_reward_actor_cost_one_restart_each(ray_session, tiny
     try:
         weights = workers.get_weights()
         prompts, seeds = BUILTIN["colors"][:12], list(range(12))
-        reference, reference_scores = workers.rollout(weights, prompts, seeds)
+        reference = workers.rollout(weights, prompts, seeds)
+        # the driver holds refs to the samplers' shards, not the latents
+        assert all(isinstance(ref, ray.ObjectRef) for ref in reference.trajectory_shards + reference.image_shards)
+        reference_latents = reference.trajectories().fetch().latents
         assert workers.restarts == 0
         killed = []
 
@@ -155,7 +159,8 @@ def test_killed_sampler_and_reward_actor_cost_one_restart_each(ray_session, tiny
                 ray_session.kill(workers.samplers[0], no_restart=False)
                 ray_session.kill(workers.reward_actors[0], no_restart=False)
 
-        trajectories, scores = workers.rollout(weights, prompts, seeds, on_shard_done=kill_after_the_first_shard)
+        rollout = workers.rollout(weights, prompts, seeds, on_shard_done=kill_after_the_first_shard)
+        trajectories = rollout.trajectories().fetch()
         assert killed
         # Ray's own restart count: one death is one restart, not one per failed or retried call
         assert workers.restarts == 2
@@ -165,10 +170,10 @@ def test_killed_sampler_and_reward_actor_cost_one_restart_each(ray_session, tiny
         assert policy == {"rollout": [os.SCHED_IDLE] * 3, "learner": [os.SCHED_OTHER]}
     finally:
         workers.shutdown()
-    assert len(trajectories) == 12 and trajectories.prompts == prompts
+    assert len(trajectories) == 12 and trajectories.prompts == prompts == rollout.prompts
     # re-issued shards are sampled from the same seeds: nothing differs from the clean epoch
-    torch.testing.assert_close(scores.scores, reference_scores.scores)
-    torch.testing.assert_close(trajectories.latents, reference.latents)
+    torch.testing.assert_close(rollout.scores.scores, reference.scores.scores)
+    torch.testing.assert_close(trajectories.latents, reference_latents)
 
 
 def test_a_sampler_out_of_restarts_leaves_its_work_to_the_others(ray_session, tiny_sd_dir, tmp_path, caplog):
@@ -185,10 +190,11 @@ def test_a_sampler_out_of_restarts_leaves_its_work_to_the_others(ray_session, ti
                 ray_session.kill(workers.samplers[0], no_restart=False)
 
         with caplog.at_level("WARNING", logger="texforce"):
-            trajectories, scores = workers.rollout(weights, prompts, seeds, on_shard_done=kill_once)
+            rollout = workers.rollout(weights, prompts, seeds, on_shard_done=kill_once)
+            trajectories = rollout.trajectories().fetch()
     finally:
         workers.shutdown()
-    assert trajectories.prompts == prompts and torch.isfinite(scores.scores).all()
+    assert trajectories.prompts == prompts and torch.isfinite(rollout.scores.scores).all()
     assert "sampler 0 is gone after 0 restarts" in caplog.text
 
 

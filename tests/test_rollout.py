@@ -1,0 +1,41 @@
+"""The driver's view of a rollout: rows kept after dropping non-finite rewards map back to the
+right shard rows, for the learner's batch and for the images the driver plots."""
+import torch
+
+from actors.reward import RewardScores
+from actors.rollout import Rollout
+from rl.sampling import Trajectories
+
+
+def _shard(first: int, size: int) -> Trajectories:
+    """Trajectories whose row i is filled with the value first + i (its row in the epoch)."""
+    rows = torch.arange(first, first + size)
+    fill = rows.float().view(-1, 1, 1, 1, 1)
+    return Trajectories(
+        prompts=[f"p{r}" for r in rows.tolist()], prompt_ids=rows.view(-1, 1), negative_ids=rows.view(-1, 1),
+        timesteps=rows.view(-1, 1).repeat(1, 2), latents=fill.expand(size, 3, 1, 2, 2).clone(),
+        log_probs=rows.float().view(-1, 1).repeat(1, 2), images=rows.to(torch.uint8).view(-1, 1, 1, 1).expand(size, 3, 2, 2).clone(),
+        seeds=rows, policy_version=4,
+    )
+
+
+def _rollout() -> Rollout:
+    shards = [_shard(0, 3), _shard(3, 3), _shard(6, 2)]
+    scores = torch.tensor([0.1, float("nan"), 0.3, 0.4, float("inf"), 0.6, 0.7, 0.8])
+    return Rollout([f"p{i}" for i in range(8)], RewardScores(scores, {"part": scores * 2}), [3, 3, 2],
+                   shards, [s.images for s in shards])
+
+
+def test_kept_rows_reach_the_learner_and_the_plots_from_their_shards():
+    rollout = _rollout()
+    kept = rollout.select(torch.nonzero(torch.isfinite(rollout.scores.scores)).flatten())
+    assert kept.prompts == ["p0", "p2", "p3", "p5", "p6", "p7"] and len(kept) == 6
+    torch.testing.assert_close(kept.scores.parts["part"], torch.tensor([0.2, 0.6, 0.8, 1.2, 1.4, 1.6]))
+    batch = kept.trajectories().fetch()
+    assert batch.prompts == kept.prompts and batch.seeds.tolist() == [0, 2, 3, 5, 6, 7]
+    assert batch.latents[:, 0, 0, 0, 0].tolist() == [0, 2, 3, 5, 6, 7] and batch.policy_version == 4
+    # images of rows 1 and 4 of the kept rollout: epoch rows 2 and 6, in shards 0 and 2
+    assert kept.images([1, 4])[:, 0, 0, 0].tolist() == [2, 6]
+    # a second selection composes with the first
+    again = kept.select(torch.tensor([0, 5]))
+    assert again.trajectories().fetch().seeds.tolist() == [0, 7] and again.images([1])[:, 0, 0, 0].tolist() == [7]
