@@ -114,14 +114,14 @@ def test_two_learners_match_one_learner_on_the_union_batch(ray_session, tiny_sd_
 
 
 def test_async_sampling_on_ray_is_the_inline_run_one_version_stale(ray_session, tiny_sd_dir, tmp_path):
-    """train.async_staleness=1 (the default): Ray samples epoch e+1 while the learner trains on
+    """train.async_staleness=1: Ray samples epoch e+1 while the learner trains on
     epoch e; inline mode computes the same run in turn. Epoch 0's batch is on-policy either way;
     later ones are drawn by the version before the learner's, which the synchronous loop does not do."""
-    overrides = ("num_epochs=3", "resources.num_samplers=2", "sample.num_steps=4")
+    overrides = ("num_epochs=3", "resources.num_samplers=2", "sample.num_steps=4", "train.async_staleness=1")
     on_ray = train(_trainer_config(tiny_sd_dir, tmp_path, "run_name=async_ray", *overrides))
     inline = train(_trainer_config(tiny_sd_dir, tmp_path, "run_name=async_inline", "resources.mode=inline", *overrides))
     synchronous = train(_trainer_config(tiny_sd_dir, tmp_path, "run_name=sync", "resources.mode=inline",
-                                        "train.async_staleness=0", *overrides))
+                                        *overrides, "train.async_staleness=0"))
     rows, sync_rows = on_ray.read_metrics(), synchronous.read_metrics()
     assert [r["staleness"] for r in rows] == [0, 1, 1] and [r["staleness"] for r in sync_rows] == [0, 0, 0]
     assert all(r["logprob_mismatch"] < 1e-5 for r in rows)  # under the LoRA that drew each batch
@@ -244,7 +244,9 @@ def _interrupt_after_epoch_1(epoch, row):
         raise _Interrupt
 
 
-_RESUME_OVERRIDES = ("resources.mode=inline", "num_epochs=3", "advantage.mode=per_prompt", "advantage.min_count=2")
+# async: the resumed run must draw its first batch with the LoRA kept from before the interruption
+_RESUME_OVERRIDES = ("resources.mode=inline", "num_epochs=3", "advantage.mode=per_prompt", "advantage.min_count=2",
+                     "train.async_staleness=1")
 
 
 @pytest.fixture(scope="module")
