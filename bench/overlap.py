@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1, help="first epochs of each run left out of the timing (>= 1)")
     parser.add_argument("overrides", nargs="*", help="config overrides for both runs (key=value)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if not 1 <= args.warmup < args.epochs:
         parser.error(f"--warmup ({args.warmup}) must be at least 1 and below --epochs ({args.epochs})")
     overrides = ["sample.num_batches_per_epoch=8", *args.overrides]  # 128 samples/epoch unless overridden
