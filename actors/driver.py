@@ -189,14 +189,15 @@ class _Experience:
 
 
 class _Batches:
-    """Which prompts, seeds and sampling LoRA each epoch's batch is drawn with, and the batch
-    already sampled for the next epoch (async sampling). The sampling LoRA is the learner's
-    current one, or with train.async_staleness=1 the one before it: a run resumed from a
-    checkpoint draws the same samples as the run that was not interrupted."""
+    """Which prompts and seeds each epoch's batch is drawn with, the LoRA of the first rollout after
+    a start or restore, and the batch already sampled for the next epoch (async sampling). Every
+    later rollout of epoch e uses the LoRA epoch e starts from; with train.async_staleness=1 the
+    first one after a restore uses the version before it, so a resumed run draws the same samples
+    as the run that was not interrupted."""
 
-    def __init__(self, config: TexForceConfig, prompts: list[str], sampling_weights: PolicyWeights):
+    def __init__(self, config: TexForceConfig, prompts: list[str], first_weights: PolicyWeights):
         self.config, self.prompts = config, prompts
-        self.weights = sampling_weights
+        self.first_weights: PolicyWeights | None = first_weights  # the first rollout's; later ones use the epoch's
         self.ready: Rollout | None = None  # the next epoch's, sampled early
 
     def prompts_and_seeds(self, epoch: int) -> tuple[list[str], list[int]]:
@@ -206,7 +207,7 @@ class _Batches:
 
 
 def _sampling_weights(config: TexForceConfig, workers, weights: PolicyWeights) -> PolicyWeights:
-    """The LoRA the next batch is drawn with: `weights` (the learner's), or the version before it
+    """The LoRA of the first rollout after a start or restore: `weights` (the learner's), or the version before it
     with async sampling (none before version 0)."""
     if config.train.async_staleness and weights.version > 0 and not get_algorithm(config.train.algorithm).samples_in_learner:
         return workers.get_weights(weights.version - 1)
@@ -231,8 +232,6 @@ def _run_epoch(
         done = _ppo_phases(epoch, weights, batches, config=config, run=run, workers=workers, tracker=tracker)
     # 5. weights for the next epoch's samplers
     weights = workers.get_weights()
-    if not config.train.async_staleness:
-        batches.weights = weights
     t_updated = time.perf_counter()
     # 6. log
     rewards, scores = done.rewards, done.scores
@@ -264,7 +263,9 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config
     t0 = time.perf_counter()
     # 1-2. sample trajectories and score them (unless they were sampled during the last epoch)
     if batches.ready is None:
-        batches.ready = _rollout(epoch, epoch, batches, config=config, run=run, workers=workers, tracker=tracker)
+        sampling, batches.first_weights = batches.first_weights or weights, None
+        batches.ready = _rollout(epoch, epoch, sampling, batches, config=config, run=run, workers=workers,
+                                 tracker=tracker)
     rollout, batches.ready = batches.ready, None
     sample_seconds = time.perf_counter() - t0
     try:
@@ -287,11 +288,10 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config
     t_update = time.perf_counter()
     pending = workers.start_update(kept.trajectories(), advantages)
     if config.train.async_staleness and epoch + 1 < config.num_epochs:
-        batches.weights = weights
         t_next = time.perf_counter()
         try:
-            batches.ready = _rollout(epoch + 1, epoch, batches, config=config, run=run, workers=workers, tracker=tracker,
-                                     pending=pending)
+            batches.ready = _rollout(epoch + 1, epoch, weights, batches, config=config, run=run, workers=workers,
+                                     tracker=tracker, pending=pending)
         finally:
             sample_seconds += time.perf_counter() - t_next
     metrics = workers.finish_update(pending)
@@ -300,14 +300,14 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config
                        sample_seconds=sample_seconds, update_seconds=time.perf_counter() - t_update)
 
 
-def _rollout(batch_epoch: int, epoch: int, batches: _Batches, *, config: TexForceConfig, run: RunDirectory,
-             workers, tracker: PerPromptStatTracker, pending=None) -> Rollout:
-    """Sample and score epoch `batch_epoch`'s batch during `epoch`. If the samplers or reward
+def _rollout(batch_epoch: int, epoch: int, sampling: PolicyWeights, batches: _Batches, *, config: TexForceConfig,
+             run: RunDirectory, workers, tracker: PerPromptStatTracker, pending=None) -> Rollout:
+    """Sample and score epoch `batch_epoch`'s batch with the LoRA `sampling` during `epoch`. If the samplers or reward
     actors are gone for good, stop with the finished work checkpointed: the update in flight
     (`pending`) is finished and saved as this epoch's, else the last finished epoch is."""
     prompts, seeds = batches.prompts_and_seeds(batch_epoch)
     try:
-        return workers.rollout(batches.weights, prompts, seeds)
+        return workers.rollout(sampling, prompts, seeds)
     except ActorsLostError as error:
         if pending is None:
             _checkpoint_last_finished_epoch(run, config, workers, tracker, workers.get_weights(), epoch)

@@ -8,6 +8,8 @@ objects themselves.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -17,17 +19,10 @@ from rl.sampling import Trajectories
 
 
 def _fetch(items: list) -> list:
-    """The objects behind Ray refs (fetched together); other items as they are."""
+    """The objects behind Ray refs (Ray mode: all are refs); inline, the objects themselves."""
     import ray
 
-    refs = [i for i, item in enumerate(items) if isinstance(item, ray.ObjectRef)]
-    if not refs:
-        return list(items)
-    values = ray.get([items[i] for i in refs])
-    out = list(items)
-    for i, value in zip(refs, values):
-        out[i] = value
-    return out
+    return ray.get(list(items)) if items and isinstance(items[0], ray.ObjectRef) else list(items)
 
 
 @dataclass
@@ -75,8 +70,8 @@ class Rollout:
         if not rows:
             return torch.empty(0, dtype=torch.uint8)
         epoch_rows = rows if self.keep is None else self.keep[rows].tolist()
-        starts = torch.cumsum(torch.tensor([0, *self.sizes]), 0).tolist()
-        where = [(next(s for s in range(len(self.sizes)) if starts[s] <= r < starts[s + 1]), r) for r in epoch_rows]
+        starts = list(itertools.accumulate(self.sizes, initial=0))
+        where = [(bisect.bisect_right(starts, r) - 1, r) for r in epoch_rows]  # (shard, epoch row)
         needed = sorted({s for s, _ in where})
         fetched = dict(zip(needed, _fetch([self.image_shards[s] for s in needed])))
         return torch.stack([fetched[s][r - starts[s]] for s, r in where])

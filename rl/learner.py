@@ -342,7 +342,7 @@ class PPOLearner(LoraLearner):
                     if first and staleness:  # before any step, under the LoRA that sampled; a few rows suffice
                         probe = rows[:MISMATCH_PROBE_ROWS]
                         mismatch = self.logprob_mismatch(trajectories.select(probe), step_index[probe, :num_trained],
-                                                         trajectories.policy_version)
+                                                         trajectories.policy_version, current=this_version)
                     metrics = self.minibatch_backward(
                         trajectories.select(rows), advantages[rows], step_index[rows, :num_trained], weight
                     )
@@ -359,15 +359,16 @@ class PPOLearner(LoraLearner):
         return self.finish_update(history) | {"staleness": float(staleness)}
 
     @torch.no_grad()
-    def logprob_mismatch(self, batch: Trajectories, step_index: torch.Tensor, version: int) -> float:
+    def logprob_mismatch(self, batch: Trajectories, step_index: torch.Tensor, version: int, *,
+                         current: PolicyWeights) -> float:
         """Max over rows of |recomputed - stored log-prob| under the LoRA of `version`, averaged
         over the trained steps (NaN when the learner no longer keeps that version): the check
-        that learner and samplers compute the same policy, for a batch sampled by an older one."""
+        that learner and samplers compute the same policy, for a batch sampled by an older one.
+        `current` (the learner's LoRA now) is put back afterwards."""
         try:
             sampling = self.get_weights(version)
         except ValueError:
             return float("nan")
-        current = super().get_weights()
         set_policy_weights(self.pipe, sampling)
         try:
             device = self.pipe.unet.device
