@@ -14,7 +14,13 @@ are what LoRA fusion combines); all three log both attributes as parts.
 The values are exact; gradients (when the images require them) are those of the soft
 reading, the mean of the named colour's and shape's probabilities (`toyworld.reader.soft_read`),
 passed straight through: score = exact + soft - soft.detach(). `parts` gives the exact
-per-attribute scores, `soft_parts` the soft ones. Images are read one by one, so a score
+per-attribute scores, `soft_parts` the soft ones.
+
+`object_alignment_soft` (and `object_color_soft`, `object_shape_soft`) score the soft reading
+itself: the named colour's and shape's probabilities, in [0, 1], with partial credit for a
+nearly right colour or silhouette. A policy-gradient learner sees less quantisation noise in it
+than in the 0 / 0.5 / 1 of the exact score (README, "Why the demo does not learn yet"); the
+parts they log stay the exact per-attribute scores, so accuracy reads the same. Images are read one by one, so a score
 does not depend on its batch-mates. `toyworld` is imported when the reward is first called.
 """
 from __future__ import annotations
@@ -35,7 +41,10 @@ def _named(prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 ATTRIBUTE_REWARDS = {"object_alignment": ("color", "shape"), "object_color": ("color",), "object_shape": ("shape",)}
-"""Reward name -> the attributes it averages: both, or one (to train a LoRA per attribute and fuse them)."""
+"""Reward name -> the attributes it averages: both, or one (to train a LoRA per attribute and fuse them).
+Each also exists as `{name}_soft`, the soft reading's probabilities instead of the exact 0/1."""
+
+SOFT_SUFFIX = "_soft"
 
 
 class ObjectAlignment:
@@ -45,7 +54,8 @@ class ObjectAlignment:
 
     def __init__(self, name: str = "object_alignment"):
         self.name = name
-        self.attributes = ATTRIBUTE_REWARDS[name]
+        self.soft = name.endswith(SOFT_SUFFIX)
+        self.attributes = ATTRIBUTE_REWARDS[name.removesuffix(SOFT_SUFFIX)]
 
     def parts(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Exact per-attribute scores: {"color": [B], "shape": [B]} in {0, 1}, float32 on the images' device."""
@@ -72,11 +82,15 @@ class ObjectAlignment:
         }
 
     def score_with_parts(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(score `[B]`, the exact per-attribute scores of every attribute) from one reading.
+        """(score `[B]`, the exact per-attribute scores of every attribute) from one reading
+        (and the soft reading, for a `_soft` reward or when the images require gradients).
 
         `rewards.Reward` logs the per-attribute scores as parts `{name}_{attribute}`.
         """
         parts = self.parts(images, prompts)
+        if self.soft:
+            soft_parts = self.soft_parts(images, prompts)
+            return torch.stack([soft_parts[a] for a in self.attributes]).mean(0), parts
         exact = torch.stack([parts[a] for a in self.attributes]).mean(0)
         if not (torch.is_grad_enabled() and images.requires_grad):
             return exact, parts

@@ -7,6 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # test clusters listen on 127.0.0.1 only
+# One intra-op thread here and in the subprocesses tests start: with two, a test whose cores are
+# shared (a Ray actor, another job) waits at every OpenMP barrier for the descheduled thread
+# (measured: a learner test 3.8 s idle, 57 s beside one busy process; 4.8 s / 4.7 s on one thread).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -19,7 +23,7 @@ def _quiet_progress_bars():
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

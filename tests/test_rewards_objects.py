@@ -171,3 +171,23 @@ def test_one_attribute_reward_passes_the_gradient_of_its_own_attribute_only(scen
     (grad,) = torch.autograd.grad(scorer(images, prompts).sum(), images)
     (expected,) = torch.autograd.grad(scorer.soft_parts(images, prompts)["shape"].sum(), images)
     assert grad.abs().sum() > 0 and torch.allclose(grad, expected)
+
+
+def test_soft_rewards_score_the_soft_reading_and_log_the_exact_parts(scenes):
+    images, captions = scenes[0][::8].clone(), scenes[1][::8]
+    wrong_shape = _wrong(captions, "shape")
+    exact = rewards.build_reward("object_alignment").scorers[0]
+    soft_expected = exact.soft_parts(images, wrong_shape)
+    for name, attributes in (("object_alignment_soft", ("color", "shape")), ("object_color_soft", ("color",)),
+                             ("object_shape_soft", ("shape",))):
+        output = rewards.build_reward(name)(images, wrong_shape)
+        expected = torch.stack([soft_expected[a] for a in attributes]).mean(0)
+        torch.testing.assert_close(output.scores, expected)
+        assert ((output.scores > 0) & (output.scores < 1)).any()  # partial credit, not 0/0.5/1
+        assert (output.parts[f"{name}_color"] == 1).all() and (output.parts[f"{name}_shape"] == 0).all()
+    right = rewards.build_reward("object_alignment_soft")(images, captions).scores
+    assert (right > rewards.build_reward("object_alignment_soft")(images, wrong_shape).scores + 0.1).all()
+    assert rewards.get_entry("object_alignment_soft").differentiable
+    x = images.requires_grad_(True)
+    (grad,) = torch.autograd.grad(rewards.build_reward("object_shape_soft")(x, captions).scores.sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
