@@ -361,11 +361,12 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
     settings = EvalSettings(num_seeds=config.evaluation.num_seeds, base_seed=config.evaluation.seed_base,
                             num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta)  # fmt: skip
     eval_prompts, seeds = eval_set(prompts, settings)
-    rollout = workers.rollout(weights, eval_prompts, seeds)
+    rollout = workers.rollout(weights, eval_prompts, seeds, evaluation=True)
     scores = rollout.scores
     finite = torch.isfinite(scores.scores)
     reward = summarize(scores.scores[finite].numpy())
-    row = {"epoch": epoch, "policy_version": weights.version, "reward_mean": reward["mean"], "reward_sem": reward["sem"],
+    row = {"epoch": epoch, "policy_version": weights.version, "reward_spec": config.evaluation.reward or config.reward.spec,
+           "reward_mean": reward["mean"], "reward_sem": reward["sem"],
            **{f"reward_{k}_mean": float(v[finite].mean()) for k, v in scores.parts.items()},
            "num_samples": len(eval_prompts), "num_dropped": int((~finite).sum()),
            "rewards": scores.scores.tolist()}  # fmt: skip
@@ -426,7 +427,7 @@ def summarize(run: RunDirectory) -> str:
     evaluations = run.read_evaluations()
     if len(evaluations) >= 2:
         before, after = evaluations[0], evaluations[-1]
-        lines.append(f"held-out reward ({after['num_samples']} images): before training {before['reward_mean']:.4f} "
+        lines.append(f"held-out {after.get('reward_spec') or 'reward'} ({after['num_samples']} images): before training {before['reward_mean']:.4f} "
                      f"+- {before['reward_sem']:.4f} -> after epoch {after['epoch']} {after['reward_mean']:.4f} "
                      f"+- {after['reward_sem']:.4f} (evaluation.parquet)")
         if after.get("reward_gain") is not None:

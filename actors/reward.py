@@ -39,18 +39,22 @@ class RewardActor:
     """Plain class; `ray.remote(RewardActor)` where it is started, or used in-process."""
 
     def __init__(self, settings: RewardSettings, *, device: str = "auto", num_threads: int | None = None,
-                 low_priority: bool = False):
+                 low_priority: bool = False, evaluation_spec: str | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         if low_priority:  # its own process (Ray): yield the cores to a learner sharing them
             lower_cpu_priority()
         self.device = resolve_device(device)
         self.reward = rewards.build_reward(settings.spec, device=self.device, paths=settings.paths)
+        self.evaluation_reward = self.reward  # evaluation.reward, when it names another one
+        if evaluation_spec is not None and evaluation_spec != settings.spec:
+            self.evaluation_reward = rewards.build_reward(evaluation_spec, device=self.device, paths=settings.paths)
 
     @torch.no_grad()
-    def score(self, images: torch.Tensor, prompts: list[str]) -> RewardScores:
-        """images: [B, 3, H, W] uint8."""
-        output = self.reward(images_to_float(images.to(self.device)), prompts)
+    def score(self, images: torch.Tensor, prompts: list[str], evaluation: bool = False) -> RewardScores:
+        """images: [B, 3, H, W] uint8; evaluation: score with the held-out evaluation's reward."""
+        reward = self.evaluation_reward if evaluation else self.reward
+        output = reward(images_to_float(images.to(self.device)), prompts)
         return RewardScores(
             scores=output.scores.float().cpu(), parts={k: v.float().cpu() for k, v in output.parts.items()}
         )

@@ -50,12 +50,12 @@ class InlineWorkers:
         self.learner = LearnerWorker(config)
         if not get_algorithm(config.train.algorithm).samples_in_learner:
             self.sampler = SamplerWorker(config, pipe=self.learner.learner.pipe)
-            self.reward = RewardActor(config.reward, device=config.model.device)
+            self.reward = RewardActor(config.reward, device=config.model.device, evaluation_spec=config.evaluation.reward)
         self.restarts = 0
 
     def rollout(
         self, weights: PolicyWeights, prompts: list[str], seeds: list[int],
-        *, on_shard_done: Callable[[str, int], None] | None = None,
+        *, on_shard_done: Callable[[str, int], None] | None = None, evaluation: bool = False,
     ) -> Rollout:
         """Sample and score in turn; the sampler shares the learner's pipeline, so older `weights`
         (async sampling after a resume) are put back to the learner's once the rollout is done."""
@@ -67,7 +67,7 @@ class InlineWorkers:
                 traj, shard_images = self.sampler.sample(weights, shard_prompts, shard_seeds)
                 trajectories.append(traj)
                 images.append(shard_images)
-                scores.append(self.reward.score(shard_images, shard_prompts))
+                scores.append(self.reward.score(shard_images, shard_prompts, evaluation))
                 if on_shard_done is not None:
                     on_shard_done("score", shard)
         finally:
@@ -203,7 +203,7 @@ class RayWorkers:
         ] if rollout_roles else []
         self.reward_actors = [
             reward_cls.remote(config.reward, device=config.model.device, num_threads=_threads(r.cpus_per_reward_actor),
-                              low_priority=r.rollout_low_priority)
+                              low_priority=r.rollout_low_priority, evaluation_spec=config.evaluation.reward)
             for _ in range(r.num_reward_actors)
         ] if rollout_roles else []
         self.learners = self._start_learners()
@@ -244,7 +244,7 @@ class RayWorkers:
 
     def rollout(
         self, weights: PolicyWeights, prompts: list[str], seeds: list[int],
-        *, on_shard_done: Callable[[str, int], None] | None = None,
+        *, on_shard_done: Callable[[str, int], None] | None = None, evaluation: bool = False,
     ) -> Rollout:
         """Sample every shard and score it; the work of an actor that died is re-issued. The
         trajectories and images stay in the object store (the Rollout holds their refs).
@@ -291,7 +291,7 @@ class RayWorkers:
                 shard, images_ref = to_score.popleft()
                 actor = scorers[next_scorer % len(scorers)]
                 next_scorer += 1
-                ref = self.reward_actors[actor].score.remote(images_ref, shards[shard][0])
+                ref = self.reward_actors[actor].score.remote(images_ref, shards[shard][0], evaluation)
                 in_flight[ref] = _Call("score", "reward actor", actor, shard, images_ref)
             for role, group in actors.items():
                 if len(lost[role]) == len(group):

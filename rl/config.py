@@ -187,6 +187,9 @@ class EvaluationConfig:
     """First evaluation seed; above the training seeds' range [0, 2^31)."""
     every: int = 0
     """Also evaluate after every N-th epoch; 0: only before training and after the last epoch."""
+    reward: str | None = None
+    """Reward spec the held-out prompts are scored with; None: reward.spec. A run can train on a
+    shaped reward (object_alignment_soft) and be judged on the one it targets (object_alignment)."""
 
 
 @dataclass

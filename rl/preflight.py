@@ -40,6 +40,11 @@ def preflight(config: TexForceConfig) -> None:
         rewards.check_reward(reward_spec(config), paths=config.reward.paths)
     else:
         rewards.check_reward(config.reward.spec, paths=config.reward.paths)
+    if config.evaluation.reward is not None:
+        try:
+            rewards.check_reward(config.evaluation.reward, paths=config.reward.paths)
+        except rewards.RewardError as error:
+            raise type(error)(f"evaluation.reward: {error}") from error
     model_dir = check_model(config.model.pretrained)
     if model_dir is None:
         log.info("model %s is a hub id: its files are checked when it loads", config.model.pretrained)

@@ -46,7 +46,8 @@ def test_end_to_end_ray_run(ray_session, tiny_sd_dir, tmp_path):
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("a purple hat\na white cup\na black bird\n")
     config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=e2e", "num_epochs=2", "resources.num_samplers=2",
-                             f"evaluation.prompts_file={held_out}", "evaluation.num_seeds=2")  # fmt: skip
+                             f"evaluation.prompts_file={held_out}", "evaluation.num_seeds=2",
+                             "evaluation.reward=brightness")  # fmt: skip
     run = train(config)
     rows = pq.read_table(run.metrics_path).to_pylist()
     assert [r["epoch"] for r in rows] == [0, 1]
@@ -69,7 +70,8 @@ def test_end_to_end_ray_run(ray_session, tiny_sd_dir, tmp_path):
     assert [r["epoch"] for r in evaluations] == [-1, 1] and [r["policy_version"] for r in evaluations] == [0, 2]
     settings = EvalSettings(num_seeds=2, base_seed=config.evaluation.seed_base, num_steps=6, eta=1.0)
     prompts = held_out.read_text().split("\n")[:3]
-    reward = rewards.build_reward(config.reward.spec)
+    reward = rewards.build_reward("brightness")  # evaluation.reward; training scored color_alignment
+    assert [r["reward_spec"] for r in evaluations] == ["brightness"] * 2
     assert evaluate(pipe, reward, prompts, settings).objective.mean() == pytest.approx(evaluations[0]["reward_mean"], abs=1e-6)
     base_scores = evaluate(pipe, reward, prompts, settings).objective
     assert evaluations[0]["rewards"] == pytest.approx(base_scores.tolist(), abs=1e-6)
@@ -82,7 +84,7 @@ def test_end_to_end_ray_run(ray_session, tiny_sd_dir, tmp_path):
     assert evaluations[1]["reward_gain_sem"] == pytest.approx(change.std(ddof=1) / math.sqrt(len(change)), abs=1e-6)
     assert "reward_gain" not in evaluations[0] or evaluations[0]["reward_gain"] is None
     assert (run.grids / "eval_before_training.png").exists() and (run.grids / "eval_epoch_0001.png").exists()
-    assert "held-out reward (6 images): before training" in summarize(run)
+    assert "held-out brightness (6 images): before training" in summarize(run)
     assert "held-out gain, paired over the same prompts and seeds" in summarize(run)
 
 

@@ -155,6 +155,14 @@ def test_reward_spec_is_checked_before_sampling(tiny_sd_dir, monkeypatch, spec, 
         preflight(tiny_config(tiny_sd_dir, f"reward.spec={spec}"))
 
 
+def test_evaluation_reward_is_checked_and_named_before_sampling(tiny_sd_dir):
+    import rewards
+
+    with pytest.raises(rewards.RewardSpecError, match=re.escape("evaluation.reward: unknown reward 'nope'; valid rewards:")):
+        preflight(tiny_config(tiny_sd_dir, "evaluation.reward=nope"))
+    preflight(tiny_config(tiny_sd_dir, "evaluation.reward=object_alignment", "reward.spec=object_alignment_soft"))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_device_without_cuda(tiny_sd_dir):
     with pytest.raises(ConfigError, match=r"model\.device=cuda:0: this machine has no CUDA device; use model\.device=cpu"):
