@@ -219,7 +219,8 @@ class RayWorkers:
         r = self.config.resources
         learner_cls = ray.remote(LearnerWorker).options(num_cpus=r.cpus_per_learner, num_gpus=r.gpus_per_learner)
         learners = [
-            learner_cls.remote(self.config, rank=i, world_size=r.num_learners, num_threads=_threads(r.cpus_per_learner))
+            learner_cls.remote(self.config, rank=i, world_size=r.num_learners,
+                               num_threads=r.learner_threads or _threads(r.cpus_per_learner))
             for i in range(r.num_learners)
         ]
         if r.num_learners > 1:

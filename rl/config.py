@@ -226,6 +226,10 @@ class ResourcesConfig:
     """GPUs per learner."""
     cpus_per_learner: float = 1.0
     """CPUs per learner."""
+    learner_threads: int = 0
+    """Torch intra-op threads of each Ray learner; 0: floor(cpus_per_learner), at least 1. On one
+    node with synchronous sampling the rollout roles idle while the learner trains, so a learner
+    that reserves 0.75 CPU may still use both cores then (the demo: README, "Performance")."""
     rollout_low_priority: bool = True
     """Ray samplers and reward actors run at the lowest CPU priority (Linux SCHED_IDLE, else nice
     19). Where they share cores with a learner (one node, async sampling), the learner's update,
@@ -321,7 +325,7 @@ class TexForceConfig:
             *[
                 (getattr(r, key) >= 0, f"resources.{key}", getattr(r, key), ">= 0", "")
                 for key in ("cpus_per_sampler", "gpus_per_sampler", "cpus_per_reward_actor", "gpus_per_reward_actor",
-                            "cpus_per_learner", "gpus_per_learner", "max_restarts", "resource_wait_s")
+                            "cpus_per_learner", "gpus_per_learner", "learner_threads", "max_restarts", "resource_wait_s")
             ],
             (self.evaluation.num_seeds >= 1, "evaluation.num_seeds", self.evaluation.num_seeds, positive_int, ""),
             (self.evaluation.every >= 0, "evaluation.every", self.evaluation.every, ">= 0",

@@ -144,7 +144,7 @@ def _fault_config(tiny_sd_dir, tmp_path, *overrides):
 
 
 def test_killed_sampler_and_reward_actor_cost_one_restart_each(ray_session, tiny_sd_dir, tmp_path):
-    workers = RayWorkers(_fault_config(tiny_sd_dir, tmp_path))
+    workers = RayWorkers(_fault_config(tiny_sd_dir, tmp_path, "resources.learner_threads=2"))
     try:
         weights = workers.get_weights()
         prompts, seeds = BUILTIN["colors"][:12], list(range(12))
@@ -170,6 +170,9 @@ def test_killed_sampler_and_reward_actor_cost_one_restart_each(ray_session, tiny
         policy = {role: [os.sched_getscheduler(_actor_info(a)["Pid"]) for a in actors]
                   for role, actors in [("rollout", workers.samplers + workers.reward_actors), ("learner", workers.learners)]}
         assert policy == {"rollout": [os.SCHED_IDLE] * 3, "learner": [os.SCHED_OTHER]}
+        # the learner runs resources.learner_threads (here 2) though it reserves 0.5 CPU
+        threads = ray.get(workers.learners[0].__ray_call__.remote(lambda self: torch.get_num_threads()))
+        assert threads == 2 and workers.config.resources.cpus_per_learner == 0.5
     finally:
         workers.shutdown()
     assert len(trajectories) == 12 and trajectories.prompts == prompts == rollout.prompts
