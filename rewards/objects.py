@@ -20,8 +20,10 @@ per-attribute scores, `soft_parts` the soft ones.
 itself: the named colour's and shape's probabilities, in [0, 1], with partial credit for a
 nearly right colour or silhouette. A policy-gradient learner sees less quantisation noise in it
 than in the 0 / 0.5 / 1 of the exact score (README, "Why the demo does not learn yet"); the
-parts they log stay the exact per-attribute scores, so accuracy reads the same. Images are read one by one, so a score
-does not depend on its batch-mates. `toyworld` is imported when the reward is first called.
+parts they log stay the exact per-attribute scores, so accuracy reads the same.
+
+Images are read one by one, so a score does not depend on its batch-mates. `toyworld` is
+imported when the reward is first called.
 """
 from __future__ import annotations
 
@@ -45,6 +47,20 @@ ATTRIBUTE_REWARDS = {"object_alignment": ("color", "shape"), "object_color": ("c
 Each also exists as `{name}_soft`, the soft reading's probabilities instead of the exact 0/1."""
 
 SOFT_SUFFIX = "_soft"
+
+_READS = {"object_alignment": "the prompt's colour and shape read back from the object's pixels (exact 0/0.5/1)",
+          "object_color": "the prompt's colour read back from the object's pixels (exact 0/1)",
+          "object_shape": "the prompt's shape read back from the object's silhouette (exact 0/1)"}
+
+
+def object_reward_names() -> dict[str, str]:
+    """Every object reward's registry name -> its one-line description (`texforce rewards list`)."""
+    names = {}
+    for name, attributes in ATTRIBUTE_REWARDS.items():
+        names[name] = f"toy world: {_READS[name]}; soft gradients"
+        names[name + SOFT_SUFFIX] = (f"toy world: {name}'s soft reading, the probability of the named "
+                                     f"{' and '.join(attributes).replace('color', 'colour')} (in [0,1])")
+    return names
 
 
 class ObjectAlignment:
