@@ -31,7 +31,7 @@ from actors.rollout import Rollout
 from actors.topology import ActorsLostError, InlineWorkers, LearnerFailedError, RayWorkers
 from rl.advantages import PerPromptStatTracker, compute_advantages
 from rl.algorithms import get_algorithm
-from rl.config import TexForceConfig
+from rl.config import TexForceConfig, evaluation_eta
 from rl.lora import PolicyWeights
 from rl.outputs import EpochOutputs
 from rl.plots import save_image_grid
@@ -348,8 +348,8 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
     """Score the policy `weights` (trained through `epoch`; -1 = the base model) on the evaluation
     `prompts` (evaluation.prompts_file; none: nothing to do).
 
-    The same fixed (prompt, seed) pairs every time, sampled like the training samples (the
-    policy's own eta, steps and guidance) by the same samplers and reward actors; appends a row
+    The same fixed (prompt, seed) pairs every time, sampled with the policy's steps and guidance
+    at `evaluation.eta` (default the policy's own) by the same samplers and reward actors; appends a row
     to evaluation.parquet and saves each prompt's first image in grids/eval_epoch_NNNN.png
     (eval_before_training.png for the base model).
     """
@@ -359,13 +359,14 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
         return
     s = config.sample
     settings = EvalSettings(num_seeds=config.evaluation.num_seeds, base_seed=config.evaluation.seed_base,
-                            num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta)  # fmt: skip
+                            num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=evaluation_eta(config))  # fmt: skip
     eval_prompts, seeds = eval_set(prompts, settings)
     rollout = workers.rollout(weights, eval_prompts, seeds, evaluation=True)
     scores = rollout.scores
     finite = torch.isfinite(scores.scores)
     reward = summarize(scores.scores[finite].numpy())
     row = {"epoch": epoch, "policy_version": weights.version, "reward_spec": config.evaluation.reward or config.reward.spec,
+           "eta": settings.eta,
            "reward_mean": reward["mean"], "reward_sem": reward["sem"],
            **{f"reward_{k}_mean": float(v[finite].mean()) for k, v in scores.parts.items()},
            "num_samples": len(eval_prompts), "num_dropped": int((~finite).sum()),

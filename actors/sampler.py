@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from rl.config import TexForceConfig
+from rl.config import TexForceConfig, evaluation_eta
 from rl.lora import PolicyWeights, add_lora, set_policy_weights
 from rl.models import load_pipeline_from_config
 from rl.priority import lower_cpu_priority
@@ -29,16 +29,19 @@ class SamplerWorker:
         self.pipe = pipe
         self.version = -1
 
-    def sample(self, weights: PolicyWeights, prompts: list[str], seeds: list[int]) -> tuple[Trajectories, torch.Tensor]:
+    def sample(self, weights: PolicyWeights, prompts: list[str], seeds: list[int],
+               evaluation: bool = False) -> tuple[Trajectories, torch.Tensor]:
         """Trajectories for `prompts` with per-sample `seeds` under `weights`; also the uint8 images.
 
         The weights travel with every call, so a restarted worker re-run on the same shard gives
-        the same samples (the call is idempotent).
+        the same samples (the call is idempotent). evaluation: draw at `evaluation.eta` (held-out
+        images; at eta 0 the log-probs are NaN and unused).
         """
         self.sample_with(weights)
         s = self.config.sample
+        eta = evaluation_eta(self.config) if evaluation else s.eta
         trajectories = sample_trajectories(
-            self.pipe, prompts, seeds, num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta,
+            self.pipe, prompts, seeds, num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=eta,
             negative_prompt=s.negative_prompt, height=s.height, width=s.width, policy_version=weights.version,
         )
         return trajectories, trajectories.images

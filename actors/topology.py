@@ -64,7 +64,7 @@ class InlineWorkers:
         trajectories, images, scores = [], [], []
         try:
             for shard, (shard_prompts, shard_seeds) in enumerate(_shards(prompts, seeds, self.config.sample.batch_size)):
-                traj, shard_images = self.sampler.sample(weights, shard_prompts, shard_seeds)
+                traj, shard_images = self.sampler.sample(weights, shard_prompts, shard_seeds, evaluation)
                 trajectories.append(traj)
                 images.append(shard_images)
                 scores.append(self.reward.score(shard_images, shard_prompts, evaluation))
@@ -284,7 +284,7 @@ class RayWorkers:
             while to_sample and idle_samplers:
                 shard, sampler = to_sample.popleft(), idle_samplers.popleft()
                 traj_ref, images_ref = self.samplers[sampler].sample.options(num_returns=2).remote(
-                    weights_ref, *shards[shard]
+                    weights_ref, *shards[shard], evaluation
                 )
                 trajectory_refs[shard] = traj_ref
                 in_flight[images_ref] = _Call("sample", "sampler", sampler, shard)

@@ -190,6 +190,9 @@ class EvaluationConfig:
     reward: str | None = None
     """Reward spec the held-out prompts are scored with; None: reward.spec. A run can train on a
     shaped reward (object_alignment_soft) and be judged on the one it targets (object_alignment)."""
+    eta: float | None = None
+    """DDIM eta of the held-out images; None: sample.eta (the policy's own). 0 is the deterministic
+    sampler users generate with; steps and guidance are always the sample's."""
 
 
 @dataclass
@@ -330,6 +333,8 @@ class TexForceConfig:
             (self.evaluation.num_seeds >= 1, "evaluation.num_seeds", self.evaluation.num_seeds, positive_int, ""),
             (self.evaluation.every >= 0, "evaluation.every", self.evaluation.every, ">= 0",
              "0 = before training and after the last epoch only"),
+            (self.evaluation.eta is None or 0 <= self.evaluation.eta <= 1, "evaluation.eta", self.evaluation.eta,
+             "in [0, 1], or null for sample.eta", "0 = deterministic DDIM"),
             (r.call_timeout_s > 0, "resources.call_timeout_s", r.call_timeout_s, "> 0", ""),
         ]
         for ok, key, value, rule, why in checks:
@@ -536,6 +541,11 @@ def read_yaml(path: Path) -> Any:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         raise ConfigError(f"{where}: invalid YAML: {_yaml_problem(error)}") from None
+
+
+def evaluation_eta(config: TexForceConfig) -> float:
+    """The DDIM eta of held-out evaluation images: evaluation.eta, else the policy's sample.eta."""
+    return config.sample.eta if config.evaluation.eta is None else config.evaluation.eta
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TexForceConfig:

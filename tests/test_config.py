@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rl.config import ConfigError, TexForceConfig, load_config, save_config
+from rl.config import ConfigError, TexForceConfig, evaluation_eta, load_config, save_config
 
 
 def test_defaults_are_the_published_texforce_settings():
@@ -66,6 +66,7 @@ def test_errors_name_the_bad_key(override, message):
         ("sample.eta=1.5", "sample.eta must be in (0, 1], got 1.5 (eta=0 is deterministic and has no log-prob; "
                            "above 1 the DDIM step's variance goes negative)"),
         ("sample.height=0", "sample.height must be >= 1, or null for the U-Net's size, got 0"),
+        ("evaluation.eta=1.2", "evaluation.eta must be in [0, 1], or null for sample.eta, got 1.2"),
         ("run_name=../../x", "run_name must be a folder name without '/' or '\\' (not '', '.' or '..'), got '../../x'"),
         ("run_name=a/b", "got 'a/b' (the run directory is output_dir/run_name)"),
         ("run_name=", "run_name must be a folder name"),
@@ -79,6 +80,11 @@ def test_errors_name_the_bad_key(override, message):
 def test_values_that_were_accepted_or_crashed_are_errors(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
+
+
+def test_held_out_images_are_drawn_at_the_policy_eta_unless_evaluation_eta_is_set():
+    assert evaluation_eta(load_config(None, ["sample.eta=0.7"])) == 0.7
+    assert evaluation_eta(load_config(None, ["sample.eta=0.7", "evaluation.eta=0"])) == 0.0
 
 
 def test_a_value_from_the_file_used_as_a_section(tmp_path):

@@ -47,7 +47,7 @@ def test_end_to_end_ray_run(ray_session, tiny_sd_dir, tmp_path):
     held_out.write_text("a purple hat\na white cup\na black bird\n")
     config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=e2e", "num_epochs=2", "resources.num_samplers=2",
                              f"evaluation.prompts_file={held_out}", "evaluation.num_seeds=2",
-                             "evaluation.reward=brightness")  # fmt: skip
+                             "evaluation.reward=brightness", "evaluation.eta=0")  # fmt: skip
     run = train(config)
     rows = pq.read_table(run.metrics_path).to_pylist()
     assert [r["epoch"] for r in rows] == [0, 1]
@@ -68,7 +68,9 @@ def test_end_to_end_ray_run(ray_session, tiny_sd_dir, tmp_path):
     # that `texforce eval` scores for the base model and for the final LoRA
     evaluations = run.read_evaluations()
     assert [r["epoch"] for r in evaluations] == [-1, 1] and [r["policy_version"] for r in evaluations] == [0, 2]
-    settings = EvalSettings(num_seeds=2, base_seed=config.evaluation.seed_base, num_steps=6, eta=1.0)
+    # drawn at evaluation.eta (0: deterministic DDIM), not at the policy's sample.eta (1)
+    assert [r["eta"] for r in evaluations] == [0.0, 0.0]
+    settings = EvalSettings(num_seeds=2, base_seed=config.evaluation.seed_base, num_steps=6, eta=0.0)
     prompts = held_out.read_text().split("\n")[:3]
     reward = rewards.build_reward("brightness")  # evaluation.reward; training scored color_alignment
     assert [r["reward_spec"] for r in evaluations] == ["brightness"] * 2
