@@ -120,13 +120,18 @@ def plot(rows: list[dict], methods: list[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 2, 3.6))
     for i, method in enumerate(methods):
         values = np.array([r["reward"] for r in rows if r["method"] == method])
-        if len(values):
-            ax.bar(i, values.mean(), yerr=values.std(ddof=1) if len(values) > 1 else 0, color="tab:blue", alpha=0.7,
-                   capsize=4)
-            ax.scatter(np.full(len(values), i), values, color="black", s=12, zorder=3)
+        if len(values):  # mean +- std over seeds, and each seed: the differences are small against 0
+            ax.errorbar(i, values.mean(), yerr=values.std(ddof=1) if len(values) > 1 else 0, fmt="s",
+                        color="tab:blue", markersize=8, capsize=5)
+            ax.scatter(np.full(len(values), i + 0.12), values, color="black", s=14, zorder=3)
+    base = [r["reward"] for r in rows if r["method"] == "base"]
+    if base:
+        ax.axhline(base[0], color="gray", linestyle="--", linewidth=1, label="base")
+        ax.legend(loc="upper left")
     ax.set_xticks(range(len(methods)), methods, rotation=20, ha="right")
+    ax.set_xlim(-0.5, len(methods) - 0.5)
     ax.set_ylabel("held-out object_alignment")
-    ax.set_title("toy world: held-out alignment per method (bars: mean +- std over seeds; dots: seeds)")
+    ax.set_title("held-out alignment per method\n(squares: mean +- std over seeds; dots: one seed each)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
