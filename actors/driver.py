@@ -31,7 +31,7 @@ from actors.rollout import Rollout
 from actors.topology import ActorsLostError, InlineWorkers, LearnerFailedError, RayWorkers
 from rl.advantages import PerPromptStatTracker, compute_advantages
 from rl.algorithms import get_algorithm
-from rl.config import TexForceConfig, evaluation_eta
+from rl.config import TexForceConfig
 from rl.lora import PolicyWeights
 from rl.outputs import EpochOutputs
 from rl.plots import save_image_grid
@@ -359,7 +359,7 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
         return
     s = config.sample
     settings = EvalSettings(num_seeds=config.evaluation.num_seeds, base_seed=config.evaluation.seed_base,
-                            num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=evaluation_eta(config))  # fmt: skip
+                            num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=config.evaluation_eta)  # fmt: skip
     eval_prompts, seeds = eval_set(prompts, settings)
     rollout = workers.rollout(weights, eval_prompts, seeds, evaluation=True)
     scores = rollout.scores

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from rl.config import TexForceConfig, evaluation_eta
+from rl.config import TexForceConfig
 from rl.lora import PolicyWeights, add_lora, set_policy_weights
 from rl.models import load_pipeline_from_config
 from rl.priority import lower_cpu_priority
@@ -39,7 +39,7 @@ class SamplerWorker:
         """
         self.sample_with(weights)
         s = self.config.sample
-        eta = evaluation_eta(self.config) if evaluation else s.eta
+        eta = self.config.evaluation_eta if evaluation else s.eta
         trajectories = sample_trajectories(
             self.pipe, prompts, seeds, num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=eta,
             negative_prompt=s.negative_prompt, height=s.height, width=s.width, policy_version=weights.version,

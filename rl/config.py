@@ -380,6 +380,11 @@ class TexForceConfig:
     def samples_per_epoch(self) -> int:
         return self.sample.batch_size * self.sample.num_batches_per_epoch
 
+    @property
+    def evaluation_eta(self) -> float:
+        """The DDIM eta of held-out evaluation images: evaluation.eta, else the policy's sample.eta."""
+        return self.sample.eta if self.evaluation.eta is None else self.evaluation.eta
+
 
 def _is_folder_name(name: str) -> bool:
     return bool(name.strip()) and name not in (".", "..") and not any(sep in name for sep in ("/", "\\"))
@@ -541,11 +546,6 @@ def read_yaml(path: Path) -> Any:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         raise ConfigError(f"{where}: invalid YAML: {_yaml_problem(error)}") from None
-
-
-def evaluation_eta(config: TexForceConfig) -> float:
-    """The DDIM eta of held-out evaluation images: evaluation.eta, else the policy's sample.eta."""
-    return config.sample.eta if config.evaluation.eta is None else config.evaluation.eta
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TexForceConfig:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rl.config import ConfigError, TexForceConfig, evaluation_eta, load_config, save_config
+from rl.config import ConfigError, TexForceConfig, load_config, save_config
 
 
 def test_defaults_are_the_published_texforce_settings():
@@ -83,8 +83,8 @@ def test_values_that_were_accepted_or_crashed_are_errors(override, message):
 
 
 def test_held_out_images_are_drawn_at_the_policy_eta_unless_evaluation_eta_is_set():
-    assert evaluation_eta(load_config(None, ["sample.eta=0.7"])) == 0.7
-    assert evaluation_eta(load_config(None, ["sample.eta=0.7", "evaluation.eta=0"])) == 0.0
+    assert load_config(None, ["sample.eta=0.7"]).evaluation_eta == 0.7
+    assert load_config(None, ["sample.eta=0.7", "evaluation.eta=0"]).evaluation_eta == 0.0
 
 
 def test_a_value_from_the_file_used_as_a_section(tmp_path):
