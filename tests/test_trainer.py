@@ -168,7 +168,9 @@ def test_killed_sampler_and_reward_actor_cost_one_restart_each(ray_session, tiny
         assert killed
         # Ray's own restart count: one death is one restart, not one per failed or retried call
         assert workers.restarts == 2
-        # the rollout roles, restarted ones included, yield the cores to the learner (resources.rollout_low_priority)
+        # the rollout roles, restarted ones included, yield the cores to the learner (resources.rollout_low_priority);
+        # the epoch can end before a killed actor's restart does, so wait until every one answers a ping
+        ray.get([a.ping.options(max_task_retries=-1).remote() for a in workers.samplers + workers.reward_actors])
         policy = {role: [os.sched_getscheduler(_actor_info(a)["Pid"]) for a in actors]
                   for role, actors in [("rollout", workers.samplers + workers.reward_actors), ("learner", workers.learners)]}
         assert policy == {"rollout": [os.SCHED_IDLE] * 3, "learner": [os.SCHED_OTHER]}
