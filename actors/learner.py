@@ -14,6 +14,7 @@ from rl.gradient import GradientLearner, ScoredSamples
 from rl.learner import PPOLearner
 from rl.lora import PolicyWeights
 from rl.models import load_pipeline_from_config
+from rl.run_dir import pack_learner_state
 from rl.sampling import Trajectories
 
 
@@ -61,8 +62,9 @@ class LearnerWorker:
         """The current LoRA, or (PPO) the version before it, which async sampling draws with."""
         return self.learner.get_weights() if version is None else self.learner.get_weights(version)
 
-    def state_dict(self) -> dict:
-        return self.learner.state_dict()
+    def packed_state(self) -> bytes:
+        """The learner's checkpoint state, packed here (rl.run_dir.pack_learner_state)."""
+        return pack_learner_state(self.learner.state_dict())
 
     def load_state_dict(self, state: dict) -> None:
         self.learner.load_state_dict(state)

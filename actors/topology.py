@@ -93,8 +93,8 @@ class InlineWorkers:
     def get_weights(self, version: int | None = None) -> PolicyWeights:
         return self.learner.get_weights(version)
 
-    def learner_state(self) -> dict:
-        return self.learner.state_dict()
+    def learner_state(self) -> bytes:
+        return self.learner.packed_state()
 
     def load_learner_state(self, state: dict) -> None:
         self.learner.load_state_dict(state)
@@ -394,8 +394,8 @@ class RayWorkers:
     def get_weights(self, version: int | None = None) -> PolicyWeights:
         return self._learner_call(self.learners[0].get_weights.remote(version))
 
-    def learner_state(self) -> dict:
-        return self._learner_call(self.learners[0].state_dict.remote())
+    def learner_state(self) -> bytes:
+        return self._learner_call(self.learners[0].packed_state.remote())
 
     def load_learner_state(self, state: dict) -> None:
         import ray

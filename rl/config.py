@@ -126,7 +126,8 @@ class TrainConfig:
     """PPO only. 0: sample an epoch, then train on it (on-policy, as the papers). 1: the samplers
     draw epoch e+1 with the LoRA the learner starts epoch e from, while it trains on epoch e (one
     version stale; the stored old log-probs keep the PPO ratio correct); on Ray sampling and
-    learning then overlap (1.3x samples/s on the demo, README "Performance"), but on the demo it
+    learning then overlap (on 2 cores 1.06-1.08x the samples/s of a synchronous learner that uses
+    both cores while it updates; README "Performance"), but on the demo it
     did not reproduce the synchronous loop's held-out gain (2 seeds). Inline mode computes the
     same run as Ray for either value."""
 

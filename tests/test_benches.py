@@ -9,8 +9,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+import end_to_end  # noqa: E402
 import learner_overhead  # noqa: E402
-import overlap  # noqa: E402
+import sd15_shaped  # noqa: E402
 import sampler_overhead  # noqa: E402
 
 
@@ -33,11 +34,35 @@ def test_learner_bench_compares_the_update_with_its_ideal_and_with_reencoding(ti
     assert result["learner_over_ideal"] == pytest.approx(result["medians"]["learner"] / result["medians"]["ideal"])
 
 
-def test_overlap_summary_times_epochs_after_warmup_per_loop():
-    runs = [{"staleness": 0, "samples_per_epoch": 100, "epoch_seconds": [9.0, 10.0, 10.0],
-             "update_seconds": [6.0, 6.0, 6.0, 6.0]},
-            {"staleness": 1, "samples_per_epoch": 100, "epoch_seconds": [7.0, 5.0, 5.0],
-             "update_seconds": [5.0, 5.0, 5.0, 5.0]}]
-    table = overlap.summarize(runs, warmup=2)  # epoch 0 has no period; epoch 1's is left out too
-    assert table[0]["median_epoch_seconds"] == 10.0 and table[0]["samples_per_second"] == 10.0
-    assert table[1]["median_epoch_seconds"] == 5.0 and table[1]["epochs_timed"] == 2
+def test_end_to_end_summary_times_epochs_after_warmup_per_arm_and_compares_arms():
+    runs = [{"arm": "trl", "samples_per_epoch": 100, "epoch_ends": [0.0, 9.0, 19.0, 29.0]},
+            {"arm": "ray", "samples_per_epoch": 100, "epoch_ends": [0.0, 7.0, 12.0, 17.0]},
+            {"arm": "ray_async", "samples_per_epoch": 100, "epoch_ends": [0.0, 3.0, 7.0, 11.0]},
+            {"arm": "trl", "samples_per_epoch": 100, "epoch_ends": [1.0, 2.0, 12.0, 22.0]}]
+    table = end_to_end.summarize(runs, warmup=2)  # epoch 0 has no period; epoch 1's is left out too
+    assert table["trl"] == {"epochs_timed": 4, "median_epoch_seconds": 10.0, "samples_per_second": 10.0}
+    assert table["ray"]["median_epoch_seconds"] == 5.0 and table["ray_async"]["samples_per_second"] == 25.0
+    ratios = end_to_end.ratios(table)
+    assert ratios == {"best of this trainer / TRL": 2.5, "Ray async / Ray synchronous": 1.25}
+
+
+def test_end_to_end_runs_this_trainer_on_the_shared_work(tiny_sd_dir, tmp_path, one_torch_thread):
+    """One arm, in this process: the run trains the work's U-Net LoRA on brightness and reports its epochs' ends."""
+    result = tmp_path / "inline.json"
+    end_to_end.main(["--out", str(tmp_path), "--model", tiny_sd_dir, "--run-arm", "inline", "--result", str(result),
+                     "--epochs", "2", "--warmup", "1", "--steps", "2", "resources.learner_threads=1"])
+    run = json.loads(result.read_text())
+    assert run["arm"] == "inline" and run["samples_per_epoch"] == 8 and len(run["epoch_ends"]) == 2
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "policy: unet" in config and "spec: brightness" in config and "mode: inline" in config
+
+
+def test_sd15_shaped_pipeline_has_stable_diffusion_15s_parameter_counts():
+    """Built on the meta device (no memory): the counts of SD 1.5's published U-Net, VAE and CLIP ViT-L/14 text encoder."""
+    import torch
+
+    with torch.device("meta"):
+        pipe = sd15_shaped.build_sd15_shaped_pipeline(sample_size=32)
+    counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("unet", "vae", "text_encoder")}
+    assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 256

@@ -61,3 +61,20 @@ ray.shutdown()
     addresses = eval(out.stdout.strip().splitlines()[-1])
     assert addresses, "no listening socket found"
     assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip in addresses), addresses
+
+
+def test_a_packed_learner_state_is_the_checkpoint_file_it_reads_back_from(tmp_path):
+    """The learner packs its state into learner.pt's bytes; the driver writes them unopened and a
+    resume reads them with weights_only=True."""
+    from rl.run_dir import pack_learner_state
+
+    state = {"optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}},
+                           "param_groups": [{"lr": 1e-3, "params": [0]}]},
+             "generator": torch.Generator().manual_seed(0).get_state(), "version": 3}
+    folder = RunDirectory(tmp_path).checkpoints / "epoch_0000"
+    folder.mkdir(parents=True)
+    (folder / "learner.pt").write_bytes(pack_learner_state(state))
+    (folder / "driver.json").write_text(json.dumps({"epoch": 0, "tracker": {}}))
+    loaded, _ = RunDirectory.load_checkpoint(folder)
+    assert loaded["version"] == 3 and torch.equal(loaded["generator"], state["generator"])
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
