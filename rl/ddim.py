@@ -18,7 +18,7 @@ clip range (1e-4) applies.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,8 @@ class DDIMSchedule:
     final_alpha_cumprod: float
     prediction_type: str = "epsilon"
     clip_sample_range: float | None = None
+    # alphas_cumprod on each device it was asked for: copied once, not at every step (a host->device copy syncs)
+    _device_tables: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_scheduler(cls, scheduler, num_steps: int) -> "DDIMSchedule":
@@ -72,7 +74,9 @@ class DDIMSchedule:
 
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         """abar at each timestep of `t` ([B] long); negative t means the final abar."""
-        table = self.alphas_cumprod.to(t.device)
+        table = self._device_tables.get(t.device)
+        if table is None:
+            table = self._device_tables.setdefault(t.device, self.alphas_cumprod.to(t.device))
         final = torch.full_like(table[:1], self.final_alpha_cumprod).expand(t.shape)
         return torch.where(t >= 0, table[t.clamp(min=0)], final)
 

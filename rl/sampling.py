@@ -108,9 +108,15 @@ def guided_noise_prediction(
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 
-def _randn(shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
-    """One standard-normal draw per sample from its own CPU generator: [len(generators), *shape]."""
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+def _seeded_draws(seeds: list[int], shape: tuple[int, ...], count: int, device: torch.device) -> torch.Tensor:
+    """The first `count` standard-normal draws of each sample's own CPU generator: [count, len(seeds), *shape].
+
+    Drawn before the loop and moved to the device in one copy, so the loop makes no host->device
+    copies; the same numbers on every device, and a sample's draws do not depend on its batch-mates.
+    """
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    draws = torch.stack([torch.stack([torch.randn(shape, generator=g) for _ in range(count)]) for g in generators], dim=1)
+    return draws.to(device)
 
 
 def denoise(
@@ -141,15 +147,12 @@ def denoise(
     call in the backward pass instead of storing its activations (torch.utils.checkpoint).
     """
     device = pipe.unet.device
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     scale = pipe.vae_scale_factor
     latent_shape = (pipe.unet.config.in_channels, height // scale, width // scale)
-    x = _randn(latent_shape, generators, device) * pipe.scheduler.init_noise_sigma
     steps = range(schedule.num_steps) if steps is None else steps
-    if start is not None:
-        x = start
-    for _ in range(steps.start):  # the draws of the steps before this piece
-        _randn(latent_shape, generators, device)
+    # each sample's draws: x_T, then one per step (those of the steps before this piece are skipped)
+    draws = _seeded_draws(seeds, latent_shape, 1 + steps.stop, device)
+    x = draws[0] * pipe.scheduler.init_noise_sigma if start is None else start
     latents, log_probs = [x], []
     for j in steps:
         t = torch.full((len(seeds),), int(schedule.timesteps[j]), device=device, dtype=torch.long)
@@ -159,8 +162,7 @@ def denoise(
             )
         else:
             eps_hat = guided_noise_prediction(pipe.unet, x, t, cond, uncond, guidance_scale)
-        noise = _randn(latent_shape, generators, device)
-        x, log_prob, _, _ = ddim_step_with_logprob(schedule, eps_hat, t, x, eta=eta, noise=noise)
+        x, log_prob, _, _ = ddim_step_with_logprob(schedule, eps_hat, t, x, eta=eta, noise=draws[1 + j])
         latents.append(x)
         log_probs.append(log_prob)
     return latents, log_probs

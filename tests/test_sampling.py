@@ -50,6 +50,32 @@ def test_samples_depend_only_on_their_own_seed(pipe):
     assert not torch.allclose(other.latents[0, -1], alone.latents[0, -1])
 
 
+def test_each_sample_draws_x_T_then_one_noise_per_step_from_its_own_seed(pipe):
+    """The documented stream: a sample's generator gives x_T, then step j's noise as its (j+2)-th draw,
+    whatever the device (drawn on the host before the loop). Read back from the trajectory: at eta 1,
+    noise = (x_{t-1} - mean) / sigma_t."""
+    from rl.ddim import ddim_step_with_logprob
+    from rl.sampling import guided_noise_prediction
+
+    seeds, steps = [5, 11], 3
+    traj = sample_trajectories(pipe, ["a red ball", "a cat"], seeds, num_steps=steps, guidance_scale=5.0, eta=1.0)
+    shape = traj.latents.shape[2:]
+    expected = [[torch.randn(shape, generator=g) for _ in range(1 + steps)]
+                for g in (torch.Generator().manual_seed(s) for s in seeds)]
+    for b in range(2):
+        torch.testing.assert_close(traj.latents[b, 0], expected[b][0] * pipe.scheduler.init_noise_sigma)
+    schedule = DDIMSchedule.from_scheduler(pipe.scheduler, steps)
+    with torch.no_grad():
+        cond, uncond = encode(pipe.text_encoder, traj.prompt_ids), encode(pipe.text_encoder, traj.negative_ids)
+        for j in range(steps):
+            eps = guided_noise_prediction(pipe.unet, traj.latents[:, j], traj.timesteps[:, j], cond, uncond, 5.0)
+            _, _, mean, sigma = ddim_step_with_logprob(schedule, eps, traj.timesteps[:, j], traj.latents[:, j],
+                                                       eta=1.0, prev_sample=traj.latents[:, j + 1])
+            noise = (traj.latents[:, j + 1] - mean) / sigma.view(-1, 1, 1, 1)
+            for b in range(2):
+                torch.testing.assert_close(noise[b], expected[b][1 + j], rtol=0, atol=2e-3)
+
+
 def test_negative_prompt_goes_through_the_lora(pipe):
     params = add_lora(pipe, LoraSettings(rank=4, alpha=4))
     ids = pipe.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
