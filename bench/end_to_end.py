@@ -18,13 +18,14 @@ metrics.parquet); TRL writes nothing. An epoch is timed from one epoch's end to 
 first `--warmup` epochs of each run are left out; samples/s is samples per epoch over the median
 epoch. Prints a table and writes JSON and a plot; the README's "Performance" section quotes them.
 
-    pip install -c constraints.txt trl==0.23.0    # the `trl` arm only
+    pip install -c constraints.txt -e ".[bench]"    # TRL 0.23, for the `trl` arm only
     python bench/end_to_end.py --out runs/bench-e2e                    # ~15 min on 2 cores
     python bench/end_to_end.py --out runs/bench-e2e --arms ray ray_async --samples 128
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -192,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.samples % args.batch or args.samples // args.batch < 2:
         parser.error(f"--samples ({args.samples}) must be at least 2 batches of --batch ({args.batch}) "
                      "(two samplers each take one)")
+    if "trl" in (args.run_arm or args.arms) and importlib.util.find_spec("trl") is None:
+        parser.error("the `trl` arm needs TRL 0.23: pip install -c constraints.txt -e \".[bench]\" "
+                     "(or leave it out: --arms inline ray ray_async ray_1_sampler)")
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.run_arm:  # a child: one run

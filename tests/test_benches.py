@@ -66,3 +66,14 @@ def test_sd15_shaped_pipeline_has_stable_diffusion_15s_parameter_counts():
     counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("unet", "vae", "text_encoder")}
     assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 256
+
+
+def test_end_to_end_without_trl_is_one_line_naming_the_install(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else find_spec(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        end_to_end.main(["--out", str(tmp_path), "--arms", "trl", "inline"])
+    assert exit_info.value.code == 2
+    assert '-e ".[bench]"' in capsys.readouterr().err and not any(tmp_path.iterdir())
