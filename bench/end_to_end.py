@@ -103,8 +103,7 @@ def run_trl(args: argparse.Namespace, out: Path) -> dict:
 
 
 def run_ours(arm: str, args: argparse.Namespace, out: Path, name: str) -> dict:
-    import torch
-
+    """One run of this trainer in `arm`'s layout; epoch end times and its per-epoch update seconds."""
     from actors.driver import train
     from rl.config import load_config
 
@@ -114,8 +113,13 @@ def run_ours(arm: str, args: argparse.Namespace, out: Path, name: str) -> dict:
     ])
     ends: list[float] = []
     rows = train(config, on_epoch_end=lambda epoch, row: ends.append(time.perf_counter())).read_metrics()
-    return {"epoch_ends": ends, "torch_threads": torch.get_num_threads(),
-            "update_seconds": [r["update_seconds"] for r in rows], "reward_mean": [r["reward_mean"] for r in rows]}
+    return {"epoch_ends": ends, "update_seconds": [r["update_seconds"] for r in rows]}
+
+
+def epoch_periods(run: dict, warmup: int) -> list[float]:
+    """Seconds from one epoch's end to the next, the first `warmup` epochs left out (epoch 0 has no period)."""
+    ends = run["epoch_ends"]
+    return [b - a for a, b in zip(ends, ends[1:])][warmup - 1:]
 
 
 def summarize(runs: list[dict], warmup: int) -> dict[str, dict]:
@@ -123,7 +127,7 @@ def summarize(runs: list[dict], warmup: int) -> dict[str, dict]:
     table = {}
     for arm in dict.fromkeys(r["arm"] for r in runs):
         mine = [r for r in runs if r["arm"] == arm]
-        periods = [b - a for r in mine for a, b in list(zip(r["epoch_ends"], r["epoch_ends"][1:]))[warmup - 1:]]
+        periods = [p for r in mine for p in epoch_periods(r, warmup)]
         seconds = statistics.median(periods)
         table[arm] = {"epochs_timed": len(periods), "median_epoch_seconds": seconds,
                       "samples_per_second": mine[0]["samples_per_epoch"] / seconds}
@@ -158,8 +162,7 @@ def plot(runs: list[dict], table: dict[str, dict], warmup: int, path: Path, titl
     ax.barh(range(len(arms)), [table[a]["samples_per_second"] for a in arms], color="#9ecae1")
     for i, arm in enumerate(arms):
         for r in (r for r in runs if r["arm"] == arm):
-            periods = [b - a for a, b in zip(r["epoch_ends"], r["epoch_ends"][1:])][warmup - 1:]
-            ax.plot(r["samples_per_epoch"] / statistics.median(periods), i, "o", color="#08519c", ms=4)
+            ax.plot(r["samples_per_epoch"] / statistics.median(epoch_periods(r, warmup)), i, "o", color="#08519c", ms=4)
     ax.set_yticks(range(len(arms)), arms)
     ax.invert_yaxis()
     ax.set_xlabel("samples / s (bar: median epoch over all runs; dots: each run)")
@@ -220,8 +223,8 @@ def main(argv: list[str] | None = None) -> None:
             if done.returncode != 0:
                 sys.exit(f"{name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
             runs.append(json.loads(result.read_text()))
-            periods = [b - a for a, b in zip(runs[-1]["epoch_ends"], runs[-1]["epoch_ends"][1:])][args.warmup - 1:]
-            print(f"[{time.perf_counter() - started:6.0f} s] {name}: median epoch {statistics.median(periods):.2f} s",
+            median = statistics.median(epoch_periods(runs[-1], args.warmup))
+            print(f"[{time.perf_counter() - started:6.0f} s] {name}: median epoch {median:.2f} s",
                   flush=True)
 
     table = summarize(runs, args.warmup)

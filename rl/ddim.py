@@ -74,9 +74,9 @@ class DDIMSchedule:
 
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         """abar at each timestep of `t` ([B] long); negative t means the final abar."""
-        table = self._device_tables.get(t.device)
-        if table is None:
-            table = self._device_tables.setdefault(t.device, self.alphas_cumprod.to(t.device))
+        if t.device not in self._device_tables:
+            self._device_tables[t.device] = self.alphas_cumprod.to(t.device)
+        table = self._device_tables[t.device]
         final = torch.full_like(table[:1], self.final_alpha_cumprod).expand(t.shape)
         return torch.where(t >= 0, table[t.clamp(min=0)], final)
 

@@ -52,13 +52,35 @@ def make_tokenizer_files(words: list[str] = _WORDS) -> tuple[dict[str, int], lis
     return {token: i for i, token in enumerate(vocab_list)}, merges
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """Tiny SD: U-Net (32, 64), VAE with 3 blocks (64x64 images from 16x16 latents), CLIP hidden 32."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def toy_tokenizer():
+    """CLIP's BPE tokenizer over the toy world's words, SD's prompt length (77)."""
+    from transformers import CLIPTokenizer
 
     vocab, merges = make_tokenizer_files()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def sd_ddim_scheduler():
+    """Stable Diffusion 1.x's noise schedule (scaled linear betas 0.00085-0.012), as DDIM."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """Tiny SD: U-Net (32, 64), VAE with 3 blocks (64x64 images from 16x16 latents), CLIP hidden 32."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = toy_tokenizer()
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -98,15 +120,7 @@ def build_tiny_pipeline(seed: int = 0):
         norm_num_groups=8,
         sample_size=64,
     )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_ddim_scheduler()
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
