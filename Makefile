@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo evidence toy-model test clean
+.PHONY: setup demo evidence fusion toy-model test clean
 
 setup: $(VENV)/.installed
 
@@ -26,10 +26,18 @@ demo: setup
 	$(BIN)/texforce train --config configs/tiny.yaml run_name=tiny-$$(date +%Y%m%d-%H%M%S)
 
 # The papers' table at toy scale (bench/evidence.py): base, TexForce, DDPO, ReFL and their fusions,
-# 3 seeds each, scored on the held-out prompts. A finished (method, seed) in runs/evidence is reused.
+# 3 seeds each, scored on the held-out prompts, two models at a time. A finished (method, seed) in
+# runs/evidence is reused.
 evidence: setup
 	cd models/toy-sd && sha256sum --quiet -c SHA256SUMS
-	$(BIN)/python bench/evidence.py --out runs/evidence
+	$(BIN)/python bench/evidence.py --out runs/evidence --jobs 2
+
+# Fusion of LoRAs trained for different rewards: a colour and a shape text-encoder LoRA (3 seeds),
+# each alone and fused; then seed 0's pair, the 5x5 grid of alphas against `texforce tune`.
+fusion: setup
+	cd models/toy-sd && sha256sum --quiet -c SHA256SUMS
+	$(BIN)/python bench/evidence.py --out runs/evidence --jobs 2 --methods texforce_color texforce_shape "color + shape"
+	$(BIN)/python bench/fusion_search.py --out runs/fusion_search
 
 # The command that built models/toy-sd (~13 min on 2 cores). Bit-identical only on the same CPU
 # instruction set and thread count, hence the committed copy.

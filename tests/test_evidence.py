@@ -1,4 +1,6 @@
-"""bench/evidence.py: every method trained, fused and scored on one held-out set, on the tiny model."""
+"""bench/evidence.py (every method trained, fused and scored on one held-out set) and
+bench/fusion_search.py (grid and `texforce tune`, confirmed on other images), on the tiny model."""
+import json
 import sys
 from pathlib import Path
 
@@ -24,11 +26,12 @@ def test_evidence_trains_fuses_and_scores_every_method(tiny_sd_dir, tmp_path, ca
                  "sample.num_batches_per_epoch=1", "advantage.group_size=4", "train.batch_size=4", "num_epochs=1",
                  "lora.rank=4", "lora.alpha=4", f"evaluation.prompts_file={held_out}", "evaluation.num_seeds=1",
                  "train.min_sigma=0", "prompts.file=null"]
-    methods = ["texforce", "ddpo", "texforce + ddpo", "refl", "refl + texforce"]
+    methods = ["texforce", "ddpo", "texforce + ddpo", "refl", "refl + texforce", "color + shape"]
     assert evidence.main([*overrides, "--out", str(out), "--seeds", "0", "--eval-seeds", "2", "--methods",
                           *methods]) == 0
     rows = pq.read_table(out / "evidence.parquet").to_pylist()
-    assert [r["method"] for r in rows] == ["base", *methods]
+    assert [r["method"] for r in rows] == ["base", *methods]  # the fused model's parts scored, not listed
+    assert (out / "texforce_color_seed0" / "final_lora").is_dir() and (out / "texforce_shape_seed0").is_dir()
     assert all(np.isfinite(r["reward"]) and np.isfinite(r["gain"]) for r in rows)
     assert (out / "evidence.png").stat().st_size > 0
     table = (out / "evidence.md").read_text()
@@ -48,10 +51,76 @@ def test_evidence_trains_fuses_and_scores_every_method(tiny_sd_dir, tmp_path, ca
     row = rows[methods.index("refl + texforce") + 1]
     assert row["reward"] == pytest.approx(fused.mean(), abs=1e-5)
     assert row["gain"] == pytest.approx((fused - base).mean(), abs=1e-5)
+    # a fused row's difference to each part alone is paired over the same images
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(out / "refl_seed0" / "final_lora"))
+    refl = evaluate(pipe, reward, prompts, settings).objective
+    assert row["over_first_part"] == pytest.approx((fused - refl).mean(), abs=1e-5)
+    assert row["over_first_part_sem"] == pytest.approx((fused - refl).std(ddof=1) / 2, abs=1e-5)
+    assert row["over_second_part"] == pytest.approx(row["gain"] - rows[1]["gain"], abs=1e-5)
+    assert np.isnan(rows[1]["over_first_part"])  # texforce is not fused
+    pipe.unload_lora_weights()
 
-    # a second call reuses the trained runs instead of training again
+    # a second call reuses the trained runs instead of training again, and the scores it kept
     lora = out / "texforce_seed0" / "final_lora" / "pytorch_lora_weights.safetensors"
     written = lora.stat().st_mtime_ns
+    kept = out / "scores" / "object_alignment" / "texforce_seed0.parquet"
+    scored = kept.stat().st_mtime_ns
     assert evidence.main([*overrides, "--out", str(out), "--seeds", "0", "--eval-seeds", "2", "--methods",
                           "texforce"]) == 0
-    assert lora.stat().st_mtime_ns == written
+    assert lora.stat().st_mtime_ns == written and kept.stat().st_mtime_ns == scored
+
+    # two processes at a time: another evaluation set is scored again (the kept scores do not
+    # match it), in child processes, to the same numbers as in this one
+    assert evidence.main([*overrides, "--out", str(out), "--seeds", "0", "--eval-seeds", "3", "--jobs", "2",
+                          "--methods", "texforce"]) == 0
+    assert lora.stat().st_mtime_ns == written and kept.stat().st_mtime_ns != scored
+    rows = pq.read_table(out / "evidence.parquet").to_pylist()
+    base3 = evaluate(pipe, reward, prompts, EvalSettings(**{**vars(settings), "num_seeds": 3})).objective
+    pipe.load_lora_weights(str(out / "texforce_seed0" / "final_lora"))
+    texforce3 = evaluate(pipe, reward, prompts, EvalSettings(**{**vars(settings), "num_seeds": 3})).objective
+    assert rows[0]["reward"] == pytest.approx(base3.mean(), abs=1e-6)
+    assert rows[1]["gain"] == pytest.approx((texforce3 - base3).mean(), abs=1e-5)
+
+
+def test_fusion_search_runs_both_searches_and_confirms_their_best_on_other_images(
+    ray_session, tiny_sd_dir, tmp_path, one_torch_thread
+):
+    import fusion_search
+    from lora_fixtures import make_lora
+
+    from tune.worker import FusionJob, evaluate_alphas
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a purple hat\na white cup\n")
+    loras = [str(make_lora(tiny_sd_dir, tmp_path / name, rank=4, alpha=4, seed=seed, policy="text_encoder", scale=1.0))
+             for name, seed in (("first", 1), ("second", 2))]
+    out = tmp_path / "search"
+    overrides = [f"model.pretrained={tiny_sd_dir}", "sample.num_steps=4", f"evaluation.prompts_file={held_out}"]
+    # the grid's 4 points are the corners, the search's first 4 trials too: a fifth is drawn at random
+    assert fusion_search.main(["--loras", *loras, "--out", str(out), "--grid", "2", "--num-samples", "5",
+                               "--select-seeds", "1", "--confirm-seeds", "2", *overrides]) == 0
+    grid = pq.read_table(out / "grid" / "results.parquet").to_pylist()
+    search = pq.read_table(out / "search" / "results.parquet").to_pylist()
+    assert len(grid) == 4 and len(search) == 5
+    assert {(r["alpha_1"], r["alpha_2"]) for r in grid} <= {(r["alpha_1"], r["alpha_2"]) for r in search}
+
+    # confirmed on the held-out evaluation's seeds (not the selection's), as evaluated in this process
+    confirm = pq.read_table(out / "confirm.parquet").to_pandas()
+    assert len(confirm) == 4 and set(confirm["seed"]) == {2**31, 2**31 + 1}
+    settings = EvalSettings(num_seeds=2, base_seed=2**31, num_steps=4, guidance_scale=5.0, eta=1.0, batch_size=16)
+    job = FusionJob(model=tiny_sd_dir, loras=tuple(loras), prompts=("a purple hat", "a white cup"),
+                    reward="object_alignment", settings=settings, device="cpu")
+    best = json.loads((out / "grid" / "best.json").read_text())["alphas"]
+    column = next(c for c in confirm.columns if c.startswith("best of the 2x2 grid"))
+    assert confirm[column].to_numpy() == pytest.approx(evaluate_alphas(job, best).objective, abs=1e-6)
+    assert confirm["both at 1"].to_numpy() == pytest.approx(evaluate_alphas(job, [1.0, 1.0]).objective, abs=1e-6)
+    table = (out / "fusion_search.md").read_text()
+    assert "| base | (0.00, 0.00) |" in table and "| both at 1 | (1.00, 1.00) |" in table
+    assert (out / "fusion_search.png").stat().st_size > 5000
+
+    # finished searches are reused
+    written = (out / "grid" / "results.parquet").stat().st_mtime_ns
+    assert fusion_search.main(["--loras", *loras, "--out", str(out), "--grid", "2", "--num-samples", "5",
+                               "--select-seeds", "1", "--confirm-seeds", "2", *overrides]) == 0
+    assert (out / "grid" / "results.parquet").stat().st_mtime_ns == written
