@@ -154,6 +154,12 @@ def run_tasks(tasks: list[tuple[Callable, tuple, dict]], jobs: int, logs: list[P
             os.environ["OMP_NUM_THREADS"] = threads
 
 
+def attribute_accuracy(scores: dict[str, np.ndarray], attribute: str) -> float:
+    """Mean of the object reward's exact part for `attribute` (`{reward}_color`, `{reward}_shape`), NaN if none."""
+    part = [name for name in scores if name.endswith("_" + attribute)]
+    return float(np.mean(scores[part[0]])) if part else np.nan
+
+
 def rows_for(method: str, seed: int, scores: dict[str, np.ndarray], base: dict[str, np.ndarray],
              parts: Iterable[dict[str, np.ndarray]] = ()) -> dict:
     """One table row: held-out reward, per-attribute parts, the paired gain over the base and, for
@@ -163,9 +169,8 @@ def rows_for(method: str, seed: int, scores: dict[str, np.ndarray], base: dict[s
     gain = paired_gain(base["reward"], scores["reward"])
     row = {"method": method, "seed": seed, "reward": float(scores["reward"].mean()),
            "reward_sem": summarize(scores["reward"])["sem"], "gain": gain["mean"], "gain_sem": gain["sem"]}
-    for attribute in ("color", "shape"):  # the reward's parts: `{reward}_{attribute}`, the exact reading
-        part = [name for name in scores if name.endswith("_" + attribute)]
-        row[attribute] = float(scores[part[0]].mean()) if part else np.nan
+    for attribute in ("color", "shape"):
+        row[attribute] = attribute_accuracy(scores, attribute)
     parts = list(parts)
     for i, which in enumerate(("first", "second")):
         over = paired_gain(parts[i]["reward"], scores["reward"]) if i < len(parts) else {"mean": np.nan, "sem": np.nan}
@@ -296,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods:
             parts = [scores[p, seed] for p in FUSED.get(method, ())]
             rows.append(rows_for(method, seed, scores[method, seed], base, parts))
-        print(f"{method:16s} seed {seed}: held-out {rows[-1]['reward']:.3f}, gain {rows[-1]['gain']:+.3f} "
-              f"+- {rows[-1]['gain_sem']:.3f}", flush=True)
+            print(f"{method:16s} seed {seed}: held-out {rows[-1]['reward']:.3f}, gain {rows[-1]['gain']:+.3f} "
+                  f"+- {rows[-1]['gain_sem']:.3f}", flush=True)
 
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -34,6 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from rl.config import load_config  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from evidence import attribute_accuracy  # noqa: E402
+
 SELECTION_SEED_OFFSET = 1_000_000
 """The selection set's noise seeds start this far past the held-out evaluation's (`evaluation.seed_base`)."""
 
@@ -109,10 +112,16 @@ def main(argv: list[str] | None = None) -> int:
                            guidance_scale=s.guidance_scale, eta=s.eta, batch_size=16)
     job = FusionJob(model=str(config.model.pretrained), loras=tuple(args.loras), prompts=tuple(held_out),
                     reward=config.reward.spec, settings=confirm, device=config.model.device)
-    results = {}
+    def key(alphas: list[float]) -> tuple[float, float]:
+        return round(alphas[0], 6), round(alphas[1], 6)
+
+    scored = {}  # one evaluation per distinct alpha pair (a search's best may be a corner)
     for name, alphas in points.items():
-        results[name] = evaluate_alphas(job, alphas)
-        print(f"confirmed {name} {alphas}: {results[name].objective.mean():.4f} [{time.time() - start:.0f}s]", flush=True)
+        if key(alphas) not in scored:
+            scored[key(alphas)] = evaluate_alphas(job, alphas)
+        print(f"confirmed {name} {alphas}: {scored[key(alphas)].objective.mean():.4f} [{time.time() - start:.0f}s]",
+              flush=True)
+    results = {name: scored[key(alphas)] for name, alphas in points.items()}
 
     # 3. the table: selection score, confirmation score and paired differences
     import pyarrow as pa
@@ -121,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     first = next(iter(results.values()))
     pq.write_table(pa.table({"prompt": first.prompts, "seed": first.seeds,
                              **{name: r.objective for name, r in results.items()}}), out / "confirm.parquet")
-    selection = {(round(r["alpha_1"], 6), round(r["alpha_2"], 6)): r["objective"]  # the grid's points
-                 for r in pq.read_table(out / "grid" / "results.parquet").to_pylist()}
+    selection = {key([r["alpha_1"], r["alpha_2"]]): r["objective"]  # every trial of both searches
+                 for sweep in ("grid", "search") for r in pq.read_table(out / sweep / "results.parquet").to_pylist()}
     base = results["base"].objective
     grid_best = results[f"best of the {args.grid}x{args.grid} grid"].objective
     header = (f"Selection: {len(held_out)} held-out prompts x {args.select_seeds} seeds; confirmation: x "
@@ -133,9 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [header, "", columns, "|---|---|---|---|---|---|---|---|"]
     for name, alphas in points.items():
         r = results[name]
-        key = tuple(round(a, 6) for a in alphas)
-        chosen = selection.get(key, search["objective"] if name.startswith("best of `") else float("nan"))
-        color, shape = (r.scores.get(f"{config.reward.spec}_{a}", np.full(1, np.nan)).mean() for a in ("color", "shape"))
+        chosen = selection.get(key(alphas), float("nan"))
+        color, shape = (attribute_accuracy(r.scores, a) for a in ("color", "shape"))
         over_base, over_grid = paired_gain(base, r.objective), paired_gain(grid_best, r.objective)
         lines.append(f"| {name} | ({alphas[0]:.2f}, {alphas[1]:.2f}) | {chosen:.4f} | "
                      f"{r.objective.mean():.4f} +- {summarize(r.objective)['sem']:.4f} | {color:.3f} | {shape:.3f} | "
