@@ -102,12 +102,14 @@ def train(
     config: TexForceConfig,
     *,
     resume: str | Path | None = None,
-    on_epoch_end: Callable[[int, dict], None] | None = None,
+    on_epoch_end: Callable[[int, dict], bool | None] | None = None,
 ) -> RunDirectory:
     """Run (or resume) a training run of `train.algorithm` (PPO or a gradient learner); returns its run directory.
 
     A learner that dies is replaced and the run goes on from the last checkpoint, up to
-    resources.max_restarts times; then TrainingStopped says how to resume.
+    resources.max_restarts times; then TrainingStopped says how to resume. `on_epoch_end(epoch,
+    metrics_row)` returning True ends the run after that epoch as if it were the last (held-out
+    evaluation, final LoRA): a caller's own stopping rule, such as a time budget.
     """
     from tqdm.auto import tqdm
 
@@ -153,15 +155,16 @@ def train(
                 bar.n = epoch
                 bar.refresh()
                 continue
+            stop = bool(on_epoch_end(epoch, row)) if on_epoch_end is not None else False
             every = config.evaluation.every
-            if epoch == config.num_epochs - 1 or (every and (epoch + 1) % every == 0):
+            if stop or epoch == config.num_epochs - 1 or (every and (epoch + 1) % every == 0):
                 evaluate_held_out(epoch, weights, eval_prompts, config=config, run=run, workers=workers)
             bar.update(1)
             progress = {"kl": f"{row['approx_kl']:.1e}"} if "approx_kl" in row else {"loss": f"{row['loss']:.4f}"}
             bar.set_postfix(reward=f"{row['reward_mean']:.4f}", **progress)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, row)
             epoch += 1
+            if stop:
+                break
         bar.close()
         run.save_final_lora(weights, config)
     finally:

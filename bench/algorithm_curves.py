@@ -1,26 +1,37 @@
 """Reward against wall-clock time for every registered algorithm, trained for the same budget.
 
 Each algorithm in `rl.algorithms` (PPO and the gradient learners DRaFT, DRaFT-K, DRaFT-LV, ReFL,
-AlignProp, TextCraftor) trains from the same config (`configs/tiny.yaml` by default) on the same
-differentiable reward (`color_alignment`), in-process (`resources.mode=inline`), until its training
-time passes `--budget-s` seconds; the epoch running then is finished, so a run overshoots by up to
-one epoch. Time is the cumulative `wall_seconds` of the run's epochs (model loading, logging and
-checkpoints excluded), so the curves compare reward per second of training, not per epoch.
+AlignProp, TextCraftor) trains from the same config (`configs/tiny.yaml`, the demo's, by default)
+on the same differentiable reward (`color_alignment`), in-process (`resources.mode=inline`), until
+its training time passes `--budget-s` seconds; the epoch running then is finished and is the
+run's last (final LoRA written), so a run overshoots by up to one epoch. Time is the cumulative
+`wall_seconds` of the run's epochs (model loading, logging and checkpoints excluded), so the
+curves compare reward per second of training, not per epoch. The default budget, 400 s, is what
+the PPO demo's 20 epochs take inline on 2 cores (19-21 s each).
+
+A training curve's epochs draw different prompts and seeds, so it is noisy (about 0.01 per epoch
+at 256 samples). Whether a run learnt is therefore measured as the demo measures it: the base
+model and every final LoRA are scored on one fixed held-out set (the config's
+`evaluation.prompts_file`, `--eval-seeds` seeds per prompt, sampled as the config samples), and
+each algorithm's gain is the paired difference image by image, with its standard error.
 
 Writes into --out: one run directory per algorithm (run_name = the algorithm), `curves.parquet`
-(one row per algorithm and epoch), `curves.png` (every algorithm's reward against seconds in one
-figure) and `curves.md` (epochs and samples in the budget, the reward of the first and last 3 epochs).
-A run whose metrics.parquet already has rows is reused as it is, so an interrupted sweep goes on
-where it stopped (delete a run directory to train it again).
+(one row per algorithm and epoch), `held_out.parquet` (one row per algorithm: held-out reward and
+paired gain), `curves.png` (every algorithm's reward against seconds in one figure, and the
+held-out gains) and `curves.md` (epochs and samples in the budget, the first and last epochs'
+training reward, the held-out gain). A run with a final LoRA is reused as it is, and the scores of
+every model are kept (`scores/`), so an interrupted sweep goes on where it stopped (a run
+directory without a final LoRA is trained again from the start; delete one to retrain it).
 
-Costs about budget x algorithms of wall-clock, plus each run's model loading:
+Costs about budget x algorithms of wall-clock, plus each run's model loading and the scoring:
 
-    python bench/algorithm_curves.py --out runs/algorithm_curves --budget-s 180
+    python bench/algorithm_curves.py --out runs/algorithm_curves --budget-s 400
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,13 +44,18 @@ sys.path.insert(0, str(ROOT))
 from rl.algorithms import algorithm_names  # noqa: E402
 from rl.config import load_config  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from evidence import score_model  # noqa: E402
+
 # What each algorithm changes on top of the config and the user's overrides (these win). Every one
-# trains on the differentiable `color_alignment`; held-out evaluation is PPO's only and is off. The
+# trains on the differentiable `color_alignment`; the in-run held-out evaluation is PPO's only, so it
+# is off and every final LoRA is scored afterwards on the same images (`score_final_loras`). The
 # U-Net gradient learners follow the DRaFT paper's small-scale settings (AdamW weight decay 0.1,
 # LoRA rank 8 as in configs/tiny.yaml) with the learning rate scaled up for the toy model (1e-3, as
 # bench/evidence.py's ReFL); TextCraftor keeps the text-encoder LoRA with the same learning rate, and
 # PPO keeps the demo's settings.
-COMMON = ["reward.spec=color_alignment", "evaluation.prompts_file=null"]
+REWARD = "color_alignment"
+COMMON = [f"reward.spec={REWARD}", "evaluation.prompts_file=null"]
 UNET_GRADIENT = ["lora.policy=unet", "train.learning_rate=1e-3", "train.weight_decay=0.1"]
 METHOD_OVERRIDES: dict[str, list[str]] = {
     "ppo": [],
@@ -54,35 +70,61 @@ MAX_EPOCHS = 1000  # the budget stops a run long before this
 EDGE = 3  # epochs averaged at each end of a run for the table
 
 
-class _BudgetSpent(Exception):
-    """Raised from the epoch callback to stop a run once its training time passes the budget."""
-
-
 def train_algorithm(name: str, *, base_config: Path, out: Path, overrides: list[str], budget_s: float,
-                    seed: int) -> list[dict]:
-    """Train `name` until its cumulative epoch time passes `budget_s` (unless its run already has
-    metrics); returns the run's metrics rows, by epoch."""
+                    seed: int) -> tuple[list[dict], Path]:
+    """Train `name` until its cumulative epoch time passes `budget_s` (unless its run already has a
+    final LoRA); returns the run's metrics rows, by epoch, and its final LoRA file."""
     from actors.driver import train
     from rl.run_dir import RunDirectory
 
     run = RunDirectory(out / name)
-    if not run.read_metrics():
+    lora = run.final_lora / "pytorch_lora_weights.safetensors"
+    if not lora.exists():
+        if run.path.exists():
+            shutil.rmtree(run.path)  # an unfinished run: its budget cannot be split across two starts
         config = load_config(base_config, [f"num_epochs={MAX_EPOCHS}", *overrides, f"train.algorithm={name}",
                                            *COMMON, *METHOD_OVERRIDES.get(name, []), f"seed={seed}",
                                            f"run_name={name}", f"output_dir={out}", "resources.mode=inline"])
         spent = 0.0
 
-        def stop_when_spent(epoch: int, row: dict) -> None:
+        def budget_spent(epoch: int, row: dict) -> bool:
             nonlocal spent
             spent += row["wall_seconds"]
-            if spent >= budget_s:
-                raise _BudgetSpent
+            return spent >= budget_s
 
-        try:
-            train(config, on_epoch_end=stop_when_spent)
-        except _BudgetSpent:
-            pass  # the finished epochs' rows are already in metrics.parquet
-    return sorted(run.read_metrics(), key=lambda r: r["epoch"])
+        train(config, on_epoch_end=budget_spent)
+    return sorted(run.read_metrics(), key=lambda r: r["epoch"]), lora
+
+
+def score_final_loras(loras: dict[str, Path], *, base_config: Path, out: Path, overrides: list[str],
+                      eval_seeds: int) -> list[dict]:
+    """Score the base model and each algorithm's final LoRA on the config's held-out prompts
+    (`eval_seeds` seeds each, the same images for all); one row per algorithm with the paired gain."""
+    from rl.prompts import read_prompt_file
+    from tune.evaluate import EvalSettings, paired_gain, summarize
+    from tune.worker import FusionJob
+
+    config = load_config(base_config, overrides)
+    if config.evaluation.prompts_file is None:
+        raise SystemExit("algorithm_curves.py: the config names no evaluation.prompts_file to score the runs on")
+    held_out = read_prompt_file(config.evaluation.prompts_file, option="evaluation.prompts_file")
+    s = config.sample
+    settings = EvalSettings(num_seeds=eval_seeds, base_seed=config.evaluation.seed_base, num_steps=s.num_steps,
+                            guidance_scale=s.guidance_scale, eta=s.eta)
+
+    def job(lora: Path | None) -> FusionJob:
+        return FusionJob(model=str(config.model.pretrained), loras=(str(lora),) if lora else (), prompts=tuple(held_out),
+                         reward=REWARD, settings=settings, device=config.model.device)
+
+    base = score_model(job(None), out / "scores" / "base.parquet")["reward"]
+    rows = []
+    for name, lora in loras.items():
+        scores = score_model(job(lora), out / "scores" / f"{name}.parquet")["reward"]
+        gain = paired_gain(base, scores)
+        rows.append({"algorithm": name, "base": float(base.mean()), "held_out": float(scores.mean()),
+                     "held_out_sem": summarize(scores)["sem"], "gain": gain["mean"], "gain_sem": gain["sem"],
+                     "num_images": len(scores)})
+    return rows
 
 
 def curve_rows(name: str, metrics: list[dict]) -> list[dict]:
@@ -93,18 +135,23 @@ def curve_rows(name: str, metrics: list[dict]) -> list[dict]:
             for r, s in zip(metrics, seconds)]
 
 
-def table(rows: list[dict], names: list[str]) -> str:
-    """Markdown: per algorithm, epochs, samples and seconds in the budget, the first and last epochs' reward."""
-    lines = [f"| algorithm | epochs | samples | seconds | reward, first {EDGE} epochs | reward, last {EDGE} epochs "
-             "| change |", "|---|---|---|---|---|---|---|"]
+def table(rows: list[dict], held_out: list[dict], names: list[str]) -> str:
+    """Markdown: per algorithm, epochs, samples and seconds in the budget, the first and last epochs'
+    training reward, and the held-out reward of the final LoRA with its paired gain over the base."""
+    header = (f"| algorithm | epochs | samples | seconds | training reward, first {EDGE} epochs | last {EDGE} epochs "
+              "| held-out, base -> final LoRA | held-out gain (paired) | gain / SE |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    scored = {r["algorithm"]: r for r in held_out}
     for name in names:
         mine = [r for r in rows if r["algorithm"] == name]
         if not mine:
             continue
         reward = np.array([r["reward_mean"] for r in mine])
-        first, last = reward[:EDGE].mean(), reward[-EDGE:].mean()
+        h = scored[name]
+        ratio = f"{h['gain'] / h['gain_sem']:+.1f}" if h["gain_sem"] > 0 else "-"
         lines.append(f"| {name} | {len(mine)} | {sum(r['num_samples'] for r in mine)} | {mine[-1]['seconds']:.1f} "
-                     f"| {first:.4f} | {last:.4f} | {last - first:+.4f} |")
+                     f"| {reward[:EDGE].mean():.4f} | {reward[-EDGE:].mean():.4f} | {h['base']:.4f} -> {h['held_out']:.4f} "
+                     f"| {h['gain']:+.4f} +- {h['gain_sem']:.4f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -115,13 +162,14 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     return (sums[1:] - sums[np.arange(1, len(values) + 1) - counts]) / counts
 
 
-def plot(rows: list[dict], names: list[str], path: Path, *, budget_s: float, reward: str) -> None:
+def plot(rows: list[dict], held_out: list[dict], names: list[str], path: Path, *, budget_s: float, reward: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    scored = {r["algorithm"]: r for r in held_out}
     for i, name in enumerate(names):
         mine = [r for r in rows if r["algorithm"] == name]
         if not mine:
@@ -131,11 +179,17 @@ def plot(rows: list[dict], names: list[str], path: Path, *, budget_s: float, rew
         color = f"C{i % 10}"
         ax.plot(seconds, values, color=color, alpha=0.3, linewidth=0.8, marker="." if len(mine) < 30 else None)
         ax.plot(seconds, smooth(values, 5), color=color, linewidth=1.8, label=name)
+        h = scored[name]
+        bars.bar(i, h["gain"], yerr=2 * h["gain_sem"], color=color, capsize=3)
     ax.axvline(budget_s, color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("training wall-clock (s, cumulative epoch time)")
-    ax.set_ylabel(f"mean {reward} per epoch")
-    ax.set_title(f"reward vs time, {budget_s:g} s each (thin: per epoch; thick: mean of the last 5)")
+    ax.set_ylabel(f"mean {reward} per epoch (train prompts)")
+    ax.set_title(f"reward vs time, {budget_s:g} s each (thin: per epoch; thick: mean of the last 5)", fontsize=10)
     ax.legend(fontsize=8)
+    bars.axhline(0, color="gray", linewidth=0.8)
+    bars.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    n = held_out[0]["num_images"] if held_out else 0
+    bars.set_title(f"held-out gain of the final LoRA over the base\n(paired, {n} images, +- 2 SE)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -147,9 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"),
                         help="the config every run starts from")
     parser.add_argument("--out", default="runs/algorithm_curves")
-    parser.add_argument("--budget-s", type=float, default=180.0, help="training wall-clock seconds per algorithm")
+    parser.add_argument("--budget-s", type=float, default=400.0, help="training wall-clock seconds per algorithm")
     parser.add_argument("--algorithms", nargs="+", default=names, choices=names)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-seeds", type=int, default=32, help="held-out images per prompt for the final scoring")
     parser.add_argument("overrides", nargs="*", help="config overrides for every algorithm (key=value)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -158,25 +213,32 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     rows: list[dict] = []
+    loras: dict[str, Path] = {}
     for name in args.algorithms:
-        metrics = train_algorithm(name, base_config=Path(args.config), out=out, overrides=args.overrides,
-                                  budget_s=args.budget_s, seed=args.seed)
+        metrics, loras[name] = train_algorithm(name, base_config=Path(args.config), out=out, overrides=args.overrides,
+                                               budget_s=args.budget_s, seed=args.seed)
         rows += curve_rows(name, metrics)
         print(f"{name}: {len(metrics)} epochs [{time.time() - start:.0f}s]", flush=True)
+    held_out = score_final_loras(loras, base_config=Path(args.config), out=out, overrides=args.overrides,
+                                 eval_seeds=args.eval_seeds)
+    print(f"scored the base model and {len(loras)} final LoRAs [{time.time() - start:.0f}s]", flush=True)
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(rows), out / "curves.parquet")
-    text = table(rows, args.algorithms)
+    pq.write_table(pa.Table.from_pylist(held_out), out / "held_out.parquet")
+    text = table(rows, held_out, args.algorithms)
     (out / "curves.md").write_text(
-        f"Reward `color_alignment` against training time, {args.budget_s:g} s per algorithm (the last epoch may run "
+        f"Reward `{REWARD}` against training time, {args.budget_s:g} s per algorithm (the last epoch may run "
         f"past it), seed {args.seed}, from {args.config}"
-        + (f" with {' '.join(args.overrides)}" if args.overrides else "") + ".\n\n" + text + "\n"
+        + (f" with {' '.join(args.overrides)}" if args.overrides else "")
+        + f"; held-out: {held_out[0]['num_images']} images, the same for every model.\n\n" + text + "\n"
     )
-    plot(rows, args.algorithms, out / "curves.png", budget_s=args.budget_s, reward="color_alignment")
+    plot(rows, held_out, args.algorithms, out / "curves.png", budget_s=args.budget_s, reward=REWARD)
     print(text)
-    print(f"\n{out / 'curves.md'}, {out / 'curves.parquet'}, {out / 'curves.png'} [{time.time() - start:.0f}s]")
+    print(f"\n{out / 'curves.md'}, {out / 'curves.parquet'}, {out / 'held_out.parquet'}, {out / 'curves.png'} "
+          f"[{time.time() - start:.0f}s]")
     return 0
 
 

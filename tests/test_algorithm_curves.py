@@ -24,10 +24,12 @@ def test_smooth_is_a_trailing_mean():
 
 def test_a_tiny_budget_stops_each_run_after_one_epoch_and_reruns_reuse_it(tiny_sd_dir, tmp_path, one_torch_thread):
     out = tmp_path / "curves"
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a purple hat\na white cup\n")
     overrides = [f"model.pretrained={tiny_sd_dir}", "sample.num_steps=4", "sample.batch_size=4",
                  "sample.num_batches_per_epoch=1", "advantage.group_size=4", "train.batch_size=4", "lora.rank=4",
-                 "lora.alpha=4", "train.min_sigma=0", "prompts.file=null"]
-    argv = [*overrides, "--out", str(out), "--budget-s", "0.01", "--algorithms", "ppo", "refl"]
+                 "lora.alpha=4", "train.min_sigma=0", "prompts.file=null", f"evaluation.prompts_file={held_out}"]
+    argv = [*overrides, "--out", str(out), "--budget-s", "0.01", "--algorithms", "ppo", "refl", "--eval-seeds", "2"]
     assert algorithm_curves.main(argv) == 0
 
     rows = pq.read_table(out / "curves.parquet").to_pylist()
@@ -44,8 +46,21 @@ def test_a_tiny_budget_stops_each_run_after_one_epoch_and_reruns_reuse_it(tiny_s
     table = (out / "curves.md").read_text()
     assert "| ppo | 1 | 4 |" in table and "| refl | 1 | 4 |" in table
 
+    # the budget ends a run like its last epoch: the final LoRA is written and scored against the base on
+    # the same held-out images (2 prompts x 2 seeds); a gain is the paired difference of those scores
+    scored = pq.read_table(out / "held_out.parquet").to_pylist()
+    assert [r["algorithm"] for r in scored] == ["ppo", "refl"]
+    base = pq.read_table(out / "scores" / "base.parquet")["reward"].to_numpy()
+    for row in scored:
+        assert (out / row["algorithm"] / "final_lora" / "pytorch_lora_weights.safetensors").exists()
+        final = pq.read_table(out / "scores" / f"{row['algorithm']}.parquet")["reward"].to_numpy()
+        assert row["num_images"] == len(final) == len(base) == 4
+        assert row["gain"] == pytest.approx(float((final - base).mean()))
+        assert row["base"] == pytest.approx(float(base.mean())) and row["held_out"] == pytest.approx(float(final.mean()))
+
     # a second call reads the finished runs instead of training again
     written = {name: (out / name / "metrics.parquet").stat().st_mtime_ns for name in ("ppo", "refl")}
     assert algorithm_curves.main(argv) == 0
     assert {name: (out / name / "metrics.parquet").stat().st_mtime_ns for name in written} == written
     assert pq.read_table(out / "curves.parquet").to_pylist() == rows
+    assert pq.read_table(out / "held_out.parquet").to_pylist() == scored

@@ -310,6 +310,20 @@ def test_resume_overrides_are_saved_for_the_next_resume(runs_for_resume, tmp_pat
     assert (run_dir / "final_lora" / "pytorch_lora_weights.safetensors").exists()
 
 
+def test_on_epoch_end_returning_true_ends_the_run_like_its_last_epoch(tiny_sd_dir, tmp_path):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a purple hat\na white cup\n")
+    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=budget", "num_epochs=5", "resources.mode=inline",
+                             "sample.num_steps=4", f"evaluation.prompts_file={held_out}", "evaluation.num_seeds=1")
+    seen = []
+    run = train(config, on_epoch_end=lambda epoch, row: seen.append(epoch) or epoch == 1)
+    assert seen == [0, 1] and [r["epoch"] for r in run.read_metrics()] == [0, 1]
+    # what the last epoch gets: the held-out evaluation (paired with the base model's) and the final LoRA
+    evaluations = run.read_evaluations()
+    assert [r["epoch"] for r in evaluations] == [-1, 1] and np.isfinite(evaluations[1]["reward_gain"])
+    assert (run.final_lora / "pytorch_lora_weights.safetensors").exists()
+
+
 def test_resource_check_fails_fast_with_the_shortfall(ray_session, tiny_sd_dir, tmp_path):
     config = _trainer_config(tiny_sd_dir, tmp_path, "resources.gpus_per_sampler=1")
     start = time.monotonic()
