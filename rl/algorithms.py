@@ -23,7 +23,8 @@ class Algorithm:
     learner: "ppo" (policy gradient on stored trajectories) or "gradient" (backpropagation
         of a differentiable reward through the sampler).
     truncation: which steps the gradient flows through (gradient learners): "all" (DRaFT),
-        "fixed" (the last `gradient.truncation_k`), "random" (the last K, K drawn per minibatch,
+        "fixed" (the last `gradient.truncation_k`), "fraction" (the last round(fraction x T),
+        `gradient.textcraftor_fraction`, TextCraftor), "random" (the last K, K drawn per minibatch,
         AlignProp), "stop" (one step at a random stop point, scored on its predicted x0, ReFL),
         "copies" (none of the loop's; one step of each of n re-noised copies of x_0, DRaFT-LV).
     original_encoder_early: TextCraftor: the steps before the last K use the base text encoder.
@@ -32,7 +33,7 @@ class Algorithm:
     name: str
     description: str
     learner: Literal["ppo", "gradient"]
-    truncation: Literal["none", "all", "fixed", "random", "stop", "copies"] = "none"
+    truncation: Literal["none", "all", "fixed", "fraction", "random", "stop", "copies"] = "none"
     original_encoder_early: bool = False
 
     @property
@@ -72,6 +73,7 @@ for _entry in (
     Algorithm("alignprop", "AlignProp: backpropagate through the last K steps, K uniform in "
               "[1, gradient.alignprop_max_k] per minibatch", "gradient", "random"),
     Algorithm("textcraftor", "TextCraftor: text-encoder LoRA; the base encoder drives all but the last "
-              "gradient.truncation_k steps, the fine-tuned one those", "gradient", "fixed", original_encoder_early=True),
+              "round(gradient.textcraftor_fraction x T) steps, the fine-tuned one those", "gradient", "fraction",
+              original_encoder_early=True),
 ):
     register(_entry)

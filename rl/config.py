@@ -138,8 +138,11 @@ class GradientConfig:
     DDIM at eta 0 (sample.eta is PPO's) and sample.guidance_scale, and use train.* for the optimizer."""
 
     truncation_k: int = 1
-    """DRaFT-K / TextCraftor: the gradient flows through the last K sampling steps (K=1 is DRaFT's
-    best); TextCraftor's fine-tuned encoder drives those K steps, the base encoder the rest."""
+    """DRaFT-K: the gradient flows through the last K sampling steps (K=1 is DRaFT's best)."""
+    textcraftor_fraction: float = 0.2
+    """TextCraftor: the fine-tuned encoder drives (and the gradient flows through) the last
+    K = max(1, round(fraction x sample.num_steps)) steps, the base encoder the rest. The official
+    code backpropagates through the last 5 of its 25 DDIM steps (`grad_steps=5`, train_textcraftor.py)."""
     lv_copies: int = 2
     """DRaFT-LV: copies n of the final sample (drawn without grad), each re-noised to the last timestep
     and denoised in one step with grad; their rewards are summed."""
@@ -363,6 +366,8 @@ class TexForceConfig:
         checks = [
             (1 <= g.truncation_k <= steps, "gradient.truncation_k", g.truncation_k,
              f"in [1, sample.num_steps={steps}]", "the gradient flows through the last K of the sampling steps"),
+            (0 < g.textcraftor_fraction <= 1, "gradient.textcraftor_fraction", g.textcraftor_fraction, "in (0, 1]",
+             "TextCraftor's code: the last 5 of 25 steps, 0.2"),
             (g.lv_copies >= 1, "gradient.lv_copies", g.lv_copies, "an integer >= 1", "DRaFT-LV uses 2"),
             (0 <= g.refl_min_fraction <= g.refl_max_fraction < 1, "gradient.refl_min_fraction/refl_max_fraction",
              (g.refl_min_fraction, g.refl_max_fraction), "0 <= min <= max < 1", "ReFL stops at step 30-39 of 40"),

@@ -13,7 +13,7 @@ decode, and take `-reward` as the loss. The algorithm (rl/algorithms.py) picks t
 | draft_lv    | none in the loop; n copies, 1 step    | sum over n copies: x_0 re-noised to the last timestep, denoised in one step |
 | alignprop   | the last K, K ~ U[1, max_k] per minibatch | x_0                                     |
 | refl        | step m only, m ~ U[m_min, m_max]      | x0_hat predicted at step m                  |
-| textcraftor | the last K, with the fine-tuned text encoder; the base encoder drives the rest | x_0 |
+| textcraftor | the last K = round(0.2 T), with the fine-tuned text encoder; the base encoder drives the rest | x_0 |
 
 The logged reward is always that of the finished sample x_0 (for ReFL the loop is finished
 without grad after the backward pass), so reward curves compare across algorithms.
@@ -22,6 +22,7 @@ Pure PyTorch; the Ray learner actor wraps `GradientLearner` exactly as it wraps 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,6 +86,8 @@ def draw_window(algorithm: Algorithm, config: TexForceConfig, generator: torch.G
         return Window(0, steps)
     if algorithm.truncation == "fixed":
         return Window(steps - g.truncation_k, steps)
+    if algorithm.truncation == "fraction":
+        return Window(steps - fraction_of_steps(g.textcraftor_fraction, steps), steps)
     if algorithm.truncation == "random":
         k = int(torch.randint(1, (g.alignprop_max_k or steps) + 1, (1,), generator=generator))
         return Window(steps - k, steps)
@@ -93,6 +96,11 @@ def draw_window(algorithm: Algorithm, config: TexForceConfig, generator: torch.G
         m = int(torch.randint(low, high + 1, (1,), generator=generator))
         return Window(m, m + 1, stop=True)
     raise ValueError(f"algorithm {algorithm.name!r} is not a gradient learner")
+
+
+def fraction_of_steps(fraction: float, num_steps: int) -> int:
+    """max(1, round(fraction x T)), rounding halves up: 0.2 of 25 steps is 5 (TextCraftor's code), of 10 is 2."""
+    return max(1, min(num_steps, math.floor(fraction * num_steps + 0.5)))
 
 
 def refl_stop_range(min_fraction: float, max_fraction: float, num_steps: int) -> tuple[int, int]:

@@ -127,12 +127,19 @@ def test_missing_config_file_and_bad_top_level(tmp_path):
 
 def test_every_registered_algorithm_validates_with_the_papers_defaults():
     from rl.algorithms import algorithm_names, get_algorithm
+    from rl.gradient import fraction_of_steps
 
     config = load_config(None, [])
     assert config.train.algorithm == "ppo"
     g = config.gradient
     assert (g.truncation_k, g.lv_copies, g.refl_min_fraction, g.refl_max_fraction) == (1, 2, 0.75, 0.975)
     assert (g.alignprop_max_k, g.clip_score_weight, g.checkpointing) == (None, 0.0, True)
+    # TextCraftor's window: the official code's last 5 of 25 steps, the same share of other step counts
+    assert g.textcraftor_fraction == 0.2
+    assert [fraction_of_steps(0.2, t) for t in (25, 50, 10, 4, 1)] == [5, 10, 2, 1, 1]
+    assert fraction_of_steps(0.5, 4) == 2 and fraction_of_steps(1.0, 7) == 7
+    with pytest.raises(ConfigError, match=r"gradient\.textcraftor_fraction must be in \(0, 1\]"):
+        load_config(None, ["train.algorithm=textcraftor", "lora.policy=text_encoder", "gradient.textcraftor_fraction=0"])
     assert algorithm_names() == ["ppo", "draft", "draft_k", "draft_lv", "refl", "alignprop", "textcraftor"]
     for name in algorithm_names():
         assert load_config(None, [f"train.algorithm={name}", "sample.num_steps=4"]).train.algorithm == name

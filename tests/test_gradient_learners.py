@@ -128,7 +128,7 @@ def test_refl_update_scores_its_stop_step(tiny_sd_dir, one_torch_thread):
 def test_textcraftor_early_steps_run_on_the_base_text_encoder(tiny_sd_dir, one_torch_thread):
     """The learner's sample equals: the base model's first T-K steps (a pipeline without any LoRA),
     then the LoRA'd encoder's last K; it differs from the all-LoRA and the all-base samples."""
-    learner = _learner(tiny_sd_dir, "textcraftor", "lora.policy=text_encoder", "gradient.truncation_k=2")
+    learner = _learner(tiny_sd_dir, "textcraftor", "lora.policy=text_encoder", "gradient.textcraftor_fraction=0.5")
     _perturb(learner, scale=0.5)
     base = load_pipeline(tiny_sd_dir, device="cpu")
     steps, run = learner.schedule.num_steps, _run(learner)
