@@ -2,7 +2,8 @@
 
 Each algorithm in `rl.algorithms` (PPO and the gradient learners DRaFT, DRaFT-K, DRaFT-LV, ReFL,
 AlignProp, TextCraftor) trains from the same config (`configs/tiny.yaml`, the demo's, by default)
-on the same differentiable reward (`color_alignment`), in-process (`resources.mode=inline`), until
+on the same differentiable reward (`--reward`, default `color_alignment`: the share of the image in
+the prompt's colour), in-process (`resources.mode=inline`), until
 its training time passes `--budget-s` seconds; the epoch running then is finished and is the
 run's last (final LoRA written), so a run overshoots by up to one epoch. Time is the cumulative
 `wall_seconds` of the run's epochs (model loading, logging and checkpoints excluded), so the
@@ -48,14 +49,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 from evidence import score_model  # noqa: E402
 
 # What each algorithm changes on top of the config and the user's overrides (these win). Every one
-# trains on the differentiable `color_alignment`; the in-run held-out evaluation is PPO's only, so it
+# trains on the differentiable `--reward`; the in-run held-out evaluation is PPO's only, so it
 # is off and every final LoRA is scored afterwards on the same images (`score_final_loras`). The
 # U-Net gradient learners follow the DRaFT paper's small-scale settings (AdamW weight decay 0.1,
 # LoRA rank 8 as in configs/tiny.yaml) with the learning rate scaled up for the toy model (1e-3, as
 # bench/evidence.py's ReFL); TextCraftor keeps the text-encoder LoRA with the same learning rate, and
 # PPO keeps the demo's settings.
-REWARD = "color_alignment"
-COMMON = [f"reward.spec={REWARD}", "evaluation.prompts_file=null"]
+COMMON = ["evaluation.prompts_file=null"]
 UNET_GRADIENT = ["lora.policy=unet", "train.learning_rate=1e-3", "train.weight_decay=0.1"]
 METHOD_OVERRIDES: dict[str, list[str]] = {
     "ppo": [],
@@ -71,7 +71,7 @@ EDGE = 3  # epochs averaged at each end of a run for the table
 
 
 def train_algorithm(name: str, *, base_config: Path, out: Path, overrides: list[str], budget_s: float,
-                    seed: int) -> tuple[list[dict], Path]:
+                    seed: int, reward: str) -> tuple[list[dict], Path]:
     """Train `name` until its cumulative epoch time passes `budget_s` (unless its run already has a
     final LoRA); returns the run's metrics rows, by epoch, and its final LoRA file."""
     from actors.driver import train
@@ -79,11 +79,17 @@ def train_algorithm(name: str, *, base_config: Path, out: Path, overrides: list[
 
     run = RunDirectory(out / name)
     lora = run.final_lora / "pytorch_lora_weights.safetensors"
-    if not lora.exists():
+    if lora.exists():
+        trained_on = load_config(run.path / "config.yaml").reward.spec
+        if trained_on != reward:
+            raise SystemExit(f"algorithm_curves.py: {run.path} was trained on {trained_on}, not {reward}; "
+                             "use another --out for another --reward")
+    else:
         if run.path.exists():
             shutil.rmtree(run.path)  # an unfinished run: its budget cannot be split across two starts
         config = load_config(base_config, [f"num_epochs={MAX_EPOCHS}", *overrides, f"train.algorithm={name}",
-                                           *COMMON, *METHOD_OVERRIDES.get(name, []), f"seed={seed}",
+                                           f"reward.spec={reward}", *COMMON, *METHOD_OVERRIDES.get(name, []),
+                                           f"seed={seed}",
                                            f"run_name={name}", f"output_dir={out}", "resources.mode=inline"])
         spent = 0.0
 
@@ -97,7 +103,7 @@ def train_algorithm(name: str, *, base_config: Path, out: Path, overrides: list[
 
 
 def score_final_loras(loras: dict[str, Path], *, base_config: Path, out: Path, overrides: list[str],
-                      eval_seeds: int) -> list[dict]:
+                      eval_seeds: int, reward: str) -> list[dict]:
     """Score the base model and each algorithm's final LoRA on the config's held-out prompts
     (`eval_seeds` seeds each, the same images for all); one row per algorithm with the paired gain."""
     from rl.prompts import read_prompt_file
@@ -114,7 +120,7 @@ def score_final_loras(loras: dict[str, Path], *, base_config: Path, out: Path, o
 
     def job(lora: Path | None) -> FusionJob:
         return FusionJob(model=str(config.model.pretrained), loras=(str(lora),) if lora else (), prompts=tuple(held_out),
-                         reward=REWARD, settings=settings, device=config.model.device)
+                         reward=reward, settings=settings, device=config.model.device)
 
     base = score_model(job(None), out / "scores" / "base.parquet")["reward"]
     rows = []
@@ -204,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=400.0, help="training wall-clock seconds per algorithm")
     parser.add_argument("--algorithms", nargs="+", default=names, choices=names)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reward", default="color_alignment", help="the differentiable reward every run trains on "
+                        "and the held-out images are scored with")
     parser.add_argument("--eval-seeds", type=int, default=32, help="held-out images per prompt for the final scoring")
     parser.add_argument("overrides", nargs="*", help="config overrides for every algorithm (key=value)")
     args = parser.parse_args(argv)
@@ -216,11 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     loras: dict[str, Path] = {}
     for name in args.algorithms:
         metrics, loras[name] = train_algorithm(name, base_config=Path(args.config), out=out, overrides=args.overrides,
-                                               budget_s=args.budget_s, seed=args.seed)
+                                               budget_s=args.budget_s, seed=args.seed, reward=args.reward)
         rows += curve_rows(name, metrics)
         print(f"{name}: {len(metrics)} epochs [{time.time() - start:.0f}s]", flush=True)
     held_out = score_final_loras(loras, base_config=Path(args.config), out=out, overrides=args.overrides,
-                                 eval_seeds=args.eval_seeds)
+                                 eval_seeds=args.eval_seeds, reward=args.reward)
     print(f"scored the base model and {len(loras)} final LoRAs [{time.time() - start:.0f}s]", flush=True)
 
     import pyarrow as pa
@@ -230,12 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     pq.write_table(pa.Table.from_pylist(held_out), out / "held_out.parquet")
     text = table(rows, held_out, args.algorithms)
     (out / "curves.md").write_text(
-        f"Reward `{REWARD}` against training time, {args.budget_s:g} s per algorithm (the last epoch may run "
+        f"Reward `{args.reward}` against training time, {args.budget_s:g} s per algorithm (the last epoch may run "
         f"past it), seed {args.seed}, from {args.config}"
         + (f" with {' '.join(args.overrides)}" if args.overrides else "")
         + f"; held-out: {held_out[0]['num_images']} images, the same for every model.\n\n" + text + "\n"
     )
-    plot(rows, held_out, args.algorithms, out / "curves.png", budget_s=args.budget_s, reward=REWARD)
+    plot(rows, held_out, args.algorithms, out / "curves.png", budget_s=args.budget_s, reward=args.reward)
     print(text)
     print(f"\n{out / 'curves.md'}, {out / 'curves.parquet'}, {out / 'held_out.parquet'}, {out / 'curves.png'} "
           f"[{time.time() - start:.0f}s]")

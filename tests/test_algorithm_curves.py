@@ -12,6 +12,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import algorithm_curves  # noqa: E402
 
 from rl.algorithms import algorithm_names  # noqa: E402
+from rl.config import load_config  # noqa: E402
 
 
 def test_every_registered_algorithm_has_its_overrides():
@@ -29,8 +30,11 @@ def test_a_tiny_budget_stops_each_run_after_one_epoch_and_reruns_reuse_it(tiny_s
     overrides = [f"model.pretrained={tiny_sd_dir}", "sample.num_steps=4", "sample.batch_size=4",
                  "sample.num_batches_per_epoch=1", "advantage.group_size=4", "train.batch_size=4", "lora.rank=4",
                  "lora.alpha=4", "train.min_sigma=0", "prompts.file=null", f"evaluation.prompts_file={held_out}"]
-    argv = [*overrides, "--out", str(out), "--budget-s", "0.01", "--algorithms", "ppo", "refl", "--eval-seeds", "2"]
+    argv = [*overrides, "--out", str(out), "--budget-s", "0.01", "--algorithms", "ppo", "refl", "--eval-seeds", "2",
+            "--reward", "brightness"]
     assert algorithm_curves.main(argv) == 0
+    for name in ("ppo", "refl"):  # --reward is what every run trains on
+        assert load_config(out / name / "config.yaml").reward.spec == "brightness"
 
     rows = pq.read_table(out / "curves.parquet").to_pylist()
     assert [r["algorithm"] for r in rows] == ["ppo", "refl"]
@@ -46,8 +50,8 @@ def test_a_tiny_budget_stops_each_run_after_one_epoch_and_reruns_reuse_it(tiny_s
     table = (out / "curves.md").read_text()
     assert "| ppo | 1 | 4 |" in table and "| refl | 1 | 4 |" in table
 
-    # the budget ends a run like its last epoch: the final LoRA is written and scored against the base on
-    # the same held-out images (2 prompts x 2 seeds); a gain is the paired difference of those scores
+    # the budget ends a run like its last epoch: the final LoRA is written and scored (with --reward) against
+    # the base on the same held-out images (2 prompts x 2 seeds); a gain is the paired difference of those scores
     scored = pq.read_table(out / "held_out.parquet").to_pylist()
     assert [r["algorithm"] for r in scored] == ["ppo", "refl"]
     base = pq.read_table(out / "scores" / "base.parquet")["reward"].to_numpy()
@@ -64,3 +68,6 @@ def test_a_tiny_budget_stops_each_run_after_one_epoch_and_reruns_reuse_it(tiny_s
     assert {name: (out / name / "metrics.parquet").stat().st_mtime_ns for name in written} == written
     assert pq.read_table(out / "curves.parquet").to_pylist() == rows
     assert pq.read_table(out / "held_out.parquet").to_pylist() == scored
+    # a finished run is never reused for another reward
+    with pytest.raises(SystemExit, match="was trained on brightness, not color_alignment; use another --out"):
+        algorithm_curves.main([a for a in argv if a not in ("--reward", "brightness")])
