@@ -46,7 +46,7 @@ from rl.algorithms import algorithm_names  # noqa: E402
 from rl.config import load_config  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from evidence import score_model  # noqa: E402
+from evidence import attribute_accuracy, score_model  # noqa: E402
 
 # What each algorithm changes on top of the config and the user's overrides (these win). Every one
 # trains on the differentiable `--reward`; the in-run held-out evaluation is PPO's only, so it
@@ -122,14 +122,17 @@ def score_final_loras(loras: dict[str, Path], *, base_config: Path, out: Path, o
         return FusionJob(model=str(config.model.pretrained), loras=(str(lora),) if lora else (), prompts=tuple(held_out),
                          reward=reward, settings=settings, device=config.model.device)
 
-    base = score_model(job(None), out / "scores" / "base.parquet")["reward"]
+    base = score_model(job(None), out / "scores" / "base.parquet")
     rows = []
     for name, lora in loras.items():
-        scores = score_model(job(lora), out / "scores" / f"{name}.parquet")["reward"]
-        gain = paired_gain(base, scores)
-        rows.append({"algorithm": name, "base": float(base.mean()), "held_out": float(scores.mean()),
-                     "held_out_sem": summarize(scores)["sem"], "gain": gain["mean"], "gain_sem": gain["sem"],
-                     "num_images": len(scores)})
+        scores = score_model(job(lora), out / "scores" / f"{name}.parquet")
+        gain = paired_gain(base["reward"], scores["reward"])
+        rows.append({"algorithm": name, "base": float(base["reward"].mean()), "held_out": float(scores["reward"].mean()),
+                     "held_out_sem": summarize(scores["reward"])["sem"], "gain": gain["mean"], "gain_sem": gain["sem"],
+                     "num_images": len(scores["reward"]),
+                     # the object rewards' exact reading (NaN for other rewards): what the demo reports
+                     **{f"{which}{a}_right": attribute_accuracy(model, a)
+                        for which, model in (("base_", base), ("", scores)) for a in ("color", "shape")}})
     return rows
 
 
@@ -145,8 +148,8 @@ def table(rows: list[dict], held_out: list[dict], names: list[str]) -> str:
     """Markdown: per algorithm, epochs, samples and seconds in the budget, the first and last epochs'
     training reward, and the held-out reward of the final LoRA with its paired gain over the base."""
     header = (f"| algorithm | epochs | samples | seconds | training reward, first {EDGE} epochs | last {EDGE} epochs "
-              "| held-out, base -> final LoRA | held-out gain (paired) | gain / SE |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+              "| held-out, base -> final LoRA | held-out gain (paired) | gain / SE | colour / shape right |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     scored = {r["algorithm"]: r for r in held_out}
     for name in names:
         mine = [r for r in rows if r["algorithm"] == name]
@@ -155,9 +158,11 @@ def table(rows: list[dict], held_out: list[dict], names: list[str]) -> str:
         reward = np.array([r["reward_mean"] for r in mine])
         h = scored[name]
         ratio = f"{h['gain'] / h['gain_sem']:+.1f}" if h["gain_sem"] > 0 else "-"
+        right = ("-" if np.isnan(h["color_right"]) else
+                 f"{h['base_color_right']:.3f} / {h['base_shape_right']:.3f} -> {h['color_right']:.3f} / {h['shape_right']:.3f}")
         lines.append(f"| {name} | {len(mine)} | {sum(r['num_samples'] for r in mine)} | {mine[-1]['seconds']:.1f} "
                      f"| {reward[:EDGE].mean():.4f} | {reward[-EDGE:].mean():.4f} | {h['base']:.4f} -> {h['held_out']:.4f} "
-                     f"| {h['gain']:+.4f} +- {h['gain_sem']:.4f} | {ratio} |")
+                     f"| {h['gain']:+.4f} +- {h['gain_sem']:.4f} | {ratio} | {right} |")
     return "\n".join(lines)
 
 

@@ -31,10 +31,10 @@ def test_a_tiny_budget_stops_each_run_after_one_epoch_and_reruns_reuse_it(tiny_s
                  "sample.num_batches_per_epoch=1", "advantage.group_size=4", "train.batch_size=4", "lora.rank=4",
                  "lora.alpha=4", "train.min_sigma=0", "prompts.file=null", f"evaluation.prompts_file={held_out}"]
     argv = [*overrides, "--out", str(out), "--budget-s", "0.01", "--algorithms", "ppo", "refl", "--eval-seeds", "2",
-            "--reward", "brightness"]
+            "--reward", "object_alignment_soft"]
     assert algorithm_curves.main(argv) == 0
     for name in ("ppo", "refl"):  # --reward is what every run trains on
-        assert load_config(out / name / "config.yaml").reward.spec == "brightness"
+        assert load_config(out / name / "config.yaml").reward.spec == "object_alignment_soft"
 
     rows = pq.read_table(out / "curves.parquet").to_pylist()
     assert [r["algorithm"] for r in rows] == ["ppo", "refl"]
@@ -61,6 +61,10 @@ def test_a_tiny_budget_stops_each_run_after_one_epoch_and_reruns_reuse_it(tiny_s
         assert row["num_images"] == len(final) == len(base) == 4
         assert row["gain"] == pytest.approx(float((final - base).mean()))
         assert row["base"] == pytest.approx(float(base.mean())) and row["held_out"] == pytest.approx(float(final.mean()))
+        # an object reward also reports its exact reading: the share of images with the colour / shape right
+        parts = pq.read_table(out / "scores" / f"{row['algorithm']}.parquet")
+        assert row["color_right"] == pytest.approx(float(parts["object_alignment_soft_color"].to_numpy().mean()))
+        assert row["shape_right"] == pytest.approx(float(parts["object_alignment_soft_shape"].to_numpy().mean()))
 
     # a second call reads the finished runs instead of training again
     written = {name: (out / name / "metrics.parquet").stat().st_mtime_ns for name in ("ppo", "refl")}
@@ -69,5 +73,5 @@ def test_a_tiny_budget_stops_each_run_after_one_epoch_and_reruns_reuse_it(tiny_s
     assert pq.read_table(out / "curves.parquet").to_pylist() == rows
     assert pq.read_table(out / "held_out.parquet").to_pylist() == scored
     # a finished run is never reused for another reward
-    with pytest.raises(SystemExit, match="was trained on brightness, not color_alignment; use another --out"):
-        algorithm_curves.main([a for a in argv if a not in ("--reward", "brightness")])
+    with pytest.raises(SystemExit, match="was trained on object_alignment_soft, not color_alignment; use another --out"):
+        algorithm_curves.main([a for a in argv if a not in ("--reward", "object_alignment_soft")])
