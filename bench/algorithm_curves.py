@@ -46,7 +46,7 @@ from rl.algorithms import algorithm_names  # noqa: E402
 from rl.config import load_config  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from evidence import attribute_accuracy, score_model  # noqa: E402
+from evidence import attribute_accuracy, held_out_set, score_model  # noqa: E402
 
 # What each algorithm changes on top of the config and the user's overrides (these win). Every one
 # trains on the differentiable `--reward`; the in-run held-out evaluation is PPO's only, so it
@@ -106,17 +106,13 @@ def score_final_loras(loras: dict[str, Path], *, base_config: Path, out: Path, o
                       eval_seeds: int, reward: str) -> list[dict]:
     """Score the base model and each algorithm's final LoRA on the config's held-out prompts
     (`eval_seeds` seeds each, the same images for all); one row per algorithm with the paired gain."""
-    from rl.prompts import read_prompt_file
-    from tune.evaluate import EvalSettings, paired_gain, summarize
+    from tune.evaluate import paired_gain, summarize
     from tune.worker import FusionJob
 
     config = load_config(base_config, overrides)
     if config.evaluation.prompts_file is None:
         raise SystemExit("algorithm_curves.py: the config names no evaluation.prompts_file to score the runs on")
-    held_out = read_prompt_file(config.evaluation.prompts_file, option="evaluation.prompts_file")
-    s = config.sample
-    settings = EvalSettings(num_seeds=eval_seeds, base_seed=config.evaluation.seed_base, num_steps=s.num_steps,
-                            guidance_scale=s.guidance_scale, eta=s.eta)
+    held_out, settings = held_out_set(config, eval_seeds)
 
     def job(lora: Path | None) -> FusionJob:
         return FusionJob(model=str(config.model.pretrained), loras=(str(lora),) if lora else (), prompts=tuple(held_out),

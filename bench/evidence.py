@@ -89,6 +89,17 @@ def train_method(method: str, seed: int, *, base_config: Path, out: Path, overri
     return lora
 
 
+def held_out_set(config, num_seeds: int):
+    """The demo's held-out prompts and how their images are drawn (`num_seeds` each, sampled as the config samples)."""
+    from rl.prompts import read_prompt_file
+    from tune.evaluate import EvalSettings
+
+    s = config.sample
+    settings = EvalSettings(num_seeds=num_seeds, base_seed=config.evaluation.seed_base, num_steps=s.num_steps,
+                            guidance_scale=s.guidance_scale, eta=s.eta)
+    return read_prompt_file(config.evaluation.prompts_file, option="evaluation.prompts_file"), settings
+
+
 def score_model(job, cache: Path) -> dict[str, np.ndarray]:
     """Per-image rewards (and parts) of the base model with `job.loras` fused at alpha 1 each.
 
@@ -247,17 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     logging.basicConfig(level=logging.WARNING)
 
-    from rl.prompts import read_prompt_file
-    from tune.evaluate import EvalSettings
     from tune.worker import FusionJob
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = load_config(args.config, args.overrides)
-    held_out = read_prompt_file(config.evaluation.prompts_file, option="evaluation.prompts_file")
-    s = config.sample
-    settings = EvalSettings(num_seeds=args.eval_seeds, base_seed=config.evaluation.seed_base, num_steps=s.num_steps,
-                            guidance_scale=s.guidance_scale, eta=s.eta)
+    held_out, settings = held_out_set(config, args.eval_seeds)
     needed = sorted({m for method in args.methods for m in FUSED.get(method, (method,))}, key=list(TRAINED).index)
     start = time.time()
 
@@ -312,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows, methods)
     (out / "evidence.md").write_text(
         f"{len(held_out)} held-out prompts x {args.eval_seeds} seeds = {len(held_out) * args.eval_seeds} images per "
-        f"model, sampled with {s.num_steps} steps, eta {s.eta:g}, guidance {s.guidance_scale:g}; seeds {args.seeds}.\n\n"
+        f"model, sampled with {settings.num_steps} steps, eta {settings.eta:g}, guidance {settings.guidance_scale:g}; seeds {args.seeds}.\n\n"
         + text + "\n"
     )
     plot(rows, methods, out / "evidence.png")
