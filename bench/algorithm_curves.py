@@ -16,17 +16,23 @@ model and every final LoRA are scored on one fixed held-out set (the config's
 `evaluation.prompts_file`, `--eval-seeds` seeds per prompt, sampled as the config samples), and
 each algorithm's gain is the paired difference image by image, with its standard error.
 
-Writes into --out: one run directory per algorithm (run_name = the algorithm), `curves.parquet`
-(one row per algorithm and epoch), `held_out.parquet` (one row per algorithm: held-out reward and
-paired gain), `curves.png` (every algorithm's reward against seconds in one figure, and the
-held-out gains) and `curves.md` (epochs and samples in the budget, the first and last epochs'
-training reward, the held-out gain). A run with a final LoRA is reused as it is, and the scores of
-every model are kept (`scores/`), so an interrupted sweep goes on where it stopped (a run
-directory without a final LoRA is trained again from the start; delete one to retrain it).
+One run says little about an algorithm (a seed can hack the reward or stall), so `--seeds` trains
+each algorithm once per seed (the seed draws the LoRA's init, the prompts and the noise; the
+held-out images stay the same) and the table gives the gain's mean +- std over seeds and on how
+many seeds it exceeds 3 standard errors.
 
-Costs about budget x algorithms of wall-clock, plus each run's model loading and the scoring:
+Writes into --out: one run directory per seed and algorithm (`seed{s}/{algorithm}`), `curves.parquet`
+(one row per seed, algorithm and epoch), `held_out.parquet` (one row per seed and algorithm: held-out
+reward and paired gain), `curves.png` (every algorithm's reward against seconds in one figure, and
+the held-out gains) and `curves.md` (per seed: epochs in the budget, the first and last epochs'
+training reward, the held-out gain; then per algorithm over seeds). A run with a final LoRA is
+reused as it is, and the scores of every model are kept (`scores/`), so an interrupted sweep goes on
+where it stopped (a run directory without a final LoRA is trained again from the start; delete one
+to retrain it).
 
-    python bench/algorithm_curves.py --out runs/algorithm_curves --budget-s 400
+Costs about budget x algorithms x seeds of wall-clock, plus each run's model loading and the scoring:
+
+    python bench/algorithm_curves.py --out runs/algorithm_curves --budget-s 400 --seeds 0 1 2
 """
 from __future__ import annotations
 
@@ -46,7 +52,7 @@ from rl.algorithms import algorithm_names  # noqa: E402
 from rl.config import load_config  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from evidence import attribute_accuracy, held_out_set, score_model  # noqa: E402
+from evidence import held_out_set, rows_for, score_model  # noqa: E402
 
 # What each algorithm changes on top of the config and the user's overrides (these win). Every one
 # trains on the differentiable `--reward`; the in-run held-out evaluation is PPO's only, so it
@@ -102,11 +108,11 @@ def train_algorithm(name: str, *, base_config: Path, out: Path, overrides: list[
     return sorted(run.read_metrics(), key=lambda r: r["epoch"]), lora
 
 
-def score_final_loras(loras: dict[str, Path], *, base_config: Path, out: Path, overrides: list[str],
+def score_final_loras(loras: dict[tuple[str, int], Path], *, base_config: Path, out: Path, overrides: list[str],
                       eval_seeds: int, reward: str) -> list[dict]:
-    """Score the base model and each algorithm's final LoRA on the config's held-out prompts
-    (`eval_seeds` seeds each, the same images for all); one row per algorithm with the paired gain."""
-    from tune.evaluate import paired_gain, summarize
+    """Score the base model and each (algorithm, seed)'s final LoRA on the config's held-out prompts
+    (`eval_seeds` seeds each, the same images for all): `evidence.rows_for`'s rows, the base's first
+    (method "base", seed -1), each with the paired gain over the base."""
     from tune.worker import FusionJob
 
     config = load_config(base_config, overrides)
@@ -118,47 +124,62 @@ def score_final_loras(loras: dict[str, Path], *, base_config: Path, out: Path, o
         return FusionJob(model=str(config.model.pretrained), loras=(str(lora),) if lora else (), prompts=tuple(held_out),
                          reward=reward, settings=settings, device=config.model.device)
 
+    def row(name: str, seed: int, scores: dict[str, np.ndarray]) -> dict:
+        unfused = {key: value for key, value in rows_for(name, seed, scores, base).items() if not key.startswith("over_")}
+        return {**unfused, "num_images": len(scores["reward"])}
+
     base = score_model(job(None), out / "scores" / "base.parquet")
-    rows = []
-    for name, lora in loras.items():
-        scores = score_model(job(lora), out / "scores" / f"{name}.parquet")
-        gain = paired_gain(base["reward"], scores["reward"])
-        rows.append({"algorithm": name, "base": float(base["reward"].mean()), "held_out": float(scores["reward"].mean()),
-                     "held_out_sem": summarize(scores["reward"])["sem"], "gain": gain["mean"], "gain_sem": gain["sem"],
-                     "num_images": len(scores["reward"]),
-                     # the object rewards' exact reading (NaN for other rewards): what the demo reports
-                     **{f"{which}{a}_right": attribute_accuracy(model, a)
-                        for which, model in (("base_", base), ("", scores)) for a in ("color", "shape")}})
-    return rows
+    return [row("base", -1, base)] + [row(name, seed, score_model(job(lora), out / "scores" / f"seed{seed}_{name}.parquet"))
+                                      for (name, seed), lora in loras.items()]
 
 
-def curve_rows(name: str, metrics: list[dict]) -> list[dict]:
+def curve_rows(name: str, seed: int, metrics: list[dict]) -> list[dict]:
     """The curve of one run: seconds is the cumulative training time at the end of each epoch."""
     seconds = np.cumsum([r["wall_seconds"] for r in metrics])
-    return [{"algorithm": name, "epoch": int(r["epoch"]), "seconds": float(s), "reward_mean": float(r["reward_mean"]),
-             "reward_std": float(r["reward_std"]), "num_samples": int(r["num_samples"])}
+    return [{"algorithm": name, "seed": seed, "epoch": int(r["epoch"]), "seconds": float(s),
+             "reward_mean": float(r["reward_mean"]), "reward_std": float(r["reward_std"]),
+             "num_samples": int(r["num_samples"])}
             for r, s in zip(metrics, seconds)]
 
 
+def _right(row: dict) -> str:
+    """Colour / shape right (the object rewards' exact reading), '-' for other rewards."""
+    return "-" if np.isnan(row["color"]) else f"{row['color']:.3f} / {row['shape']:.3f}"
+
+
 def table(rows: list[dict], held_out: list[dict], names: list[str]) -> str:
-    """Markdown: per algorithm, epochs, samples and seconds in the budget, the first and last epochs'
-    training reward, and the held-out reward of the final LoRA with its paired gain over the base."""
-    header = (f"| algorithm | epochs | samples | seconds | training reward, first {EDGE} epochs | last {EDGE} epochs "
-              "| held-out, base -> final LoRA | held-out gain (paired) | gain / SE | colour / shape right |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
-    scored = {r["algorithm"]: r for r in held_out}
+    """Markdown: per run, epochs and samples in the budget, the first and last epochs' training reward
+    and the final LoRA's held-out gain over the base; then per algorithm, the gain over seeds."""
+    base = held_out[0]
+    scored = {(r["method"], r["seed"]): r for r in held_out[1:]}
+    seeds = sorted({seed for _, seed in scored})
+    lines = [(f"Base model, held-out: {base['reward']:.4f} +- {base['reward_sem']:.4f}; colour / shape right "
+              f"{_right(base)}."), "",
+             (f"| algorithm | seed | epochs | samples | seconds | training reward, first {EDGE} epochs | last {EDGE} "
+              "epochs | held-out | held-out gain (paired) | gain / SE | colour / shape right |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
-        mine = [r for r in rows if r["algorithm"] == name]
+        for seed in seeds:
+            mine = [r for r in rows if r["algorithm"] == name and r["seed"] == seed]
+            if not mine:
+                continue
+            reward = np.array([r["reward_mean"] for r in mine])
+            h = scored[name, seed]
+            ratio = f"{h['gain'] / h['gain_sem']:+.1f}" if h["gain_sem"] > 0 else "-"
+            lines.append(f"| {name} | {seed} | {len(mine)} | {sum(r['num_samples'] for r in mine)} "
+                         f"| {mine[-1]['seconds']:.1f} | {reward[:EDGE].mean():.4f} | {reward[-EDGE:].mean():.4f} "
+                         f"| {h['reward']:.4f} | {h['gain']:+.4f} +- {h['gain_sem']:.4f} | {ratio} | {_right(h)} |")
+    lines += ["", ("| algorithm | seeds | held-out gain, mean +- std over seeds | seeds with gain > 3 SE "
+                   "| seeds with gain < -3 SE |"), "|---|---|---|---|---|"]
+    for name in names:
+        mine = [r for r in held_out[1:] if r["method"] == name]
         if not mine:
             continue
-        reward = np.array([r["reward_mean"] for r in mine])
-        h = scored[name]
-        ratio = f"{h['gain'] / h['gain_sem']:+.1f}" if h["gain_sem"] > 0 else "-"
-        right = ("-" if np.isnan(h["color_right"]) else
-                 f"{h['base_color_right']:.3f} / {h['base_shape_right']:.3f} -> {h['color_right']:.3f} / {h['shape_right']:.3f}")
-        lines.append(f"| {name} | {len(mine)} | {sum(r['num_samples'] for r in mine)} | {mine[-1]['seconds']:.1f} "
-                     f"| {reward[:EDGE].mean():.4f} | {reward[-EDGE:].mean():.4f} | {h['base']:.4f} -> {h['held_out']:.4f} "
-                     f"| {h['gain']:+.4f} +- {h['gain_sem']:.4f} | {ratio} | {right} |")
+        gains = np.array([r["gain"] for r in mine])
+        sems = np.array([r["gain_sem"] for r in mine])
+        std = gains.std(ddof=1) if len(gains) > 1 else 0.0
+        lines.append(f"| {name} | {len(mine)} | {gains.mean():+.4f} +- {std:.4f} | {int((gains > 3 * sems).sum())} "
+                     f"| {int((gains < -3 * sems).sum())} |")
     return "\n".join(lines)
 
 
@@ -176,27 +197,33 @@ def plot(rows: list[dict], held_out: list[dict], names: list[str], path: Path, *
     import matplotlib.pyplot as plt
 
     fig, (ax, bars) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
-    scored = {r["algorithm"]: r for r in held_out}
+    seeds = sorted({r["seed"] for r in rows})
     for i, name in enumerate(names):
-        mine = [r for r in rows if r["algorithm"] == name]
-        if not mine:
-            continue
-        seconds = np.array([r["seconds"] for r in mine])
-        values = np.array([r["reward_mean"] for r in mine])
         color = f"C{i % 10}"
-        ax.plot(seconds, values, color=color, alpha=0.3, linewidth=0.8, marker="." if len(mine) < 30 else None)
-        ax.plot(seconds, smooth(values, 5), color=color, linewidth=1.8, label=name)
-        h = scored[name]
-        bars.bar(i, h["gain"], yerr=2 * h["gain_sem"], color=color, capsize=3)
+        for seed in seeds:
+            mine = [r for r in rows if r["algorithm"] == name and r["seed"] == seed]
+            if not mine:
+                continue
+            seconds = np.array([r["seconds"] for r in mine])
+            values = np.array([r["reward_mean"] for r in mine])
+            if len(seeds) == 1:  # one run: its raw epochs too; with several seeds they would hide the trends
+                ax.plot(seconds, values, color=color, alpha=0.3, linewidth=0.8)
+            ax.plot(seconds, smooth(values, 5), color=color, linewidth=1.5, label=name if seed == seeds[0] else None)
+        gains = np.array([r["gain"] for r in held_out if r["method"] == name])
+        if len(gains):
+            bars.bar(i, gains.mean(), color=color, alpha=0.6,
+                     yerr=gains.std(ddof=1) if len(gains) > 1 else None, capsize=3)
+            bars.plot(np.full(len(gains), i), gains, "k.", markersize=4)
     ax.axvline(budget_s, color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("training wall-clock (s, cumulative epoch time)")
     ax.set_ylabel(f"mean {reward} per epoch (train prompts)")
-    ax.set_title(f"reward vs time, {budget_s:g} s each (thin: per epoch; thick: mean of the last 5)", fontsize=10)
+    ax.set_title(f"reward vs time, {budget_s:g} s each, {len(seeds)} seed(s) (lines: mean of the last 5 epochs)",
+                 fontsize=10)
     ax.legend(fontsize=8)
     bars.axhline(0, color="gray", linewidth=0.8)
     bars.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-    n = held_out[0]["num_images"] if held_out else 0
-    bars.set_title(f"held-out gain of the final LoRA over the base\n(paired, {n} images, +- 2 SE)", fontsize=10)
+    bars.set_title(f"held-out gain of the final LoRA over the base\n(paired, {held_out[0]['num_images']} images; "
+                   "bar: mean, +- std over seeds; dots: seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -210,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/algorithm_curves")
     parser.add_argument("--budget-s", type=float, default=400.0, help="training wall-clock seconds per algorithm")
     parser.add_argument("--algorithms", nargs="+", default=names, choices=names)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per algorithm and seed")
     parser.add_argument("--reward", default="color_alignment", help="the differentiable reward every run trains on "
                         "and the held-out images are scored with")
     parser.add_argument("--eval-seeds", type=int, default=32, help="held-out images per prompt for the final scoring")
@@ -222,12 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     rows: list[dict] = []
-    loras: dict[str, Path] = {}
-    for name in args.algorithms:
-        metrics, loras[name] = train_algorithm(name, base_config=Path(args.config), out=out, overrides=args.overrides,
-                                               budget_s=args.budget_s, seed=args.seed, reward=args.reward)
-        rows += curve_rows(name, metrics)
-        print(f"{name}: {len(metrics)} epochs [{time.time() - start:.0f}s]", flush=True)
+    loras: dict[tuple[str, int], Path] = {}
+    for seed in args.seeds:
+        for name in args.algorithms:
+            metrics, loras[name, seed] = train_algorithm(name, base_config=Path(args.config), out=out / f"seed{seed}",
+                                                         overrides=args.overrides, budget_s=args.budget_s, seed=seed,
+                                                         reward=args.reward)
+            rows += curve_rows(name, seed, metrics)
+            print(f"seed {seed}, {name}: {len(metrics)} epochs [{time.time() - start:.0f}s]", flush=True)
     held_out = score_final_loras(loras, base_config=Path(args.config), out=out, overrides=args.overrides,
                                  eval_seeds=args.eval_seeds, reward=args.reward)
     print(f"scored the base model and {len(loras)} final LoRAs [{time.time() - start:.0f}s]", flush=True)
@@ -240,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows, held_out, args.algorithms)
     (out / "curves.md").write_text(
         f"Reward `{args.reward}` against training time, {args.budget_s:g} s per algorithm (the last epoch may run "
-        f"past it), seed {args.seed}, from {args.config}"
+        f"past it), seeds {' '.join(map(str, args.seeds))}, from {args.config}"
         + (f" with {' '.join(args.overrides)}" if args.overrides else "")
         + f"; held-out: {held_out[0]['num_images']} images, the same for every model.\n\n" + text + "\n"
     )
