@@ -22,6 +22,7 @@ search's trials on it). Finished searches are reused.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from rl.config import load_config  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from evidence import attribute_accuracy  # noqa: E402
+from evidence import attribute_accuracy, held_out_set  # noqa: E402
 
 SELECTION_SEED_OFFSET = 1_000_000
 """The selection set's noise seeds start this far past the held-out evaluation's (`evaluation.seed_base`)."""
@@ -81,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value), e.g. model.pretrained=...")
     args = parser.parse_args(argv)
 
-    from rl.prompts import read_prompt_file
-    from tune.evaluate import EvalSettings, paired_gain, summarize
+    from tune.evaluate import paired_gain, summarize
     from tune.worker import FusionJob, evaluate_alphas
 
     config = load_config(args.config, args.overrides)
@@ -107,9 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     points = {"base": [0.0, 0.0], f"{args.names[0]} alone": [1.0, 0.0], f"{args.names[1]} alone": [0.0, 1.0],
               "both at 1": [1.0, 1.0], f"best of the {args.grid}x{args.grid} grid": grid["alphas"],
               f"best of `texforce tune` ({search['num_trials']} trials)": search["alphas"]}
-    held_out = read_prompt_file(config.evaluation.prompts_file, option="evaluation.prompts_file")
-    confirm = EvalSettings(num_seeds=args.confirm_seeds, base_seed=config.evaluation.seed_base, num_steps=s.num_steps,
-                           guidance_scale=s.guidance_scale, eta=s.eta, batch_size=16)
+    held_out, confirm = held_out_set(config, args.confirm_seeds)
+    confirm = dataclasses.replace(confirm, batch_size=16)
     job = FusionJob(model=str(config.model.pretrained), loras=tuple(args.loras), prompts=tuple(held_out),
                     reward=config.reward.spec, settings=confirm, device=config.model.device)
     def key(alphas: list[float]) -> tuple[float, float]:
