@@ -54,9 +54,10 @@ from rl.config import load_config  # noqa: E402
 sys.path.insert(0, str(ROOT / "bench"))
 from evidence import held_out_set, rows_for, score_model  # noqa: E402
 
-# What each algorithm changes on top of the config and the user's overrides (these win). Every one
-# trains on the differentiable `--reward`; the in-run held-out evaluation is PPO's only, so it
-# is off and every final LoRA is scored afterwards on the same images (`score_final_loras`). The
+# What each algorithm changes on top of the config; the user's overrides win over these (so
+# `--algorithms textcraftor train.learning_rate=1e-3` trains one variant). Every one trains on the
+# differentiable `--reward`; the in-run held-out evaluation is PPO's only, so it is always off and
+# every final LoRA is scored afterwards on the same images (`score_final_loras`). The
 # U-Net gradient learners follow the DRaFT paper's small-scale settings (AdamW weight decay 0.1,
 # LoRA rank 8 as in configs/tiny.yaml) with the learning rate scaled up for the toy model (1e-3, as
 # bench/evidence.py's ReFL); TextCraftor keeps the text-encoder LoRA at a tenth of that (1e-4: the
@@ -94,9 +95,8 @@ def train_algorithm(name: str, *, base_config: Path, out: Path, overrides: list[
     else:
         if run.path.exists():
             shutil.rmtree(run.path)  # an unfinished run: its budget cannot be split across two starts
-        config = load_config(base_config, [f"num_epochs={MAX_EPOCHS}", *overrides, f"train.algorithm={name}",
-                                           f"reward.spec={reward}", *COMMON, *METHOD_OVERRIDES.get(name, []),
-                                           f"seed={seed}",
+        config = load_config(base_config, [f"num_epochs={MAX_EPOCHS}", f"train.algorithm={name}", f"reward.spec={reward}",
+                                           *METHOD_OVERRIDES.get(name, []), *overrides, *COMMON, f"seed={seed}",
                                            f"run_name={name}", f"output_dir={out}", "resources.mode=inline"])
         spent = 0.0
 

@@ -31,7 +31,8 @@ def test_a_tiny_budget_stops_each_run_after_one_epoch_and_reruns_reuse_it(tiny_s
     held_out.write_text("a purple hat\na white cup\n")
     overrides = [f"model.pretrained={tiny_sd_dir}", "sample.num_steps=4", "sample.batch_size=4",
                  "sample.num_batches_per_epoch=1", "advantage.group_size=4", "train.batch_size=4", "lora.rank=4",
-                 "lora.alpha=4", "train.min_sigma=0", "prompts.file=null", f"evaluation.prompts_file={held_out}"]
+                 "lora.alpha=4", "train.min_sigma=0", "prompts.file=null", f"evaluation.prompts_file={held_out}",
+                 "train.learning_rate=2e-3"]
     argv = [*overrides, "--out", str(out), "--budget-s", "0.01", "--algorithms", "ppo", "refl", "--eval-seeds", "2",
             "--reward", "object_alignment_soft", "--seeds", "0", "1"]
     runs = [(name, seed) for seed in (0, 1) for name in ("ppo", "refl")]
@@ -39,6 +40,8 @@ def test_a_tiny_budget_stops_each_run_after_one_epoch_and_reruns_reuse_it(tiny_s
     for name, seed in runs:  # --reward is what every run trains on, --seeds sets each run's seed
         config = load_config(out / f"seed{seed}" / name / "config.yaml")
         assert config.reward.spec == "object_alignment_soft" and config.seed == seed
+        # the user's overrides win over an algorithm's own (refl's learning rate is 1e-3); the in-run evaluation stays off
+        assert config.train.learning_rate == 2e-3 and config.evaluation.prompts_file is None
 
     rows = pq.read_table(out / "curves.parquet").to_pylist()
     assert [(r["algorithm"], r["seed"]) for r in rows] == runs
