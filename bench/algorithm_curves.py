@@ -224,7 +224,7 @@ def plot(rows: list[dict], held_out: list[dict], names: list[str], path: Path, *
     bars.axhline(0, color="gray", linewidth=0.8)
     bars.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
     bars.set_title(f"held-out gain of the final LoRA over the base\n(paired, {held_out[0]['num_images']} images; "
-                   "bar: mean, +- std over seeds; dots: seeds)", fontsize=9)
+                   "mean +- std, dots: seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
