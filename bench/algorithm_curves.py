@@ -143,6 +143,20 @@ def curve_rows(name: str, seed: int, metrics: list[dict]) -> list[dict]:
             for r, s in zip(metrics, seconds)]
 
 
+def _by_run(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """Curve rows grouped by (algorithm, seed), epochs in order."""
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        runs.setdefault((r["algorithm"], r["seed"]), []).append(r)
+    return runs
+
+
+def _gains(held_out: list[dict], name: str) -> tuple[np.ndarray, float]:
+    """An algorithm's held-out gains, one per seed, and their std over seeds (0 for one seed)."""
+    gains = np.array([r["gain"] for r in held_out if r["method"] == name])
+    return gains, float(gains.std(ddof=1)) if len(gains) > 1 else 0.0
+
+
 def _right(row: dict) -> str:
     """Colour / shape right (the object rewards' exact reading), '-' for other rewards."""
     return "-" if np.isnan(row["color"]) else f"{row['color']:.3f} / {row['shape']:.3f}"
@@ -159,9 +173,10 @@ def table(rows: list[dict], held_out: list[dict], names: list[str]) -> str:
              (f"| algorithm | seed | epochs | samples | seconds | training reward, first {EDGE} epochs | last {EDGE} "
               "epochs | held-out | held-out gain (paired) | gain / SE | colour / shape right |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    runs = _by_run(rows)
     for name in names:
         for seed in seeds:
-            mine = [r for r in rows if r["algorithm"] == name and r["seed"] == seed]
+            mine = runs.get((name, seed))
             if not mine:
                 continue
             reward = np.array([r["reward_mean"] for r in mine])
@@ -173,13 +188,11 @@ def table(rows: list[dict], held_out: list[dict], names: list[str]) -> str:
     lines += ["", ("| algorithm | seeds | held-out gain, mean +- std over seeds | seeds with gain > 3 SE "
                    "| seeds with gain < -3 SE |"), "|---|---|---|---|---|"]
     for name in names:
-        mine = [r for r in held_out[1:] if r["method"] == name]
-        if not mine:
+        gains, std = _gains(held_out, name)
+        if not len(gains):
             continue
-        gains = np.array([r["gain"] for r in mine])
-        sems = np.array([r["gain_sem"] for r in mine])
-        std = gains.std(ddof=1) if len(gains) > 1 else 0.0
-        lines.append(f"| {name} | {len(mine)} | {gains.mean():+.4f} +- {std:.4f} | {int((gains > 3 * sems).sum())} "
+        sems = np.array([r["gain_sem"] for r in held_out if r["method"] == name])
+        lines.append(f"| {name} | {len(gains)} | {gains.mean():+.4f} +- {std:.4f} | {int((gains > 3 * sems).sum())} "
                      f"| {int((gains < -3 * sems).sum())} |")
     return "\n".join(lines)
 
@@ -199,10 +212,11 @@ def plot(rows: list[dict], held_out: list[dict], names: list[str], path: Path, *
 
     fig, (ax, bars) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     seeds = sorted({r["seed"] for r in rows})
+    runs = _by_run(rows)
     for i, name in enumerate(names):
         color = f"C{i % 10}"
         for seed in seeds:
-            mine = [r for r in rows if r["algorithm"] == name and r["seed"] == seed]
+            mine = runs.get((name, seed))
             if not mine:
                 continue
             seconds = np.array([r["seconds"] for r in mine])
@@ -210,10 +224,9 @@ def plot(rows: list[dict], held_out: list[dict], names: list[str], path: Path, *
             if len(seeds) == 1:  # one run: its raw epochs too; with several seeds they would hide the trends
                 ax.plot(seconds, values, color=color, alpha=0.3, linewidth=0.8)
             ax.plot(seconds, smooth(values, 5), color=color, linewidth=1.5, label=name if seed == seeds[0] else None)
-        gains = np.array([r["gain"] for r in held_out if r["method"] == name])
+        gains, std = _gains(held_out, name)
         if len(gains):
-            bars.bar(i, gains.mean(), color=color, alpha=0.6,
-                     yerr=gains.std(ddof=1) if len(gains) > 1 else None, capsize=3)
+            bars.bar(i, gains.mean(), color=color, alpha=0.6, yerr=std, capsize=3)
             bars.plot(np.full(len(gains), i), gains, "k.", markersize=4)
     ax.axvline(budget_s, color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("training wall-clock (s, cumulative epoch time)")
