@@ -17,10 +17,14 @@ scored on the same held-out (prompt, seed) set (the 20 colour x shape pairs neve
 | texforce_color    | TexForce on the colour alone (`object_color_soft`: the named colour's probability) |
 | texforce_shape    | TexForce on the shape alone (`object_shape_soft`)                            |
 | color + shape     | the two one-attribute text-encoder LoRAs fused (alpha 1 each)                |
+| textcraftor_color | the colour alone, by reward gradient through all steps into the text encoder |
+| textcraftor_shape | the shape alone, the same way                                                |
+| textcraftor_color + textcraftor_shape | those two fused (alpha 1 each)                           |
 
-The first five are the papers' table (the default); the last three ask whether fusing LoRAs
+The first five are the papers' table (the default); the last six ask whether fusing LoRAs
 trained for different rewards combines their gains (`--methods texforce_color texforce_shape
-"color + shape"`). A fused row also reports its paired difference to each of its parts alone.
+"color + shape"`), with PPO's LoRAs or with the gradient's. A fused row also reports its paired
+difference to each of its parts alone.
 
 Writes into --out: `evidence.parquet` (one row per method and seed: held-out reward, colour and
 shape parts, and the paired gains with their standard errors), `evidence.md` (mean +- std over
@@ -55,6 +59,7 @@ from rl.config import load_config  # noqa: E402
 
 # What each trained method changes on top of configs/tiny.yaml. ReFL follows the DRaFT paper's
 # small-scale settings where they apply (U-Net LoRA rank 8, AdamW weight decay 0.1).
+TEXT_ENCODER_GRADIENT = ["train.algorithm=textcraftor", "gradient.textcraftor_fraction=1.0", "train.learning_rate=1e-3"]
 TRAINED = {
     "texforce": [],
     "ddpo": ["lora.policy=unet"],
@@ -63,10 +68,14 @@ TRAINED = {
     # (with the exact 0/1 colour reward, right on 87% of the train samples, held-out colour did not move)
     "texforce_color": ["reward.spec=object_color_soft"],
     "texforce_shape": ["reward.spec=object_shape_soft"],
+    # the same two by the reward's gradient (TextCraftor's learner, backpropagated through all 10 steps)
+    "textcraftor_color": [*TEXT_ENCODER_GRADIENT, "reward.spec=object_color_soft"],
+    "textcraftor_shape": [*TEXT_ENCODER_GRADIENT, "reward.spec=object_shape_soft"],
 }
 # Fused models: which two trained LoRAs are loaded together (alpha 1 each).
 FUSED = {"texforce + ddpo": ("texforce", "ddpo"), "refl + texforce": ("refl", "texforce"),
-         "color + shape": ("texforce_color", "texforce_shape")}
+         "color + shape": ("texforce_color", "texforce_shape"),
+         "textcraftor_color + textcraftor_shape": ("textcraftor_color", "textcraftor_shape")}
 PAPER_TABLE = ["texforce", "ddpo", "texforce + ddpo", "refl", "refl + texforce"]
 
 

@@ -38,6 +38,10 @@ def preflight(config: TexForceConfig) -> None:
 
         check_differentiable(config)
         rewards.check_reward(reward_spec(config), paths=config.reward.paths)
+        if config.train.kl_coef > 0:  # a config written for PPO (configs/tiny.yaml) is often reused
+            log.warning("train.kl_coef=%g is PPO's KL penalty; train.algorithm=%s does not use it (nothing holds "
+                        "the model to the base but the learning rate and the reward)",
+                        config.train.kl_coef, config.train.algorithm)
     else:
         rewards.check_reward(config.reward.spec, paths=config.reward.paths)
     if config.evaluation.reward is not None:

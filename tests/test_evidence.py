@@ -83,6 +83,17 @@ def test_evidence_trains_fuses_and_scores_every_method(tiny_sd_dir, tmp_path, ca
     assert rows[1]["gain"] == pytest.approx((texforce3 - base3).mean(), abs=1e-5)
 
 
+def test_every_method_is_a_valid_config_of_the_demo():
+    # a typo in a method's overrides would otherwise surface only when its turn to train comes
+    for method, overrides in evidence.TRAINED.items():
+        config = evidence.load_config(ROOT / "configs" / "tiny.yaml", overrides)
+        assert config.reward.spec.startswith("object_"), method
+    assert {part for parts in evidence.FUSED.values() for part in parts} <= set(evidence.TRAINED)
+    textcraftor = evidence.load_config(ROOT / "configs" / "tiny.yaml", evidence.TRAINED["textcraftor_shape"])
+    assert (textcraftor.train.algorithm, textcraftor.lora.policy, textcraftor.reward.spec) == (
+        "textcraftor", "text_encoder", "object_shape_soft")
+
+
 def test_fusion_search_runs_both_searches_and_confirms_their_best_on_other_images(
     ray_session, tiny_sd_dir, tmp_path, one_torch_thread
 ):
