@@ -147,8 +147,8 @@ def test_a_gradient_learner_warns_that_it_ignores_ppos_kl_penalty(tiny_sd_dir, c
                               "train.kl_coef=0.1"))
         preflight(tiny_config(tiny_sd_dir, "train.kl_coef=0.1"))  # PPO uses it
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["train.kl_coef=0.1 is PPO's KL penalty; train.algorithm=draft does not use it (nothing holds "
-                        "the model to the base but the learning rate and the reward)"]
+    assert warnings == [("train.kl_coef=0.1 is PPO's KL penalty; train.algorithm=draft does not use it (nothing holds "
+                         "the model to the base but the learning rate and the reward)")]
 
 # --- rewards and devices -----------------------------------------------------------------------
 
