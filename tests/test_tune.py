@@ -17,7 +17,7 @@ from lora_fixtures import make_lora
 from rl.config import ConfigError
 from tune.evaluate import EvalSettings
 from tune.fusion import fuse_files
-from tune.sweep import SweepSettings, anchor_points, config_alphas, resolve_search
+from tune.sweep import SweepSettings, alphas_at_alpha_max, anchor_points, config_alphas, resolve_search
 from tune.worker import FusionJob, evaluate_alphas
 
 PROMPTS = ("a red ball", "a blue car", "a green tree", "a yellow house")
@@ -56,7 +56,8 @@ def test_the_loras_push_the_reward_in_known_directions(job):
     assert _objective(job, [0.0, 1.0]) < base - 2e-3  # B lowers it
 
 
-def test_sweep_finds_alphas_near_the_best_of_a_dense_grid(ray_session, job, tiny_sd_dir, directed_loras, tmp_path):
+def test_sweep_finds_alphas_near_the_best_of_a_dense_grid(ray_session, job, tiny_sd_dir, directed_loras, tmp_path,
+                                                           capsys):
     from rl.cli import main
 
     grid = np.linspace(0.0, ALPHA_MAX, 9)
@@ -85,6 +86,13 @@ def test_sweep_finds_alphas_near_the_best_of_a_dense_grid(ray_session, job, tiny
     assert len({r["worker_pid"] for r in rows}) < len(rows)
     assert (out / "best_lora" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "objective.png").stat().st_size > 5000
+    assert best["at_alpha_max"] == [] and "top of the box" not in capsys.readouterr().out  # best at alpha_1 ~1.6
+
+    # in a box too small for it, the LoRA that raises the reward is best at the top face: the sweep says so
+    small = ["--alpha-max", "0.5", "--grid", "2", "--out", str(tmp_path / "small")]
+    assert main([*argv[:5], *argv[7:], *small]) == 0  # the raising LoRA alone; the last --alpha-max, --out win
+    assert json.loads((tmp_path / "small" / "best.json").read_text())["at_alpha_max"] == ["alpha_1"]
+    assert "note: the best trial has alpha_1 at the top of the box (--alpha-max 0.5)" in capsys.readouterr().out
 
 
 def test_search_space_helpers():
@@ -99,6 +107,10 @@ def test_search_space_helpers():
     with pytest.raises(ConfigError, match="choose one of"):
         resolve_search("bayes")
     assert SweepSettings().anchors
+    # a best on the box's top face is flagged: the objective may rise past alpha_max
+    assert alphas_at_alpha_max([1.96, 0.5, 2.0], SweepSettings(alpha_max=2.0)) == ["alpha_1", "alpha_3"]
+    assert alphas_at_alpha_max([1.8, 0.0], SweepSettings(alpha_max=2.0)) == []
+    assert alphas_at_alpha_max([1.0, 1.0], SweepSettings(alpha_max=1.0, normalize=True)) == []
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

@@ -194,6 +194,10 @@ def _tune(args: argparse.Namespace) -> int:
     paths = write_sweep_outputs(job, settings, rows, args.out)
     best = json.loads(paths["best"].read_text())
     print(f"best of {len(rows)} trials: objective {best['objective']:.4f} at alphas {[round(a, 4) for a in best['alphas']]}")
+    if best["at_alpha_max"]:
+        print(f"note: the best trial has {' and '.join(best['at_alpha_max'])} at the top of the box "
+              f"(--alpha-max {settings.alpha_max:g}); the objective may keep rising past it: "
+              f"a sweep with a larger --alpha-max tells")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 

@@ -91,6 +91,14 @@ def anchor_points(n: int, alpha_max: float) -> list[dict[str, float]]:
     return points
 
 
+def alphas_at_alpha_max(alphas: list[float], settings: SweepSettings) -> list[str]:
+    """The names of the alphas within 5% of alpha_max: where the best sits on the box's top face, the
+    objective may keep rising past it, and only a sweep over a larger box can tell (never with normalize)."""
+    if settings.normalize:
+        return []
+    return [name for name, a in zip(alpha_names(len(alphas)), alphas) if a >= 0.95 * settings.alpha_max]
+
+
 def resolve_search(search: str) -> str:
     """"auto" -> "optuna" when importable, else "random"; "optuna" without the package is an error."""
     if search not in SEARCHES:
@@ -243,6 +251,7 @@ def write_sweep_outputs(job: FusionJob, settings: SweepSettings, rows: list[dict
         "num_trials": len(rows),
         "search": resolve_search(settings.search),
         "alpha_max": settings.alpha_max,
+        "at_alpha_max": alphas_at_alpha_max(alphas, settings),
         "normalize": settings.normalize,
         "eval": vars(job.settings) | {"num_prompts": len(job.prompts)},
     }
