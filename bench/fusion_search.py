@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/fusion_search")
     parser.add_argument("--grid", type=int, default=5, help="grid points per alpha")
     parser.add_argument("--num-samples", type=int, default=16, help="trials of the default search")
-    parser.add_argument("--select-seeds", type=int, default=32, help="images per held-out prompt, searches")
+    parser.add_argument("--select-seeds", type=int, default=96,
+                        help="images per held-out prompt, searches (at 32 the best of two good alphas was noise)")
     parser.add_argument("--confirm-seeds", type=int, default=96, help="images per held-out prompt, confirmation")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance (a trial takes one)")
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value), e.g. model.pretrained=...")
