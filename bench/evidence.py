@@ -35,6 +35,8 @@ the config's `reward.spec` (`object_alignment`); `reward.spec=object_alignment_s
 models on the soft reading into their own files. `--jobs 2` trains
 and scores two models at a time on one thread each: on 2 cores that is about 1.2x the
 throughput of one process on both (small convolutions do not split well over threads).
+Trainings and scorings share one queue: a model is scored as soon as the runs it loads are
+done, so neither process idles while the last runs train.
 
     python bench/evidence.py --out runs/evidence --jobs 2        # make evidence
 """
@@ -79,13 +81,18 @@ FUSED = {"texforce + ddpo": ("texforce", "ddpo"), "refl + texforce": ("refl", "t
 PAPER_TABLE = ["texforce", "ddpo", "texforce + ddpo", "refl", "refl + texforce"]
 
 
+def lora_file(out: Path, method: str, seed: int) -> Path:
+    """Where the run of (method, seed) writes its final LoRA."""
+    return out / f"{method}_seed{seed}" / "final_lora" / "pytorch_lora_weights.safetensors"
+
+
 def train_method(method: str, seed: int, *, base_config: Path, out: Path, overrides: list[str]) -> Path:
     """Train one (method, seed) unless its final LoRA exists; returns the LoRA file."""
     from actors.driver import train
     from rl.run_dir import RunDirectory
 
     run_name = f"{method}_seed{seed}"
-    lora = out / run_name / "final_lora" / "pytorch_lora_weights.safetensors"
+    lora = lora_file(out, method, seed)
     if lora.exists():
         return lora
     # no held-out evaluation inside the run: the script scores every model itself, once
@@ -149,24 +156,52 @@ def _logged(function: Callable, log: Path | None, *args, **kwargs):
     return function(*args, **kwargs)
 
 
-def run_tasks(tasks: list[tuple[Callable, tuple, dict]], jobs: int, logs: list[Path | None]) -> Iterator[tuple[int, object]]:
+def run_tasks(tasks: list[tuple[Callable, tuple, dict]], jobs: int, logs: list[Path | None],
+              after: list[tuple[int, ...]] | None = None) -> Iterator[tuple[int, object]]:
     """(task index, result) as each task finishes: in this process for jobs=1, else `jobs` spawned
-    processes on one torch thread each (`logs[i]` receives task i's output)."""
+    processes on one torch thread each (`logs[i]` receives task i's output).
+
+    Task i starts once the tasks `after[i]` have finished; a free process takes the lowest-indexed
+    task that may start, so no process idles while a task could run (a model is scored while the
+    last runs still train)."""
+    after = after or [()] * len(tasks)
+    waiting, finished = list(range(len(tasks))), set()
+
+    def next_ready() -> int | None:
+        ready = next((i for i in waiting if finished.issuperset(after[i])), None)
+        if ready is not None:
+            waiting.remove(ready)
+        return ready
+
     if jobs == 1:
-        for i, (function, args, kwargs) in enumerate(tasks):
-            yield i, function(*args, **kwargs)
+        while waiting:
+            i = next_ready()
+            if i is None:
+                raise ValueError(f"tasks {waiting} wait on each other")
+            function, args, kwargs = tasks[i]
+            result = function(*args, **kwargs)
+            finished.add(i)
+            yield i, result
         return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # read by each child's torch when it is imported (inline runs keep it)
     try:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_logged, function, logs[i], *args, **kwargs): i
-                       for i, (function, args, kwargs) in enumerate(tasks)}
-            for future in as_completed(futures):
-                yield futures[future], future.result()
+            running = {}
+            while waiting or running:
+                while len(running) < jobs and (i := next_ready()) is not None:
+                    function, args, kwargs = tasks[i]
+                    running[pool.submit(_logged, function, logs[i], *args, **kwargs)] = i
+                if not running:
+                    raise ValueError(f"tasks {waiting} wait on each other")
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i = running.pop(future)
+                    finished.add(i)
+                    yield i, future.result()
     finally:
         if threads is None:
             os.environ.pop("OMP_NUM_THREADS")
@@ -276,39 +311,42 @@ def main(argv: list[str] | None = None) -> int:
     needed = sorted({m for method in args.methods for m in FUSED.get(method, (method,))}, key=list(TRAINED).index)
     start = time.time()
 
-    # 1. train every (method, seed) that is not trained yet
+    # every (method, seed) that is not trained yet is trained, and every model scored on the same
+    # held-out images as soon as the runs it loads are done: one queue, trainings first
     runs = [(method, seed) for seed in args.seeds for method in needed]
-    tasks = [(train_method, (method, seed), {"base_config": Path(args.config), "out": out,
-                                               "overrides": args.overrides}) for method, seed in runs]
-    logs = [out / f"{method}_seed{seed}.log" for method, seed in runs]
-    loras: dict[tuple[str, int], Path] = {}
-    for i, lora in run_tasks(tasks, args.jobs, logs):
-        loras[runs[i]] = lora
-        print(f"trained {runs[i][0]} seed {runs[i][1]} [{time.time() - start:.0f}s]", flush=True)
-
-    # 2. score the base model and every (method, seed) on the same held-out images
     models = [("base", -1)]  # each fused model's parts too, for its paired difference to each
     for seed in args.seeds:
         for method in args.methods:
             models += [(m, seed) for m in (*FUSED.get(method, ()), method) if (m, seed) not in models]
 
+    def parts(method: str) -> tuple[str, ...]:
+        return () if method == "base" else FUSED.get(method, (method,))
+
     def job(method: str, seed: int) -> FusionJob:
-        parts = [] if method == "base" else FUSED.get(method, (method,))
-        return FusionJob(model=str(config.model.pretrained), loras=tuple(str(loras[p, seed]) for p in parts),
-                         prompts=tuple(held_out), reward=config.reward.spec, settings=settings, device=config.model.device)
+        loras = tuple(str(lora_file(out, part, seed)) for part in parts(method))
+        return FusionJob(model=str(config.model.pretrained), loras=loras, prompts=tuple(held_out),
+                         reward=config.reward.spec, settings=settings, device=config.model.device)
 
     def cache(method: str, seed: int) -> Path:
         name = "base" if method == "base" else f"{method.replace(' + ', '+')}_seed{seed}"
         return out / "scores" / config.reward.spec / f"{name}.parquet"
 
-    tasks = [(score_model, (job(*m), cache(*m)), {}) for m in models]
-    logs = [out / "scores" / "scoring.log"] * len(models)
     (out / "scores").mkdir(exist_ok=True)  # `scores/{reward spec}/{model}.parquet`, one folder per objective
+    tasks = [(train_method, (method, seed), {"base_config": Path(args.config), "out": out,
+                                              "overrides": args.overrides}) for method, seed in runs]
+    tasks += [(score_model, (job(*m), cache(*m)), {}) for m in models]
+    logs = [out / f"{method}_seed{seed}.log" for method, seed in runs]
+    logs += [out / "scores" / "scoring.log"] * len(models)
+    after = [()] * len(runs) + [tuple(runs.index((p, m[1])) for p in parts(m[0])) for m in models]
     scores: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-    for i, result in run_tasks(tasks, args.jobs, logs):
-        scores[models[i]] = result
-        print(f"scored {models[i][0]}" + (f" seed {models[i][1]}" if models[i][1] >= 0 else "")
-              + f" [{time.time() - start:.0f}s]", flush=True)
+    for i, result in run_tasks(tasks, args.jobs, logs, after):
+        if i < len(runs):
+            print(f"trained {runs[i][0]} seed {runs[i][1]} [{time.time() - start:.0f}s]", flush=True)
+            continue
+        method, seed = models[i - len(runs)]
+        scores[method, seed] = result
+        print(f"scored {method}" + (f" seed {seed}" if seed >= 0 else "") + f" [{time.time() - start:.0f}s]",
+              flush=True)
 
     base = scores["base", -1]
     rows = [rows_for("base", -1, base, base)]

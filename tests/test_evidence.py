@@ -1,7 +1,9 @@
 """bench/evidence.py (every method trained, fused and scored on one held-out set) and
 bench/fusion_search.py (grid and `texforce tune`, confirmed on other images), on the tiny model."""
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,37 @@ def test_evidence_trains_fuses_and_scores_every_method(tiny_sd_dir, tmp_path, ca
     texforce3 = evaluate(pipe, reward, prompts, EvalSettings(**{**vars(settings), "num_seeds": 3})).objective
     assert rows[0]["reward"] == pytest.approx(base3.mean(), abs=1e-6)
     assert rows[1]["gain"] == pytest.approx((texforce3 - base3).mean(), abs=1e-5)
+
+
+def _wait_for(path: str) -> bool:
+    """A task that finishes once another task has run (False if none did within 5 minutes)."""
+    deadline = time.monotonic() + 300
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _touch(path: str) -> str:
+    Path(path).touch()
+    return path
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_task_starts_as_soon_as_the_tasks_it_needs_are_done(tmp_path, jobs):
+    trained, scored = str(tmp_path / "trained"), str(tmp_path / "scored")
+    if jobs == 1:  # in order of index among the tasks that may start
+        tasks = [(_touch, (scored,), {}), (os.path.exists, (scored,), {}), (str.upper, ("b",), {})]
+        assert list(evidence.run_tasks(tasks, 1, [None] * 3, after=[(2,), (), ()])) == [
+            (1, False), (2, "B"), (0, scored)]
+    else:  # a long run (0) and a short one (2): 2's scorings (1, then 3) run beside 0, which waits for 3
+        tasks = [(_wait_for, (scored,), {}), (os.path.exists, (trained,), {}), (_touch, (trained,), {}),
+                 (_touch, (scored,), {})]
+        assert list(evidence.run_tasks(tasks, 2, [None] * 4, after=[(), (2,), (), (1,)])) == [
+            (2, trained), (1, True), (3, scored), (0, True)]
+    with pytest.raises(ValueError, match="wait on each other"):
+        list(evidence.run_tasks([(str.upper, ("a",), {})] * 2, jobs, [None] * 2, after=[(1,), (0,)]))
 
 
 def test_every_method_is_a_valid_config_of_the_demo():
