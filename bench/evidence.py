@@ -20,6 +20,7 @@ scored on the same held-out (prompt, seed) set (the 20 colour x shape pairs neve
 | textcraftor_color | the colour alone, by reward gradient through all steps into the text encoder |
 | textcraftor_shape | the shape alone, the same way                                                |
 | textcraftor_color + textcraftor_shape | those two fused (alpha 1 each)                           |
+| textcraftor_kl_color, textcraftor_kl_shape, and the two fused | the same with DPOK's KL regulariser (`gradient.kl_coef=50`) |
 
 The first five are the papers' table (the default); the last six ask whether fusing LoRAs
 trained for different rewards combines their gains (`--methods texforce_color texforce_shape
@@ -73,11 +74,15 @@ TRAINED = {
     # the same two by the reward's gradient (TextCraftor's learner, backpropagated through all 10 steps)
     "textcraftor_color": [*TEXT_ENCODER_GRADIENT, "reward.spec=object_color_soft"],
     "textcraftor_shape": [*TEXT_ENCODER_GRADIENT, "reward.spec=object_shape_soft"],
+    # ... held to the base model by DPOK's KL regulariser (without it each trades the other attribute away)
+    "textcraftor_kl_color": [*TEXT_ENCODER_GRADIENT, "gradient.kl_coef=50", "reward.spec=object_color_soft"],
+    "textcraftor_kl_shape": [*TEXT_ENCODER_GRADIENT, "gradient.kl_coef=50", "reward.spec=object_shape_soft"],
 }
 # Fused models: which two trained LoRAs are loaded together (alpha 1 each).
 FUSED = {"texforce + ddpo": ("texforce", "ddpo"), "refl + texforce": ("refl", "texforce"),
          "color + shape": ("texforce_color", "texforce_shape"),
-         "textcraftor_color + textcraftor_shape": ("textcraftor_color", "textcraftor_shape")}
+         "textcraftor_color + textcraftor_shape": ("textcraftor_color", "textcraftor_shape"),
+         "textcraftor_kl_color + textcraftor_kl_shape": ("textcraftor_kl_color", "textcraftor_kl_shape")}
 PAPER_TABLE = ["texforce", "ddpo", "texforce + ddpo", "refl", "refl + texforce"]
 
 

@@ -153,6 +153,10 @@ class GradientConfig:
     uniform in [floor(min * T), floor(max * T)], capped at T - 1."""
     alignprop_max_k: int | None = None
     """AlignProp: K is drawn uniformly from [1, alignprop_max_k] per minibatch; null = sample.num_steps."""
+    kl_coef: float = 0.0
+    """DPOK's KL regulariser: adds kl_coef x the mean squared difference between the fine-tuned and the
+    base model's guided noise predictions, at one step with grad per minibatch (0 = off). What the reward
+    does not name is held to the base model; logged as `kl_to_base`. PPO's is train.kl_coef."""
     clip_score_weight: float = 0.0
     """TextCraftor's regulariser: weight of a `clip_score` term added to the reward (0 = off; needs
     reward.paths.clip_score)."""
@@ -374,6 +378,7 @@ class TexForceConfig:
             (g.alignprop_max_k is None or 1 <= g.alignprop_max_k <= steps, "gradient.alignprop_max_k",
              g.alignprop_max_k, f"in [1, sample.num_steps={steps}] or null", ""),
             (g.clip_score_weight >= 0, "gradient.clip_score_weight", g.clip_score_weight, ">= 0", "0 = off"),
+            (g.kl_coef >= 0, "gradient.kl_coef", g.kl_coef, ">= 0", "0 = off"),
             (not algorithm.original_encoder_early or self.lora.policy in ("text_encoder", "both"), "lora.policy",
              self.lora.policy, "text_encoder or both with train.algorithm=textcraftor",
              "TextCraftor fine-tunes the text encoder"),

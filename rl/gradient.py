@@ -15,6 +15,9 @@ decode, and take `-reward` as the loss. The algorithm (rl/algorithms.py) picks t
 | refl        | step m only, m ~ U[m_min, m_max]      | x0_hat predicted at step m                  |
 | textcraftor | the last K = round(0.2 T), with the fine-tuned text encoder; the base encoder drives the rest | x_0 |
 
+With gradient.kl_coef > 0 the loss adds DPOK's KL regulariser at one step with grad per minibatch
+(`kl_to_base`): what the reward does not name is held to the base model.
+
 The logged reward is always that of the finished sample x_0 (for ReFL the loop is finished
 without grad after the backward pass), so reward curves compare across algorithms.
 
@@ -64,13 +67,16 @@ class Window:
 
     Steps [0, first) run without grad, steps [first, end) with it. stop: score x0_hat predicted
     at step end - 1 (ReFL) instead of the latent after step T - 1. copies: DRaFT-LV's re-noised
-    copies (with first = end = T: the loop itself carries no grad).
+    copies (with first = end = T: the loop itself carries no grad). kl_step: the step whose KL
+    to the base joins the loss (gradient.kl_coef > 0), one of the steps with grad (DRaFT-LV: T - 1,
+    its copies' step), None = no KL term.
     """
 
     first: int
     end: int
     stop: bool = False
     copies: int = 0
+    kl_step: int | None = None
 
     @property
     def num_grad_steps(self) -> int:
@@ -78,7 +84,18 @@ class Window:
 
 
 def draw_window(algorithm: Algorithm, config: TexForceConfig, generator: torch.Generator) -> Window:
-    """The window of one minibatch (the random ones drawn from `generator`, the same on every rank)."""
+    """The window of one minibatch (the random ones drawn from `generator`, the same on every rank),
+    with its KL step, uniform over the window's steps with grad, when gradient.kl_coef > 0."""
+    window = _draw_steps(algorithm, config, generator)
+    if config.gradient.kl_coef > 0:
+        if window.copies:
+            window.kl_step = config.sample.num_steps - 1
+        else:
+            window.kl_step = int(torch.randint(window.first, window.end, (1,), generator=generator))
+    return window
+
+
+def _draw_steps(algorithm: Algorithm, config: TexForceConfig, generator: torch.Generator) -> Window:
     g, steps = config.gradient, config.sample.num_steps
     if algorithm.truncation == "copies":
         return Window(steps, steps, copies=g.lv_copies)
@@ -229,6 +246,7 @@ class GradientLearner(LoraLearner):
             latents, _ = denoise(self.pipe, early[0].detach(), early[1].detach(), seeds, self.schedule,
                                  steps=range(0, window.first), **run)
         x = latents[-1]
+        kl_latent = x  # x_t at the KL step: ReFL's stop step (set below for the other windows)
         # 2. the window, with grad, each U-Net call checkpointed
         if window.stop:  # ReFL: score x0_hat predicted at the stop step, then finish the sample without grad
             t = torch.full((len(seeds),), int(self.schedule.timesteps[window.first]), device=x.device, dtype=torch.long)
@@ -239,16 +257,22 @@ class GradientLearner(LoraLearner):
                 x = denoise(self.pipe, cond.detach(), uncond.detach(), seeds, self.schedule, start=x,
                             steps=range(window.end, self.schedule.num_steps), **run)[0][-1]
         else:
-            x = denoise(self.pipe, cond, uncond, seeds, self.schedule, start=x, steps=range(window.first, window.end),
-                        checkpoint=self.gradient.checkpointing, **run)[0][-1]
+            window_latents = denoise(self.pipe, cond, uncond, seeds, self.schedule, start=x,
+                                     steps=range(window.first, window.end), checkpoint=self.gradient.checkpointing,
+                                     **run)[0]
+            if window.kl_step is not None and window.first <= window.kl_step < window.end:
+                kl_latent = window_latents[window.kl_step - window.first]
+            x = window_latents[-1]
             scored = [x]
         if window.copies:  # DRaFT-LV: n re-noised copies of x_0, each denoised in one step with grad
             last = self.schedule.num_steps - 1
             t = torch.full((len(seeds),), int(self.schedule.timesteps[last]), device=x.device, dtype=torch.long)
+            noised = [add_noise(self.schedule, x, noise, t) for noise in self.copy_noise(x, seeds, window.copies)]
+            kl_latent = noised[0]
             scored = [
-                denoise(self.pipe, cond, uncond, seeds, self.schedule, start=add_noise(self.schedule, x, noise, t),
-                        steps=range(last, last + 1), checkpoint=self.gradient.checkpointing, **run)[0][-1]
-                for noise in self.copy_noise(x, seeds, window.copies)
+                denoise(self.pipe, cond, uncond, seeds, self.schedule, start=start, steps=range(last, last + 1),
+                        checkpoint=self.gradient.checkpointing, **run)[0][-1]
+                for start in noised
             ]
         # 3. decode, score, -reward
         terms, metrics = [], {}
@@ -258,7 +282,29 @@ class GradientLearner(LoraLearner):
             finite = torch.isfinite(output.scores)
             terms.append(-torch.where(finite, output.scores, torch.zeros_like(output.scores)).sum() / len(prompts))
         metrics["reward_trained"] = float(sum(-t.item() for t in terms) / len(terms))
-        return sum(terms), metrics, x.detach()
+        loss = sum(terms)
+        if window.kl_step is not None:
+            kl = self.kl_to_base(prompts, kl_latent, window.kl_step, cond, uncond)
+            loss = loss + self.gradient.kl_coef * kl
+            metrics["kl_to_base"] = kl.item()
+        return loss, metrics, x.detach()
+
+    def kl_to_base(self, prompts: list[str], x: torch.Tensor, step: int, cond, uncond) -> torch.Tensor:
+        """DPOK's KL regulariser at one step: ||eps_theta(x_t) - eps_base(x_t)||^2, the guided noise
+        predictions of the fine-tuned and the base model, mean over latent elements and the batch.
+
+        The KL between the two models' sampling processes is bounded by a weighted sum of this over the
+        steps (DPOK, Fan et al. 2023); one step drawn uniformly from the window estimates its mean over
+        the window without bias at the cost of two U-Net calls. x_t is detached, as in DPOK: the
+        gradient moves the model's prediction at the states it visits, not the states themselves.
+        """
+        x = x.detach()
+        t = torch.full((len(prompts),), int(self.schedule.timesteps[step]), device=x.device, dtype=torch.long)
+        eps = self.noise_prediction(x, t, cond, uncond)
+        with torch.no_grad(), adapters_disabled(self.pipe, self.policy):
+            base_cond, base_uncond = self.embeddings(prompts)
+            base_eps = guided_noise_prediction(self.pipe.unet, x, t, base_cond, base_uncond, self.sample.guidance_scale)
+        return ((eps.float() - base_eps.float()) ** 2).flatten(1).mean(1).mean()
 
     def noise_prediction(self, x: torch.Tensor, t: torch.Tensor, cond, uncond) -> torch.Tensor:
         """The guided eps_hat at x_t (ReFL's stop step), checkpointed like the loop's U-Net calls."""

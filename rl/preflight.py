@@ -39,11 +39,15 @@ def preflight(config: TexForceConfig) -> None:
         check_differentiable(config)
         rewards.check_reward(reward_spec(config), paths=config.reward.paths)
         if config.train.kl_coef > 0:  # a config written for PPO (configs/tiny.yaml) is often reused
-            log.warning("train.kl_coef=%g is PPO's KL penalty; train.algorithm=%s does not use it (nothing holds "
-                        "the model to the base but the learning rate and the reward)",
-                        config.train.kl_coef, config.train.algorithm)
+            log.warning("train.kl_coef=%g is PPO's KL penalty; train.algorithm=%s does not use it (its own is "
+                        "gradient.kl_coef, %g here)", config.train.kl_coef, config.train.algorithm,
+                        config.gradient.kl_coef)
     else:
         rewards.check_reward(config.reward.spec, paths=config.reward.paths)
+        if config.gradient.kl_coef > 0:
+            log.warning("gradient.kl_coef=%g is the gradient learners' KL regulariser; train.algorithm=%s does not "
+                        "use it (its own is train.kl_coef, %g here)", config.gradient.kl_coef,
+                        config.train.algorithm, config.train.kl_coef)
     if config.evaluation.reward is not None:
         try:
             rewards.check_reward(config.evaluation.reward, paths=config.reward.paths)

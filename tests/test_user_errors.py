@@ -138,16 +138,20 @@ def test_long_prompts_warn_once_naming_how_many(tiny_sd_dir, tmp_path, caplog):
     assert warnings[0].startswith(f"2 of 3 prompts in {path} are longer than the tokenizer's 77 tokens and will be truncated")
 
 
-def test_a_gradient_learner_warns_that_it_ignores_ppos_kl_penalty(tiny_sd_dir, caplog):
+def test_each_learner_warns_that_it_ignores_the_others_kl_penalty(tiny_sd_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="texforce"):
         preflight(tiny_config(tiny_sd_dir, "train.algorithm=draft", "lora.policy=unet", "reward.spec=color_alignment"))
         assert not caplog.records
         preflight(tiny_config(tiny_sd_dir, "train.algorithm=draft", "lora.policy=unet", "reward.spec=color_alignment",
-                              "train.kl_coef=0.1"))
+                              "train.kl_coef=0.1", "gradient.kl_coef=2"))
         preflight(tiny_config(tiny_sd_dir, "train.kl_coef=0.1"))  # PPO uses it
+        preflight(tiny_config(tiny_sd_dir, "gradient.kl_coef=2"))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [("train.kl_coef=0.1 is PPO's KL penalty; train.algorithm=draft does not use it (nothing holds "
-                         "the model to the base but the learning rate and the reward)")]
+    assert warnings == [
+        "train.kl_coef=0.1 is PPO's KL penalty; train.algorithm=draft does not use it (its own is gradient.kl_coef, 2 here)",
+        ("gradient.kl_coef=2 is the gradient learners' KL regulariser; train.algorithm=ppo does not use it (its own "
+         "is train.kl_coef, 0 here)"),
+    ]
 
 
 # --- rewards and devices -----------------------------------------------------------------------
