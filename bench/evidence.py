@@ -22,10 +22,10 @@ scored on the same held-out (prompt, seed) set (the 20 colour x shape pairs neve
 | textcraftor_color + textcraftor_shape | those two fused (alpha 1 each)                           |
 | textcraftor_kl_color, textcraftor_kl_shape, and the two fused | the same with DPOK's KL regulariser (`gradient.kl_coef=50`) |
 
-The first five are the papers' table (the default); the last six ask whether fusing LoRAs
+The first five are the papers' table (the default); the last nine ask whether fusing LoRAs
 trained for different rewards combines their gains (`--methods texforce_color texforce_shape
-"color + shape"`), with PPO's LoRAs or with the gradient's. A fused row also reports its paired
-difference to each of its parts alone.
+"color + shape"`), with PPO's LoRAs or with the gradient's, without and with a KL regulariser.
+A fused row also reports its paired difference to each of its parts alone.
 
 Writes into --out: `evidence.parquet` (one row per method and seed: held-out reward, colour and
 shape parts, and the paired gains with their standard errors), `evidence.md` (mean +- std over

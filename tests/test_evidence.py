@@ -125,6 +125,8 @@ def test_every_method_is_a_valid_config_of_the_demo():
     textcraftor = evidence.load_config(ROOT / "configs" / "tiny.yaml", evidence.TRAINED["textcraftor_shape"])
     assert (textcraftor.train.algorithm, textcraftor.lora.policy, textcraftor.reward.spec) == (
         "textcraftor", "text_encoder", "object_shape_soft")
+    held = evidence.load_config(ROOT / "configs" / "tiny.yaml", evidence.TRAINED["textcraftor_kl_shape"])
+    assert (held.gradient.kl_coef, textcraftor.gradient.kl_coef) == (50, 0)
 
 
 def test_fusion_search_runs_both_searches_and_confirms_their_best_on_other_images(
