@@ -33,6 +33,24 @@ def _run(learner):
     return dict(guidance_scale=learner.sample.guidance_scale, eta=0.0, height=learner.height, width=learner.width)
 
 
+def _assert_gradient_matches_central_differences(learner, grads: list[torch.Tensor], loss, h: float) -> None:
+    """Along each of the three LoRA tensors with the largest gradient, the central difference of
+    `loss()` (a float) at step h equals the derivative along the gradient, its norm, within 3%."""
+    norms = torch.stack([g.norm() for g in grads])
+    assert norms.max() > 0
+    with torch.no_grad():
+        for i in norms.argsort(descending=True)[:3].tolist():
+            param, direction = learner.params[i], grads[i] / norms[i]
+            original = param.clone()
+            param.add_(h * direction)
+            plus = loss()
+            param.copy_(original - h * direction)
+            minus = loss()
+            param.copy_(original)
+            finite_difference = (plus - minus) / (2 * h)
+            assert abs(finite_difference - norms[i].item()) < 0.03 * abs(finite_difference), (i, finite_difference)
+
+
 @pytest.mark.parametrize("k", [2, 4])  # the last 2 of 4 steps (DRaFT-K), and all 4 (DRaFT)
 def test_truncated_lora_gradient_matches_finite_differences(tiny_sd_dir, one_torch_thread, k):
     """d(-mean reward)/d(LoRA) along each of the three LoRA tensors with the largest gradient,
@@ -55,19 +73,7 @@ def test_truncated_lora_gradient_matches_finite_differences(tiny_sd_dir, one_tor
                          steps=range(steps - k, steps), **_run(learner))[0][-1]
             return -learner.reward(_decode(learner.pipe.vae, x0, False), PROMPTS).scores.double().mean().item()
 
-        norms = torch.stack([g.norm() for g in grads])
-        assert norms.max() > 0
-        h = 0.03
-        for i in norms.argsort(descending=True)[:3].tolist():
-            param, direction = learner.params[i], grads[i] / norms[i]
-            original = param.clone()
-            param.add_(h * direction)
-            plus = loss()
-            param.copy_(original - h * direction)
-            minus = loss()
-            param.copy_(original)
-            finite_difference = (plus - minus) / (2 * h)  # the derivative along the gradient: its norm
-            assert abs(finite_difference - norms[i].item()) < 0.03 * abs(finite_difference), (i, finite_difference)
+        _assert_gradient_matches_central_differences(learner, grads, loss, h=0.03)
 
 
 def test_what_the_weights_do_before_the_last_k_steps_changes_nothing_in_the_gradient(tiny_sd_dir, one_torch_thread):
@@ -199,20 +205,8 @@ def test_kl_to_base_is_zero_at_the_base_and_its_gradient_matches_finite_differen
     value = kl()
     assert value.item() > 1e-4
     value.backward()
-    grads = [p.grad.clone() for p in learner.params]
-    norms = torch.stack([g.norm() for g in grads])
-    h = 0.01
-    with torch.no_grad():
-        for i in norms.argsort(descending=True)[:3].tolist():
-            param, direction = learner.params[i], grads[i] / norms[i]
-            original = param.clone()
-            param.add_(h * direction)
-            plus = kl().double().item()
-            param.copy_(original - h * direction)
-            minus = kl().double().item()
-            param.copy_(original)
-            finite_difference = (plus - minus) / (2 * h)
-            assert abs(finite_difference - norms[i].item()) < 0.03 * abs(finite_difference), (i, finite_difference)
+    _assert_gradient_matches_central_differences(learner, [p.grad.clone() for p in learner.params],
+                                                 lambda: kl().double().item(), h=0.01)
 
 
 def test_the_kl_regulariser_pulls_the_lora_back_to_the_base(tiny_sd_dir, one_torch_thread):
@@ -294,3 +288,17 @@ def test_half_precision_kl_regulariser_matches_float32(tiny_sd_dir, one_torch_th
     assert fp16_value == pytest.approx(value, rel=0.02) and _cosine(fp16, fp32) > 0.999
     bf16_value, bf16 = kl_gradient(_learner(tiny_sd_dir, "draft", "gradient.kl_coef=1", dtype="bfloat16"))
     assert value < bf16_value < 1.5 * value and _cosine(bf16, fp32) > 0.98
+
+
+def test_gradient_variance_bench_runs_on_the_tiny_model(tiny_sd_dir, one_torch_thread, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gradient_variance.py"
+    spec = importlib.util.spec_from_file_location("gradient_variance", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--model", tiny_sd_dir, "--samples", "3", "--steps", "3"])
+    assert [r["estimator"] for r in rows] == ["DRaFT-1", "DRaFT-LV (n=2)"]
+    assert all(r["variance"] > 0 and r["mean_norm"] > 0 for r in rows)
+    assert "| DRaFT-LV (n=2) |" in capsys.readouterr().out
