@@ -42,13 +42,13 @@ class RewardActor:
                  low_priority: bool = False, evaluation_spec: str | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
-        if low_priority:  # its own process (Ray): yield the cores to a learner sharing them
-            lower_cpu_priority()
         self.device = resolve_device(device)
         self.reward = rewards.build_reward(settings.spec, device=self.device, paths=settings.paths)
         self.evaluation_reward = self.reward  # evaluation.reward, when it names another one
         if evaluation_spec is not None and evaluation_spec != settings.spec:
             self.evaluation_reward = rewards.build_reward(evaluation_spec, device=self.device, paths=settings.paths)
+        if low_priority:  # its own process (Ray): yield the cores to a learner sharing them,
+            lower_cpu_priority()  # once loaded, so a (re)start on a busy node is not starved
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str], evaluation: bool = False) -> RewardScores:

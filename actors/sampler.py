@@ -20,14 +20,14 @@ class SamplerWorker:
     def __init__(self, config: TexForceConfig, *, pipe=None, num_threads: int | None = None, low_priority: bool = False):
         if num_threads:
             torch.set_num_threads(num_threads)
-        if low_priority:  # its own process (Ray): yield the cores to a learner sharing them
-            lower_cpu_priority()
         self.config = config
         if pipe is None:
             pipe = load_pipeline_from_config(config.model)
             add_lora(pipe, config.lora)
         self.pipe = pipe
         self.version = -1
+        if low_priority:  # its own process (Ray): yield the cores to a learner sharing them,
+            lower_cpu_priority()  # once loaded, so a (re)start on a busy node is not starved
 
     def sample(self, weights: PolicyWeights, prompts: list[str], seeds: list[int],
                evaluation: bool = False) -> tuple[Trajectories, torch.Tensor]:

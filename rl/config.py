@@ -245,7 +245,9 @@ class ResourcesConfig:
     """Ray samplers and reward actors run at the lowest CPU priority (Linux SCHED_IDLE, else nice
     19). Where they share cores with a learner (one node, async sampling), the learner's update,
     which every epoch waits for, keeps its core and the next epoch's rollout gets what is left
-    (measured: README, Performance); on cores of their own they run at full speed either way."""
+    (measured: README, Performance); on cores of their own they run at full speed either way.
+    They lower it once loaded, so a (re)start is not starved; but on a node whose cores other jobs
+    keep busy they get almost no CPU (a GPU node's kernel-launching thread too): set false there."""
     call_timeout_s: float = 1800.0
     """Longest wait for one remote call before the run fails."""
     max_restarts: int = 3

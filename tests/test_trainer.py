@@ -168,12 +168,6 @@ def test_killed_sampler_and_reward_actor_cost_one_restart_each(ray_session, tiny
         assert killed
         # Ray's own restart count: one death is one restart, not one per failed or retried call
         assert workers.restarts == 2
-        # the rollout roles, restarted ones included, yield the cores to the learner (resources.rollout_low_priority);
-        # the epoch can end before a killed actor's restart does, so wait until every one answers a ping
-        ray.get([a.ping.options(max_task_retries=-1).remote() for a in workers.samplers + workers.reward_actors])
-        policy = {role: [os.sched_getscheduler(_actor_info(a)["Pid"]) for a in actors]
-                  for role, actors in [("rollout", workers.samplers + workers.reward_actors), ("learner", workers.learners)]}
-        assert policy == {"rollout": [os.SCHED_IDLE] * 3, "learner": [os.SCHED_OTHER]}
         # the learner runs resources.learner_threads (here 2) though it reserves 0.5 CPU
         threads = ray.get(workers.learners[0].__ray_call__.remote(lambda self: torch.get_num_threads()))
         assert threads == 2 and workers.config.resources.cpus_per_learner == 0.5
@@ -183,6 +177,33 @@ def test_killed_sampler_and_reward_actor_cost_one_restart_each(ray_session, tiny
     # re-issued shards are sampled from the same seeds: nothing differs from the clean epoch
     torch.testing.assert_close(rollout.scores.scores, reference.scores.scores)
     torch.testing.assert_close(trajectories.latents, reference_latents)
+
+
+def test_rollout_roles_yield_the_cores_restarted_ones_too(ray_session, tiny_sd_dir, tmp_path):
+    """resources.rollout_low_priority: samplers and reward actors at SCHED_IDLE, the learner not. Nothing
+    is sampled here: at SCHED_IDLE beside busy processes that crawls (beside three, >7 min for 12 samples)."""
+    workers = RayWorkers(_fault_config(tiny_sd_dir, tmp_path, "resources.rollout_low_priority=true"))
+    rollout_roles = workers.samplers + workers.reward_actors
+
+    def policies() -> dict[str, list[int]]:
+        return {role: [os.sched_getscheduler(_actor_info(a)["Pid"]) for a in actors]
+                for role, actors in [("rollout", rollout_roles), ("learner", workers.learners)]}
+
+    try:
+        assert policies() == {"rollout": [os.SCHED_IDLE] * 3, "learner": [os.SCHED_OTHER]}
+        killed = [workers.samplers[0], workers.reward_actors[0]]
+        for actor in killed:
+            ray_session.kill(actor, no_restart=False)
+        deadline = time.monotonic() + 300
+        while any(int(_actor_info(a).get("NumRestarts", 0)) < 1 for a in killed):
+            assert time.monotonic() < deadline, "Ray did not restart the killed actors"
+            time.sleep(0.05)
+        # Ray holds a ping until the restart is done: then the restarted processes have lowered theirs
+        ray.get([a.ping.options(max_task_retries=-1).remote() for a in rollout_roles])
+        assert workers.restarts == 2
+        assert policies() == {"rollout": [os.SCHED_IDLE] * 3, "learner": [os.SCHED_OTHER]}
+    finally:
+        workers.shutdown()
 
 
 def test_a_sampler_out_of_restarts_leaves_its_work_to_the_others(ray_session, tiny_sd_dir, tmp_path, caplog):
