@@ -127,6 +127,19 @@ def test_every_method_is_a_valid_config_of_the_demo():
         "textcraftor", "text_encoder", "object_shape_soft")
     held = evidence.load_config(ROOT / "configs" / "tiny.yaml", evidence.TRAINED["textcraftor_kl_shape"])
     assert (held.gradient.kl_coef, textcraftor.gradient.kl_coef) == (50, 0)
+    # the wide PPO shape run trains every step of the toy model's schedule but the one onto t=1 (step 8)
+    from diffusers import DDIMScheduler
+
+    from rl.ddim import DDIMSchedule
+    from rl.learner import trainable_steps
+
+    wide = evidence.load_config(ROOT / "configs" / "tiny.yaml", evidence.TRAINED["texforce_shape_wide"])
+    schedule = DDIMSchedule.from_scheduler(
+        DDIMScheduler.from_pretrained(ROOT / "models" / "toy-sd", subfolder="scheduler"), wide.sample.num_steps)
+    steps = trainable_steps(schedule, wide.sample.eta, wide.train.min_sigma, max_step_gain=wide.train.max_step_gain)
+    assert steps.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 9]
+    demo = evidence.load_config(ROOT / "configs" / "tiny.yaml", evidence.TRAINED["texforce_shape"])
+    assert trainable_steps(schedule, demo.sample.eta, demo.train.min_sigma).tolist() == [0, 1, 2, 3]
 
 
 def test_fusion_search_runs_both_searches_and_confirms_their_best_on_other_images(
