@@ -77,3 +77,19 @@ def test_end_to_end_without_trl_is_one_line_naming_the_install(monkeypatch, caps
         end_to_end.main(["--out", str(tmp_path), "--arms", "trl", "inline"])
     assert exit_info.value.code == 2
     assert '-e ".[bench]"' in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_embedding_headroom_trains_the_offsets_and_scores_fresh_seeds(tiny_sd_dir, tmp_path, one_torch_thread):
+    import embedding_headroom
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\na blue car\na green house\n")
+    result = embedding_headroom.main([tiny_sd_dir, "--prompts", str(prompts), "--num-prompts", "2", "--steps", "2",
+                                      "--samples-per-prompt", "1", "--eval-seeds", "2", "--num-steps", "2",
+                                      "--lr", "1.0"])
+    assert len(result["prompts"]) == 2 and len(result["train_curve"]) == 2 and result["offset_norm"] > 0
+    assert set(result["before"]) == set(result["after"]) >= {"reward", "object_alignment_color", "object_alignment_shape"}
+    # untrained, the offsets are zero and the scoring (same fresh seeds) gives the same figures twice
+    untrained = embedding_headroom.main([tiny_sd_dir, "--prompts", str(prompts), "--num-prompts", "2", "--steps", "0",
+                                         "--eval-seeds", "2", "--num-steps", "2"])
+    assert untrained["after"] == untrained["before"] == result["before"] and untrained["offset_norm"] == 0
