@@ -126,7 +126,8 @@ def test_every_method_is_a_valid_config_of_the_demo():
     assert (textcraftor.train.algorithm, textcraftor.lora.policy, textcraftor.reward.spec) == (
         "textcraftor", "text_encoder", "object_shape_soft")
     held = evidence.load_config(ROOT / "configs" / "tiny.yaml", evidence.TRAINED["textcraftor_kl_shape"])
-    assert (held.gradient.kl_coef, textcraftor.gradient.kl_coef) == (50, 0)
+    loose = evidence.load_config(ROOT / "configs" / "tiny.yaml", evidence.TRAINED["textcraftor_kl10_shape"])
+    assert (held.gradient.kl_coef, loose.gradient.kl_coef, textcraftor.gradient.kl_coef) == (50, 10, 0)
     # the wide PPO shape run trains every step of the toy model's schedule but the one onto t=1 (step 8)
     from diffusers import DDIMScheduler
 
