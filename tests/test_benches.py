@@ -79,17 +79,28 @@ def test_end_to_end_without_trl_is_one_line_naming_the_install(monkeypatch, caps
     assert '-e ".[bench]"' in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
-def test_embedding_headroom_trains_the_offsets_and_scores_fresh_seeds(tiny_sd_dir, tmp_path, one_torch_thread):
+def test_embedding_headroom_trains_the_offsets_or_a_lora_and_scores_fresh_seeds(tiny_sd_dir, tmp_path, one_torch_thread):
     import embedding_headroom
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red ball\na blue car\na green house\n")
-    result = embedding_headroom.main([tiny_sd_dir, "--prompts", str(prompts), "--num-prompts", "2", "--steps", "2",
-                                      "--samples-per-prompt", "1", "--eval-seeds", "2", "--num-steps", "2",
-                                      "--lr", "1.0"])
-    assert len(result["prompts"]) == 2 and len(result["train_curve"]) == 2 and result["offset_norm"] > 0
-    assert set(result["before"]) == set(result["after"]) >= {"reward", "object_alignment_color", "object_alignment_shape"}
+    common = [tiny_sd_dir, "--prompts", str(prompts), "--num-prompts", "2", "--eval-seeds", "2", "--num-steps", "2"]
+    result = embedding_headroom.main([*common, "--steps", "2", "--samples-per-prompt", "1", "--lr", "1.0"])
+    assert len(result["prompts"]) == 2 and len(result["train_curve"]) == 2 and result["embedding_change"] > 0
+    train = result["scores"]["train"]
+    assert set(result["scores"]) == {"train"}  # an offset exists only for its own prompt: no held-out scoring
+    assert set(train) >= {"reward", "object_alignment_color", "object_alignment_shape"}
     # untrained, the offsets are zero and the scoring (same fresh seeds) gives the same figures twice
-    untrained = embedding_headroom.main([tiny_sd_dir, "--prompts", str(prompts), "--num-prompts", "2", "--steps", "0",
-                                         "--eval-seeds", "2", "--num-steps", "2"])
-    assert untrained["after"] == untrained["before"] == result["before"] and untrained["offset_norm"] == 0
+    untrained = embedding_headroom.main([*common, "--steps", "0"])
+    assert untrained["embedding_change"] == 0
+    assert all(row["gain"] == 0 and row["before"] == train[key]["before"] for key, row in untrained["scores"]["train"].items())
+    # one LoRA for every prompt: it starts at the base model, moves the train prompts' embeddings, and is scored on
+    # the held-out prompts too
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a red car\n")
+    lora = embedding_headroom.main([*common, "--steps", "2", "--samples-per-prompt", "1", "--lr", "0.1",
+                                    "--parameterisation", "lora", "--held-out-prompts", str(held_out),
+                                    "--held-out-seeds", "3"])
+    assert lora["prompts"] == result["prompts"] and lora["held_out_prompts"] == ["a red car"]
+    assert lora["scores"]["train"]["reward"]["before"] == train["reward"]["before"] and lora["embedding_change"] > 0
+    assert set(lora["scores"]) == {"train", "held_out"} and set(lora["scores"]["held_out"]) == set(train)
