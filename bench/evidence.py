@@ -22,6 +22,7 @@ scored on the same held-out (prompt, seed) set (the 20 colour x shape pairs neve
 | textcraftor_color + textcraftor_shape | those two fused (alpha 1 each)                           |
 | textcraftor_kl_color, textcraftor_kl_shape, and the two fused | the same with DPOK's KL regulariser (`gradient.kl_coef=50`) |
 | textcraftor_kl10_shape, and fused with textcraftor_kl_color | the shape LoRA held more loosely (`gradient.kl_coef=10`) |
+| textcraftor_kl10_color, and fused with textcraftor_kl10_shape | the colour LoRA held as loosely, and both loose ones fused |
 | texforce_shape_wide | texforce_shape trained on every step but the one onto t=1 (`train.max_step_gain=2`) |
 | textcraftor_kl_color + texforce_shape_wide | that shape LoRA fused with the KL-held colour LoRA |
 
@@ -82,6 +83,7 @@ TRAINED = {
     "textcraftor_kl_shape": [*TEXT_ENCODER_GRADIENT, "gradient.kl_coef=50", "reward.spec=object_shape_soft"],
     # ... held 5x more loosely: at 50 the shape hardly moved, at 0 it moved and gave colour away
     "textcraftor_kl10_shape": [*TEXT_ENCODER_GRADIENT, "gradient.kl_coef=10", "reward.spec=object_shape_soft"],
+    "textcraftor_kl10_color": [*TEXT_ENCODER_GRADIENT, "gradient.kl_coef=10", "reward.spec=object_color_soft"],
     # PPO on the shape, trained where its policy gradient has signal: bench/gradient_snr.py found none
     # measurable in the demo's first 4 steps for object_shape_soft, some over all steps but the t=101 one
     "texforce_shape_wide": ["reward.spec=object_shape_soft", "train.min_sigma=0", "train.max_step_gain=2"],
@@ -92,7 +94,8 @@ FUSED = {"texforce + ddpo": ("texforce", "ddpo"), "refl + texforce": ("refl", "t
          "textcraftor_color + textcraftor_shape": ("textcraftor_color", "textcraftor_shape"),
          "textcraftor_kl_color + textcraftor_kl_shape": ("textcraftor_kl_color", "textcraftor_kl_shape"),
          "textcraftor_kl_color + texforce_shape_wide": ("textcraftor_kl_color", "texforce_shape_wide"),
-         "textcraftor_kl_color + textcraftor_kl10_shape": ("textcraftor_kl_color", "textcraftor_kl10_shape")}
+         "textcraftor_kl_color + textcraftor_kl10_shape": ("textcraftor_kl_color", "textcraftor_kl10_shape"),
+         "textcraftor_kl10_color + textcraftor_kl10_shape": ("textcraftor_kl10_color", "textcraftor_kl10_shape")}
 PAPER_TABLE = ["texforce", "ddpo", "texforce + ddpo", "refl", "refl + texforce"]
 
 

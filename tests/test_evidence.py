@@ -128,6 +128,8 @@ def test_every_method_is_a_valid_config_of_the_demo():
     held = evidence.load_config(ROOT / "configs" / "tiny.yaml", evidence.TRAINED["textcraftor_kl_shape"])
     loose = evidence.load_config(ROOT / "configs" / "tiny.yaml", evidence.TRAINED["textcraftor_kl10_shape"])
     assert (held.gradient.kl_coef, loose.gradient.kl_coef, textcraftor.gradient.kl_coef) == (50, 10, 0)
+    loose_color = evidence.load_config(ROOT / "configs" / "tiny.yaml", evidence.TRAINED["textcraftor_kl10_color"])
+    assert (loose_color.gradient.kl_coef, loose_color.reward.spec) == (10, "object_color_soft")
     # the wide PPO shape run trains every step of the toy model's schedule but the one onto t=1 (step 8)
     from diffusers import DDIMScheduler
 
