@@ -83,6 +83,7 @@ TRAINED = {
     "textcraftor_kl_shape": [*TEXT_ENCODER_GRADIENT, "gradient.kl_coef=50", "reward.spec=object_shape_soft"],
     # ... held 5x more loosely: at 50 the shape hardly moved, at 0 it moved and gave colour away
     "textcraftor_kl10_shape": [*TEXT_ENCODER_GRADIENT, "gradient.kl_coef=10", "reward.spec=object_shape_soft"],
+    # ... and the colour as loosely: at 50 it learnt colour on two seeds of three
     "textcraftor_kl10_color": [*TEXT_ENCODER_GRADIENT, "gradient.kl_coef=10", "reward.spec=object_color_soft"],
     # PPO on the shape, trained where its policy gradient has signal: bench/gradient_snr.py found none
     # measurable in the demo's first 4 steps for object_shape_soft, some over all steps but the t=101 one
