@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +20,10 @@ from rl.sampling import Trajectories
 
 
 def _fetch(items: list) -> list:
-    """The objects behind Ray refs (Ray mode: all are refs); inline, the objects themselves."""
-    import ray
-
-    return ray.get(list(items)) if items and isinstance(items[0], ray.ObjectRef) else list(items)
+    """The objects behind Ray refs (Ray mode: all are refs); inline, the objects themselves.
+    Inline runs never import Ray (a ref exists only once it is imported), so they run where it is absent."""
+    ray = sys.modules.get("ray")
+    return ray.get(list(items)) if ray and items and isinstance(items[0], ray.ObjectRef) else list(items)
 
 
 @dataclass

@@ -48,7 +48,8 @@ def saved_for_backward(learner, prompts: list[str], seeds: list[int], window) ->
     return sum(saved.values())
 
 
-def measure(model: str, *, steps: int, k: int, size: int, batch: int, checkpointing: bool, threads: int) -> dict:
+def measure(model: str, *, steps: int, k: int, size: int, batch: int, checkpointing: bool, threads: int,
+            dtype: str = "float32") -> dict:
     """One configuration in this process: baseline peak, update peak, seconds per update."""
     torch.set_num_threads(threads)
     from rl.config import load_config
@@ -56,11 +57,11 @@ def measure(model: str, *, steps: int, k: int, size: int, batch: int, checkpoint
     from rl.models import load_pipeline
 
     config = load_config(None, [
-        f"model.pretrained={model}", "model.device=auto", f"sample.num_steps={steps}", f"sample.height={size}",
+        f"model.pretrained={model}", "model.device=auto", f"model.dtype={dtype}", f"sample.num_steps={steps}", f"sample.height={size}",
         f"sample.width={size}", "train.algorithm=draft_k", f"gradient.truncation_k={k}", "lora.policy=unet",
         "lora.rank=8", "lora.alpha=8", f"gradient.checkpointing={str(checkpointing).lower()}",
     ])
-    learner = GradientLearner(load_pipeline(model, device="auto"), config)
+    learner = GradientLearner(load_pipeline(model, dtype=dtype, device="auto"), config)
     device = learner.pipe.unet.device
     prompts, seeds = ["a red ball"] * batch, list(range(batch))
     with torch.no_grad():
@@ -92,6 +93,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="image size in pixels")
     parser.add_argument("--batch", type=int, default=1, help="samples per update")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per measurement (CPU)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the frozen weights' dtype (model.dtype)")
     parser.add_argument("--no-checkpointing", action="store_true", help="also measure K=1 and K=all without checkpointing")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one JSON-encoded configuration
     args = parser.parse_args()
@@ -108,9 +111,14 @@ def main() -> None:
           "latents of the K steps (KiB) | s / update | device |")
     print("|---|---|---|---|---|---|---|---|")
     for job in jobs:  # a fresh process per row: peak RSS cannot be reset within one
-        job |= {"size": args.size, "batch": args.batch, "threads": args.threads}
+        job |= {"size": args.size, "batch": args.batch, "threads": args.threads, "dtype": args.dtype}
         out = subprocess.run([sys.executable, __file__, args.model, "--one", json.dumps(job)],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=False)
+        if out.returncode != 0:  # out of memory is a result too: the row says so and the table goes on
+            error = (out.stderr.strip().splitlines() or ["no output"])[-1][:120]
+            print(f"| {job['steps']} | {job['k']} | {'yes' if job['checkpointing'] else 'no'} | failed: {error} "
+                  "| | | | |", flush=True)
+            continue
         row = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"| {row['steps']} | {row['k']} | {'yes' if row['checkpointing'] else 'no'} | {row['held_mib']:.1f} | "
               f"{row['extra_mib']:.1f} | "

@@ -34,7 +34,7 @@ VARIANTS = {  # name -> (model.dtype, loss scaling on)
 
 def _config(model_dir: str, dtype: str, args: argparse.Namespace):
     return load_config(None, [
-        f"model.pretrained={model_dir}", "model.device=cpu", f"model.dtype={dtype}",
+        f"model.pretrained={model_dir}", f"model.device={args.device}", f"model.dtype={dtype}",
         f"sample.num_steps={args.num_steps}", f"sample.height={args.size}", f"sample.width={args.size}",
         "lora.policy=both", "lora.rank=4", "lora.alpha=4", "train.clip_range=10",
     ])
@@ -52,6 +52,8 @@ def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def _gradients(learner: PPOLearner, batch, advantages, step_index) -> list[torch.Tensor]:
     learner.minibatch_backward(batch, advantages, step_index, 1.0)
     grads = [p.grad.detach().clone() for p in learner.params]
+    if grads[0].is_cuda:
+        torch.cuda.synchronize()
     learner.optimizer.zero_grad(set_to_none=True)
     return grads
 
@@ -63,14 +65,18 @@ def main() -> None:
     parser.add_argument("--num-steps", type=int, default=50, help="DDIM steps per trajectory")
     parser.add_argument("--trained", type=int, default=25, help="steps trained (a random subset)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (all variants and the float32 reference on it)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    # a float32 reference, not TF32: cuDNN's convolutions round to TF32 by default on Ampere and later
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
     generator = torch.Generator().manual_seed(args.seed)
-    reference = PPOLearner(load_pipeline(args.model, device="cpu"), _config(args.model, "float32", args))
+    reference = PPOLearner(load_pipeline(args.model, device=args.device), _config(args.model, "float32", args))
     with torch.no_grad():
         for p in reference.params:
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+            p.add_(0.05 * torch.randn(p.shape, generator=generator).to(p.device))
     t0 = time.perf_counter()
     batch = sample_trajectories(reference.pipe, ["a red ball"], [args.seed], num_steps=args.num_steps,
                                 guidance_scale=5.0, eta=1.0, height=args.size, width=args.size)
@@ -82,7 +88,7 @@ def main() -> None:
 
     print(f"{'frozen weights':26s} {'cos text encoder':>17s} {'cos U-Net':>10s} {'seconds':>8s}")
     for name, (dtype, scaled) in VARIANTS.items():
-        learner = PPOLearner(load_pipeline(args.model, dtype=dtype, device="cpu"), _config(args.model, dtype, args))
+        learner = PPOLearner(load_pipeline(args.model, dtype=dtype, device=args.device), _config(args.model, dtype, args))
         set_policy_weights(learner.pipe, reference.get_weights())
         if not scaled:
             learner.scaler.scale = 1.0

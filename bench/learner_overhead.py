@@ -19,6 +19,7 @@ encoder and large for SD's CLIP ViT-L).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     # the papers' loss: no KL penalty (it adds one U-Net forward per step, to learner and ideal alike)
     config = load_config(ROOT / "configs" / "tiny.yaml", [f"model.pretrained={args.model}", "train.kl_coef=0",
                                                           f"train.batch_size={args.batch}", *args.overrides])
-    pipe = load_pipeline(args.model, device="auto")
+    pipe = load_pipeline(args.model, dtype=config.model.dtype, device="auto")
+    device = pipe.unet.device
     learner = PPOLearner(pipe, config)
     s = config.sample
     prompts = [f"a {c} ball" for c in ("red", "blue", "green", "yellow")] * (args.batch // 4 + 1)
@@ -59,6 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     steps = learner.trainable_steps
     step_index = steps.repeat(args.batch, 1)  # every trainable step of every row
     rows = torch.arange(args.batch)
+    # the ideal and re-encoding arms read the trajectories from the device; the learner copies its rows there itself
+    on_device = dataclasses.replace(batch, latents=batch.latents.to(device), timesteps=batch.timesteps.to(device),
+                                    log_probs=batch.log_probs.to(device))
+    device_advantages = advantages.to(device)
 
     def learner_step() -> None:
         learner.minibatch_backward(batch, advantages, step_index)
@@ -69,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         uncond = encode(pipe.text_encoder, batch.negative_ids)
         cond_leaf, uncond_leaf = cond.detach().requires_grad_(), uncond.detach().requires_grad_()
         for j in steps.tolist():
-            eps = guided_noise_prediction(pipe.unet, batch.latents[:, j], batch.timesteps[:, j], cond_leaf, uncond_leaf,
+            eps = guided_noise_prediction(pipe.unet, on_device.latents[:, j], on_device.timesteps[:, j], cond_leaf,
+                                          uncond_leaf,
                                           s.guidance_scale)
             eps.sum().backward()
         torch.autograd.backward([cond, uncond], [cond_leaf.grad, uncond_leaf.grad])
@@ -80,30 +87,45 @@ def main(argv: list[str] | None = None) -> None:
             j = step_index[:, k]
             cond = encode(pipe.text_encoder, batch.prompt_ids)
             uncond = encode(pipe.text_encoder, batch.negative_ids)
-            log_prob, _, _ = step_distribution(pipe.unet, learner.schedule, batch.latents[rows, j], batch.timesteps[rows, j],
-                                               batch.latents[rows, j + 1], cond, uncond,
+            log_prob, _, _ = step_distribution(pipe.unet, learner.schedule, on_device.latents[rows, j],
+                                               on_device.timesteps[rows, j], on_device.latents[rows, j + 1], cond, uncond,
                                                guidance_scale=s.guidance_scale, eta=s.eta)
-            loss, _ = clipped_surrogate_loss(log_prob, batch.log_probs[rows, j], advantages, config.train.clip_range)
+            loss, _ = clipped_surrogate_loss(log_prob, on_device.log_probs[rows, j], device_advantages,
+                                             config.train.clip_range)
             (loss / step_index.shape[1]).backward()
         learner.optimizer_step()
 
     candidates = {"learner": learner_step, "ideal": ideal_step, "re-encode every step": reencode_step}
+    def synchronize() -> None:  # kernels run asynchronously on a GPU: time what they did, not their launch
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for fn in candidates.values():
         fn()  # warm-up
+    synchronize()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(args.repeats):
         for name, fn in candidates.items():
+            synchronize()
             start = time.perf_counter()
             fn()
+            synchronize()
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(v) for name, v in times.items()}
     print(f"one minibatch of {args.batch} rows x {len(steps)} trained steps (text-encoder LoRA), "
-          f"{pipe.unet.device}, {args.threads} threads, median of {args.repeats}, interleaved:")
+          f"{device}, {config.model.dtype}, {args.threads} threads, median of {args.repeats}, interleaved:")
     for name, median in medians.items():
         print(f"  {name:22s} {median:7.3f} s  ({median / medians['ideal']:.3f}x ideal)")
     ratios = {"learner_over_ideal": medians["learner"] / medians["ideal"],
               "reencode_over_learner": medians["re-encode every step"] / medians["learner"]}
     print(f"  re-encoding / learner  {ratios['reencode_over_learner']:.3f}x")
+    ratios["learner_samples_per_s"] = args.batch / medians["learner"]
+    print(f"  learner                {ratios['learner_samples_per_s']:7.2f} samples/s ({len(steps)} trained steps each)")
+    if device.type == "cuda":
+        ratios["peak_device_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        print(f"  peak device memory     {ratios['peak_device_gib']:7.2f} GiB")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "times": times,
                                     "medians": medians, **ratios}, indent=2))

@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eta", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=7, help="timed calls of each, interleaved (>= 5)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the frozen weights' dtype (model.dtype)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-sampler/sampler_overhead.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     from rl.models import load_pipeline
     from rl.sampling import sample_trajectories
 
-    pipe = load_pipeline(args.model, device="auto")
+    pipe = load_pipeline(args.model, dtype=args.dtype, device="auto")
     device = pipe.unet.device
     prompts = [f"a {c} ball" for c in ("red", "blue", "green", "yellow")] * (args.batch // 4 + 1)
     prompts, seeds = prompts[: args.batch], list(range(args.batch))
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe.set_progress_bar_config(disable=True)
     timed(recorded), timed(plain)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times: dict[str, list[float]] = {"sample_trajectories": [], "pipe(...)": []}
     for _ in range(args.repeats):
         times["sample_trajectories"].append(timed(recorded))
@@ -67,13 +71,17 @@ def main(argv: list[str] | None = None) -> None:
     medians = {k: statistics.median(v) for k, v in times.items()}
     ratio = medians["sample_trajectories"] / medians["pipe(...)"]
     print(f"{args.batch} samples, {args.steps} steps, guidance {args.guidance:g}, eta {args.eta:g}, {device}, "
-          f"{args.threads} threads, median of {args.repeats} (A B interleaved):")
+          f"{args.dtype}, {args.threads} threads, median of {args.repeats} (A B interleaved):")
     for name, median in medians.items():
         print(f"  {name:20s} {median:7.3f} s  ({args.batch / median:6.1f} samples/s)")
     print(f"  recorded / plain     {ratio:7.3f}x")
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    if peak_gib is not None:
+        print(f"  peak device memory   {peak_gib:7.2f} GiB")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "times": times,
-                                    "medians": medians, "ratio": ratio}, indent=2))
+                                    "medians": medians, "ratio": ratio,
+                                    "peak_device_gib": peak_gib}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -416,21 +416,26 @@ class PPOLearner(LoraLearner):
                 ref_uncond = encode(self.pipe.text_encoder, batch.negative_ids)
         else:  # a frozen text encoder: the policy's embeddings are the base model's
             ref_cond, ref_uncond = cond, uncond
-        # 2. per trained step: recompute log-prob, PPO loss (+ KL), backward to the leaves (and U-Net LoRA)
-        rows = torch.arange(len(batch))
+        # 2. per trained step: recompute log-prob, PPO loss (+ KL), backward to the leaves (and U-Net LoRA).
+        # The trained steps' tensors move to the device in one copy each, and the metrics stay there
+        # until the end: no host<->device copy or sync inside the loop, so a GPU never waits for the host.
+        rows = torch.arange(len(batch))[:, None]
+        x_ts = batch.latents[rows, step_index].to(device)  # [b, K, C, h, w]
+        x_prevs = batch.latents[rows, step_index + 1].to(device)
+        ts = batch.timesteps[rows, step_index].to(device)  # [b, K]
+        old_log_probs = batch.log_probs[rows, step_index].to(device)
         advantages = advantages.to(device)
         num_trained = step_index.shape[1]
         guidance, eta = self.sample.guidance_scale, self.sample.eta
+        totals = torch.zeros(len(sums), dtype=torch.float64, device=device)  # in the order of `sums`
         for k in range(num_trained):
-            j = step_index[:, k]
-            x_t = batch.latents[rows, j].to(device)
-            t = batch.timesteps[rows, j].to(device)
-            x_prev = batch.latents[rows, j + 1].to(device)
+            x_t, t, x_prev, old_log_prob = x_ts[:, k], ts[:, k], x_prevs[:, k], old_log_probs[:, k]
             log_prob, mean, sigma = step_distribution(
                 self.pipe.unet, self.schedule, x_t, t, x_prev, cond_leaf, uncond_leaf, guidance_scale=guidance, eta=eta
             )
-            old_log_prob = batch.log_probs[rows, j].to(device)
             loss, metrics = clipped_surrogate_loss(log_prob, old_log_prob, advantages, self.train.clip_range)
+            step_metrics = [metrics["approx_kl"], metrics["clipfrac"], metrics["ratio"],
+                            (log_prob - old_log_prob).abs().max()]
             if use_kl:  # closed-form KL of this step to the base model's, at the same x_t
                 with torch.no_grad(), adapters_disabled(self.pipe, self.policy):
                     _, ref_mean, _ = step_distribution(
@@ -438,12 +443,10 @@ class PPOLearner(LoraLearner):
                     )
                 kl = gaussian_kl(mean, ref_mean, sigma).mean()
                 loss = loss + self.train.kl_coef * kl
-                sums["kl_to_base"] += kl.item() / num_trained
+                step_metrics.append(kl)
             (loss * (weight * self.scaler.scale / num_trained)).backward()
-            sums["loss"] += loss.item() / num_trained
-            for key in ("approx_kl", "clipfrac", "ratio"):
-                sums[key] += metrics[key].item() / num_trained
-            sums["abs_logprob_diff"] += (log_prob - old_log_prob).abs().max().item() / num_trained
+            totals += torch.stack([loss.detach(), *step_metrics]).double() / num_trained
+        sums = dict(zip(sums, totals.tolist()))  # the one sync of the minibatch
         # 3. one backward through the text encoder with the accumulated embedding gradients
         if self.train_text_encoder:
             torch.autograd.backward([cond, uncond], [cond_leaf.grad.to(cond.dtype), uncond_leaf.grad.to(uncond.dtype)])

@@ -1,5 +1,10 @@
 """The driver's view of a rollout: rows kept after dropping non-finite rewards map back to the
 right shard rows, for the learner's batch and for the images the driver plots."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from actors.reward import RewardScores
@@ -39,3 +44,21 @@ def test_kept_rows_reach_the_learner_and_the_plots_from_their_shards():
     # a second selection composes with the first
     again = kept.select(torch.tensor([0, 5]))
     assert again.trajectories().fetch().seeds.tolist() == [0, 7] and again.images([1])[:, 0, 0, 0].tolist() == [7]
+
+
+def test_an_inline_rollout_is_read_without_ray(tmp_path):
+    """Inline mode holds the objects themselves; reading them must not import Ray, so a machine
+    without it (a lent GPU box, a laptop) can debug a run in one process."""
+    script = tmp_path / "no_ray.py"
+    script.write_text(
+        "import sys\n"
+        "sys.modules['ray'] = None  # importing ray now fails\n"
+        "import test_rollout\n"
+        "kept = test_rollout._rollout().select(test_rollout.torch.tensor([0, 7]))\n"
+        "assert kept.trajectories().fetch().seeds.tolist() == [0, 7]\n"
+        "assert kept.images([1])[:, 0, 0, 0].tolist() == [7]\n"
+    )
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]

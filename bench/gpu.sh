@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The README's GPU figures in one pass (about 6 minutes on one H200): SD 1.5's shapes at full size
+# (512 px, random weights, built here), bfloat16 frozen weights with the float32 LoRA.
+#
+#   bash bench/gpu.sh runs/bench-gpu          # needs a CUDA torch and the project's packages
+#
+# Each step has its own time limit, so one that hangs or runs out of memory leaves the others' figures.
+# SAMPLE_SIZE, STEPS, BATCH, REPEATS and DEMO_OVERRIDES shrink the work for a dry run on a CPU (DEVICE=cpu).
+set -u
+out=${1:-runs/bench-gpu}
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python=${PYTHON:-python3}
+model=${SD15_DIR:-/tmp/sd15-shaped}
+sample_size=${SAMPLE_SIZE:-64}  # latent side: 64 is SD 1.5's 512 px
+steps=${STEPS:-50}
+batch=${BATCH:-8}
+repeats=${REPEATS:-5}
+device=${DEVICE:-cuda}
+log="$out/gpu.log"
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log it, never stop the pass
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: $*" | tee -a "$log"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | grep -v "requires torchvision\|Install torchvision" | tee -a "$log"
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$log"
+}
+
+step environment 120 "$python" -c "
+import torch, diffusers, transformers, peft
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__,
+      'transformers', transformers.__version__, 'peft', peft.__version__)
+if torch.cuda.is_available():
+    print(torch.cuda.get_device_name(), f'{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB')"
+[ -f "$model/model_index.json" ] || step build 240 "$python" bench/sd15_shaped.py "$model" --sample-size "$sample_size"
+step sampler 150 "$python" bench/sampler_overhead.py "$model" --dtype bfloat16 --batch "$batch" --steps "$steps" \
+  --repeats "$repeats" --out "$out/sampler_overhead.json"
+step learner 200 "$python" bench/learner_overhead.py "$model" --batch $((batch / 2)) --repeats "$repeats" \
+  --out "$out/learner_overhead.json" model.dtype=bfloat16 "sample.num_steps=$steps" train.min_sigma=0  # every step
+step half_precision 200 "$python" bench/half_precision_gradients.py "$model" --device "$device" \
+  --size $((sample_size * 8)) --num-steps "$steps" --trained $((steps / 2))
+# the demo (configs/tiny.yaml: toy model, 20 epochs, 1920 held-out images before and after) in one process
+step demo 300 "$python" -m rl.cli train --config configs/tiny.yaml resources.mode=inline "model.device=$device" \
+  model.dtype=bfloat16 output_dir=/tmp/gpu-runs ${DEMO_OVERRIDES:-}
+cp /tmp/gpu-runs/tiny/reward_curve.png /tmp/gpu-runs/tiny/metrics.parquet /tmp/gpu-runs/tiny/evaluation.parquet "$out/" \
+  2>/dev/null
+step draft_memory 240 "$python" bench/gradient_memory.py "$model" --dtype bfloat16 --size $((sample_size * 8)) \
+  --steps "$steps" --ks 1,5,all --no-checkpointing
