@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         cond_leaf, uncond_leaf = cond.detach().requires_grad_(), uncond.detach().requires_grad_()
         for j in steps.tolist():
             eps = guided_noise_prediction(pipe.unet, on_device.latents[:, j], on_device.timesteps[:, j], cond_leaf,
-                                          uncond_leaf,
-                                          s.guidance_scale)
+                                          uncond_leaf, s.guidance_scale)
             eps.sum().backward()
         torch.autograd.backward([cond, uncond], [cond_leaf.grad, uncond_leaf.grad])
         learner.optimizer_step()
