@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's GPU figures in one pass (about 6 minutes on one H200): SD 1.5's shapes at full size
+# The README's GPU figures in one pass (about 8 minutes on one H200): SD 1.5's shapes at full size
 # (512 px, random weights, built here), bfloat16 frozen weights with the float32 LoRA.
 #
 #   bash bench/gpu.sh runs/bench-gpu          # needs a CUDA torch and the project's packages

@@ -57,9 +57,9 @@ def measure(model: str, *, steps: int, k: int, size: int, batch: int, checkpoint
     from rl.models import load_pipeline
 
     config = load_config(None, [
-        f"model.pretrained={model}", "model.device=auto", f"model.dtype={dtype}", f"sample.num_steps={steps}", f"sample.height={size}",
-        f"sample.width={size}", "train.algorithm=draft_k", f"gradient.truncation_k={k}", "lora.policy=unet",
-        "lora.rank=8", "lora.alpha=8", f"gradient.checkpointing={str(checkpointing).lower()}",
+        f"model.pretrained={model}", "model.device=auto", f"model.dtype={dtype}", f"sample.num_steps={steps}",
+        f"sample.height={size}", f"sample.width={size}", "train.algorithm=draft_k", f"gradient.truncation_k={k}",
+        "lora.policy=unet", "lora.rank=8", "lora.alpha=8", f"gradient.checkpointing={str(checkpointing).lower()}",
     ])
     learner = GradientLearner(load_pipeline(model, dtype=dtype, device="auto"), config)
     device = learner.pipe.unet.device

@@ -88,7 +88,8 @@ def main() -> None:
 
     print(f"{'frozen weights':26s} {'cos text encoder':>17s} {'cos U-Net':>10s} {'seconds':>8s}")
     for name, (dtype, scaled) in VARIANTS.items():
-        learner = PPOLearner(load_pipeline(args.model, dtype=dtype, device=args.device), _config(args.model, dtype, args))
+        pipe = load_pipeline(args.model, dtype=dtype, device=args.device)
+        learner = PPOLearner(pipe, _config(args.model, dtype, args))
         set_policy_weights(learner.pipe, reference.get_weights())
         if not scaled:
             learner.scaler.scale = 1.0

@@ -87,14 +87,15 @@ def main(argv: list[str] | None = None) -> None:
             cond = encode(pipe.text_encoder, batch.prompt_ids)
             uncond = encode(pipe.text_encoder, batch.negative_ids)
             log_prob, _, _ = step_distribution(pipe.unet, learner.schedule, on_device.latents[rows, j],
-                                               on_device.timesteps[rows, j], on_device.latents[rows, j + 1], cond, uncond,
-                                               guidance_scale=s.guidance_scale, eta=s.eta)
+                                               on_device.timesteps[rows, j], on_device.latents[rows, j + 1],
+                                               cond, uncond, guidance_scale=s.guidance_scale, eta=s.eta)
             loss, _ = clipped_surrogate_loss(log_prob, on_device.log_probs[rows, j], device_advantages,
                                              config.train.clip_range)
             (loss / step_index.shape[1]).backward()
         learner.optimizer_step()
 
     candidates = {"learner": learner_step, "ideal": ideal_step, "re-encode every step": reencode_step}
+
     def synchronize() -> None:  # kernels run asynchronously on a GPU: time what they did, not their launch
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
               "reencode_over_learner": medians["re-encode every step"] / medians["learner"]}
     print(f"  re-encoding / learner  {ratios['reencode_over_learner']:.3f}x")
     ratios["learner_samples_per_s"] = args.batch / medians["learner"]
-    print(f"  learner                {ratios['learner_samples_per_s']:7.2f} samples/s ({len(steps)} trained steps each)")
+    print(f"  learner                {ratios['learner_samples_per_s']:7.2f} samples/s "
+          f"({len(steps)} trained steps each)")
     if device.type == "cuda":
         ratios["peak_device_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         print(f"  peak device memory     {ratios['peak_device_gib']:7.2f} GiB")

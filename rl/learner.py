@@ -418,7 +418,8 @@ class PPOLearner(LoraLearner):
             ref_cond, ref_uncond = cond, uncond
         # 2. per trained step: recompute log-prob, PPO loss (+ KL), backward to the leaves (and U-Net LoRA).
         # The trained steps' tensors move to the device in one copy each, and the metrics stay there
-        # until the end: no host<->device copy or sync inside the loop, so a GPU never waits for the host.
+        # until the end: no host<->device copy or sync inside the loop, so the host queues the next step's
+        # kernels while a GPU runs this one.
         rows = torch.arange(len(batch))[:, None]
         x_ts = batch.latents[rows, step_index].to(device)  # [b, K, C, h, w]
         x_prevs = batch.latents[rows, step_index + 1].to(device)
