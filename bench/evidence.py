@@ -307,18 +307,30 @@ def plot(rows: list[dict], methods: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"), help="the demo's config")
     parser.add_argument("--out", default="runs/evidence")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=PAPER_TABLE, choices=[*TRAINED, *FUSED])
+    parser.add_argument("--methods", nargs="+", default=PAPER_TABLE, help=f"any of {', '.join([*TRAINED, *FUSED])}")
     parser.add_argument("--eval-seeds", type=int, default=48, help="images per held-out prompt")
     parser.add_argument("--jobs", type=int, default=1, help="models trained / scored at a time, one thread each")
     parser.add_argument("overrides", nargs="*", help="config overrides for every trained method (key=value)")
     args = parser.parse_args(argv)
+    # key=value after --methods is a config override, not a method: it may come anywhere on the line
+    args.overrides += [m for m in args.methods if "=" in m]
+    args.methods = [m for m in args.methods if "=" not in m]
+    unknown = [m for m in args.methods if m not in TRAINED and m not in FUSED]
+    if unknown or not args.methods:
+        parser.error(f"--methods: {'unknown ' + ', '.join(unknown) if unknown else 'no method given'}; "
+                     f"choose from {', '.join([*TRAINED, *FUSED])}")
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     from tune.worker import FusionJob

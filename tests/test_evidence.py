@@ -116,6 +116,16 @@ def test_a_task_starts_as_soon_as_the_tasks_it_needs_are_done(tmp_path, jobs):
         list(evidence.run_tasks([(str.upper, ("a",), {})] * 2, jobs, [None] * 2, after=[(1,), (0,)]))
 
 
+def test_config_overrides_may_follow_the_methods(capsys):
+    method = next(iter(evidence.TRAINED))
+    args = evidence.parse_args(["--methods", method, "evaluation.seed_base=7", "--jobs", "2"])
+    assert args.methods == [method] and args.overrides == ["evaluation.seed_base=7"] and args.jobs == 2
+    for argv, message in ((["--methods", method + "x"], f"unknown {method}x"), (["--methods", "a=b"], "no method given")):
+        with pytest.raises(SystemExit) as exit_info:
+            evidence.parse_args(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_every_method_is_a_valid_config_of_the_demo():
     # a typo in a method's overrides would otherwise surface only when its turn to train comes
     for method, overrides in evidence.TRAINED.items():
