@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from rl.models import DTYPES
+
 
 def _peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
@@ -93,7 +95,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="image size in pixels")
     parser.add_argument("--batch", type=int, default=1, help="samples per update")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per measurement (CPU)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
                         help="the frozen weights' dtype (model.dtype)")
     parser.add_argument("--no-checkpointing", action="store_true", help="also measure K=1 and K=all without checkpointing")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one JSON-encoded configuration

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from rl.models import DTYPES
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eta", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=7, help="timed calls of each, interleaved (>= 5)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
                         help="the frozen weights' dtype (model.dtype)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-sampler/sampler_overhead.json"))
     args = parser.parse_args(argv)

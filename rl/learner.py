@@ -428,15 +428,14 @@ class PPOLearner(LoraLearner):
         advantages = advantages.to(device)
         num_trained = step_index.shape[1]
         guidance, eta = self.sample.guidance_scale, self.sample.eta
-        totals = torch.zeros(len(sums), dtype=torch.float64, device=device)  # in the order of `sums`
+        totals: dict[str, torch.Tensor] = {}
         for k in range(num_trained):
             x_t, t, x_prev, old_log_prob = x_ts[:, k], ts[:, k], x_prevs[:, k], old_log_probs[:, k]
             log_prob, mean, sigma = step_distribution(
                 self.pipe.unet, self.schedule, x_t, t, x_prev, cond_leaf, uncond_leaf, guidance_scale=guidance, eta=eta
             )
             loss, metrics = clipped_surrogate_loss(log_prob, old_log_prob, advantages, self.train.clip_range)
-            step_metrics = [metrics["approx_kl"], metrics["clipfrac"], metrics["ratio"],
-                            (log_prob - old_log_prob).abs().max()]
+            metrics["abs_logprob_diff"] = (log_prob - old_log_prob).abs().max()
             if use_kl:  # closed-form KL of this step to the base model's, at the same x_t
                 with torch.no_grad(), adapters_disabled(self.pipe, self.policy):
                     _, ref_mean, _ = step_distribution(
@@ -444,10 +443,11 @@ class PPOLearner(LoraLearner):
                     )
                 kl = gaussian_kl(mean, ref_mean, sigma).mean()
                 loss = loss + self.train.kl_coef * kl
-                step_metrics.append(kl)
+                metrics["kl_to_base"] = kl.detach()
             (loss * (weight * self.scaler.scale / num_trained)).backward()
-            totals += torch.stack([loss.detach(), *step_metrics]).double() / num_trained
-        sums = dict(zip(sums, totals.tolist()))  # the one sync of the minibatch
+            for key, value in {"loss": loss.detach(), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + value.double() / num_trained
+        sums = dict(zip(totals, torch.stack(list(totals.values())).tolist()))  # the one sync of the minibatch
         # 3. one backward through the text encoder with the accumulated embedding gradients
         if self.train_text_encoder:
             torch.autograd.backward([cond, uncond], [cond_leaf.grad.to(cond.dtype), uncond_leaf.grad.to(uncond.dtype)])
