@@ -62,7 +62,7 @@ from evidence import held_out_set, rows_for, score_model  # noqa: E402
 # LoRA rank 8 as in configs/tiny.yaml) with the learning rate scaled up for the toy model (1e-3, as
 # bench/evidence.py's ReFL); TextCraftor keeps the text-encoder LoRA at a tenth of that (1e-4: the
 # official code's lr is 1e-6 on the full encoder; at 1e-3 its LoRA, trained only through the last
-# steps, lowered held-out reward by 11 SE, README "Gradient learners"), and PPO keeps the demo's settings.
+# steps, lowered held-out reward by 11 SE, docs/gradient_learners.md), and PPO keeps the demo's settings.
 COMMON = ["evaluation.prompts_file=null"]
 UNET_GRADIENT = ["lora.policy=unet", "train.learning_rate=1e-3", "train.weight_decay=0.1"]
 METHOD_OVERRIDES: dict[str, list[str]] = {

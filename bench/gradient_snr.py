@@ -16,8 +16,7 @@ policy gradient by sampling step, and prints
   too): the number of samples at which its signal equals its noise, and its split-half cosine.
   Summed over the high-noise first steps only (--early-sigma, train.min_sigma) and over all.
 
-and saves a PNG of the per-step figures. Run on the demo's model (README, "Why the demo does not
-learn yet"):
+and saves a PNG of the per-step figures. Run on the demo's model (docs/demo.md, "Why `min_sigma`"):
 
     python bench/gradient_snr.py models/toy-sd --prompts configs/prompts_toy_train.txt \
         --reward object_alignment --samples 1024 --direct-samples 512 --group-size 8

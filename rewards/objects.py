@@ -19,7 +19,7 @@ per-attribute scores, `soft_parts` the soft ones.
 `object_alignment_soft` (and `object_color_soft`, `object_shape_soft`) score the soft reading
 itself: the named colour's and shape's probabilities, in [0, 1], with partial credit for a
 nearly right colour or silhouette. A policy-gradient learner sees less quantisation noise in it
-than in the 0 / 0.5 / 1 of the exact score (README, "What the demo's gain depends on"); the
+than in the 0 / 0.5 / 1 of the exact score (docs/demo.md, "What the demo's gain depends on"); the
 parts they log stay the exact per-attribute scores, so accuracy reads the same.
 
 Images are read one by one, so a score does not depend on its batch-mates. `toyworld` is
