@@ -128,7 +128,7 @@ class TrainConfig:
     version stale; the stored old log-probs keep the PPO ratio correct); on Ray sampling and
     learning then overlap (on 2 cores 1.06-1.08x the samples/s of a synchronous learner that uses
     both cores while it updates; README "Performance"), but on the demo it
-    did not reproduce the synchronous loop's held-out gain (2 seeds). Inline mode computes the
+    lowered the held-out gain on 2 of 3 seeds (docs/demo.md). Inline mode computes the
     same run as Ray for either value."""
 
 
