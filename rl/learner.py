@@ -398,11 +398,9 @@ class PPOLearner(LoraLearner):
         """
         device = self.pipe.unet.device
         use_kl = self.train.kl_coef > 0
-        sums = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio": 0.0, "abs_logprob_diff": 0.0}
-        if use_kl:
-            sums["kl_to_base"] = 0.0
-        if len(batch) == 0:  # an uneven last minibatch can leave a rank without rows
-            return sums | {"ratio": 1.0}
+        if len(batch) == 0:  # an uneven last minibatch can leave a rank without rows: the same keys, zero
+            empty = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio": 1.0, "abs_logprob_diff": 0.0}
+            return empty | ({"kl_to_base": 0.0} if use_kl else {})
         # 1. encode prompt and negative prompt once, then cut the graph at the embeddings
         with torch.set_grad_enabled(self.train_text_encoder):
             cond = encode(self.pipe.text_encoder, batch.prompt_ids)
@@ -447,8 +445,8 @@ class PPOLearner(LoraLearner):
             (loss * (weight * self.scaler.scale / num_trained)).backward()
             for key, value in {"loss": loss.detach(), **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + value.double() / num_trained
-        sums = dict(zip(totals, torch.stack(list(totals.values())).tolist()))  # the one sync of the minibatch
+        means = dict(zip(totals, torch.stack(list(totals.values())).tolist()))  # the one sync of the minibatch
         # 3. one backward through the text encoder with the accumulated embedding gradients
         if self.train_text_encoder:
             torch.autograd.backward([cond, uncond], [cond_leaf.grad.to(cond.dtype), uncond_leaf.grad.to(uncond.dtype)])
-        return sums
+        return means

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ def prose(path: Path) -> list[str]:
     return lines
 
 
+@cache
 def anchors(path: Path) -> set[str]:
     """GitHub's anchors for the page's headings: lower case, punctuation dropped, spaces to hyphens."""
     headings = (re.match(r"#+ (.*)", line) for line in prose(path))
