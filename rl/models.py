@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,18 @@ _WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
 _TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 _MAKE_TINY = "or build a tiny one with `texforce make-tiny DIR`"
 _COPY_AGAIN = "copy it again from the model's snapshot"
+
+
+class _NoTorchvisionAdvice(logging.Filter):
+    """transformers tells every process that imports a pipeline to install torchvision, whose image processors
+    then stand in for the PIL ones. The PIL ones are what this project runs, and a torchvision from PyPI
+    replaces the pinned torch with a CUDA build (the Makefile's `setup`), so the advice is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionAdvice())
 
 
 class ModelNotFoundError(FileNotFoundError):

@@ -32,6 +32,15 @@ def test_bad_override_names_the_key(capsys):
     assert "sample.num_steps: expected an int" in capsys.readouterr().err
 
 
+def test_make_tiny_rejects_bad_step_counts(capsys, tmp_path):
+    first = one_line_error(capsys, cli.main(["make-tiny", str(tmp_path / "m"), "--pretrain-steps", "-1"]))
+    assert first == "texforce make-tiny: --pretrain-steps must be >= 0, got -1"
+    second = one_line_error(capsys, cli.main(["make-tiny", str(tmp_path / "m"), "--pretrain-steps", "3",
+                                             "--vae-steps", "5"]))
+    assert "--vae-steps must be in [0, --pretrain-steps), got 5" in second
+    assert not (tmp_path / "m").exists()
+
+
 def test_missing_config_file(capsys, tmp_path):
     assert cli.main(["train", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err

@@ -18,6 +18,7 @@ def test_make_tiny_cli_writes_a_loadable_pipeline(tmp_path):
     cmd = [str(texforce)] if texforce.exists() else [sys.executable, "-m", "rl.cli"]
     out = subprocess.run(cmd + ["make-tiny", str(tmp_path / "tiny-sd")], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    assert "torchvision" not in out.stderr, out.stderr  # transformers' advice would replace the pinned torch
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "tiny-sd"))
     assert len(pipe.tokenizer) > 256
     assert pipe.tokenizer.tokenize("a red ball") == ["a</w>", "red</w>", "ball</w>"]

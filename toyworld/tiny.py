@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+import rl.models  # noqa: F401  (before diffusers loads: drops transformers' advice to install torchvision)
 from toyworld.captions import COLORS, SHAPES, all_combinations, train_combinations
 
 _WORDS = COLORS + (
@@ -186,10 +187,12 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from rl.config import ConfigError  # a user error: one line on stderr, exit code 2 (rl.cli)
+
     if args.pretrain_steps < 0:
-        raise SystemExit(f"--pretrain-steps must be >= 0, got {args.pretrain_steps}")
+        raise ConfigError(f"--pretrain-steps must be >= 0, got {args.pretrain_steps}")
     if args.vae_steps is not None and not 0 <= args.vae_steps < args.pretrain_steps:
-        raise SystemExit(f"--vae-steps must be in [0, --pretrain-steps), got {args.vae_steps}")
+        raise ConfigError(f"--vae-steps must be in [0, --pretrain-steps), got {args.vae_steps}")
     path = make_tiny(args.directory, seed=args.seed, pretrain_steps=args.pretrain_steps, vae_steps=args.vae_steps,
                      scenes=args.scenes, progress=True)  # fmt: skip
     kind = f"pretrained ({args.pretrain_steps} steps)" if args.pretrain_steps else "random"
