@@ -47,6 +47,10 @@ class LoraSettings:
     """LoRA alpha; deltaW = (alpha / r) * B @ A."""
     init: Literal["gaussian", "default", "zeros"] = "gaussian"
     """peft `init_lora_weights`: B starts at zero either way, so the policy starts at the base model."""
+    init_seed: int | None = None
+    """Seed of the LoRA's random A matrices; None: the run's `seed`. Set it to vary the subspace the LoRA
+    starts in apart from the prompt order and noise, which `seed` keeps (docs/demo.md, "What separates
+    the seeds")."""
     text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
     """Text-encoder modules that get a LoRA."""
     unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])

@@ -171,7 +171,7 @@ class LoraLearner:
         self.sample = config.sample
         self.policy = config.lora.policy
         self.train_text_encoder = self.policy in ("text_encoder", "both")
-        torch.manual_seed(config.seed)  # LoRA init
+        torch.manual_seed(config.seed if config.lora.init_seed is None else config.lora.init_seed)  # LoRA init
         self.params = add_lora(pipe, config.lora)
         self.optimizer = torch.optim.AdamW(
             self.params,

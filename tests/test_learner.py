@@ -202,6 +202,19 @@ def test_kl_penalty_is_zero_at_the_base_model_and_pulls_the_policy_back(pipe, ti
     assert _mean_kl_to(base, learner, batch, step_index) < 0.5 * expected
 
 
+def test_lora_init_seed_sets_the_initial_lora_apart_from_the_run_seed(tiny_sd_dir):
+    def initial(*overrides):
+        learner = PPOLearner(load_pipeline(tiny_sd_dir, device="cpu"), tiny_config(tiny_sd_dir, *overrides))
+        return [p.detach().clone() for p in learner.params], learner.generator.get_state()
+
+    (run0, shuffles0), (run1, _) = initial("seed=0"), initial("seed=1")
+    (moved, shuffles), (default, _) = initial("seed=0", "lora.init_seed=1"), initial("seed=0", "lora.init_seed=0")
+    assert all(torch.equal(a, b) for a, b in zip(moved, run1))  # the LoRA of seed 1 ...
+    assert torch.equal(shuffles, shuffles0)  # ... with seed 0's minibatch shuffles
+    assert all(torch.equal(a, b) for a, b in zip(default, run0))
+    assert not all(torch.equal(a, b) for a, b in zip(run0, run1))
+
+
 def test_state_dict_round_trip(pipe, tiny_sd_dir):
     cfg = tiny_config(tiny_sd_dir)
     learner = PPOLearner(pipe, cfg)
