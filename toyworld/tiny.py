@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import rl.models  # noqa: F401  (before diffusers loads: drops transformers' advice to install torchvision)
+from rl.config import ConfigError  # a user error: one line on stderr, exit code 2 (rl.cli)
 from toyworld.captions import COLORS, SHAPES, all_combinations, train_combinations
 
 _WORDS = COLORS + (
@@ -187,8 +188,6 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from rl.config import ConfigError  # a user error: one line on stderr, exit code 2 (rl.cli)
-
     if args.pretrain_steps < 0:
         raise ConfigError(f"--pretrain-steps must be >= 0, got {args.pretrain_steps}")
     if args.vae_steps is not None and not 0 <= args.vae_steps < args.pretrain_steps:
