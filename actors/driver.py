@@ -206,7 +206,10 @@ class _Batches:
     def prompts_and_seeds(self, epoch: int) -> tuple[list[str], list[int]]:
         c = self.config
         group = c.advantage.group_size if c.advantage.mode == "group" else 1
-        return epoch_prompts(self.prompts, seed=c.seed, epoch=epoch, num_samples=c.samples_per_epoch, group_size=group)
+        return epoch_prompts(
+            self.prompts, seed=c.seed, epoch=epoch, num_samples=c.samples_per_epoch, group_size=group,
+            order=c.prompts.order,
+        )
 
 
 def _sampling_weights(config: TexForceConfig, workers, weights: PolicyWeights) -> PolicyWeights:

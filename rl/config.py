@@ -187,6 +187,10 @@ class PromptConfig:
     """Text file with one prompt per line; None uses `builtin`."""
     builtin: Literal["colors", "animals"] = "colors"
     """Embedded prompt set used when no file is given."""
+    order: Literal["random", "cycle"] = "random"
+    """random: each epoch draws its prompts independently, with replacement (DDPO's sampling);
+    cycle: epochs walk through shuffled passes over the list, so every prompt is trained as often as
+    any other. The per-sample noise seeds are the same under both."""
 
 
 @dataclass

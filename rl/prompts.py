@@ -67,14 +67,28 @@ def warn_long_prompts(prompts: list[str], tokenizer, *, source: str) -> int:
 
 
 def epoch_prompts(
-    prompts: list[str], *, seed: int, epoch: int, num_samples: int, group_size: int = 1
+    prompts: list[str], *, seed: int, epoch: int, num_samples: int, group_size: int = 1, order: str = "random"
 ) -> tuple[list[str], list[int]]:
     """This epoch's prompts and per-sample noise seeds, a pure function of (seed, epoch).
 
     With group_size k, num_samples/k prompts are drawn and each is repeated k times in a row.
+    `order` is PromptConfig.order; the noise seeds do not depend on it, so two runs that differ
+    only in the order differ only in their prompts.
     """
+    num_drawn = num_samples // group_size
     rng = np.random.default_rng([seed, epoch])
-    drawn = rng.choice(len(prompts), size=num_samples // group_size, replace=True)
+    drawn = rng.choice(len(prompts), size=num_drawn, replace=True)  # drawn in both orders: the noise seeds follow it
+    if order == "cycle":
+        drawn = cycled_indices(len(prompts), seed=seed, start=epoch * num_drawn, count=num_drawn)
     chosen = [prompts[i] for i in drawn for _ in range(group_size)]
     seeds = rng.integers(0, 2**31 - 1, size=num_samples).tolist()
     return chosen, seeds
+
+
+def cycled_indices(num_prompts: int, *, seed: int, start: int, count: int) -> list[int]:
+    """Positions start..start+count-1 of an endless sequence of shuffled passes over range(num_prompts);
+    pass p is a permutation drawn from (seed, p), so any epoch's slice is computed without the ones before."""
+    passes = range(start // num_prompts, (start + count - 1) // num_prompts + 1)
+    sequence = np.concatenate([np.random.default_rng([seed, p, 1]).permutation(num_prompts) for p in passes])
+    offset = start - passes[0] * num_prompts
+    return sequence[offset:offset + count].tolist()

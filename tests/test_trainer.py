@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import rewards
-from actors.driver import NonFiniteRewardError, TrainingStopped, summarize, train
+from actors.driver import NonFiniteRewardError, TrainingStopped, _Batches, summarize, train
 from actors.sampler import SamplerWorker
 from actors.topology import InsufficientResourcesError, RayWorkers, _actor_info
 from conftest import tiny_config
@@ -368,6 +368,42 @@ def nan_reward():
     return "nan_for_blue"
 
 
+def test_random_prompt_order_is_the_published_draw():
+    prompts = [f"prompt {i}" for i in range(7)]
+    chosen, seeds = epoch_prompts(prompts, seed=5, epoch=3, num_samples=12, group_size=4)
+    rng = np.random.default_rng([5, 3])
+    drawn = rng.choice(7, size=3, replace=True)
+    assert chosen == [prompts[i] for i in drawn for _ in range(4)]
+    assert seeds == rng.integers(0, 2**31 - 1, size=12).tolist()
+
+
+def test_cycle_prompt_order_trains_every_prompt_equally_often_with_the_same_noise():
+    prompts = [f"prompt {i}" for i in range(60)]
+    drawn, noise = [], []
+    for epoch in range(20):  # 32 prompts an epoch: passes over the 60 end inside epochs
+        chosen, seeds = epoch_prompts(prompts, seed=3, epoch=epoch, num_samples=256, group_size=8, order="cycle")
+        assert chosen[::8] == chosen[7::8]  # each prompt still k times in a row
+        drawn += chosen[::8]
+        noise.append(seeds)
+        assert seeds == epoch_prompts(prompts, seed=3, epoch=epoch, num_samples=256, group_size=8)[1]
+    for start in range(0, 600, 60):  # each full pass holds every prompt once
+        assert sorted(drawn[start:start + 60]) == sorted(prompts)
+    counts = [drawn.count(p) for p in prompts]
+    assert max(counts) - min(counts) == 1  # 640 draws: 10 or 11 each (with replacement: 3 to 19 is typical)
+    other_seed = [epoch_prompts(prompts, seed=4, epoch=e, num_samples=256, group_size=8, order="cycle")[0][::8]
+                  for e in range(2)]
+    assert sum(other_seed, []) != drawn[:64]
+
+
+def test_the_run_draws_prompts_in_the_configured_order(tiny_sd_dir, tmp_path):
+    config = _trainer_config(tiny_sd_dir, tmp_path, "prompts.order=cycle", "advantage.mode=batch")
+    batches = _Batches(config, BUILTIN["colors"], first_weights=None)
+    chosen, _ = batches.prompts_and_seeds(1)
+    n = config.samples_per_epoch
+    assert chosen == epoch_prompts(BUILTIN["colors"], seed=config.seed, epoch=1, num_samples=n, order="cycle")[0]
+    assert chosen != epoch_prompts(BUILTIN["colors"], seed=config.seed, epoch=1, num_samples=n)[0]
+
+
 def test_non_finite_rewards_are_dropped_with_a_warning(tiny_sd_dir, tmp_path, nan_reward, caplog, monkeypatch):
     monkeypatch.setattr("rl.prompts.BUILTIN", {**BUILTIN, "colors": ["a red ball", "a blue ball"]})
     config = _trainer_config(tiny_sd_dir, tmp_path, "resources.mode=inline", "num_epochs=1",
@@ -387,7 +423,7 @@ def test_non_finite_rewards_are_dropped_with_a_warning(tiny_sd_dir, tmp_path, na
 def test_non_finite_rewards_stop_after_a_checkpoint(tiny_sd_dir, tmp_path, nan_reward, monkeypatch):
     state = {"epoch": 0}
 
-    def prompts_per_epoch(prompts, *, seed, epoch, num_samples, group_size=1):
+    def prompts_per_epoch(prompts, *, seed, epoch, num_samples, group_size=1, order="random"):
         state["epoch"] = epoch
         word = "red" if epoch == 0 else "blue"
         return [f"a {word} ball"] * num_samples, list(range(num_samples))
