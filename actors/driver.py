@@ -159,6 +159,7 @@ def train(
             every = config.evaluation.every
             if stop or epoch == config.num_epochs - 1 or (every and (epoch + 1) % every == 0):
                 evaluate_held_out(epoch, weights, eval_prompts, config=config, run=run, workers=workers)
+                outputs.redraw_curve()  # with the new held-out point
             bar.update(1)
             progress = {"kl": f"{row['approx_kl']:.1e}"} if "approx_kl" in row else {"loss": f"{row['loss']:.4f}"}
             bar.set_postfix(reward=f"{row['reward_mean']:.4f}", **progress)

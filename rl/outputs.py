@@ -36,8 +36,16 @@ class EpochOutputs:
         for key, value in row.items():
             self.writer.add_scalar(key, value, epoch)
         save_image_grid(images, captions, self.run.grids / f"epoch_{epoch:04d}.png")
-        save_reward_curve([r["epoch"] for r in rows], [r["reward_mean"] for r in rows],
-                          [r["reward_std"] for r in rows], self.run.reward_curve, title=self.title)
+        self._draw_curve(rows)
+
+    def redraw_curve(self) -> None:
+        """Queue a redraw of the reward curve, e.g. after a held-out evaluation was appended."""
+        self._raise_failed()
+        self.pending.append(self.executor.submit(lambda: self._draw_curve(self.run.read_metrics())))
+
+    def _draw_curve(self, rows: list[dict]) -> None:
+        if rows:
+            save_reward_curve(rows, self.run.reward_curve, title=self.title, held_out=self.run.read_evaluations())
 
     def _raise_failed(self) -> None:
         done = [f for f in self.pending if f.done()]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,22 +41,34 @@ def save_image_grid(
     return path
 
 
-def save_reward_curve(epochs: list[int], means: list[float], stds: list[float], path: str | Path, *, title: str) -> Path:
-    """Mean reward per epoch with a +-1 std band."""
+def save_reward_curve(metrics: list[dict], path: str | Path, *, title: str, held_out: Sequence[dict] = ()) -> Path:
+    """Mean training reward per epoch with its +-1 standard error, and the held-out evaluations
+    (evaluation.parquet rows, epoch -1 = before training) with theirs.
+
+    The band is the standard error of each epoch's mean, not the spread of single rewards: the
+    question the plot answers is whether the mean moved, and a +-1 std band of 0/0.5/1 rewards
+    would hide any change smaller than the whole axis.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs_arr, mean, std = np.asarray(epochs), np.asarray(means), np.asarray(stds)
+    epochs = np.asarray([r["epoch"] for r in metrics])
+    mean = np.asarray([r["reward_mean"] for r in metrics])
+    sem = np.asarray([r["reward_std"] / np.sqrt(max(r["num_samples"], 1)) for r in metrics])
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot(epochs_arr, mean, marker="o", label="mean reward")
-    ax.fill_between(epochs_arr, mean - std, mean + std, alpha=0.2, label="+-1 std")
+    ax.plot(epochs, mean, marker="o", label="training batch mean")
+    ax.fill_between(epochs, mean - sem, mean + sem, alpha=0.2, label="+-1 standard error")
+    if held_out:
+        ax.errorbar([r["epoch"] for r in held_out], [r["reward_mean"] for r in held_out],
+                    yerr=[r["reward_sem"] for r in held_out], marker="s", capsize=3, color="tab:orange",
+                    label="held-out prompts (epoch -1: before training)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("reward")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

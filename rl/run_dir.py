@@ -7,7 +7,7 @@ Layout:
     checkpoints/epoch_NNNN/         lora/ (diffusers safetensors), learner.pt, driver.json
     final_lora/                     pytorch_lora_weights.safetensors
     grids/epoch_NNNN.png            sampled images with prompts and rewards
-    reward_curve.png                mean reward per epoch
+    reward_curve.png                mean reward per epoch (+-1 standard error) and the held-out evaluations
     tensorboard/                    event files
 
 Checkpoints are written to a temporary folder and renamed, so an interrupted save never

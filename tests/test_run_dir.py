@@ -78,3 +78,30 @@ def test_a_packed_learner_state_is_the_checkpoint_file_it_reads_back_from(tmp_pa
     loaded, _ = RunDirectory.load_checkpoint(folder)
     assert loaded["version"] == 3 and torch.equal(loaded["generator"], state["generator"])
     assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_the_reward_curve_draws_the_held_out_evaluations_and_is_redrawn_after_one(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from rl.outputs import EpochOutputs
+
+    run = RunDirectory(tmp_path / "run")
+    run.path.mkdir()
+    outputs = EpochOutputs(run, title="curve")
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    for epoch in range(3):
+        row = {"epoch": epoch, "reward_mean": 0.6 + 0.01 * epoch, "reward_std": 0.3, "num_samples": 256}
+        outputs.write(row, images, ["a", "b"])
+    outputs.flush()
+
+    def orange_pixels() -> int:  # matplotlib's tab:orange (255, 127, 14): only the held-out series
+        rgb = np.asarray(Image.open(run.reward_curve).convert("RGB")).astype(int)
+        return int((np.abs(rgb - [255, 127, 14]).sum(-1) < 30).sum())
+
+    assert orange_pixels() == 0
+    for epoch, mean in [(-1, 0.52), (2, 0.54)]:
+        run.append_evaluation({"epoch": epoch, "reward_mean": mean, "reward_sem": 0.008})
+    outputs.redraw_curve()
+    outputs.close()
+    assert orange_pixels() > 50

@@ -70,6 +70,8 @@ def test_end_to_end_ray_run(ray_session, tiny_sd_dir, tmp_path):
     assert [r["epoch"] for r in evaluations] == [-1, 1] and [r["policy_version"] for r in evaluations] == [0, 2]
     # drawn at evaluation.eta (0: deterministic DDIM), not at the policy's sample.eta (1)
     assert [r["eta"] for r in evaluations] == [0.0, 0.0]
+    # the reward curve is redrawn with the last held-out point
+    assert run.reward_curve.stat().st_mtime_ns >= run.evaluation_path.stat().st_mtime_ns
     settings = EvalSettings(num_seeds=2, base_seed=config.evaluation.seed_base, num_steps=6, eta=0.0)
     prompts = held_out.read_text().split("\n")[:3]
     reward = rewards.build_reward("brightness")  # evaluation.reward; training scored color_alignment
