@@ -75,6 +75,8 @@ def epoch_prompts(
     `order` is PromptConfig.order; the noise seeds do not depend on it, so two runs that differ
     only in the order differ only in their prompts.
     """
+    if order not in ("random", "cycle"):
+        raise ValueError(f"unknown prompt order {order!r}; use 'random' or 'cycle'")
     num_drawn = num_samples // group_size
     rng = np.random.default_rng([seed, epoch])
     drawn = rng.choice(len(prompts), size=num_drawn, replace=True)  # drawn in both orders: the noise seeds follow it
