@@ -44,8 +44,7 @@ class EpochOutputs:
         self.pending.append(self.executor.submit(lambda: self._draw_curve(self.run.read_metrics())))
 
     def _draw_curve(self, rows: list[dict]) -> None:
-        if rows:
-            save_reward_curve(rows, self.run.reward_curve, title=self.title, held_out=self.run.read_evaluations())
+        save_reward_curve(rows, self.run.reward_curve, title=self.title, held_out=self.run.read_evaluations())
 
     def _raise_failed(self) -> None:
         done = [f for f in self.pending if f.done()]
