@@ -1,0 +1,154 @@
+"""Does a configuration gain on every seed? Held-out gains of finished runs, grouped by configuration.
+
+Each run's `evaluation.parquet` holds its held-out rewards image by image before training (epoch -1)
+and after its last evaluated epoch, over the same (prompt, seed) pairs, so a run's gain is paired
+over those images (`tune.evaluate.paired_gain`). Per group this prints each seed's gain +- its
+standard error, the mean +- std over seeds, how many seeds gain by more than 3 standard errors,
+and how alike the seeds' per-prompt gains are (the mean correlation between two seeds' gains on
+each held-out prompt: do the same pairs move?). Every run must have been scored on the same images
+(the same "before" rewards), so groups compare like with like.
+
+    python bench/seed_gains.py --group random runs/tiny_s0 runs/tiny_s1 runs/tiny_s2 \
+        --group cycle runs/cycle_s0 runs/cycle_s1 runs/cycle_s2 --out runs/seed_gains
+
+Writes into --out: `seed_gains.md` (the table printed), `seed_gains.json` (per run: group, seed,
+gain, standard error, per-prompt gains) and `seed_gains.png` (one column per group, a point per seed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from rl.run_dir import RunDirectory
+from tune.evaluate import paired_gain, summarize
+
+MIN_STANDARD_ERRORS = 3.0
+
+
+class RunError(ValueError):
+    """A folder that is not a finished, evaluated run, or runs scored on different images (a user error)."""
+
+
+def read_run(path: Path) -> dict:
+    """A run's seed and held-out rewards before training and after its last evaluation."""
+    run = RunDirectory(path)
+    if not run.evaluation_path.is_file():
+        raise RunError(f"{path}: no evaluation.parquet (not a run, or one trained without evaluation.prompts_file)")
+    rows = run.read_evaluations()
+    if len(rows) < 2 or rows[0]["epoch"] != -1:
+        raise RunError(f"{path}: evaluation.parquet has no evaluation both before and after training")
+    config = run.load_config()
+    return {"path": str(path), "seed": config.seed, "epoch": int(rows[-1]["epoch"]),
+            "images_per_prompt": config.evaluation.num_seeds,
+            "before": np.asarray(rows[0]["rewards"], dtype=np.float64),
+            "after": np.asarray(rows[-1]["rewards"], dtype=np.float64)}
+
+
+def gain_of(run: dict) -> dict:
+    """The paired gain over the run's images, and its mean gain per held-out prompt (rewards are prompt-major)."""
+    gain = paired_gain(run["before"], run["after"])
+    per_prompt = (run["after"] - run["before"]).reshape(-1, run["images_per_prompt"]).mean(axis=1)
+    return {"gain": gain["mean"], "sem": gain["sem"], "images": gain["n"], "per_prompt": per_prompt.tolist()}
+
+
+def check_same_images(runs: list[dict]) -> None:
+    """Refuse runs whose base scores differ: they were evaluated on different images or models."""
+    first = runs[0]
+    for run in runs[1:]:
+        if run["before"].shape != first["before"].shape or not np.array_equal(run["before"], first["before"]):
+            raise RunError(f"{run['path']} was evaluated on other images than {first['path']} (its scores before "
+                           "training differ): compare runs with the same base model and evaluation settings")
+
+
+def mean_correlation(per_prompt: list[list[float]]) -> float:
+    """Mean Pearson correlation of the per-prompt gains over every pair of runs (nan below 2 runs)."""
+    pairs = [np.corrcoef(a, b)[0, 1] for a, b in combinations(per_prompt, 2)]
+    return float(np.mean(pairs)) if pairs else float("nan")
+
+
+def summarize_group(name: str, rows: list[dict]) -> dict:
+    gains = summarize(np.array([r["gain"] for r in rows]))
+    return {"group": name, "seeds": len(rows), "mean": gains["mean"], "std": gains["std"],
+            "above": sum(r["gain"] > MIN_STANDARD_ERRORS * r["sem"] for r in rows),
+            "positive": sum(r["gain"] > 0 for r in rows),
+            "correlation": mean_correlation([r["per_prompt"] for r in rows])}
+
+
+def table(rows: list[dict], groups: list[dict]) -> str:
+    lines = ["| group | seed | held-out gain, paired | standard errors |", "|---|---|---|---|"]
+    lines += [f"| {r['group']} | {r['seed']} | {r['gain']:+.4f} +- {r['sem']:.4f} | {r['gain'] / r['sem']:+.1f} |"
+              for r in rows]
+    lines += ["", (f"| group | seeds | mean +- std over seeds | above {MIN_STANDARD_ERRORS:g} SE | positive | "
+                   "per-prompt correlation between seeds |"), "|---|---|---|---|---|---|"]
+    lines += [f"| {g['group']} | {g['seeds']} | {g['mean']:+.4f} +- {g['std']:.4f} | {g['above']} of {g['seeds']} | "
+              f"{g['positive']} of {g['seeds']} | {g['correlation']:.2f} |" for g in groups]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], groups: list[dict], path: Path, base: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(groups), 3.8), dpi=120)
+    for x, group in enumerate(groups):
+        members = [r for r in rows if r["group"] == group["group"]]
+        offsets = np.linspace(-0.25, 0.25, len(members)) if len(members) > 1 else [0.0]
+        for dx, r in zip(offsets, members):
+            ax.errorbar(x + dx, r["gain"], yerr=r["sem"], fmt="o", color="C0", ms=4, capsize=2)
+            ax.annotate(str(r["seed"]), (x + dx, r["gain"]), textcoords="offset points", xytext=(4, 2), fontsize=7)
+        ax.hlines(group["mean"], x - 0.35, x + 0.35, color="C3", lw=2)
+    ax.axhline(0, color="black", lw=0.8, ls="--")
+    ax.set_xticks(range(len(groups)), [g["group"] for g in groups])
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_ylabel("held-out gain (paired, +-1 SE)")
+    ax.set_title(f"held-out gain per seed (base {base:.3f}; red: mean over seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--group", nargs="+", action="append", required=True, metavar=("NAME", "RUN_DIR"),
+                        help="a configuration's name and its run directories (repeat for each configuration)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for seed_gains.md / .json / .png")
+    args = parser.parse_args(argv)
+    for group in args.group:
+        if len(group) < 2:
+            parser.error(f"--group {group[0]}: give the group's run directories after its name")
+    names = [g[0] for g in args.group]
+    if len(set(names)) < len(names):
+        parser.error(f"--group names must differ, got {names}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        runs = [(group[0], read_run(Path(path))) for group in args.group for path in group[1:]]
+        check_same_images([run for _, run in runs])
+    except (RunError, FileNotFoundError) as error:
+        print(f"seed_gains.py: error: {error}", file=sys.stderr)
+        return 2
+    rows = [{"group": name, "seed": run["seed"], "run": run["path"], "epoch": run["epoch"], **gain_of(run)}
+            for name, run in runs]
+    groups = [summarize_group(g[0], [r for r in rows if r["group"] == g[0]]) for g in args.group]
+    text = table(rows, groups)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "seed_gains.md").write_text(text + "\n")
+    (args.out / "seed_gains.json").write_text(json.dumps({"runs": rows, "groups": groups}, indent=1))
+    plot(rows, groups, args.out / "seed_gains.png", base=float(runs[0][1]["before"].mean()))
+    print(f"wrote {args.out}/seed_gains.md, .json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""bench/seed_gains.py: held-out gains of finished runs per seed, grouped by configuration."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import seed_gains  # noqa: E402
+
+from rl.config import load_config  # noqa: E402
+from rl.run_dir import RunDirectory  # noqa: E402
+
+BEFORE = [0.0, 0.5, 1.0, 0.5, 0.0, 1.0]  # 3 held-out prompts x 2 images each, prompt-major
+
+
+def make_run(root: Path, name: str, seed: int, after: list[float], before: list[float] = BEFORE) -> Path:
+    """A run directory as the driver leaves it: its config and evaluations before and after training."""
+    config = load_config(ROOT / "configs" / "tiny.yaml",
+                         [f"seed={seed}", f"output_dir={root}", f"run_name={name}", "evaluation.num_seeds=2"])
+    run = RunDirectory.create(config)
+    for epoch, rewards in ((-1, before), (9, [0.0] * len(before)), (19, after)):
+        run.append_evaluation({"epoch": epoch, "rewards": rewards, "reward_mean": float(np.mean(rewards))})
+    return run.path
+
+
+def test_each_runs_gain_is_paired_over_its_last_evaluation_and_seeds_are_summarised_per_group(tmp_path, capsys):
+    a0 = make_run(tmp_path, "a0", 0, [0.5, 1.0, 1.0, 1.0, 0.5, 1.0])  # prompt gains +0.5 +0.25 +0.25
+    a1 = make_run(tmp_path, "a1", 1, [0.0, 0.5, 1.0, 0.5, 0.0, 0.5])  # 0, 0, -0.25
+    b3 = make_run(tmp_path, "b3", 3, [0.5, 0.5, 1.0, 1.0, 0.5, 1.0])  # +0.25 +0.25 +0.25
+    out = tmp_path / "out"
+    assert seed_gains.main(["--group", "a", str(a0), str(a1), "--group", "b", str(b3), "--out", str(out)]) == 0
+
+    result = json.loads((out / "seed_gains.json").read_text())
+    runs = {(r["group"], r["seed"]): r for r in result["runs"]}
+    assert set(runs) == {("a", 0), ("a", 1), ("b", 3)}
+    assert runs[("a", 0)]["epoch"] == 19  # the last evaluation, not the one in between
+    differences = np.array([0.5, 0.5, 0.0, 0.5, 0.5, 0.0])
+    assert runs[("a", 0)]["gain"] == pytest.approx(differences.mean())
+    assert runs[("a", 0)]["sem"] == pytest.approx(differences.std(ddof=1) / np.sqrt(6))
+    assert runs[("a", 0)]["per_prompt"] == pytest.approx([0.5, 0.25, 0.25])
+    assert runs[("a", 1)]["per_prompt"] == pytest.approx([0.0, 0.0, -0.25])
+
+    groups = {g["group"]: g for g in result["groups"]}
+    gains_a = [runs[("a", 0)]["gain"], runs[("a", 1)]["gain"]]
+    assert groups["a"]["mean"] == pytest.approx(np.mean(gains_a))
+    assert groups["a"]["std"] == pytest.approx(np.std(gains_a, ddof=1))
+    assert groups["a"]["positive"] == 1 and groups["a"]["above"] == 1  # seed 0: +0.33 is 3.2 standard errors
+    assert groups["a"]["correlation"] == pytest.approx(0.5)
+    assert groups["b"]["positive"] == 1 and groups["b"]["above"] == 0  # +0.25 is 2.2 standard errors
+    assert groups["b"]["seeds"] == 1 and groups["b"]["std"] == 0.0 and np.isnan(groups["b"]["correlation"])
+    assert (out / "seed_gains.png").stat().st_size > 0
+    assert (out / "seed_gains.md").read_text().strip() in capsys.readouterr().out
+
+
+def test_runs_scored_on_other_images_are_one_line_and_exit_2(tmp_path, capsys):
+    a0 = make_run(tmp_path, "a0", 0, [0.5] * 6)
+    other = make_run(tmp_path, "other", 1, [0.5] * 6, before=[1.0] * 6)
+    out = tmp_path / "out"
+    assert seed_gains.main(["--group", "a", str(a0), "--group", "b", str(other), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(other) in err and "other images" in err
+    assert not out.exists()
+
+
+def test_a_folder_without_evaluations_is_named(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert seed_gains.main(["--group", "a", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    assert "no evaluation.parquet" in capsys.readouterr().err
