@@ -11,6 +11,10 @@ each held-out prompt: do the same pairs move?). Every run must have been scored 
     python bench/seed_gains.py --group random runs/tiny_s0 runs/tiny_s1 runs/tiny_s2 \
         --group cycle runs/cycle_s0 runs/cycle_s1 runs/cycle_s2 --out runs/seed_gains
 
+A group's name may end in `@EPOCH` to read the evaluation after that epoch instead of the last one,
+so runs evaluated along the way compare with themselves at other lengths (`--group 20-epochs@19 ...
+--group 40-epochs@39 ...` on the same 40-epoch runs).
+
 Writes into --out: `seed_gains.md` (the table printed), `seed_gains.json` (per run: group, seed,
 gain, standard error, per-prompt gains) and `seed_gains.png` (one column per group, a point per seed).
 """
@@ -34,19 +38,30 @@ class RunError(ValueError):
     """A folder that is not a finished, evaluated run, or runs scored on different images (a user error)."""
 
 
-def read_run(path: Path) -> dict:
-    """A run's seed and held-out rewards before training and after its last evaluation."""
+def read_run(path: Path, epoch: int | None = None) -> dict:
+    """A run's seed and held-out rewards before training and after `epoch` (None: its last evaluation)."""
     run = RunDirectory(path)
     if not run.evaluation_path.is_file():
         raise RunError(f"{path}: no evaluation.parquet (not a run, or one trained without evaluation.prompts_file)")
     rows = run.read_evaluations()
     if len(rows) < 2 or rows[0]["epoch"] != -1:
         raise RunError(f"{path}: evaluation.parquet has no evaluation both before and after training")
+    after_epoch = {int(row["epoch"]): row for row in rows[1:]}
+    after = rows[-1] if epoch is None else after_epoch.get(epoch)
+    if after is None:
+        raise RunError(f"{path}: no evaluation after epoch {epoch} (it has {', '.join(map(str, after_epoch))}); "
+                       "pick one of those after the group's @")
     config = run.load_config()
-    return {"path": str(path), "seed": config.seed, "epoch": int(rows[-1]["epoch"]),
+    return {"path": str(path), "seed": config.seed, "epoch": int(after["epoch"]),
             "images_per_prompt": config.evaluation.num_seeds,
             "before": np.asarray(rows[0]["rewards"], dtype=np.float64),
-            "after": np.asarray(rows[-1]["rewards"], dtype=np.float64)}
+            "after": np.asarray(after["rewards"], dtype=np.float64)}
+
+
+def group_epoch(name: str) -> int | None:
+    """The epoch a group name asks for (`40-epochs@39` -> 39), None without an `@EPOCH` suffix."""
+    _, at, epoch = name.rpartition("@")
+    return int(epoch) if at else None
 
 
 def gain_of(run: dict) -> dict:
@@ -123,6 +138,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for group in args.group:
         if len(group) < 2:
             parser.error(f"--group {group[0]}: give the group's run directories after its name")
+        name, at, epoch = group[0].rpartition("@")
+        if at and not epoch.isdigit():
+            parser.error(f"--group {group[0]}: after @ give the epoch whose evaluation to read, e.g. {name}@19")
     names = [g[0] for g in args.group]
     if len(set(names)) < len(names):
         parser.error(f"--group names must differ, got {names}")
@@ -132,7 +150,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        runs = [(group[0], read_run(Path(path))) for group in args.group for path in group[1:]]
+        runs = [(group[0], read_run(Path(path), group_epoch(group[0]))) for group in args.group for path in group[1:]]
         check_same_images([run for _, run in runs])
     except (RunError, FileNotFoundError) as error:
         print(f"seed_gains.py: error: {error}", file=sys.stderr)

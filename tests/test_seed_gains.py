@@ -70,3 +70,22 @@ def test_a_folder_without_evaluations_is_named(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert seed_gains.main(["--group", "a", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
     assert "no evaluation.parquet" in capsys.readouterr().err
+
+
+def test_a_group_at_an_epoch_reads_the_evaluation_after_that_epoch(tmp_path):
+    a0 = make_run(tmp_path, "a0", 0, [1.0] * 6)  # evaluated after epochs 9 (all zeros) and 19
+    out = tmp_path / "out"
+    assert seed_gains.main(["--group", "short@9", str(a0), "--group", "long", str(a0), "--out", str(out)]) == 0
+    runs = {r["group"]: r for r in json.loads((out / "seed_gains.json").read_text())["runs"]}
+    assert runs["short@9"]["epoch"] == 9 and runs["short@9"]["gain"] == pytest.approx(-np.mean(BEFORE))
+    assert runs["long"]["epoch"] == 19 and runs["long"]["gain"] == pytest.approx(1.0 - np.mean(BEFORE))
+
+
+def test_an_epoch_a_run_was_not_evaluated_after_is_named_with_the_ones_it_has(tmp_path, capsys):
+    a0 = make_run(tmp_path, "a0", 0, [1.0] * 6)
+    assert seed_gains.main(["--group", "a@29", str(a0), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no evaluation after epoch 29 (it has 9, 19)" in err
+    with pytest.raises(SystemExit) as exit_info:
+        seed_gains.main(["--group", "a@last", str(a0), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "e.g. a@19" in capsys.readouterr().err
