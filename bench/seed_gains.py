@@ -112,13 +112,18 @@ def plot(rows: list[dict], groups: list[dict], path: Path, base: float) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(groups), 3.8), dpi=120)
+    points: dict[str, list[tuple[float, float]]] = {}  # a run's points, one per group it is in
     for x, group in enumerate(groups):
         members = [r for r in rows if r["group"] == group["group"]]
         offsets = np.linspace(-0.25, 0.25, len(members)) if len(members) > 1 else [0.0]
         for dx, r in zip(offsets, members):
             ax.errorbar(x + dx, r["gain"], yerr=r["sem"], fmt="o", color="C0", ms=4, capsize=2)
             ax.annotate(str(r["seed"]), (x + dx, r["gain"]), textcoords="offset points", xytext=(4, 2), fontsize=7)
+            points.setdefault(r["run"], []).append((x + dx, r["gain"]))
         ax.hlines(group["mean"], x - 0.35, x + 0.35, color="C3", lw=2)
+    for run_points in points.values():  # the same run at other epochs (NAME@EPOCH groups): join its points
+        if len(run_points) > 1:
+            ax.plot(*zip(*run_points), color="C0", lw=0.6, alpha=0.4)
     ax.axhline(0, color="black", lw=0.8, ls="--")
     ax.set_xticks(range(len(groups)), [g["group"] for g in groups])
     ax.set_xlim(-0.6, len(groups) - 0.4)
