@@ -143,9 +143,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for group in args.group:
         if len(group) < 2:
             parser.error(f"--group {group[0]}: give the group's run directories after its name")
-        name, at, epoch = group[0].rpartition("@")
-        if at and not epoch.isdigit():
-            parser.error(f"--group {group[0]}: after @ give the epoch whose evaluation to read, e.g. {name}@19")
+        try:
+            group_epoch(group[0])
+        except ValueError:
+            parser.error(f"--group {group[0]}: after @ give the epoch whose evaluation to read, "
+                         f"e.g. {group[0].rpartition('@')[0]}@19")
     names = [g[0] for g in args.group]
     if len(set(names)) < len(names):
         parser.error(f"--group names must differ, got {names}")
