@@ -38,10 +38,53 @@ class PolicyWeights:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+POLICY_COMPONENTS = {"text_encoder": ("text_encoder",), "unet": ("unet",), "both": ("text_encoder", "unet")}
+"""The pipeline components that carry the trainable LoRA, per `lora.policy`."""
+LORA_LAYER_TYPES = (nn.Linear, nn.Conv2d)
+"""The layers a LoRA may target: the ones whose factors `save_lora` writes as diffusers' lora_A / lora_B and
+`pipe.load_lora_weights` (and `tune.lora_io`) read back. peft also wraps embeddings, whose factors neither does."""
+
+
 def policy_modules(pipe, policy: str) -> dict[str, nn.Module]:
     """The pipeline modules that carry the trainable LoRA for `policy`."""
-    names = {"text_encoder": ["text_encoder"], "unet": ["unet"], "both": ["text_encoder", "unet"]}[policy]
-    return {name: getattr(pipe, name) for name in names}
+    return {name: getattr(pipe, name) for name in POLICY_COMPONENTS[policy]}
+
+
+def check_lora_targets(settings: LoraSettings, model_dir: Path) -> None:
+    """Raise ConfigError unless every `lora.<component>_targets` entry names at least one Linear or Conv2d
+    layer of its component. Unchecked, a name that matches nothing stops the learner with peft's traceback,
+    and one that matches an embedding trains a whole epoch and then fails to save its checkpoint."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from rl.config import ConfigError
+    from rl.models import component_skeleton
+
+    targets = {"text_encoder": settings.text_encoder_targets, "unet": settings.unet_targets}
+    for component in POLICY_COMPONENTS[settings.policy]:
+        option = f"lora.{component}_targets"
+        layers = {name: layer for name, layer in component_skeleton(model_dir, component).named_modules() if name}
+        trainable = sorted({_short_name(name) for name, layer in layers.items() if isinstance(layer, LORA_LAYER_TYPES)})
+        hint = f"its Linear and Conv2d layers end in: {', '.join(trainable)}"
+        if not targets[component]:
+            raise ConfigError(f"{option} is empty but lora.policy={settings.policy} trains the {component}; {hint}")
+        for target in targets[component]:
+            matcher = LoraConfig(target_modules=[target])
+            matched = {name: layer for name, layer in layers.items() if check_target_module_exists(matcher, name)}
+            if not matched:
+                raise ConfigError(f"{option}: '{target}' names no layer of {model_dir / component}; {hint}")
+            for name, layer in matched.items():
+                if not isinstance(layer, LORA_LAYER_TYPES):
+                    raise ConfigError(
+                        f"{option}: '{target}' matches {name} ({type(layer).__name__}); a LoRA here trains and is "
+                        f"saved on Linear and Conv2d layers only ({hint})"
+                    )
+
+
+def _short_name(module_name: str) -> str:
+    """The part of a layer's name a target usually gives: `q_proj`, or `to_out.0` for a layer in a list."""
+    parts = module_name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
 def add_lora(pipe, settings: LoraSettings) -> list[nn.Parameter]:

@@ -198,6 +198,20 @@ def component_weight_shapes(directory: Path, component: str) -> dict[str, tuple[
     return shapes
 
 
+def component_skeleton(directory: Path, component: str) -> torch.nn.Module:
+    """A pipeline component built from its config on the meta device: its layers and their types, no
+    weights read or allocated (a check of module names costs milliseconds even for SD-sized models)."""
+    import importlib
+
+    library, class_name = _read_json(directory / "model_index.json")[component]
+    cls = getattr(importlib.import_module(library), class_name)
+    folder = str(directory / component)
+    with torch.device("meta"):
+        if library == "transformers":
+            return cls(cls.config_class.from_pretrained(folder, local_files_only=True))
+        return cls.from_config(cls.load_config(folder))
+
+
 def vae_scale_factor(directory: Path) -> int:
     """Pixels per latent cell: 2 ** (number of VAE blocks - 1), as diffusers computes it."""
     config = _read_json(directory / "vae" / "config.json")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rl.algorithms import get_algorithm
 from rl.config import ConfigError, SampleConfig, TexForceConfig
+from rl.lora import check_lora_targets
 from rl.models import check_device, check_model, load_tokenizer, vae_scale_factor
 from rl.prompts import load_prompts, read_prompt_file, warn_long_prompts
 
@@ -59,6 +60,7 @@ def preflight(config: TexForceConfig) -> None:
         return
     check_image_size(config.sample, model_dir)
     check_min_sigma(config, model_dir)
+    check_lora_targets(config.lora, model_dir)
     source = config.prompts.file or f"the builtin '{config.prompts.builtin}' set"
     warn_long_prompts(prompts, load_tokenizer(model_dir), source=source)
 

@@ -120,6 +120,14 @@ def test_missing_reward_file_names_the_config_key(capsys, tiny_sd_dir, tmp_path,
     assert not (tmp_path / "r").exists()
 
 
+def test_lora_target_that_is_not_a_linear_layer(capsys, tiny_sd_dir, tmp_path):
+    line = one_line_error(capsys, cli.main(tiny_args(tiny_sd_dir, tmp_path, "lora.text_encoder_targets=[token_embedding]")))
+    assert line.startswith("texforce train: lora.text_encoder_targets: 'token_embedding' matches ")
+    assert "embeddings.token_embedding (Embedding); a LoRA here trains and is saved on Linear and Conv2d layers only" in line
+    assert "q_proj" in line
+    assert not (tmp_path / "r").exists()
+
+
 def test_resume_of_a_folder_that_is_not_a_run(capsys, tmp_path):
     line = one_line_error(capsys, cli.main(["train", "--resume", str(tmp_path)]))
     assert line == (f"texforce train: --resume {tmp_path} is not a run directory (no config.yaml); pass the "

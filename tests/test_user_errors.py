@@ -112,6 +112,23 @@ def test_min_sigma_too_large_fails_before_the_model_loads(tiny_sd_dir, monkeypat
         preflight(tiny_config(tiny_sd_dir, "train.min_sigma=5"))
 
 
+@pytest.mark.parametrize("override, message", [
+    ("lora.text_encoder_targets=[qproj]", (r"lora\.text_encoder_targets: 'qproj' names no layer of .*text_encoder; "
+                                           r"its Linear and Conv2d layers end in: fc1, fc2, k_proj, out_proj, q_proj, v_proj$")),
+    ("lora.text_encoder_targets=[]", r"lora\.text_encoder_targets is empty but lora\.policy=text_encoder trains"),
+    ("lora.text_encoder_targets=[final_layer_norm]", r"'final_layer_norm' matches (text_model\.)?final_layer_norm \(LayerNorm\)"),
+    ("lora.policy=unet lora.unet_targets=[to_q,norm]", r"lora\.unet_targets: 'norm' matches .*\(GroupNorm\).*to_out\.0"),
+])
+def test_lora_targets_must_name_linear_or_conv_layers(tiny_sd_dir, override, message):
+    with pytest.raises(ConfigError, match=message):
+        preflight(tiny_config(tiny_sd_dir, *override.split()))
+
+
+def test_lora_targets_of_the_component_trained_only(tiny_sd_dir):
+    preflight(tiny_config(tiny_sd_dir, "lora.unet_targets=[nothing]"))  # policy text_encoder: the U-Net's are unused
+    preflight(tiny_config(tiny_sd_dir, "lora.policy=both", "lora.unet_targets=[to_q,conv1]", "lora.text_encoder_targets=[fc1]"))
+
+
 # --- prompts -----------------------------------------------------------------------------------
 
 
