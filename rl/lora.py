@@ -63,7 +63,11 @@ def check_lora_targets(settings: LoraSettings, model_dir: Path) -> None:
     targets = {"text_encoder": settings.text_encoder_targets, "unet": settings.unet_targets}
     for component in POLICY_COMPONENTS[settings.policy]:
         option = f"lora.{component}_targets"
-        layers = {name: layer for name, layer in component_skeleton(model_dir, component).named_modules() if name}
+        try:
+            skeleton = component_skeleton(model_dir, component)
+        except (AttributeError, ImportError, OSError, TypeError, ValueError):  # a class this stack cannot build
+            continue  # from its config: loading the model reports it, this check has nothing to add
+        layers = {name: layer for name, layer in skeleton.named_modules() if name}
         trainable = sorted({_short_name(name) for name, layer in layers.items() if isinstance(layer, LORA_LAYER_TYPES)})
         hint = f"its Linear and Conv2d layers end in: {', '.join(trainable)}"
         if not targets[component]:

@@ -129,6 +129,13 @@ def test_lora_targets_of_the_component_trained_only(tiny_sd_dir):
     preflight(tiny_config(tiny_sd_dir, "lora.policy=both", "lora.unet_targets=[to_q,conv1]", "lora.text_encoder_targets=[fc1]"))
 
 
+def test_lora_targets_of_a_class_this_stack_cannot_build_are_left_to_the_loader(model_copy):
+    index = json.loads((model_copy / "model_index.json").read_text())
+    index["text_encoder"] = ["transformers", "NoSuchTextModel"]
+    (model_copy / "model_index.json").write_text(json.dumps(index))
+    preflight(tiny_config(str(model_copy), "lora.text_encoder_targets=[qproj]"))  # no check, no traceback
+
+
 # --- prompts -----------------------------------------------------------------------------------
 
 
