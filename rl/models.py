@@ -200,7 +200,7 @@ def component_weight_shapes(directory: Path, component: str) -> dict[str, tuple[
 
 def component_skeleton(directory: Path, component: str) -> torch.nn.Module:
     """A pipeline component built from its config on the meta device: its layers and their types, no
-    weights read or allocated (a check of module names costs milliseconds even for SD-sized models)."""
+    weights read or allocated (0.7 s for an SD-1.5-sized U-Net and text encoder on 2 CPU cores)."""
     import importlib
 
     library, class_name = _read_json(directory / "model_index.json")[component]
