@@ -50,6 +50,11 @@ def policy_modules(pipe, policy: str) -> dict[str, nn.Module]:
     return {name: getattr(pipe, name) for name in POLICY_COMPONENTS[policy]}
 
 
+def component_targets(settings: LoraSettings, component: str) -> list[str]:
+    """The module names `settings` gives a LoRA in `component` (`text_encoder` or `unet`)."""
+    return list({"text_encoder": settings.text_encoder_targets, "unet": settings.unet_targets}[component])
+
+
 def check_lora_targets(settings: LoraSettings, model_dir: Path) -> None:
     """Raise ConfigError unless every `lora.<component>_targets` entry names at least one Linear or Conv2d
     layer of its component. Unchecked, a name that matches nothing stops the learner with peft's traceback,
@@ -60,7 +65,6 @@ def check_lora_targets(settings: LoraSettings, model_dir: Path) -> None:
     from rl.config import ConfigError
     from rl.models import component_skeleton
 
-    targets = {"text_encoder": settings.text_encoder_targets, "unet": settings.unet_targets}
     for component in POLICY_COMPONENTS[settings.policy]:
         option = f"lora.{component}_targets"
         try:
@@ -70,9 +74,10 @@ def check_lora_targets(settings: LoraSettings, model_dir: Path) -> None:
         layers = {name: layer for name, layer in skeleton.named_modules() if name}
         trainable = sorted({_short_name(name) for name, layer in layers.items() if isinstance(layer, LORA_LAYER_TYPES)})
         hint = f"its Linear and Conv2d layers end in: {', '.join(trainable)}"
-        if not targets[component]:
+        targets = component_targets(settings, component)
+        if not targets:
             raise ConfigError(f"{option} is empty but lora.policy={settings.policy} trains the {component}; {hint}")
-        for target in targets[component]:
+        for target in targets:
             matcher = LoraConfig(target_modules=[target])
             matched = {name: layer for name, layer in layers.items() if check_target_module_exists(matcher, name)}
             if not matched:
@@ -95,7 +100,6 @@ def add_lora(pipe, settings: LoraSettings) -> list[nn.Parameter]:
     """Add a fresh LoRA adapter per `settings.policy`; return the trainable parameters (float32)."""
     from peft import LoraConfig
 
-    targets = {"text_encoder": settings.text_encoder_targets, "unet": settings.unet_targets}
     params: list[nn.Parameter] = []
     for name, module in policy_modules(pipe, settings.policy).items():
         module.add_adapter(
@@ -103,7 +107,7 @@ def add_lora(pipe, settings: LoraSettings) -> list[nn.Parameter]:
                 r=settings.rank,
                 lora_alpha=settings.alpha,
                 init_lora_weights=settings.init if settings.init != "zeros" else False,
-                target_modules=list(targets[name]),
+                target_modules=component_targets(settings, name),
             )
         )
         if settings.init == "zeros":  # B=0 and A=0: the gradient is zero too, used only in tests
@@ -182,7 +186,6 @@ def save_lora(weights: PolicyWeights, settings: LoraSettings, directory: str | P
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    targets = {"text_encoder": settings.text_encoder_targets, "unet": settings.unet_targets}
     kwargs = {}
     for name in ("text_encoder", "unet"):
         state = getattr(weights, name)
@@ -190,7 +193,7 @@ def save_lora(weights: PolicyWeights, settings: LoraSettings, directory: str | P
             continue
         state = convert_state_dict_to_diffusers(dict(state))
         kwargs[f"{name}_lora_layers"] = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-        config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=list(targets[name]))
+        config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=component_targets(settings, name))
         kwargs[f"{name}_lora_adapter_metadata"] = config.to_dict()
     if not kwargs:
         raise ValueError("these PolicyWeights hold no LoRA tensors to save")
