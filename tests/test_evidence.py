@@ -131,6 +131,20 @@ def test_every_method_is_a_valid_config_of_the_demo():
     for method, overrides in evidence.TRAINED.items():
         config = evidence.load_config(ROOT / "configs" / "tiny.yaml", overrides)
         assert config.reward.spec.startswith("object_"), method
+    # every method trains at the KL penalty its tables were measured with, not the demo's current one,
+    # unless the command line sets it; a method's own override wins over both
+    demo_now = evidence.load_config(ROOT / "configs" / "tiny.yaml", [])
+    trained = evidence.method_config("texforce", 3, base_config=ROOT / "configs" / "tiny.yaml", out=Path("runs/x"),
+                                     overrides=[])
+    assert (trained.train.kl_coef, demo_now.train.kl_coef) == (0.1, 0.05)
+    assert (trained.seed, trained.run_name, trained.resources.mode, trained.evaluation.prompts_file) == (
+        3, "texforce_seed3", "inline", None)
+    asked = evidence.method_config("texforce", 0, base_config=ROOT / "configs" / "tiny.yaml", out=Path("runs/x"),
+                                   overrides=["train.kl_coef=0.05", "lora.policy=both"])
+    assert (asked.train.kl_coef, asked.lora.policy) == (0.05, "both")
+    ddpo = evidence.method_config("ddpo", 0, base_config=ROOT / "configs" / "tiny.yaml", out=Path("runs/x"),
+                                  overrides=["lora.policy=both"])
+    assert ddpo.lora.policy == "unet"
     assert {part for parts in evidence.FUSED.values() for part in parts} <= set(evidence.TRAINED)
     textcraftor = evidence.load_config(ROOT / "configs" / "tiny.yaml", evidence.TRAINED["textcraftor_shape"])
     assert (textcraftor.train.algorithm, textcraftor.lora.policy, textcraftor.reward.spec) == (
