@@ -63,7 +63,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rl.config import load_config  # noqa: E402
+from rl.config import TexForceConfig, load_config  # noqa: E402
 
 # The tables in the README and docs/fusion.md were measured when the demo's KL penalty was 0.1; every
 # method trains with it unless the command line says otherwise (the demo now uses 0.05, docs/demo.md).
@@ -125,7 +125,7 @@ def train_method(method: str, seed: int, *, base_config: Path, out: Path, overri
     return lora
 
 
-def method_config(method: str, seed: int, *, base_config: Path, out: Path, overrides: list[str]):
+def method_config(method: str, seed: int, *, base_config: Path, out: Path, overrides: list[str]) -> TexForceConfig:
     """The config (method, seed) trains with: the command line's overrides win over `MEASURED_AT`, the method's
     over both; no held-out evaluation inside the run (the script scores every model itself, once)."""
     return load_config(base_config, [*MEASURED_AT, *overrides, *TRAINED[method], f"seed={seed}",
