@@ -5,8 +5,10 @@ and after its last evaluated epoch, over the same (prompt, seed) pairs, so a run
 over those images (`tune.evaluate.paired_gain`). Per group this prints each seed's gain +- its
 standard error, the mean +- std over seeds, how many seeds gain by more than 3 standard errors,
 and how alike the seeds' per-prompt gains are (the mean correlation between two seeds' gains on
-each held-out prompt: do the same pairs move?). Every run must have been scored on the same images
-(the same "before" rewards), so groups compare like with like.
+each held-out prompt: do the same pairs move?), and, for a reward with parts (`object_alignment`: colour
+and shape right), how each part moved and how closely its change follows the seed's gain: which part
+separates the seeds. Every run must have been scored on the same images (the same "before" rewards),
+so groups compare like with like.
 
     python bench/seed_gains.py --group random runs/tiny_s0 runs/tiny_s1 runs/tiny_s2 \
         --group cycle runs/cycle_s0 runs/cycle_s1 runs/cycle_s2 --out runs/seed_gains
@@ -55,7 +57,17 @@ def read_run(path: Path, epoch: int | None = None) -> dict:
     return {"path": str(path), "seed": config.seed, "epoch": int(after["epoch"]),
             "images_per_prompt": config.evaluation.num_seeds,
             "before": np.asarray(rows[0]["rewards"], dtype=np.float64),
-            "after": np.asarray(after["rewards"], dtype=np.float64)}
+            "after": np.asarray(after["rewards"], dtype=np.float64),
+            "parts": part_changes(rows[0], after)}
+
+
+def part_changes(before: dict, after: dict) -> dict[str, float]:
+    """How each part of a composite reward moved (`object_alignment`: colour and shape right), from the
+    evaluation's per-part means (`reward_<spec>_<part>_mean`); empty for a reward without parts."""
+    prefix = f"reward_{after.get('reward_spec')}_"
+    return {key[len(prefix):-len("_mean")]: float(after[key] - before[key]) for key in sorted(after)
+            if key.startswith(prefix) and key.endswith("_mean") and key != f"{prefix}mean"
+            and before.get(key) is not None and after[key] is not None}
 
 
 def group_epoch(name: str) -> int | None:
@@ -68,7 +80,8 @@ def gain_of(run: dict) -> dict:
     """The paired gain over the run's images, and its mean gain per held-out prompt (rewards are prompt-major)."""
     gain = paired_gain(run["before"], run["after"])
     per_prompt = (run["after"] - run["before"]).reshape(-1, run["images_per_prompt"]).mean(axis=1)
-    return {"gain": gain["mean"], "sem": gain["sem"], "images": gain["n"], "per_prompt": per_prompt.tolist()}
+    return {"gain": gain["mean"], "sem": gain["sem"], "images": gain["n"], "per_prompt": per_prompt.tolist(),
+            "parts": run["parts"]}
 
 
 def check_same_images(runs: list[dict]) -> None:
@@ -87,11 +100,23 @@ def mean_correlation(per_prompt: list[list[float]]) -> float:
 
 
 def summarize_group(name: str, rows: list[dict]) -> dict:
-    gains = summarize(np.array([r["gain"] for r in rows]))
-    return {"group": name, "seeds": len(rows), "mean": gains["mean"], "std": gains["std"],
+    gains = np.array([r["gain"] for r in rows])
+    summary = summarize(gains)
+    return {"group": name, "seeds": len(rows), "mean": summary["mean"], "std": summary["std"],
             "above": sum(r["gain"] > MIN_STANDARD_ERRORS * r["sem"] for r in rows),
             "positive": sum(r["gain"] > 0 for r in rows),
-            "correlation": mean_correlation([r["per_prompt"] for r in rows])}
+            "correlation": mean_correlation([r["per_prompt"] for r in rows]),
+            "parts": {part: summarize_part(gains, np.array([r["parts"][part] for r in rows]))
+                      for part in set.intersection(*(set(r["parts"]) for r in rows))}}
+
+
+def summarize_part(gains: np.ndarray, changes: np.ndarray) -> dict:
+    """Which part of the reward separates the seeds: its change per seed, and how that follows the seed's gain
+    (the Pearson correlation over seeds; nan below 3 seeds or where either does not vary)."""
+    summary = summarize(changes)
+    varies = len(changes) >= 3 and np.ptp(changes) > 0 and np.ptp(gains) > 0
+    return {"mean": summary["mean"], "std": summary["std"], "rising": int(np.sum(changes > 0)),
+            "correlation": float(np.corrcoef(changes, gains)[0, 1]) if varies else float("nan")}
 
 
 def table(rows: list[dict], groups: list[dict]) -> str:
@@ -102,6 +127,12 @@ def table(rows: list[dict], groups: list[dict]) -> str:
                    "per-prompt correlation between seeds |"), "|---|---|---|---|---|---|"]
     lines += [f"| {g['group']} | {g['seeds']} | {g['mean']:+.4f} +- {g['std']:.4f} | {g['above']} of {g['seeds']} | "
               f"{g['positive']} of {g['seeds']} | {g['correlation']:.2f} |" for g in groups]
+    parts = [(g, part, g["parts"][part]) for g in groups for part in sorted(g["parts"])]
+    if parts:
+        lines += ["", ("| group | reward part | change, mean +- std over seeds | rising | correlation of its "
+                       "change with the seed's gain |"), "|---|---|---|---|---|"]
+        lines += [f"| {g['group']} | {part} | {p['mean']:+.4f} +- {p['std']:.4f} | {p['rising']} of {g['seeds']} | "
+                  f"{p['correlation']:.2f} |" for g, part, p in parts]
     return "\n".join(lines)
 
 

@@ -89,3 +89,40 @@ def test_an_epoch_a_run_was_not_evaluated_after_is_named_with_the_ones_it_has(tm
     with pytest.raises(SystemExit) as exit_info:
         seed_gains.main(["--group", "a@last", str(a0), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2 and "e.g. a@19" in capsys.readouterr().err
+
+
+def test_each_part_of_a_composite_reward_is_summarised_with_how_it_follows_the_gain(tmp_path):
+    # three seeds of an object_alignment run: colour moves with the gain, shape rises on every seed
+    runs = []
+    for seed, (after, color, shape) in enumerate((([1.0] * 6, 0.9, 0.4), ([0.5] * 6, 0.7, 0.35), ([0.0] * 6, 0.5, 0.5))):
+        config = load_config(ROOT / "configs" / "tiny.yaml",
+                             [f"seed={seed}", f"output_dir={tmp_path}", f"run_name=s{seed}", "evaluation.num_seeds=2"])
+        run = RunDirectory.create(config)
+        for epoch, rewards, parts in ((-1, BEFORE, (0.6, 0.3)), (19, after, (color, shape))):
+            run.append_evaluation({"epoch": epoch, "rewards": rewards, "reward_mean": float(np.mean(rewards)),
+                                   "reward_spec": "object_alignment", "reward_object_alignment_mean": 0.5,
+                                   "reward_object_alignment_color_mean": parts[0],
+                                   "reward_object_alignment_shape_mean": parts[1]})
+        runs.append(str(run.path))
+    out = tmp_path / "out"
+    assert seed_gains.main(["--group", "g", *runs, "--out", str(out)]) == 0
+
+    result = json.loads((out / "seed_gains.json").read_text())
+    assert [r["parts"] for r in result["runs"]] == [pytest.approx({"color": c, "shape": s})
+                                                    for c, s in ((0.3, 0.1), (0.1, 0.05), (-0.1, 0.2))]
+    parts = result["groups"][0]["parts"]
+    assert set(parts) == {"color", "shape"}  # not the overall mean
+    gains = [r["gain"] for r in result["runs"]]
+    assert parts["color"]["mean"] == pytest.approx(0.1) and parts["color"]["rising"] == 2
+    assert parts["color"]["correlation"] == pytest.approx(np.corrcoef([0.3, 0.1, -0.1], gains)[0, 1])
+    assert parts["color"]["correlation"] > 0.99 and parts["shape"]["rising"] == 3
+    assert parts["shape"]["correlation"] < 0
+    assert "| g | shape | +0.1167 +- 0.0764 | 3 of 3 |" in (out / "seed_gains.md").read_text()
+
+
+def test_a_reward_without_parts_adds_no_part_table(tmp_path):
+    a0 = make_run(tmp_path, "a0", 0, [1.0] * 6)
+    out = tmp_path / "out"
+    assert seed_gains.main(["--group", "a", str(a0), "--out", str(out)]) == 0
+    assert json.loads((out / "seed_gains.json").read_text())["groups"][0]["parts"] == {}
+    assert "reward part" not in (out / "seed_gains.md").read_text()
