@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rl.run_dir import RunDirectory
+
 
 @functools.cache  # every checkpoint of a run, and of runs alike, asks for the same few step counts
 def noise_reference(beta1: float, beta2: float, steps: int, weights: int = 200_000, seed: int = 0) -> tuple[float, float]:
@@ -44,18 +46,19 @@ def noise_reference(beta1: float, beta2: float, steps: int, weights: int = 200_0
     return float(ratio.median()), float(ratio.quantile(0.9))
 
 
-def checkpoints(run: Path) -> list[Path]:
-    found = sorted((run / "checkpoints").glob("epoch_*/learner.pt"))
-    if not found:
-        raise SystemExit(f"optimizer_signal.py: error: no checkpoints/epoch_*/learner.pt in {run}; pass a run "
+def learner_states(run: Path) -> list[tuple[str, dict]]:
+    """(checkpoint folder name, learner state) of every complete checkpoint of `run`, oldest first."""
+    folders = RunDirectory(run).complete_checkpoints()
+    if not folders:
+        raise SystemExit(f"optimizer_signal.py: error: no checkpoints/epoch_* in {run}; pass a run "
                          "directory written with checkpointing on")
-    return found
+    return [(folder.name, RunDirectory.load_checkpoint(folder)[0]) for folder in folders]
 
 
-def lora_names(state: dict) -> list[str]:
-    """The LoRA weights' names in the optimizer's parameter order (the learner adds the text encoder's first)."""
-    return [f"{component}.{name}" for component in ("text_encoder", "unet")
-            for name in (state["lora"][component] or {})]
+def named_lora(state: dict) -> dict[str, torch.Tensor]:
+    """The LoRA weights by name, in the optimizer's parameter order (the learner adds the text encoder's first)."""
+    return {f"{component}.{name}": weight for component in ("text_encoder", "unet")
+            for name, weight in (state["lora"][component] or {}).items()}
 
 
 def moments(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int, tuple[float, float]]:
@@ -63,7 +66,7 @@ def moments(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tenso
     optimizer = state["optimizer"]
     group = optimizer["param_groups"][0]
     beta1, beta2 = group["betas"]
-    names = lora_names(state)
+    names = list(named_lora(state))
     if len(names) != len(group["params"]):
         raise ValueError(f"{len(names)} LoRA weights but {len(group['params'])} optimizer parameters")
     m_hat, v_hat, steps = {}, {}, 0
@@ -89,19 +92,16 @@ def module_of(name: str) -> str:
 
 
 def analyse(run: Path) -> dict:
-    files = checkpoints(run)
-    first = torch.load(files[0], map_location="cpu", weights_only=True)
+    states = learner_states(run)
     per_epoch = []
-    for path in files:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    for checkpoint, state in states:
         m_hat, v_hat, steps, betas = moments(state)
         ratio = signal_ratio(m_hat, v_hat)
         noise_median, noise_p90 = noise_reference(*betas, steps)
-        per_epoch.append({"checkpoint": path.parent.name, "steps": steps, "median": float(np.median(ratio)),
+        per_epoch.append({"checkpoint": checkpoint, "steps": steps, "median": float(np.median(ratio)),
                           "p90": float(np.quantile(ratio, 0.9)), "noise_median": noise_median,
                           "noise_p90": noise_p90})
-    start = {f"{c}.{n}": w for c in ("text_encoder", "unet") for n, w in (first["lora"][c] or {}).items()}
-    end = {f"{c}.{n}": w for c in ("text_encoder", "unet") for n, w in (state["lora"][c] or {}).items()}
+    start, end = named_lora(states[0][1]), named_lora(states[-1][1])
     modules: dict[str, dict[str, list[np.ndarray]]] = {}
     for name in m_hat:
         row = modules.setdefault(module_of(name), {"scale": [], "moved": []})
@@ -110,7 +110,7 @@ def analyse(run: Path) -> dict:
     per_module = [{"module": module, "gradient_scale": float(np.median(np.concatenate(row["scale"]))),
                    "moved": float(np.median(np.concatenate(row["moved"])))} for module, row in modules.items()]
     return {"run": str(run), "per_epoch": per_epoch, "per_module": per_module,
-            "moved_since": files[0].parent.name, "last": files[-1].parent.name}
+            "moved_since": states[0][0], "last": states[-1][0]}
 
 
 def tables(result: dict) -> str:

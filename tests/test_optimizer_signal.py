@@ -48,26 +48,26 @@ def test_pure_noise_reads_at_the_simulated_reference_and_a_steady_gradient_near_
 
 def test_checkpoints_are_read_by_name_in_the_learners_parameter_order(tiny_sd_dir, pipe, tmp_path, capsys):
     from rl.learner import PPOLearner
-    from rl.run_dir import pack_learner_state
+    from rl.run_dir import RunDirectory, pack_learner_state
 
-    learner = PPOLearner(pipe, tiny_config(tiny_sd_dir, "lora.policy=both", "train.max_grad_norm=1e9"))
+    config = tiny_config(tiny_sd_dir, "lora.policy=both", "train.max_grad_norm=1e9")
+    learner = PPOLearner(pipe, config)
     owner = {id(p): f"{component}.{name.replace('.default', '')}" for component in ("text_encoder", "unet")
              for name, p in getattr(pipe, component).named_parameters() if "lora_" in name}
-    run = tmp_path / "run"
+    run = RunDirectory(tmp_path / "run")
     for epoch in range(2):
         for index, p in enumerate(learner.params):  # each weight's gradient names its place in the optimizer
             p.grad = torch.full_like(p, float(index + 1))
         learner.optimizer_step()
-        folder = run / "checkpoints" / f"epoch_{epoch:04d}"
-        folder.mkdir(parents=True)
-        (folder / "learner.pt").write_bytes(pack_learner_state(learner.state_dict()))
+        folder = run.save_checkpoint(epoch, learner_state=pack_learner_state(learner.state_dict()), driver_state={},
+                                     weights=learner.get_weights(), config=config)
     state = torch.load(folder / "learner.pt", map_location="cpu", weights_only=True)
     m_hat, _, steps, _ = optimizer_signal.moments(state)
     assert steps == 2 and len(m_hat) == len(learner.params) and any(n.startswith("unet.") for n in m_hat)
     for index, p in enumerate(learner.params):
         assert torch.allclose(m_hat[owner[id(p)]], torch.full_like(p, float(index + 1)))
 
-    assert optimizer_signal.main([str(run), "--out", str(tmp_path / "out")]) == 0
+    assert optimizer_signal.main([str(run.path), "--out", str(tmp_path / "out")]) == 0
     result = json.loads((tmp_path / "out" / "optimizer_signal.json").read_text())[0]
     assert [e["steps"] for e in result["per_epoch"]] == [1, 2]
     assert all(e["median"] == pytest.approx(1.0) for e in result["per_epoch"])  # every gradient agreed
