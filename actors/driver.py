@@ -360,6 +360,8 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
     to evaluation.parquet and saves each prompt's first image in grids/eval_epoch_NNNN.png
     (eval_before_training.png for the base model).
     """
+    from tqdm.auto import tqdm
+
     from tune.evaluate import EvalSettings, eval_set, paired_gain, summarize
 
     if not prompts:
@@ -368,7 +370,11 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
     settings = EvalSettings(num_seeds=config.evaluation.num_seeds, base_seed=config.evaluation.seed_base,
                             num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=config.evaluation_eta)  # fmt: skip
     eval_prompts, seeds = eval_set(prompts, settings)
-    rollout = workers.rollout(weights, eval_prompts, seeds, evaluation=True)
+    when = "before training" if epoch < 0 else f"after epoch {epoch}"
+    shards = -(-len(eval_prompts) // s.batch_size)  # the rollout's shards of sample.batch_size
+    with tqdm(total=shards, desc=f"held-out evaluation {when}", unit="batch", leave=False) as bar:
+        rollout = workers.rollout(weights, eval_prompts, seeds, evaluation=True,
+                                  on_shard_done=lambda kind, _shard: bar.update(int(kind == "score")))  # fmt: skip
     scores = rollout.scores
     finite = torch.isfinite(scores.scores)
     reward = summarize(scores.scores[finite].numpy())

@@ -48,7 +48,8 @@ def test_eval_cli_writes_scores_summary_and_grid(tiny_sd_dir, lora_pair, tmp_pat
             "--prompts", str(prompts), "--reward", "color_alignment,brightness", "--seeds", "2", "--steps", "3",
             "--device", "cpu", "--out", str(out)]
     assert main(argv) == 0
-    assert "color_alignment" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "color_alignment" in printed.out and "sampling 6 images" in printed.err  # a bar while it samples
     table = pq.read_table(out / "scores.parquet").to_pydict()
     assert table["prompt"] == [p for p in PROMPTS for _ in range(2)] and table["seed"] == [0, 1] * 3
     assert table["image"] == list(range(6))

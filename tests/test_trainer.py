@@ -42,13 +42,15 @@ def _trainer_config(tiny_sd_dir, tmp_path, *overrides):
     )
 
 
-def test_end_to_end_ray_run(ray_session, tiny_sd_dir, tmp_path):
+def test_end_to_end_ray_run(ray_session, tiny_sd_dir, tmp_path, capsys):
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("a purple hat\na white cup\na black bird\n")
     config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=e2e", "num_epochs=2", "resources.num_samplers=2",
                              f"evaluation.prompts_file={held_out}", "evaluation.num_seeds=2",
                              "evaluation.reward=brightness", "evaluation.eta=0")  # fmt: skip
     run = train(config)
+    progress = capsys.readouterr().err  # each held-out evaluation shows a bar: it takes minutes at the demo's size
+    assert "held-out evaluation before training" in progress and "held-out evaluation after epoch 1" in progress
     rows = pq.read_table(run.metrics_path).to_pylist()
     assert [r["epoch"] for r in rows] == [0, 1]
     assert all(r["num_samples"] == 8 and r["num_dropped"] == 0 for r in rows)

@@ -147,7 +147,7 @@ def _eval(args: argparse.Namespace) -> int:
     alphas = [1.0 if item.alpha is None else item.alpha for item in items]
     _refuse_existing(list(output_paths(args.out).values()))
     job = _job(args, [item.path for item in items], args.reward, local_device=True)
-    result = evaluate_alphas(job, alphas)
+    result = evaluate_alphas(job, alphas, progress=True)
     extra = {"model": job.model, "loras": list(job.loras), "alphas": alphas, "reward": job.reward, "eval": vars(job.settings)}
     paths = write_outputs(result, args.out, extra=extra)
     for name, s in result.summary().items():

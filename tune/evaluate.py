@@ -90,12 +90,16 @@ def eval_set(prompts: list[str], settings: EvalSettings) -> tuple[list[str], lis
     return [p for p, _ in pairs], [s for _, s in pairs]
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], settings: EvalSettings) -> torch.Tensor:
-    """[N, 3, H, W] uint8 images, one per (prompt, seed), in batches of `settings.batch_size`."""
+def generate(pipe, prompts: list[str], seeds: list[int], settings: EvalSettings, *, progress: bool = False) -> torch.Tensor:
+    """[N, 3, H, W] uint8 images, one per (prompt, seed), in batches of `settings.batch_size`;
+    `progress` shows a bar (a held-out set of thousands of images takes minutes)."""
+    from tqdm.auto import tqdm
+
     from rl.sampling import sample_trajectories
 
     images = []
-    for start in range(0, len(prompts), settings.batch_size):
+    starts = range(0, len(prompts), settings.batch_size)
+    for start in tqdm(starts, desc=f"sampling {len(prompts)} images", unit="batch", disable=not progress, leave=False):
         batch = slice(start, start + settings.batch_size)
         out = sample_trajectories(
             pipe,
@@ -125,10 +129,11 @@ def score(
     return {name: np.concatenate(v) for name, v in parts.items()}, np.concatenate(totals)
 
 
-def evaluate(pipe, reward, prompts: list[str], settings: EvalSettings, *, reward_device: str = "cpu") -> EvalResult:
+def evaluate(pipe, reward, prompts: list[str], settings: EvalSettings, *, reward_device: str = "cpu",
+             progress: bool = False) -> EvalResult:
     """Generate the seeded set with `pipe` as it is (LoRAs already loaded) and score it."""
     all_prompts, seeds = eval_set(prompts, settings)
-    images = generate(pipe, all_prompts, seeds, settings)
+    images = generate(pipe, all_prompts, seeds, settings, progress=progress)
     parts, objective = score(reward, images, all_prompts, device=reward_device)
     return EvalResult(images=images, prompts=all_prompts, seeds=seeds, scores=parts, objective=objective)
 

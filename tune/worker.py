@@ -70,8 +70,9 @@ def cached_lora(path: str) -> LoraFile:
     return _LORAS[path]
 
 
-def evaluate_alphas(job: FusionJob, alphas: Sequence[float]) -> EvalResult:
-    """Fuse `job.loras` with `alphas` in memory, load into the cached pipeline, evaluate."""
+def evaluate_alphas(job: FusionJob, alphas: Sequence[float], *, progress: bool = False) -> EvalResult:
+    """Fuse `job.loras` with `alphas` in memory, load into the cached pipeline, evaluate (`progress`:
+    a sampling bar, for `texforce eval`; a Tune trial stays quiet)."""
     from rl.models import resolve_device
 
     if len(alphas) != len(job.loras):
@@ -83,4 +84,4 @@ def evaluate_alphas(job: FusionJob, alphas: Sequence[float]) -> EvalResult:
         load_fused(pipe, fuse([cached_lora(p) for p in job.loras], alphas))
     else:
         pipe.unload_lora_weights()
-    return evaluate(pipe, reward, list(job.prompts), job.settings, reward_device=device)
+    return evaluate(pipe, reward, list(job.prompts), job.settings, reward_device=device, progress=progress)
