@@ -17,6 +17,7 @@ the per-prompt reward statistics, so L learners see the advantages one learner w
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -371,7 +372,7 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
                             num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=config.evaluation_eta)  # fmt: skip
     eval_prompts, seeds = eval_set(prompts, settings)
     when = "before training" if epoch < 0 else f"after epoch {epoch}"
-    shards = -(-len(eval_prompts) // s.batch_size)  # the rollout's shards of sample.batch_size
+    shards = math.ceil(len(eval_prompts) / s.batch_size)  # the rollout's shards of sample.batch_size
     with tqdm(total=shards, desc=f"held-out evaluation {when}", unit="batch", leave=False) as bar:
         rollout = workers.rollout(weights, eval_prompts, seeds, evaluation=True,
                                   on_shard_done=lambda kind, _shard: bar.update(int(kind == "score")))  # fmt: skip

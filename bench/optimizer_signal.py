@@ -97,15 +97,16 @@ def analyse(run: Path) -> dict:
     for checkpoint, state in states:
         m_hat, v_hat, steps, betas = moments(state)
         ratio = signal_ratio(m_hat, v_hat)
+        last_v_hat = v_hat  # the per-module table reads the last checkpoint's gradient scale
         noise_median, noise_p90 = noise_reference(*betas, steps)
         per_epoch.append({"checkpoint": checkpoint, "steps": steps, "median": float(np.median(ratio)),
                           "p90": float(np.quantile(ratio, 0.9)), "noise_median": noise_median,
                           "noise_p90": noise_p90})
     start, end = named_lora(states[0][1]), named_lora(states[-1][1])
     modules: dict[str, dict[str, list[np.ndarray]]] = {}
-    for name in m_hat:
+    for name, v in last_v_hat.items():
         row = modules.setdefault(module_of(name), {"scale": [], "moved": []})
-        row["scale"].append(v_hat[name].sqrt().flatten().numpy())
+        row["scale"].append(v.sqrt().flatten().numpy())
         row["moved"].append((end[name].float() - start[name].float()).abs().flatten().numpy())
     per_module = [{"module": module, "gradient_scale": float(np.median(np.concatenate(row["scale"]))),
                    "moved": float(np.median(np.concatenate(row["moved"])))} for module, row in modules.items()]

@@ -61,7 +61,7 @@ def test_checkpoints_are_read_by_name_in_the_learners_parameter_order(tiny_sd_di
         learner.optimizer_step()
         folder = run.save_checkpoint(epoch, learner_state=pack_learner_state(learner.state_dict()), driver_state={},
                                      weights=learner.get_weights(), config=config)
-    state = torch.load(folder / "learner.pt", map_location="cpu", weights_only=True)
+    state, _ = RunDirectory.load_checkpoint(folder)
     m_hat, _, steps, _ = optimizer_signal.moments(state)
     assert steps == 2 and len(m_hat) == len(learner.params) and any(n.startswith("unet.") for n in m_hat)
     for index, p in enumerate(learner.params):
