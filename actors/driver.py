@@ -37,7 +37,7 @@ from rl.lora import PolicyWeights
 from rl.outputs import EpochOutputs
 from rl.plots import save_image_grid
 from rl.preflight import preflight
-from rl.prompts import epoch_prompts, load_prompts, read_prompt_file
+from rl.prompts import epoch_prompts, group_start_seeds, load_prompts, read_prompt_file
 from rl.run_dir import RunDirectory
 
 log = logging.getLogger("texforce")
@@ -213,6 +213,11 @@ class _Batches:
             order=c.prompts.order,
         )
 
+    def start_seeds(self, seeds: list[int]) -> list[int] | None:
+        """The x_T seed of each sample when the groups share their start (sample.shared_start_noise), else None."""
+        c = self.config
+        return group_start_seeds(seeds, c.advantage.group_size) if c.sample.shared_start_noise else None
+
 
 def _sampling_weights(config: TexForceConfig, workers, weights: PolicyWeights) -> PolicyWeights:
     """The LoRA of the first rollout after a start or restore: `weights` (the learner's), or the version before it
@@ -315,7 +320,7 @@ def _rollout(batch_epoch: int, epoch: int, sampling: PolicyWeights, batches: _Ba
     (`pending`) is finished and saved as this epoch's, else the last finished epoch is."""
     prompts, seeds = batches.prompts_and_seeds(batch_epoch)
     try:
-        return workers.rollout(sampling, prompts, seeds)
+        return workers.rollout(sampling, prompts, seeds, start_seeds=batches.start_seeds(seeds))
     except ActorsLostError as error:
         if pending is None:
             _checkpoint_last_finished_epoch(run, config, workers, tracker, workers.get_weights(), epoch)

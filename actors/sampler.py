@@ -29,9 +29,10 @@ class SamplerWorker:
         if low_priority:  # its own process (Ray): yield the cores to a learner sharing them,
             lower_cpu_priority()  # once loaded, so a (re)start on a busy node is not starved
 
-    def sample(self, weights: PolicyWeights, prompts: list[str], seeds: list[int],
+    def sample(self, weights: PolicyWeights, prompts: list[str], seeds: list[int], start_seeds: list[int] | None = None,
                evaluation: bool = False) -> tuple[Trajectories, torch.Tensor]:
-        """Trajectories for `prompts` with per-sample `seeds` under `weights`; also the uint8 images.
+        """Trajectories for `prompts` with per-sample `seeds` (x_T from `start_seeds` if given) under `weights`;
+        also the uint8 images.
 
         The weights travel with every call, so a restarted worker re-run on the same shard gives
         the same samples (the call is idempotent). evaluation: draw at `evaluation.eta` (held-out
@@ -43,6 +44,7 @@ class SamplerWorker:
         trajectories = sample_trajectories(
             self.pipe, prompts, seeds, num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=eta,
             negative_prompt=s.negative_prompt, height=s.height, width=s.width, policy_version=weights.version,
+            start_seeds=start_seeds,
         )
         return trajectories, trajectories.images
 

@@ -38,8 +38,11 @@ def _threads(cpus: float) -> int:
     return max(1, math.floor(cpus))
 
 
-def _shards(prompts: list[str], seeds: list[int], size: int) -> list[tuple[list[str], list[int]]]:
-    return [(prompts[i : i + size], seeds[i : i + size]) for i in range(0, len(prompts), size)]
+def _shards(prompts: list[str], seeds: list[int], start_seeds: list[int] | None,
+            size: int) -> list[tuple[list[str], list[int], list[int] | None]]:
+    """(prompts, seeds, start seeds) of each sampling call of `size` samples."""
+    return [(prompts[i : i + size], seeds[i : i + size], None if start_seeds is None else start_seeds[i : i + size])
+            for i in range(0, len(prompts), size)]
 
 
 class InlineWorkers:
@@ -54,8 +57,8 @@ class InlineWorkers:
         self.restarts = 0
 
     def rollout(
-        self, weights: PolicyWeights, prompts: list[str], seeds: list[int],
-        *, on_shard_done: Callable[[str, int], None] | None = None, evaluation: bool = False,
+        self, weights: PolicyWeights, prompts: list[str], seeds: list[int], *, start_seeds: list[int] | None = None,
+        on_shard_done: Callable[[str, int], None] | None = None, evaluation: bool = False,
     ) -> Rollout:
         """Sample and score in turn; the sampler shares the learner's pipeline, so older `weights`
         (async sampling after a resume) are put back to the learner's once the rollout is done."""
@@ -63,8 +66,10 @@ class InlineWorkers:
         learner_weights = self.get_weights() if weights.version != self.sampler.version else None
         trajectories, images, scores = [], [], []
         try:
-            for shard, (shard_prompts, shard_seeds) in enumerate(_shards(prompts, seeds, self.config.sample.batch_size)):
-                traj, shard_images = self.sampler.sample(weights, shard_prompts, shard_seeds, evaluation)
+            for shard, (shard_prompts, *shard_seeds) in enumerate(
+                _shards(prompts, seeds, start_seeds, self.config.sample.batch_size)
+            ):
+                traj, shard_images = self.sampler.sample(weights, shard_prompts, *shard_seeds, evaluation=evaluation)
                 trajectories.append(traj)
                 images.append(shard_images)
                 scores.append(self.reward.score(shard_images, shard_prompts, evaluation))
@@ -244,8 +249,8 @@ class RayWorkers:
         )
 
     def rollout(
-        self, weights: PolicyWeights, prompts: list[str], seeds: list[int],
-        *, on_shard_done: Callable[[str, int], None] | None = None, evaluation: bool = False,
+        self, weights: PolicyWeights, prompts: list[str], seeds: list[int], *, start_seeds: list[int] | None = None,
+        on_shard_done: Callable[[str, int], None] | None = None, evaluation: bool = False,
     ) -> Rollout:
         """Sample every shard and score it; the work of an actor that died is re-issued. The
         trajectories and images stay in the object store (the Rollout holds their refs).
@@ -256,7 +261,7 @@ class RayWorkers:
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         weights_ref = ray.put(weights)
-        shards = _shards(prompts, seeds, self.config.sample.batch_size)
+        shards = _shards(prompts, seeds, start_seeds, self.config.sample.batch_size)
         actors = {"sampler": self.samplers, "reward actor": self.reward_actors}
         to_sample: deque[int] = deque(range(len(shards)))
         to_score: deque[tuple[int, object]] = deque()
@@ -284,7 +289,7 @@ class RayWorkers:
             while to_sample and idle_samplers:
                 shard, sampler = to_sample.popleft(), idle_samplers.popleft()
                 traj_ref, images_ref = self.samplers[sampler].sample.options(num_returns=2).remote(
-                    weights_ref, *shards[shard], evaluation
+                    weights_ref, *shards[shard], evaluation=evaluation
                 )
                 trajectory_refs[shard] = traj_ref
                 in_flight[images_ref] = _Call("sample", "sampler", sampler, shard)

@@ -40,7 +40,7 @@ from rl.ddim import DDIMSchedule, ddim_sigma, ddim_step_gain
 from rl.learner import trainable_steps
 from rl.lora import add_lora
 from rl.models import load_pipeline
-from rl.prompts import load_prompts
+from rl.prompts import group_start_seeds, load_prompts
 from rl.sampling import (
     Trajectories,
     decode_latents,
@@ -139,6 +139,8 @@ def main() -> None:
                         help="the early window: train.min_sigma that keeps only the high-noise first steps")
     parser.add_argument("--group-size", type=int, default=1,
                         help="consecutive samples per prompt (advantages are normalised within each group)")
+    parser.add_argument("--shared-start", action="store_true",
+                        help="each group's samples start from the same x_T (sample.shared_start_noise)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--out", default="gradient_snr.png")
     args = parser.parse_args()
@@ -174,7 +176,10 @@ def main() -> None:
     # 2. the policy gradient, per chunk of samples and per step, at ratio 1 (the first PPO step)
     n = args.samples
     prompts = [prompts_all[(i // args.group_size) % len(prompts_all)] for i in range(n)]
-    parts = [sample_trajectories(pipe, prompts[i : i + args.chunk], list(range(i, i + args.chunk)),
+    seeds = list(range(n))
+    start_seeds = group_start_seeds(seeds, args.group_size) if args.shared_start else seeds
+    parts = [sample_trajectories(pipe, prompts[i : i + args.chunk], seeds[i : i + args.chunk],
+                                 start_seeds=start_seeds[i : i + args.chunk],
                                  num_steps=args.num_steps, guidance_scale=args.guidance_scale, eta=1.0)
              for i in range(0, n, args.chunk)]
     trajectories = Trajectories.cat(parts)

@@ -75,6 +75,10 @@ class SampleConfig:
     """Image height; None uses the U-Net's native sample size."""
     width: int | None = None
     """Image width; None uses the U-Net's native sample size."""
+    shared_start_noise: bool = False
+    """The samples of a prompt group (advantage.mode=group) start from one x_T, each with its own step noise
+    (DanceGRPO's shared initial noise): the group's rewards then differ by what the policy's steps do, not
+    by where they started, and the group mean removes the start's share of the reward's spread."""
 
 
 @dataclass
@@ -367,13 +371,19 @@ class TexForceConfig:
         return self
 
     def _validate_algorithm(self) -> None:
-        """train.algorithm is registered; a gradient learner's settings fit sample.num_steps and lora.policy."""
+        """train.algorithm is registered; shared start noise has PPO's groups; a gradient learner's settings fit
+        sample.num_steps and lora.policy."""
         from rl.algorithms import UnknownAlgorithmError, get_algorithm
 
         try:
             algorithm = get_algorithm(self.train.algorithm)
         except UnknownAlgorithmError as error:
             raise ConfigError(f"train.algorithm: {error}") from None
+        if self.sample.shared_start_noise and (self.advantage.mode != "group" or algorithm.learner == "gradient"):
+            raise ConfigError(
+                "sample.shared_start_noise=true needs PPO's prompt groups (advantage.mode=group and train.algorithm=ppo), "
+                f"got advantage.mode={self.advantage.mode!r}, train.algorithm={self.train.algorithm!r}"
+            )
         if algorithm.learner != "gradient":
             return
         g, steps = self.gradient, self.sample.num_steps

@@ -87,6 +87,12 @@ def epoch_prompts(
     return chosen, seeds
 
 
+def group_start_seeds(seeds: list[int], group_size: int) -> list[int]:
+    """Each sample's x_T seed when a prompt group shares its start (sample.shared_start_noise): the seed
+    of its group's first sample. Groups are `group_size` consecutive samples, as `epoch_prompts` lays them out."""
+    return [seeds[i - i % group_size] for i in range(len(seeds))]
+
+
 def cycled_indices(num_prompts: int, *, seed: int, start: int, count: int) -> list[int]:
     """Positions start..start+count-1 of an endless sequence of shuffled passes over range(num_prompts);
     pass p is a permutation drawn from (seed, p), so any epoch's slice is computed without the ones before."""

@@ -133,6 +133,7 @@ def denoise(
     start: torch.Tensor | None = None,
     steps: range | None = None,
     checkpoint: bool = False,
+    start_seeds: list[int] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The DDIM loop with CFG from each seed's x_T: ([x_T, ..., x_0], [log-prob of each step]).
 
@@ -145,6 +146,8 @@ def denoise(
     the whole loop's result: each step still gets the noise draw it gets in a full run.
     Returns then ([start, ...], [log-probs of those steps]). checkpoint: recompute each U-Net
     call in the backward pass instead of storing its activations (torch.utils.checkpoint).
+    start_seeds: whose generator's first draw is each sample's x_T (default: its own seed's), so
+    samples can share a start while each keeps its own step noise (sample.shared_start_noise).
     """
     device = pipe.unet.device
     scale = pipe.vae_scale_factor
@@ -152,7 +155,10 @@ def denoise(
     steps = range(schedule.num_steps) if steps is None else steps
     # each sample's draws: x_T, then one per step (those of the steps before this piece are skipped)
     draws = _seeded_draws(seeds, latent_shape, 1 + steps.stop, device)
-    x = draws[0] * pipe.scheduler.init_noise_sigma if start is None else start
+    if start is None:
+        x_T = draws[0] if start_seeds is None else _seeded_draws(start_seeds, latent_shape, 1, device)[0]
+        start = x_T * pipe.scheduler.init_noise_sigma
+    x = start
     latents, log_probs = [x], []
     for j in steps:
         t = torch.full((len(seeds),), int(schedule.timesteps[j]), device=device, dtype=torch.long)
@@ -181,10 +187,15 @@ def sample_trajectories(
     height: int | None = None,
     width: int | None = None,
     policy_version: int = 0,
+    start_seeds: list[int] | None = None,
 ) -> Trajectories:
-    """Roll out one DDIM trajectory per prompt with CFG and record every step's log-prob."""
-    if len(prompts) != len(seeds):
-        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    """Roll out one DDIM trajectory per prompt with CFG and record every step's log-prob.
+
+    seeds: each sample's noise; start_seeds: the seed of each sample's x_T, if not its own (`denoise`).
+    """
+    if len(prompts) != len(seeds) or (start_seeds is not None and len(start_seeds) != len(seeds)):
+        raise ValueError(f"got {len(prompts)} prompts, {len(seeds)} seeds and "
+                         f"{len(seeds) if start_seeds is None else len(start_seeds)} start seeds")
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, num_steps)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # pixels the U-Net was configured for
     # 1. encode prompt and negative prompt with the (LoRA'd) text encoder
@@ -195,7 +206,7 @@ def sample_trajectories(
     # 2. the DDIM loop from each sample's own seed
     latents, log_probs = denoise(
         pipe, cond, uncond, seeds, schedule, guidance_scale=guidance_scale, eta=eta,
-        height=height or size, width=width or size,
+        height=height or size, width=width or size, start_seeds=start_seeds,
     )
     # 3. decode to uint8 images
     images = decode_latents(pipe.vae, latents[-1])

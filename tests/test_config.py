@@ -82,6 +82,15 @@ def test_values_that_were_accepted_or_crashed_are_errors(override, message):
         load_config(None, [override])
 
 
+def test_shared_start_noise_needs_ppo_prompt_groups():
+    assert load_config(None, ["sample.shared_start_noise=true", "advantage.mode=group"]).sample.shared_start_noise
+    needs = "sample.shared_start_noise=true needs PPO's prompt groups (advantage.mode=group and train.algorithm=ppo)"
+    with pytest.raises(ConfigError, match=re.escape(f"{needs}, got advantage.mode='per_prompt', train.algorithm='ppo'")):
+        load_config(None, ["sample.shared_start_noise=true", "advantage.mode=per_prompt"])
+    with pytest.raises(ConfigError, match=re.escape(f"{needs}, got advantage.mode='group', train.algorithm='draft'")):
+        load_config(None, ["sample.shared_start_noise=true", "advantage.mode=group", "train.algorithm=draft"])
+
+
 def test_held_out_images_are_drawn_at_the_policy_eta_unless_evaluation_eta_is_set():
     assert load_config(None, ["sample.eta=0.7"]).evaluation_eta == 0.7
     assert load_config(None, ["sample.eta=0.7", "evaluation.eta=0"]).evaluation_eta == 0.0

@@ -54,26 +54,61 @@ def test_each_sample_draws_x_T_then_one_noise_per_step_from_its_own_seed(pipe):
     """The documented stream: a sample's generator gives x_T, then step j's noise as its (j+2)-th draw,
     whatever the device (drawn on the host before the loop). Read back from the trajectory: at eta 1,
     noise = (x_{t-1} - mean) / sigma_t."""
+    seeds, steps = [5, 11], 3
+    traj = sample_trajectories(pipe, ["a red ball", "a cat"], seeds, num_steps=steps, guidance_scale=5.0, eta=1.0)
+    expected = _generator_draws(seeds, traj.latents.shape[2:], 1 + steps)
+    for b in range(2):
+        torch.testing.assert_close(traj.latents[b, 0], expected[b][0] * pipe.scheduler.init_noise_sigma)
+    noise = _step_noise(pipe, traj)
+    for j in range(steps):
+        for b in range(2):
+            torch.testing.assert_close(noise[b, j], expected[b][1 + j], rtol=0, atol=2e-3)
+
+
+def test_start_seeds_give_a_group_one_x_T_and_leave_each_sample_its_own_step_noise(pipe):
+    """sample.shared_start_noise: x_T from the start seed's first draw, step j's noise from the sample's own seed
+    as without it, so the group's first sample (its own start seed) is the trajectory it is without sharing."""
+    prompts, seeds, steps = ["a red ball"] * 3, [5, 6, 7], 3
+    kwargs = dict(num_steps=steps, guidance_scale=5.0, eta=1.0)
+    own = sample_trajectories(pipe, prompts, seeds, **kwargs)
+    shared = sample_trajectories(pipe, prompts, seeds, start_seeds=[5, 5, 5], **kwargs)
+    torch.testing.assert_close(shared.latents[0], own.latents[0], rtol=0, atol=0)
+    for b in (1, 2):
+        assert torch.equal(shared.latents[b, 0], own.latents[0, 0])
+        assert not torch.allclose(shared.latents[b, 0], own.latents[b, 0])
+    assert not torch.allclose(shared.latents[1, -1], shared.latents[2, -1], atol=1e-2)  # the steps still differ
+    expected = _generator_draws(seeds, shared.latents.shape[2:], 1 + steps)
+    noise = _step_noise(pipe, shared)
+    for j in range(steps):
+        for b in range(3):
+            torch.testing.assert_close(noise[b, j], expected[b][1 + j], rtol=0, atol=2e-3)
+    with pytest.raises(ValueError, match="2 start seeds"):
+        sample_trajectories(pipe, prompts, seeds, start_seeds=[5, 5], **kwargs)
+
+
+def _generator_draws(seeds: list[int], shape: torch.Size, count: int) -> list[list[torch.Tensor]]:
+    """The first `count` standard-normal draws of each seed's CPU generator."""
+    return [[torch.randn(shape, generator=g) for _ in range(count)]
+            for g in (torch.Generator().manual_seed(s) for s in seeds)]
+
+
+def _step_noise(pipe, traj) -> torch.Tensor:
+    """[B, T, C, h, w] the noise each step drew, read back from the trajectory: at eta 1,
+    noise = (x_{t-1} - mean) / sigma_t."""
     from rl.ddim import ddim_step_with_logprob
     from rl.sampling import guided_noise_prediction
 
-    seeds, steps = [5, 11], 3
-    traj = sample_trajectories(pipe, ["a red ball", "a cat"], seeds, num_steps=steps, guidance_scale=5.0, eta=1.0)
-    shape = traj.latents.shape[2:]
-    expected = [[torch.randn(shape, generator=g) for _ in range(1 + steps)]
-                for g in (torch.Generator().manual_seed(s) for s in seeds)]
-    for b in range(2):
-        torch.testing.assert_close(traj.latents[b, 0], expected[b][0] * pipe.scheduler.init_noise_sigma)
+    steps = traj.timesteps.shape[1]
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, steps)
+    noise = []
     with torch.no_grad():
         cond, uncond = encode(pipe.text_encoder, traj.prompt_ids), encode(pipe.text_encoder, traj.negative_ids)
         for j in range(steps):
             eps = guided_noise_prediction(pipe.unet, traj.latents[:, j], traj.timesteps[:, j], cond, uncond, 5.0)
             _, _, mean, sigma = ddim_step_with_logprob(schedule, eps, traj.timesteps[:, j], traj.latents[:, j],
                                                        eta=1.0, prev_sample=traj.latents[:, j + 1])
-            noise = (traj.latents[:, j + 1] - mean) / sigma.view(-1, 1, 1, 1)
-            for b in range(2):
-                torch.testing.assert_close(noise[b], expected[b][1 + j], rtol=0, atol=2e-3)
+            noise.append((traj.latents[:, j + 1] - mean) / sigma.view(-1, 1, 1, 1))
+    return torch.stack(noise, dim=1)
 
 
 def test_negative_prompt_goes_through_the_lora(pipe):

@@ -12,10 +12,11 @@ import ray
 import torch
 from safetensors.torch import load_file
 
+import actors.sampler
 import rewards
 from actors.driver import NonFiniteRewardError, TrainingStopped, _Batches, summarize, train
 from actors.sampler import SamplerWorker
-from actors.topology import InsufficientResourcesError, RayWorkers, _actor_info
+from actors.topology import InlineWorkers, InsufficientResourcesError, RayWorkers, _actor_info
 from conftest import tiny_config
 from rl.config import load_config
 from rl.learner import PPOLearner
@@ -407,6 +408,40 @@ def test_the_run_draws_prompts_in_the_configured_order(tiny_sd_dir, tmp_path):
     n = config.samples_per_epoch
     assert chosen == epoch_prompts(BUILTIN["colors"], seed=config.seed, epoch=1, num_samples=n, order="cycle")[0]
     assert chosen != epoch_prompts(BUILTIN["colors"], seed=config.seed, epoch=1, num_samples=n)[0]
+
+
+def test_shared_start_noise_gives_each_prompt_group_its_first_samples_x_T_on_ray_and_inline(
+    ray_session, tiny_sd_dir, tmp_path, monkeypatch
+):
+    """sample.shared_start_noise: the run's rollouts pass the groups' start seeds, and they reach the samplers
+    (on Ray too, where the groups of 4 are split over shards of 2)."""
+    config_overrides = ("advantage.mode=group", "advantage.group_size=4", "sample.shared_start_noise=true",
+                        "sample.batch_size=2", "sample.num_batches_per_epoch=4", "sample.num_steps=2", "train.batch_size=8")
+    config = _trainer_config(tiny_sd_dir, tmp_path, *config_overrides, "resources.num_samplers=2")
+    batches = _Batches(config, BUILTIN["colors"], first_weights=None)
+    prompts, seeds = batches.prompts_and_seeds(0)
+    start_seeds = batches.start_seeds(seeds)
+    assert start_seeds == [seeds[0]] * 4 + [seeds[4]] * 4 and len(set(seeds)) == 8
+    assert _Batches(load_config(None, ["advantage.mode=group"]), prompts, None).start_seeds(seeds) is None
+    inline = InlineWorkers(config)
+    weights = inline.get_weights()
+    latents = inline.rollout(weights, prompts, seeds, start_seeds=start_seeds).trajectories().fetch().latents
+    for group in (latents[:4], latents[4:]):
+        assert all(torch.equal(x_T, group[0, 0]) for x_T in group[:, 0])
+        assert not torch.allclose(group[1, -1], group[2, -1], atol=1e-3)
+    assert not torch.equal(latents[0, 0], latents[4, 0])
+    ray_workers = RayWorkers(config)
+    try:
+        on_ray = ray_workers.rollout(weights, prompts, seeds, start_seeds=start_seeds).trajectories().fetch().latents
+    finally:
+        ray_workers.shutdown()
+    torch.testing.assert_close(on_ray, latents, rtol=1e-4, atol=1e-5)
+    passed = []
+    sample = actors.sampler.sample_trajectories
+    monkeypatch.setattr(actors.sampler, "sample_trajectories",
+                        lambda *args, **kwargs: passed.extend(kwargs["start_seeds"]) or sample(*args, **kwargs))
+    train(_trainer_config(tiny_sd_dir, tmp_path, *config_overrides, "resources.mode=inline", "num_epochs=1"))
+    assert passed == start_seeds
 
 
 def test_non_finite_rewards_are_dropped_with_a_warning(tiny_sd_dir, tmp_path, nan_reward, caplog, monkeypatch):
