@@ -16,7 +16,10 @@ policy gradient by sampling step, and prints
   too): the number of samples at which its signal equals its noise, and its split-half cosine.
   Summed over the high-noise first steps only (--early-sigma, train.min_sigma) and over all.
 
-and saves a PNG of the per-step figures. Run on the demo's model (docs/demo.md, "Why `min_sigma`"):
+and saves a PNG of the per-step figures. `--shared-start` draws the policy-gradient samples as
+`sample.shared_start_noise` does (one x_T per group), `--first-seed` another set of noise seeds: at 1024
+samples the signal-to-noise figure moves by about 2x between draws (docs/demo.md, "Less noise in each step's
+gradient"). Run on the demo's model (docs/demo.md, "Why `min_sigma`"):
 
     python bench/gradient_snr.py models/toy-sd --prompts configs/prompts_toy_train.txt \
         --reward object_alignment --samples 1024 --direct-samples 512 --group-size 8
@@ -139,6 +142,8 @@ def main() -> None:
                         help="the early window: train.min_sigma that keeps only the high-noise first steps")
     parser.add_argument("--group-size", type=int, default=1,
                         help="consecutive samples per prompt (advantages are normalised within each group)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="the policy-gradient samples' noise seeds are FIRST_SEED, FIRST_SEED+1, ... (another draw)")
     parser.add_argument("--shared-start", action="store_true",
                         help="each group's samples start from the same x_T (sample.shared_start_noise)")
     parser.add_argument("--rank", type=int, default=8)
@@ -176,7 +181,7 @@ def main() -> None:
     # 2. the policy gradient, per chunk of samples and per step, at ratio 1 (the first PPO step)
     n = args.samples
     prompts = [prompts_all[(i // args.group_size) % len(prompts_all)] for i in range(n)]
-    seeds = list(range(n))
+    seeds = list(range(args.first_seed, args.first_seed + n))
     start_seeds = group_start_seeds(seeds, args.group_size) if args.shared_start else seeds
     parts = [sample_trajectories(pipe, prompts[i : i + args.chunk], seeds[i : i + args.chunk],
                                  start_seeds=start_seeds[i : i + args.chunk],
