@@ -66,10 +66,10 @@ class InlineWorkers:
         learner_weights = self.get_weights() if weights.version != self.sampler.version else None
         trajectories, images, scores = [], [], []
         try:
-            for shard, (shard_prompts, *shard_seeds) in enumerate(
-                _shards(prompts, seeds, start_seeds, self.config.sample.batch_size)
-            ):
-                traj, shard_images = self.sampler.sample(weights, shard_prompts, *shard_seeds, evaluation=evaluation)
+            shards = _shards(prompts, seeds, start_seeds, self.config.sample.batch_size)
+            for shard, (shard_prompts, shard_seeds, shard_start_seeds) in enumerate(shards):
+                traj, shard_images = self.sampler.sample(weights, shard_prompts, shard_seeds, shard_start_seeds,
+                                                         evaluation=evaluation)
                 trajectories.append(traj)
                 images.append(shard_images)
                 scores.append(self.reward.score(shard_images, shard_prompts, evaluation))

@@ -193,9 +193,10 @@ def sample_trajectories(
 
     seeds: each sample's noise; start_seeds: the seed of each sample's x_T, if not its own (`denoise`).
     """
-    if len(prompts) != len(seeds) or (start_seeds is not None and len(start_seeds) != len(seeds)):
-        raise ValueError(f"got {len(prompts)} prompts, {len(seeds)} seeds and "
-                         f"{len(seeds) if start_seeds is None else len(start_seeds)} start seeds")
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    if start_seeds is not None and len(start_seeds) != len(seeds):
+        raise ValueError(f"got {len(seeds)} seeds but {len(start_seeds)} start seeds")
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, num_steps)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # pixels the U-Net was configured for
     # 1. encode prompt and negative prompt with the (LoRA'd) text encoder
