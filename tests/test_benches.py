@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -11,6 +12,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import end_to_end  # noqa: E402
 import learner_overhead  # noqa: E402
+import noise_shares  # noqa: E402
 import sd15_shaped  # noqa: E402
 import sampler_overhead  # noqa: E402
 
@@ -104,3 +106,36 @@ def test_embedding_headroom_trains_the_offsets_or_a_lora_and_scores_fresh_seeds(
     assert lora["prompts"] == result["prompts"] and lora["held_out_prompts"] == ["a red car"]
     assert lora["scores"]["train"]["reward"]["before"] == train["reward"]["before"] and lora["embedding_change"] > 0
     assert set(lora["scores"]) == {"train", "held_out"} and set(lora["scores"]["held_out"]) == set(train)
+
+
+def test_noise_shares_redraws_one_draw_and_keeps_the_others(tiny_sd_dir, pipe, tmp_path, monkeypatch, one_torch_thread):
+    """A row differs from its base sample only through the draw it redraws: with the redraw seeds equal to the
+    base seeds, the pieced-together chains reproduce every base sample exactly."""
+    import rewards
+    from rl.ddim import DDIMSchedule
+
+    schedule = DDIMSchedule.from_scheduler(pipe.scheduler, 3)
+    run = {"guidance_scale": 5.0, "size": pipe.unet.config.sample_size * pipe.vae_scale_factor}
+    reward, prompts, seeds = rewards.build_reward("brightness"), ["a red ball", "a blue car"], [3, 4]
+    base, redrawn = noise_shares.redrawn_rewards(pipe, reward, schedule, prompts, seeds, window=2, **run)
+    assert list(redrawn) == ["x_T", "step 0", "step 1", "step 2", "steps 0-1", "steps 2-2", "every step"]
+    assert (redrawn["x_T"] != base).all() and (redrawn["steps 0-1"] != base).all()  # another image
+
+    noise_shares.main([tiny_sd_dir, "--reward", "brightness", "--num-steps", "3", "--samples", "8", "--chunk", "4",
+                       "--group-size", "2", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "noise_shares.json").read_text())
+    assert [s["redrawn"] for s in result["sources"]] == ["x_T", "step 0", "step 1", "step 2", "every step"]
+    assert result["sources"][0]["total_share"] > 0 and (tmp_path / "noise_shares.png").stat().st_size > 0
+
+    monkeypatch.setattr(noise_shares, "REDRAW_OFFSET", 0)
+    again, same = noise_shares.redrawn_rewards(pipe, reward, schedule, prompts, seeds, window=2, **run)
+    assert (again == base).all() and all((rewards_ == base).all() for rewards_ in same.values())
+
+
+def test_noise_shares_total_share_is_zero_for_a_kept_draw_and_one_for_a_redrawn_score():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=4000)
+    shares, errors, within = noise_shares.total_shares(base, np.stack([base, rng.normal(size=4000)]), group_size=8)
+    assert shares[0] == 0 and abs(shares[1] - 1) < 4 * errors[1] and errors[1] < 0.05
+    assert within == pytest.approx(1, abs=0.1)
+
