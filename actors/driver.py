@@ -262,7 +262,9 @@ def _run_epoch(
         "samples_per_second": len(scores.scores) / (done.sample_seconds or done.update_seconds),
         "actor_restarts": workers.restarts,
     }
-    outputs.write(row, done.images[:8], _captions(done.prompts[:8], torch.from_numpy(rewards[:8])))  # in the background
+    plots = (epoch + 1) % config.plot_every == 0 or epoch == config.num_epochs - 1
+    outputs.write(row, done.images[:8], _captions(done.prompts[:8], torch.from_numpy(rewards[:8])),  # in the background
+                  plots=plots)
     # 7. checkpoint
     if (epoch + 1) % config.save_every == 0 or epoch == config.num_epochs - 1:
         _save_checkpoint(run, config, workers, tracker, weights, epoch)

@@ -8,6 +8,8 @@ Arms (each a fresh process, interleaved A B C ... A B C ... over `--pairs` round
     ray_async      the same, sampling epoch e+1 while the learner trains on epoch e (`train.async_staleness=1`,
                    the learner on one thread)
     ray_1_sampler  `ray` with one sampler
+    inline_no_outputs  `inline` writing only each epoch's metrics row: no TensorBoard, image grid or reward
+                   curve (what the background outputs cost the epoch; not in the default arms)
 
 The work is DDPO on a U-Net LoRA (rank 4 on to_q/to_k/to_v/to_out.0, TRL's default), `brightness`
 reward (rewards/color.py, the same function for both), whole-batch advantages (TRL's default),
@@ -21,6 +23,7 @@ epoch. Prints a table and writes JSON and a plot; the README's "Performance" sec
     pip install -c constraints.txt -e ".[bench]"    # TRL 0.23, for the `trl` arm only
     python bench/end_to_end.py --out runs/bench-e2e                    # ~15 min on 2 cores
     python bench/end_to_end.py --out runs/bench-e2e --arms ray ray_async --samples 128
+    python bench/end_to_end.py --out runs/bench-outputs --arms inline inline_no_outputs --pairs 5
 """
 from __future__ import annotations
 
@@ -45,8 +48,10 @@ ARMS: dict[str, list[str]] = {
     # the learner keeps to its own core while the samplers draw the next epoch on the other
     "ray_async": ["resources.mode=ray", "train.async_staleness=1", "resources.learner_threads=1"],
     "ray_1_sampler": ["resources.mode=ray", "resources.num_samplers=1"],
+    "inline_no_outputs": ["resources.mode=inline"],
 }
 ALL_ARMS = ["trl", *ARMS]
+DEFAULT_ARMS = [arm for arm in ALL_ARMS if arm != "inline_no_outputs"]
 
 
 def work_overrides(args: argparse.Namespace) -> list[str]:
@@ -106,6 +111,10 @@ def run_ours(arm: str, args: argparse.Namespace, out: Path, name: str) -> dict:
     """One run of this trainer in `arm`'s layout; epoch end times and its per-epoch update seconds."""
     from actors.driver import train
     from rl.config import load_config
+    from rl.outputs import EpochOutputs
+
+    if arm == "inline_no_outputs":  # this process's runs write the metrics row (read back below) and nothing else
+        EpochOutputs._write = lambda self, row, images, captions: self.run.append_metrics(row)
 
     config = load_config(ROOT / "configs" / "tiny.yaml", [
         *work_overrides(args), f"output_dir={out}", f"run_name={name}", f"num_epochs={args.epochs}",
@@ -130,6 +139,7 @@ def summarize(runs: list[dict], warmup: int) -> dict[str, dict]:
         periods = [p for r in mine for p in epoch_periods(r, warmup)]
         seconds = statistics.median(periods)
         table[arm] = {"epochs_timed": len(periods), "median_epoch_seconds": seconds,
+                      "mean_epoch_seconds": statistics.mean(periods),  # counts the epochs that plot (plot_every)
                       "samples_per_second": mine[0]["samples_per_epoch"] / seconds}
     return table
 
@@ -139,12 +149,13 @@ RATIOS = [  # (label, numerator arm, denominator arm): what the README's table q
     ("Ray synchronous / in-process", "ray", "inline"),
     ("Ray async / Ray synchronous", "ray_async", "ray"),
     ("2 samplers / 1 sampler (Ray synchronous)", "ray", "ray_1_sampler"),
+    ("outputs written / not (in-process)", "inline", "inline_no_outputs"),
 ]
 
 
 def ratios(table: dict[str, dict]) -> dict[str, float]:
     speed = {arm: t["samples_per_second"] for arm, t in table.items()}
-    ours = [arm for arm in speed if arm != "trl"]
+    ours = [arm for arm in speed if arm not in ("trl", "inline_no_outputs")]  # what a user runs
     if ours:
         speed["best"] = max(speed[arm] for arm in ours)
     return {label: speed[a] / speed[b] for label, a, b in RATIOS if a in speed and b in speed}
@@ -175,7 +186,7 @@ def plot(runs: list[dict], table: dict[str, dict], warmup: int, path: Path, titl
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-e2e"))
-    parser.add_argument("--arms", nargs="+", choices=ALL_ARMS, default=ALL_ARMS)
+    parser.add_argument("--arms", nargs="+", choices=ALL_ARMS, default=DEFAULT_ARMS)
     parser.add_argument("--pairs", type=int, default=3, help="rounds over the arms, interleaved")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2, help="first epochs of each run left out (>= 1)")
@@ -230,9 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     table = summarize(runs, args.warmup)
     print(f"\n{args.samples} samples/epoch, {args.steps} steps, {args.trained_fraction:g} of them trained, "
           f"batch {args.batch}")
-    print(f"{'arm':14s} {'epochs':>6s} {'s/epoch':>8s} {'samples/s':>10s}")
+    print(f"{'arm':17s} {'epochs':>6s} {'s/epoch':>8s} {'mean':>6s} {'samples/s':>10s}")
     for arm, t in table.items():
-        print(f"{arm:14s} {t['epochs_timed']:6d} {t['median_epoch_seconds']:8.2f} {t['samples_per_second']:10.2f}")
+        print(f"{arm:17s} {t['epochs_timed']:6d} {t['median_epoch_seconds']:8.2f} {t['mean_epoch_seconds']:6.2f} "
+              f"{t['samples_per_second']:10.2f}")
     ratio = ratios(table)
     for label, value in ratio.items():
         print(f"{label}: {value:.2f}x samples/s")

@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from rl.plots import save_image_grid, save_reward_curve
+from rl.plots import load_pyplot, save_image_grid, save_reward_curve
 from rl.run_dir import RunDirectory
 
 
@@ -23,24 +23,31 @@ class EpochOutputs:
         self.run, self.title = run, title
         self.writer = SummaryWriter(str(run.tensorboard))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-outputs")
-        self.pending: list[Future] = []
+        # matplotlib's first import (about a second) happens here, while the first epoch samples
+        self.pending: list[Future] = [self.executor.submit(load_pyplot)]
+        self.curve_behind = False  # the last epoch written skipped the curve
 
-    def write(self, row: dict, images: torch.Tensor, captions: list[str]) -> None:
-        """Queue epoch `row["epoch"]`'s outputs: images [N, 3, H, W] uint8 with their captions go to the grid."""
+    def write(self, row: dict, images: torch.Tensor, captions: list[str], *, plots: bool = True) -> None:
+        """Queue epoch `row["epoch"]`'s outputs: images [N, 3, H, W] uint8 with their captions go to the grid.
+        plots=False: the metrics row only (parquet, TensorBoard), no grid and no curve (`plot_every`)."""
         self._raise_failed()
-        self.pending.append(self.executor.submit(self._write, dict(row), images.clone(), list(captions)))
+        self.curve_behind = not plots
+        images = images.clone() if plots else None
+        self.pending.append(self.executor.submit(self._write, dict(row), images, list(captions)))
 
-    def _write(self, row: dict, images: torch.Tensor, captions: list[str]) -> None:
+    def _write(self, row: dict, images: torch.Tensor | None, captions: list[str]) -> None:
         epoch = row["epoch"]
         rows = self.run.append_metrics(row)
         for key, value in row.items():
             self.writer.add_scalar(key, value, epoch)
-        save_image_grid(images, captions, self.run.grids / f"epoch_{epoch:04d}.png")
-        self._draw_curve(rows)
+        if images is not None:
+            save_image_grid(images, captions, self.run.grids / f"epoch_{epoch:04d}.png")
+            self._draw_curve(rows)
 
     def redraw_curve(self) -> None:
         """Queue a redraw of the reward curve, e.g. after a held-out evaluation was appended."""
         self._raise_failed()
+        self.curve_behind = False
         self.pending.append(self.executor.submit(lambda: self._draw_curve(self.run.read_metrics())))
 
     def _draw_curve(self, rows: list[dict]) -> None:
@@ -60,6 +67,8 @@ class EpochOutputs:
 
     def close(self) -> None:
         try:
+            if self.curve_behind:  # a run stopped between two plotted epochs: its curve shows every epoch
+                self.redraw_curve()
             self.flush()
         finally:
             self.executor.shutdown(wait=True)

@@ -37,8 +37,19 @@ def save_image_grid(
             draw.text((x + 3, y + cell_h + 3 + 12 * k), line, fill="black", font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    grid.save(path, compress_level=1)  # a third of the default level's time, 5% larger
     return path
+
+
+def load_pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, safe off the main thread); the first call imports it,
+    about a second."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_reward_curve(metrics: list[dict], path: str | Path, *, title: str, held_out: Sequence[dict] = ()) -> Path:
@@ -49,11 +60,7 @@ def save_reward_curve(metrics: list[dict], path: str | Path, *, title: str, held
     question the plot answers is whether the mean moved, and a +-1 std band of 0/0.5/1 rewards
     would hide any change smaller than the whole axis.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = load_pyplot()
     epochs = np.asarray([r["epoch"] for r in metrics])
     mean = np.asarray([r["reward_mean"] for r in metrics])
     sem = np.asarray([r["reward_std"] / np.sqrt(max(r["num_samples"], 1)) for r in metrics])
@@ -71,6 +78,6 @@ def save_reward_curve(metrics: list[dict], path: str | Path, *, title: str, held
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    fig.savefig(path, pil_kwargs={"compress_level": 1})
     plt.close(fig)
     return path

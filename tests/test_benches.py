@@ -40,12 +40,19 @@ def test_end_to_end_summary_times_epochs_after_warmup_per_arm_and_compares_arms(
     runs = [{"arm": "trl", "samples_per_epoch": 100, "epoch_ends": [0.0, 9.0, 19.0, 29.0]},
             {"arm": "ray", "samples_per_epoch": 100, "epoch_ends": [0.0, 7.0, 12.0, 17.0]},
             {"arm": "ray_async", "samples_per_epoch": 100, "epoch_ends": [0.0, 3.0, 7.0, 11.0]},
-            {"arm": "trl", "samples_per_epoch": 100, "epoch_ends": [1.0, 2.0, 12.0, 22.0]}]
+            {"arm": "trl", "samples_per_epoch": 100, "epoch_ends": [1.0, 2.0, 12.0, 22.0]},
+            {"arm": "inline", "samples_per_epoch": 100, "epoch_ends": [0.0, 5.0, 10.0, 14.0]},
+            {"arm": "inline_no_outputs", "samples_per_epoch": 100, "epoch_ends": [0.0, 1.0, 2.0, 3.0, 7.0]}]
     table = end_to_end.summarize(runs, warmup=2)  # epoch 0 has no period; epoch 1's is left out too
-    assert table["trl"] == {"epochs_timed": 4, "median_epoch_seconds": 10.0, "samples_per_second": 10.0}
+    assert table["trl"] == {"epochs_timed": 4, "median_epoch_seconds": 10.0, "mean_epoch_seconds": 10.0,
+                            "samples_per_second": 10.0}
     assert table["ray"]["median_epoch_seconds"] == 5.0 and table["ray_async"]["samples_per_second"] == 25.0
-    ratios = end_to_end.ratios(table)
-    assert ratios == {"best of this trainer / TRL": 2.5, "Ray async / Ray synchronous": 1.25}
+    assert table["inline_no_outputs"]["median_epoch_seconds"] == 1.0  # the mean counts the slow epoch (a plot):
+    assert table["inline_no_outputs"]["mean_epoch_seconds"] == 2.0
+    ratios = end_to_end.ratios(table)  # the arm without outputs is no user's run: not in the best
+    assert ratios == {"best of this trainer / TRL": 2.5, "Ray async / Ray synchronous": 1.25,
+                      "Ray synchronous / in-process": pytest.approx(4.5 / 5),
+                      "outputs written / not (in-process)": pytest.approx((100 / 4.5) / 100)}
 
 
 def test_end_to_end_runs_this_trainer_on_the_shared_work(tiny_sd_dir, tmp_path, one_torch_thread):

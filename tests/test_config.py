@@ -55,6 +55,7 @@ def test_errors_name_the_bad_key(override, message):
         ("sample.batch_size=-2", "sample.batch_size must be an integer >= 1, got -2"),
         ("sample.num_batches_per_epoch=0", "sample.num_batches_per_epoch must be an integer >= 1, got 0"),
         ("save_every=0", "save_every must be an integer >= 1, got 0"),
+        ("plot_every=0", "plot_every must be an integer >= 1, got 0"),
         ("train.gradient_accumulation_steps=0", "train.gradient_accumulation_steps must be an integer >= 1, got 0"),
         ("train.learning_rate=0", "train.learning_rate must be > 0, got 0.0"),
         ("train.learning_rate=-1e-4", "train.learning_rate must be > 0, got -0.0001"),

@@ -105,3 +105,26 @@ def test_the_reward_curve_draws_the_held_out_evaluations_and_is_redrawn_after_on
     outputs.redraw_curve()
     outputs.close()
     assert orange_pixels() > 50
+
+
+def test_epochs_written_without_plots_get_their_metrics_and_a_stopped_run_its_whole_curve(tmp_path, monkeypatch):
+    """plot_every: an epoch without plots still gets its metrics row and TensorBoard scalars, no grid; closing
+    after such an epoch redraws the curve, so it shows every epoch written."""
+    import rl.outputs
+    from rl.outputs import EpochOutputs
+
+    drawn: list[int] = []
+    draw = rl.outputs.save_reward_curve
+    monkeypatch.setattr(rl.outputs, "save_reward_curve", lambda rows, *a, **k: drawn.append(len(rows)) or draw(rows, *a, **k))
+    run = RunDirectory(tmp_path / "run")
+    run.path.mkdir()
+    outputs = EpochOutputs(run, title="curve")
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    for epoch, plots in enumerate([True, False, False]):
+        row = {"epoch": epoch, "reward_mean": 0.6, "reward_std": 0.3, "num_samples": 8}
+        outputs.write(row, images, ["a", "b"], plots=plots)
+    outputs.flush()
+    assert drawn == [1] and sorted(p.name for p in run.grids.iterdir()) == ["epoch_0000.png"]
+    assert [r["epoch"] for r in run.read_metrics()] == [0, 1, 2] and any(run.tensorboard.iterdir())
+    outputs.close()
+    assert drawn == [1, 3]

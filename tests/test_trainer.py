@@ -460,6 +460,14 @@ def test_non_finite_rewards_are_dropped_with_a_warning(tiny_sd_dir, tmp_path, na
     assert f"nan_for_blue at samples {blue}" in caplog.text
 
 
+def test_plot_every_writes_the_grid_of_every_nth_and_the_last_epoch_and_metrics_for_all(tiny_sd_dir, tmp_path):
+    config = _trainer_config(tiny_sd_dir, tmp_path, "resources.mode=inline", "num_epochs=3", "plot_every=2",
+                             "run_name=plots")
+    run = train(config)
+    assert sorted(p.name for p in run.grids.iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
+    assert [r["epoch"] for r in run.read_metrics()] == [0, 1, 2] and run.reward_curve.exists()
+
+
 def test_non_finite_rewards_stop_after_a_checkpoint(tiny_sd_dir, tmp_path, nan_reward, monkeypatch):
     state = {"epoch": 0}
 

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rl.plots import load_pyplot
+
 
 def plot_objective(
     points: np.ndarray,
@@ -21,11 +23,7 @@ def plot_objective(
     when given (e.g. a dense grid), else interpolated between the trials -- with the trials
     marked and the best starred. One LoRA: objective against alpha. More: one scatter per alpha.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = load_pyplot()
     points, objective = np.asarray(points, dtype=float), np.asarray(objective, dtype=float)
     best = int(np.argmax(objective))
     n = points.shape[1]
