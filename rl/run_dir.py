@@ -6,7 +6,7 @@ Layout:
     evaluation.parquet              held-out reward before training (epoch -1) and after evaluated epochs
     checkpoints/epoch_NNNN/         lora/ (diffusers safetensors), learner.pt, driver.json
     final_lora/                     pytorch_lora_weights.safetensors
-    grids/epoch_NNNN.png            sampled images with prompts and rewards
+    grids/epoch_NNNN.png            sampled images with prompts and rewards (every `plot_every`-th epoch, the last)
     reward_curve.png                mean reward per epoch (+-1 standard error) and the held-out evaluations
     tensorboard/                    event files
 
