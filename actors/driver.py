@@ -227,6 +227,11 @@ def _sampling_weights(config: TexForceConfig, workers, weights: PolicyWeights) -
     return weights
 
 
+def _due(epoch: int, every: int, config: TexForceConfig) -> bool:
+    """Whether an every-N-epochs output (save_every, plot_every) is written after `epoch`: each N-th and the last."""
+    return (epoch + 1) % every == 0 or epoch == config.num_epochs - 1
+
+
 def _run_epoch(
     epoch: int, weights: PolicyWeights, *, config: TexForceConfig, run: RunDirectory, workers,
     tracker: PerPromptStatTracker, batches: _Batches, outputs: EpochOutputs,
@@ -262,11 +267,10 @@ def _run_epoch(
         "samples_per_second": len(scores.scores) / (done.sample_seconds or done.update_seconds),
         "actor_restarts": workers.restarts,
     }
-    plots = (epoch + 1) % config.plot_every == 0 or epoch == config.num_epochs - 1
     outputs.write(row, done.images[:8], _captions(done.prompts[:8], torch.from_numpy(rewards[:8])),  # in the background
-                  plots=plots)
+                  plots=_due(epoch, config.plot_every, config))
     # 7. checkpoint
-    if (epoch + 1) % config.save_every == 0 or epoch == config.num_epochs - 1:
+    if _due(epoch, config.save_every, config):
         _save_checkpoint(run, config, workers, tracker, weights, epoch)
     return row, weights
 

@@ -36,6 +36,7 @@ import rewards
 from rl.config import PromptConfig
 from rl.ddim import DDIMSchedule, ddim_sigma
 from rl.models import load_pipeline
+from rl.plots import load_pyplot
 from rl.prompts import load_prompts
 from rl.sampling import decode_latents, denoise, encode, tokenize
 
@@ -117,9 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\r{c + args.chunk}/{args.samples} base samples  [{time.time() - start:.0f}s]", end="", flush=True)
     names = list(redrawn[0])
     base = np.concatenate(base)
-    shares, errors, within = total_shares(base, np.stack([np.concatenate([r[n] for r in redrawn]) for n in names]),
-                                          args.group_size)
-    changed = [float(np.mean(np.concatenate([r[n] for r in redrawn]) != base)) for n in names]
+    redrawn = np.stack([np.concatenate([r[n] for r in redrawn]) for n in names])  # [sources, samples]
+    shares, errors, within = total_shares(base, redrawn, args.group_size)
+    changed = [float(c) for c in (redrawn != base).mean(1)]
     single = [k for k, n in enumerate(names) if n == "x_T" or n.startswith("step ")]
     # x_T's first-order share: its effect averaged over the steps' noise (Jansen: 1 - every step's total share)
     x_T_first = 1 - shares[names.index("every step")]
@@ -144,11 +145,7 @@ def main(argv: list[str] | None = None) -> None:
                     for n, s, e, f in zip(names, shares, errors, changed)],
     }, indent=1))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = load_pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.4))
     ax.bar(names, shares, yerr=errors, color=["tab:blue" if k in single else "tab:gray" for k in range(len(names))])
     ax.axhline(1, color="black", lw=0.5, ls="--")
