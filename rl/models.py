@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from rl.config import ConfigError, ModelConfig
 
@@ -270,4 +272,44 @@ def load_pipeline(pretrained: str, *, dtype: str = "float32", device: str = "aut
         module.requires_grad_(False)
         module.eval()
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(resolve_device(device))
+    target = resolve_device(device)
+    if target.type == "cpu" and dtype in ("bfloat16", "float16"):
+        pipe.unet.set_attn_processor(
+            {name: CpuFloat32AttentionProcessor(processor) for name, processor in pipe.unet.attn_processors.items()}
+        )
+    return pipe.to(target)
+
+
+class Float32CpuAttention(TorchFunctionMode):
+    """Within it, half-precision `scaled_dot_product_attention` on the CPU runs in float32, cast back."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        query = args[0] if args else kwargs.get("query")
+        if (func is not F.scaled_dot_product_attention or not isinstance(query, torch.Tensor)
+                or query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16)):
+            return func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask")
+        bound = {**dict(zip(names, args)), **kwargs}
+        for name in names:
+            if isinstance(bound.get(name), torch.Tensor) and bound[name].is_floating_point():
+                bound[name] = bound[name].float()
+        return func(bound.pop("query"), bound.pop("key"), bound.pop("value"), **bound).to(query.dtype)
+
+
+class CpuFloat32AttentionProcessor:
+    """Wraps a U-Net attention processor so that its attention product runs in float32 on the CPU.
+
+    Why: PyTorch's CPU flash-attention backward in bfloat16 is ~8x slower than in float32 at small
+    head dimensions (the toy model's 8: 4.2 s of a 5.6-s bfloat16 PPO minibatch, against 0.4 s in
+    float32), while the upcast costs ~10% of the forward. The weights, the projections and
+    everything outside the attention product stay in the pipeline's dtype; GPUs are not touched.
+    """
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        with Float32CpuAttention():
+            return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)

@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+import cpu_half_attention  # noqa: E402
 import end_to_end  # noqa: E402
 import learner_overhead  # noqa: E402
 import noise_shares  # noqa: E402
@@ -35,6 +36,16 @@ def test_learner_bench_compares_the_update_with_its_ideal_and_with_reencoding(ti
     assert set(result["medians"]) == {"learner", "ideal", "re-encode every step"}
     assert result["learner_over_ideal"] == pytest.approx(result["medians"]["learner"] / result["medians"]["ideal"])
 
+
+
+def test_cpu_half_attention_bench_times_both_attentions_and_float32(tiny_sd_dir, tmp_path, one_torch_thread):
+    out = tmp_path / "attention.json"
+    cpu_half_attention.main([tiny_sd_dir, "--repeats", "1", "--threads", "1", "--out", str(out),
+                             "sample.num_steps=4", "train.min_sigma=0", "sample.batch_size=2", "train.batch_size=2"])
+    result = json.loads(out.read_text())
+    assert set(result["medians"]) == {"bfloat16, float32 attention", "bfloat16, bfloat16 attention", "float32"}
+    assert all(set(phases) == {"learner minibatch", "sampling batch"} and min(phases.values()) > 0
+               for phases in result["medians"].values())
 
 def test_end_to_end_summary_times_epochs_after_warmup_per_arm_and_compares_arms():
     runs = [{"arm": "trl", "samples_per_epoch": 100, "epoch_ends": [0.0, 9.0, 19.0, 29.0]},

@@ -1,11 +1,14 @@
-"""Half-precision learning: fp16 loss scaling and bf16 give the float32 LoRA gradient; overflow is skipped."""
+"""Half-precision learning: fp16 loss scaling and bf16 give the float32 LoRA gradient; overflow is skipped;
+on the CPU, half-precision attention runs in float32."""
 import torch
+import torch.nn.functional as F
 from conftest import tiny_config
+from torch.overrides import TorchFunctionMode
 
 from rl.learner import PPOLearner
 from rl.lora import set_policy_weights
-from rl.models import load_pipeline
-from rl.sampling import sample_trajectories
+from rl.models import CpuFloat32AttentionProcessor, Float32CpuAttention, load_pipeline
+from rl.sampling import encode, guided_noise_prediction, sample_trajectories
 
 
 def _fp16_learner(tiny_sd_dir, *overrides):
@@ -97,3 +100,49 @@ def test_half_precision_lora_gradients_match_float32_at_sd_latent_size(tiny_sd_d
             assert _cosine(half[part], fp32[part]) > 0.99
             norm = torch.cat([g.flatten() for g in half[part]]).norm() / torch.cat([g.flatten() for g in fp32[part]]).norm()
             assert abs(float(norm) - 1) < 0.05  # back to the float32 magnitude (unscaled)
+
+
+class _RecordAttentionDtypes(TorchFunctionMode):
+    """Records the query dtype of every scaled-dot-product attention that reaches PyTorch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: list[torch.dtype] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_cpu_half_precision_attention_runs_in_float32(tiny_sd_dir, one_torch_thread):
+    """PyTorch's CPU flash-attention backward in bfloat16 is ~8x slower than float32's at small head dims."""
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500, 500])
+    for dtype, expected in (("bfloat16", torch.float32), ("float16", torch.float32), ("float32", torch.float32)):
+        pipe = load_pipeline(tiny_sd_dir, dtype=dtype, device="cpu")
+        wrapped = [isinstance(p, CpuFloat32AttentionProcessor) for p in pipe.unet.attn_processors.values()]
+        assert all(wrapped) if dtype != "float32" else not any(wrapped)
+        ids = pipe.tokenizer(["a red ball"] * 2, padding="max_length", return_tensors="pt").input_ids
+        cond = encode(pipe.text_encoder, ids).detach().requires_grad_()
+        recorder = _RecordAttentionDtypes()
+        with recorder:
+            eps = guided_noise_prediction(pipe.unet, x, t, cond, cond.detach(), 5.0)
+        assert recorder.dtypes and set(recorder.dtypes) == {expected}
+        assert len(recorder.dtypes) == len(wrapped)  # every attention module of one U-Net call
+        eps.sum().backward()  # the backward goes through float32 attention too
+        assert torch.isfinite(cond.grad).all() and cond.grad.abs().sum() > 0
+
+
+def test_float32_cpu_attention_equals_the_upcast_product():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=g).bfloat16() for _ in range(3))
+    mask = torch.randn(6, 6, generator=g).bfloat16()  # additive, in the inputs' dtype as SDPA requires
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask.float()).bfloat16()
+    with Float32CpuAttention():
+        positional = F.scaled_dot_product_attention(q, k, v, mask)
+        keyword = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        untouched = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert positional.dtype == torch.bfloat16
+    assert torch.equal(positional, expected) and torch.equal(keyword, expected)
+    assert torch.equal(untouched, F.scaled_dot_product_attention(q.float(), k.float(), v.float()))
