@@ -6,12 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import cpu_half_attention  # noqa: E402
 import end_to_end  # noqa: E402
+import kl_gradient_precision  # noqa: E402
 import learner_overhead  # noqa: E402
 import noise_shares  # noqa: E402
 import sd15_shaped  # noqa: E402
@@ -46,6 +48,31 @@ def test_cpu_half_attention_bench_times_both_attentions_and_float32(tiny_sd_dir,
     assert set(result["medians"]) == {"bfloat16, float32 attention", "bfloat16, bfloat16 attention", "float32"}
     assert all(set(phases) == {"learner minibatch", "sampling batch"} and min(phases.values()) > 0
                for phases in result["medians"].values())
+
+
+def test_kl_gradient_precision_reads_the_runs_last_checkpoint(tiny_sd_dir, pipe, tmp_path, one_torch_thread):
+    from conftest import tiny_config
+
+    from rl.learner import PPOLearner
+    from rl.run_dir import RunDirectory, pack_learner_state
+
+    config = tiny_config(tiny_sd_dir, "sample.num_steps=4", "train.min_sigma=0")
+    learner = PPOLearner(pipe, config)
+    with torch.no_grad():  # away from the base model, so the KL term has a gradient
+        for p in learner.params:
+            p.add_(0.03 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    (tmp_path / "run").mkdir()
+    run = RunDirectory(tmp_path / "run")
+    run.save_config(config)
+    run.save_checkpoint(0, learner_state=pack_learner_state(learner.state_dict()), driver_state={},
+                        weights=learner.get_weights(), config=config)
+    result = kl_gradient_precision.main([str(run.path), "--rows", "2", "--threads", "1"])
+    assert result["checkpoint"].endswith("epoch_0000")
+    kl_term, surrogate = result["terms"]["KL term (advantages 0)"], result["terms"]["surrogate (no KL)"]
+    assert kl_term["kl_to_base_float32"] > 0 and kl_term["kl_to_base_bfloat16"] > 0
+    for row in (kl_term, surrogate):  # near the float32 gradient, not equal to it
+        assert 0.9 < row["cosine"] < 1.0 and 0.5 < row["norm_ratio"] < 2.0
+    assert (run.path / "kl_gradient_precision.json").is_file()
 
 def test_end_to_end_summary_times_epochs_after_warmup_per_arm_and_compares_arms():
     runs = [{"arm": "trl", "samples_per_epoch": 100, "epoch_ends": [0.0, 9.0, 19.0, 29.0]},
