@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 import torch
+from gradient_snr import cosine, flat_grad
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -60,9 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def gradient(learner, advantages: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, float]:
         learner.train.kl_coef = kl_coef
-        learner.optimizer.zero_grad(set_to_none=True)
         metrics = learner.minibatch_backward(batch, advantages, step_index)
-        return torch.cat([p.grad.float().flatten() for p in learner.params]), metrics.get("kl_to_base", 0.0)
+        return flat_grad(learner.params), metrics.get("kl_to_base", 0.0)
 
     terms = {"KL term (advantages 0)": (torch.zeros(args.rows), 1.0),
              "surrogate (no KL)": (torch.randn(args.rows, generator=torch.Generator().manual_seed(0)), 0.0)}
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, (advantages, kl_coef) in terms.items():
         reference, reference_kl = gradient(learners["float32"], advantages, kl_coef)
         half, half_kl = gradient(learners[args.dtype], advantages, kl_coef)
-        row = {"cosine": float(half @ reference / (half.norm() * reference.norm())),
+        row = {"cosine": cosine(half, reference),
                "norm_ratio": float(half.norm() / reference.norm()),
                "kl_to_base_float32": reference_kl, f"kl_to_base_{args.dtype}": half_kl}
         result["terms"][name] = row

@@ -289,12 +289,12 @@ class Float32CpuAttention(TorchFunctionMode):
         if (func is not F.scaled_dot_product_attention or not isinstance(query, torch.Tensor)
                 or query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16)):
             return func(*args, **kwargs)
-        names = ("query", "key", "value", "attn_mask")
-        bound = {**dict(zip(names, args)), **kwargs}
-        for name in names:
-            if isinstance(bound.get(name), torch.Tensor) and bound[name].is_floating_point():
-                bound[name] = bound[name].float()
-        return func(bound.pop("query"), bound.pop("key"), bound.pop("value"), **bound).to(query.dtype)
+        def up(x):  # query, key, value and a float (additive) mask; a boolean mask and the rest as they are
+            return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+        args = [up(x) for x in args[:4]] + list(args[4:])
+        kwargs = {k: up(v) if k in ("query", "key", "value", "attn_mask") else v for k, v in kwargs.items()}
+        return func(*args, **kwargs).to(query.dtype)
 
 
 class CpuFloat32AttentionProcessor:
