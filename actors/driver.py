@@ -149,7 +149,11 @@ def train(
                     ) from error
                 log.warning("%s; restarting the learners from the last checkpoint (%d of %d restarts)",
                             error, learner_failures, config.resources.max_restarts)
-                workers.restart_learners()
+                try:
+                    workers.restart_learners()
+                except ActorsLostError as lost:
+                    raise TrainingStopped(f"{lost}; the checkpoints are kept: resume with "
+                                          f"`texforce train --resume {run.path}`") from lost
                 tracker, epoch = _restore(run, config, workers)
                 weights = workers.get_weights()
                 batches = _Batches(config, prompts, _sampling_weights(config, workers, weights))

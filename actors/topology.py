@@ -163,6 +163,17 @@ def _actor_info(actor) -> dict:
     return state.actors(actor_id=actor._actor_id.hex())
 
 
+def describe_layout(layout: dict[str, list[str]]) -> str:
+    """One line saying which actors share which node, from `RayWorkers.layout` (role -> node id
+    of each actor): what a user reads to see how the cluster placed the run."""
+    by_node: dict[str, list[str]] = {}
+    for role, nodes in layout.items():
+        for i, node in enumerate(nodes):
+            by_node.setdefault(node, []).append(f"{role} {i}")
+    where = "; ".join(f"node {node[:8]}: {', '.join(actors)}" for node, actors in by_node.items())
+    return f"actors on {len(by_node)} node{'s' if len(by_node) != 1 else ''}: {where}"
+
+
 @dataclass
 class _Call:
     """One remote call in flight during a rollout: sampling or scoring a shard, or waiting
@@ -215,6 +226,14 @@ class RayWorkers:
         # surface construction errors (missing model, bad reward files) now, not mid-epoch
         self._get([a.ping.remote() for a in self.samplers + self.reward_actors])
         self.learner_restarts = 0
+        log.info(describe_layout(self.layout))
+
+    @property
+    def layout(self) -> dict[str, list[str]]:
+        """The node id of each actor, by role (read from the GCS: where Ray placed it, or restarted it)."""
+        roles = {"sampler": self.samplers, "reward actor": self.reward_actors, "learner": self.learners}
+        return {role: [_actor_info(a).get("Address", {}).get("NodeID", "?") for a in actors]
+                for role, actors in roles.items() if actors}
 
     def _start_learners(self) -> list:
         """L learner ranks, joined in one process group when L > 1. Ray does not restart them
@@ -228,17 +247,35 @@ class RayWorkers:
                                num_threads=r.learner_threads or _threads(r.cpus_per_learner))
             for i in range(r.num_learners)
         ]
-        if r.num_learners > 1:
-            host, port = self._get(learners[0].rendezvous_address.remote())
-            self._get([learner.init_process_group.remote(host, port) for learner in learners])
-        else:
-            self._get(learners[0].ping.remote())
+        try:
+            if r.num_learners > 1:
+                host, port = self._get(learners[0].rendezvous_address.remote())
+                # each in turn as it answers: a rank that dies must not leave the others waiting to join it
+                self._get_each([learner.init_process_group.remote(host, port) for learner in learners])
+            else:
+                self._get(learners[0].ping.remote())
+        except Exception:
+            for learner in learners:
+                ray.kill(learner)
+            raise
         return learners
 
     def _get(self, refs):
         import ray
 
         return ray.get(refs, timeout=self.timeout)
+
+    def _get_each(self, refs: list) -> list:
+        """ray.get on `refs`, raising the first failure as soon as it comes back, whatever its position."""
+        import ray
+
+        pending = refs
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=self.timeout)
+            if not ready:
+                raise TimeoutError(f"an actor did not answer within {self.timeout:g} s (resources.call_timeout_s)")
+            ray.get(ready[0])
+        return self._get(refs)
 
     @property
     def restarts(self) -> int:
@@ -346,34 +383,61 @@ class RayWorkers:
                        [trajectory_refs[i] for i in order], [image_refs[i] for i in order])
 
     def _learner_call(self, refs):
-        """ray.get on learner calls, surfacing the first failure as soon as it happens. A dead
-        rank becomes LearnerFailedError (the other ranks then fail in their collective too); an
-        error with every rank alive is a bug and is re-raised."""
+        """ray.get on learner calls (one per rank in rank order, or rank 0's alone), surfacing the
+        first failure as soon as it happens. A dead rank becomes LearnerFailedError; an error with
+        every rank alive is a bug and is re-raised.
+
+        A rank that dies takes the others' collective down with it, and their error ("connection
+        closed by peer") can come back before Ray knows the rank died: seconds later when its node
+        is lost, once the GCS's health checks notice. So on an error every call is first let settle.
+        """
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 
-        pending = refs if isinstance(refs, list) else [refs]
+        calls = refs if isinstance(refs, list) else [refs]
         try:
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1, timeout=self.timeout)
-                if not ready:
-                    raise TimeoutError(f"a learner did not answer within {self.timeout:g} s (resources.call_timeout_s)")
-                ray.get(ready[0])
-            return self._get(refs)
+            results = self._get_each(calls)
+            return results if isinstance(refs, list) else results[0]
         except RayError as error:
-            dead = [i for i, a in enumerate(self.learners) if _actor_info(a).get("State") == "DEAD"]
-            if not dead and not isinstance(error, (RayActorError, ActorUnavailableError)):
+            ray.wait(calls, num_returns=len(calls), timeout=self.timeout)
+            dead = {i for i, a in enumerate(self.learners) if _actor_info(a).get("State") == "DEAD"}
+            for rank, ref in enumerate(calls):  # the i-th call is rank i's
+                try:
+                    ray.get(ref, timeout=0)
+                except (RayActorError, ActorUnavailableError):
+                    dead.add(rank)
+                except RayError:
+                    pass
+            if not dead:
                 raise
-            raise LearnerFailedError(f"learner rank(s) {dead or '?'} died ({type(error).__name__})") from error
+            raise LearnerFailedError(f"learner rank(s) {sorted(dead)} died ({type(error).__name__})") from error
 
     def restart_learners(self) -> None:
-        """Replace every learner rank with a fresh one (the caller loads a checkpoint into them)."""
+        """Replace every learner rank with a fresh one (the caller loads a checkpoint into them).
+
+        When a node is lost, the GCS declares it dead only after its health checks fail, seconds
+        later; until then Ray may place a new rank there, which then dies with the node. Such a
+        start is tried again, up to resources.max_restarts times."""
         import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
         for learner in self.learners:
             ray.kill(learner)
-        self.learners = self._start_learners()
+        for attempt in range(self.config.resources.max_restarts + 1):
+            try:
+                self.learners = self._start_learners()
+                break
+            except (RayActorError, ActorUnavailableError) as error:
+                if attempt == self.config.resources.max_restarts:
+                    last = [line.strip() for line in str(error).splitlines() if line.strip()][-1:]
+                    raise ActorsLostError(
+                        f"a new learner rank died while the group started, {attempt + 1} times "
+                        f"(resources.max_restarts={self.config.resources.max_restarts}; last: {''.join(last)})"
+                    ) from error
+                log.warning("a new learner rank died while the group started (%s); starting it again",
+                            type(error).__name__)
         self.learner_restarts += 1
+        log.info("learners restarted; %s", describe_layout(self.layout))
 
     def start_update(self, trajectories: TrajectoryShards | Trajectories, advantages: torch.Tensor) -> list:
         """Send the batch (refs to the samplers' shards: each rank fetches them from the object

@@ -1,10 +1,6 @@
 """`ray job submit` against a head started on loopback, as a user submits to a cluster."""
-import os
-import secrets
-import signal
-import socket
+import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -12,64 +8,42 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from ray_nodes import RAY_BIN, free_port, start_node, stop_node, token_env
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def ray_head(tmp_path):
     """A head of our own (token auth on, dashboard on 127.0.0.1); stopped by its process group."""
-    ray_bin = Path(sys.executable).with_name("ray")
-    token = tmp_path / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
-               HF_HUB_OFFLINE="1")
-    env.pop("RAY_ADDRESS", None)
-    # as on a cluster node where this project is installed: `python` is the one with its deps
-    env["PATH"] = f"{ray_bin.parent}{os.pathsep}{env.get('PATH', '')}"
-    dashboard_port = _free_port()
+    env = token_env(tmp_path)
+    dashboard_port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths have a length limit
-    head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={_free_port()}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
-         # the agents' default ports are fixed (52365, ...): a Ray the test session started earlier
-         # holds them, and a job agent that cannot bind never registers ("No available agent")
-         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-         f"--runtime-env-agent-port={_free_port()}",
-         "--num-cpus=2", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    head = start_node(["--head", f"--port={free_port()}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                       f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}", "--num-cpus=2"], env)
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.monotonic() + 60
-        while subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
-                             capture_output=True).returncode != 0:
+        while subprocess.run([str(RAY_BIN), "job", "list", "--address", address], env=env,
+                             capture_output=True, check=False).returncode != 0:
             assert head.poll() is None, "ray start --head exited"
             assert time.monotonic() < deadline, "the head's job server did not come up in 60 s"
             time.sleep(1)
         # the job server answers before the node's job agent has registered with it; until then
         # a submission fails with "No available agent": wait for a trivial job to be accepted
         while True:
-            probe = subprocess.run([str(ray_bin), "job", "submit", "--address", address, "--no-wait", "--", "true"],
-                                   env=env, capture_output=True, text=True)
+            probe = subprocess.run([str(RAY_BIN), "job", "submit", "--address", address, "--no-wait", "--", "true"],
+                                   env=env, capture_output=True, text=True, check=False)
             if probe.returncode == 0:
                 break
             assert "No available agent" in probe.stdout + probe.stderr, probe.stdout[-2000:] + probe.stderr[-2000:]
             assert head.poll() is None, "ray start --head exited"
             assert time.monotonic() < deadline + 240, "the head's job agent did not register in 300 s"
             time.sleep(1)
-        yield ray_bin, address, env
+        yield RAY_BIN, address, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:  # measured: `ray start --block` had not exited after 30 s of SIGTERM; the group is killed next
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_node(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_training_entry(ray_head, tiny_sd_dir, tmp_path):
@@ -81,7 +55,7 @@ def test_ray_job_submit_runs_the_training_entry(ray_head, tiny_sd_dir, tmp_path)
          "python", "-m", "rl.train", "--config", "configs/tiny.yaml", f"model.pretrained={tiny_sd_dir}",
          f"output_dir={out_dir}", "run_name=job", "num_epochs=1", "sample.num_batches_per_epoch=1",
          "sample.batch_size=4", "train.batch_size=4", "advantage.group_size=4", "evaluation.num_seeds=1"],
-        env=env, capture_output=True, text=True, timeout=400,
+        env=env, capture_output=True, text=True, timeout=400, check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout + result.stderr

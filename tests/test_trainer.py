@@ -4,6 +4,7 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -260,6 +261,25 @@ def test_a_dead_learner_is_replaced_and_the_run_goes_on_from_its_checkpoint(ray_
     b = load_file(str(run.final_lora / "pytorch_lora_weights.safetensors"))
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
+
+
+def test_learners_that_cannot_start_again_stop_the_run_with_how_to_resume(ray_session, tiny_sd_dir, tmp_path):
+    """A new group whose rank dies while starting (here: its model is gone) is started again, up to
+    resources.max_restarts times, then the run stops with its checkpoints and no learner left behind."""
+    model = Path(shutil.copytree(tiny_sd_dir, tmp_path / "model"))
+    config = _trainer_config(str(model), tmp_path, "run_name=nostart", "num_epochs=2", "resources.num_samplers=1",
+                             "sample.num_steps=4", "resources.max_restarts=1")
+    kill = _kill_the_learner_after_epoch_0(ray_session)
+
+    def kill_and_remove_the_model(epoch, row):
+        kill(epoch, row)
+        if epoch == 0:
+            model.rename(tmp_path / "gone")
+
+    with pytest.raises(TrainingStopped, match=r"died while the group started, 2 times.*resume with `texforce train"):
+        train(config, on_epoch_end=kill_and_remove_the_model)
+    assert (tmp_path / "nostart" / "checkpoints" / "epoch_0000" / "learner.pt").exists()
+    assert _learner_pids(ray_session) == []
 
 
 def test_a_learner_out_of_restarts_stops_with_how_to_resume(ray_session, tiny_sd_dir, tmp_path):

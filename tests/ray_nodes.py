@@ -1,0 +1,120 @@
+"""Ray nodes started as an operator starts them (`ray start ... --block`), several on one machine.
+
+Each node is its own raylet, object store and agents, so actors on different nodes talk and move
+objects as on a real cluster. Every port is chosen free (a Ray the test session started earlier
+holds the agents' fixed defaults), and nodes join one at a time: two raylets starting together
+on one host collide on a port (measured: "bind: Address already in use").
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RAY_BIN = Path(sys.executable).with_name("ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_port_args() -> list[str]:
+    """Free ports for the agents every node starts (their defaults are fixed numbers)."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
+
+def token_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a token-authenticated cluster (Ray's default for `ray start`) and its drivers."""
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
+               HF_HUB_OFFLINE="1")
+    env.pop("RAY_ADDRESS", None)
+    # as on a cluster node where this project is installed: `python` is the one with its deps
+    env["PATH"] = f"{RAY_BIN.parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def start_node(args: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
+    """`ray start --block ARGS` in its own process group (stop it with `stop_node`), its output to `log`."""
+    output = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (the child holds it)
+    return subprocess.Popen([str(RAY_BIN), "start", "--block", "--disable-usage-stats", *node_port_args(), *args],
+                            env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_node(node: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop a node's whole process group (raylet, agents, its actors' workers)."""
+    try:
+        os.killpg(node.pid, sig)
+    except ProcessLookupError:  # killed already (kill_node): reap it
+        node.wait(timeout=10)
+        return
+    try:  # measured: `ray start --block` had not exited after 30 s of SIGTERM; the group is killed next
+        node.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait(timeout=10)
+
+
+class LocalCluster:
+    """A head and worker nodes on this machine; `nodes` maps each node's id to its process."""
+
+    def __init__(self, env: dict[str, str], head_args: list[str], *, timeout_s: float = 120.0):
+        # conftest sets it to 0 (a one-node test cluster listens on loopback only), which also makes
+        # `ray start --address` refuse to join a head
+        self.env = dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
+        self.timeout_s = timeout_s
+        self.address = f"127.0.0.1:{free_port()}"
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self.started: set[str] = set()  # every node id so far: a killed node stays listed until the GCS notices
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="raymn", dir="/tmp"))  # short: Ray's socket paths are limited
+        self._add(["--head", f"--port={self.address.split(':')[1]}", "--node-ip-address=127.0.0.1",
+                   "--include-dashboard=false", f"--temp-dir={self.temp_dir}", *head_args])
+
+    def add_node(self, args: list[str]) -> str:
+        """Start a worker node and wait until the cluster lists it; returns its node id."""
+        return self._add([f"--address={self.address}", "--node-ip-address=127.0.0.1", *args])
+
+    def _add(self, args: list[str]) -> str:
+        log = self.temp_dir / f"ray_start_{len(self.started)}.log"
+        node = start_node(args, self.env, log)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            new = self.alive_nodes() - self.started if node.poll() is None else set()
+            if new:
+                (node_id,) = new
+                self.nodes[node_id] = node
+                self.started.add(node_id)
+                return node_id
+            assert node.poll() is None, f"ray start {' '.join(args)} exited: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"a node did not join in {self.timeout_s:g} s"
+            time.sleep(0.5)
+
+    def alive_nodes(self) -> set[str]:
+        """Node ids `ray status` lists as active (empty while the head's GCS is not up)."""
+        status = subprocess.run([str(RAY_BIN), "status", f"--address={self.address}"], env=self.env,
+                                capture_output=True, text=True, check=False)
+        if status.returncode != 0 or "Active:" not in status.stdout:
+            return set()
+        active = status.stdout.split("Active:")[1].split("Pending:")[0]
+        return set(re.findall(r"node_([0-9a-f]+)", active))
+
+    def kill_node(self, node_id: str) -> None:
+        """The node dies as a machine does: SIGKILL to its raylet, agents and workers at once."""
+        stop_node(self.nodes.pop(node_id), signal.SIGKILL)
+
+    def shutdown(self) -> None:
+        for node_id in list(self.nodes)[::-1]:  # workers first, the head last
+            stop_node(self.nodes.pop(node_id))
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

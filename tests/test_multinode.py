@@ -1,0 +1,110 @@
+"""The trainer on a Ray cluster of several nodes on this machine, started with `ray start` as an
+operator starts them: the samplers and the reward actor on the head, one learner rank on each of
+two other nodes, so trajectories, images and weights cross object stores and the two ranks
+all-reduce over TCP between nodes. A learner node advertises one GPU and no CPU: a Ray resource
+only (model.device=cpu; nothing here uses CUDA) that lets Ray place learners there and nothing else.
+"""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from actors.driver import train
+from ray_nodes import LocalCluster, token_env
+from rl.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+LEARNER_NODE = ["--num-cpus=0", "--num-gpus=1"]
+RAY_LAYOUT = ["resources.num_samplers=2", "resources.cpus_per_sampler=0.5", "resources.cpus_per_reward_actor=0.5",
+              "resources.num_learners=2", "resources.cpus_per_learner=0", "resources.gpus_per_learner=1",
+              "resources.learner_threads=1", "resources.rollout_low_priority=false",
+              "train.batch_size=2"]  # per rank: each optimizer step is the one process's 4 rows
+
+
+def _overrides(tiny_sd_dir: str, out: Path) -> list[str]:
+    return [f"model.pretrained={tiny_sd_dir}", "model.device=cpu", f"output_dir={out}", "num_epochs=2",
+            "sample.num_steps=6", "sample.batch_size=4", "sample.num_batches_per_epoch=2", "train.batch_size=4",
+            "train.learning_rate=1e-3", "train.warmup_steps=0", "advantage.mode=batch", "lora.rank=4", "lora.alpha=4"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head with 2 CPUs (the rollout roles; the drivers run here) and three learner nodes, one spare."""
+    nodes = LocalCluster(token_env(tmp_path_factory.mktemp("cluster")), ["--num-cpus=2"])
+    try:
+        for _ in range(3):
+            nodes.add_node(LEARNER_NODE)
+        yield nodes
+    finally:
+        nodes.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_sd_dir, tmp_path_factory):
+    """The same run in one process with one learner on the whole batch: what the cluster must compute."""
+    out = tmp_path_factory.mktemp("inline")
+    return train(load_config(None, [*_overrides(tiny_sd_dir, out), "run_name=inline", "resources.mode=inline"]))
+
+
+def _layouts(log: str) -> list[dict[str, str]]:
+    """Each `actors on N nodes: node ID: role i, ...; ...` line of the driver's log, as {actor: node}."""
+    layouts = []
+    for line in re.findall(r"actors on \d+ nodes?: (.*)", log):
+        layouts.append({actor.strip(): node for node, actors in re.findall(r"node (\w+): ([^;]*)", line)
+                        for actor in actors.split(",")})
+    return layouts
+
+
+def _assert_same_lora(run_dir: Path, reference) -> None:
+    a = load_file(str(reference.final_lora / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(run_dir / "final_lora" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:  # two ranks' all-reduced gradients against one learner's: float summation order only
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=5e-5)
+
+
+def _driver(cluster: LocalCluster, command: list[str]) -> subprocess.CompletedProcess:
+    env = dict(cluster.env, PYTHONPATH=str(ROOT))
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def test_a_run_across_three_nodes_computes_what_one_process_does(cluster, one_process_run, tiny_sd_dir, tmp_path):
+    head = next(iter(cluster.nodes))
+    result = _driver(cluster, [sys.executable, "-m", "rl.train", *_overrides(tiny_sd_dir, tmp_path), "run_name=nodes",
+                               *RAY_LAYOUT, f"resources.address={cluster.address}"])
+    (layout,) = _layouts(result.stderr)
+    assert {layout[a] for a in ("sampler 0", "sampler 1", "reward actor 0")} == {head[:8]}
+    learner_nodes = {layout["learner 0"], layout["learner 1"]}
+    assert len(learner_nodes) == 2 and head[:8] not in learner_nodes
+    rows = pq.read_table(tmp_path / "nodes" / "metrics.parquet").to_pylist()
+    assert [r["epoch"] for r in rows] == [0, 1] and all(r["num_samples"] == 8 for r in rows)
+    # the learners recompute the samplers' log-probs on other nodes: the same policy
+    assert all(r["logprob_mismatch"] < 1e-5 for r in rows)
+    assert rows[0]["reward_mean"] == one_process_run.read_metrics()[0]["reward_mean"]
+    _assert_same_lora(tmp_path / "nodes", one_process_run)
+
+
+def test_a_lost_learner_node_is_replaced_and_the_run_goes_on_from_its_checkpoint(
+    cluster, one_process_run, tiny_sd_dir, tmp_path
+):
+    process_groups = {node: process.pid for node, process in cluster.nodes.items()}
+    result = _driver(cluster, [sys.executable, str(ROOT / "tests" / "drive_with_node_loss.py"), json.dumps(process_groups),
+                               *_overrides(tiny_sd_dir, tmp_path), "run_name=lost", *RAY_LAYOUT,
+                               f"resources.address={cluster.address}"])
+    (killed,) = re.findall(r"killing node (\w+)", result.stdout)
+    cluster.nodes.pop(killed).wait(timeout=30)
+    before, after = _layouts(result.stderr)
+    assert killed[:8] in {before["learner 0"], before["learner 1"]}
+    assert killed[:8] not in {after["learner 0"], after["learner 1"]} and len({after["learner 0"], after["learner 1"]}) == 2
+    rows = pq.read_table(tmp_path / "lost" / "metrics.parquet").to_pylist()
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[-1]["actor_restarts"] == 2
+    # epoch 1 ran on new ranks loaded from epoch 0's checkpoint: the LoRA of the run without the loss
+    _assert_same_lora(tmp_path / "lost", one_process_run)
