@@ -34,6 +34,12 @@ class InsufficientResourcesError(RuntimeError):
     """The cluster cannot host the requested actors."""
 
 
+# How long the driver waits, after one learner call fails, for the other ranks' calls to settle and
+# show whether a rank died (tests/test_multinode.py: the call of a rank whose node was killed failed
+# about 2 s after the kill, the survivors' collective error at once).
+RANK_DEATH_GRACE_S = 60.0
+
+
 def _threads(cpus: float) -> int:
     return max(1, math.floor(cpus))
 
@@ -389,7 +395,9 @@ class RayWorkers:
 
         A rank that dies takes the others' collective down with it, and their error ("connection
         closed by peer") can come back before Ray knows the rank died: seconds later when its node
-        is lost, once the GCS's health checks notice. So on an error every call is first let settle.
+        is lost, once the GCS's health checks notice. So on an error the other calls get up to
+        RANK_DEATH_GRACE_S to settle (a bug in one rank leaves the others waiting in their
+        collective until it times out: it is reported after the grace, not after that timeout).
         """
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError, RayError
@@ -399,7 +407,7 @@ class RayWorkers:
             results = self._get_each(calls)
             return results if isinstance(refs, list) else results[0]
         except RayError as error:
-            ray.wait(calls, num_returns=len(calls), timeout=self.timeout)
+            ray.wait(calls, num_returns=len(calls), timeout=min(self.timeout, RANK_DEATH_GRACE_S))
             dead = {i for i, a in enumerate(self.learners) if _actor_info(a).get("State") == "DEAD"}
             for rank, ref in enumerate(calls):  # the i-th call is rank i's
                 try:

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from actors.driver import train
 from rl.config import load_config
@@ -25,12 +26,12 @@ def kill_a_learner_node(process_groups: dict[str, int]):
         learners = [a for a in state.actors().values()
                     if a["ActorClassName"] == "LearnerWorker" and a["State"] == "ALIVE"]
         node = learners[-1]["Address"]["NodeID"]
-        print(f"killing node {node}", flush=True)
+        print(f"killing node {node} at {time.strftime('%H:%M:%S')}", flush=True)
         os.killpg(process_groups[node], signal.SIGKILL)
 
     return on_epoch_end
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     train(load_config(None, sys.argv[2:]), on_epoch_end=kill_a_learner_node(json.loads(sys.argv[1])))

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from ray_nodes import RAY_BIN, free_port, start_node, stop_node, token_env
 
 ROOT = Path(__file__).resolve().parents[1]

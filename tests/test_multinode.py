@@ -13,10 +13,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from ray_nodes import LocalCluster, token_env
 from safetensors.torch import load_file
 
 from actors.driver import train
-from ray_nodes import LocalCluster, token_env
 from rl.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,25 +76,12 @@ def _driver(cluster: LocalCluster, command: list[str]) -> subprocess.CompletedPr
     return result
 
 
-def test_a_run_across_three_nodes_computes_what_one_process_does(cluster, one_process_run, tiny_sd_dir, tmp_path):
-    head = next(iter(cluster.nodes))
-    result = _driver(cluster, [sys.executable, "-m", "rl.train", *_overrides(tiny_sd_dir, tmp_path), "run_name=nodes",
-                               *RAY_LAYOUT, f"resources.address={cluster.address}"])
-    (layout,) = _layouts(result.stderr)
-    assert {layout[a] for a in ("sampler 0", "sampler 1", "reward actor 0")} == {head[:8]}
-    learner_nodes = {layout["learner 0"], layout["learner 1"]}
-    assert len(learner_nodes) == 2 and head[:8] not in learner_nodes
-    rows = pq.read_table(tmp_path / "nodes" / "metrics.parquet").to_pylist()
-    assert [r["epoch"] for r in rows] == [0, 1] and all(r["num_samples"] == 8 for r in rows)
-    # the learners recompute the samplers' log-probs on other nodes: the same policy
-    assert all(r["logprob_mismatch"] < 1e-5 for r in rows)
-    assert rows[0]["reward_mean"] == one_process_run.read_metrics()[0]["reward_mean"]
-    _assert_same_lora(tmp_path / "nodes", one_process_run)
-
-
-def test_a_lost_learner_node_is_replaced_and_the_run_goes_on_from_its_checkpoint(
+def test_a_run_across_nodes_loses_a_learner_node_and_ends_as_one_process_does(
     cluster, one_process_run, tiny_sd_dir, tmp_path
 ):
+    """The driver on the head; after epoch 0 (its checkpoint written) the node of a learner rank is
+    killed; the group is started again on the nodes left and trains epoch 1 from that checkpoint."""
+    head = next(iter(cluster.nodes))
     process_groups = {node: process.pid for node, process in cluster.nodes.items()}
     result = _driver(cluster, [sys.executable, str(ROOT / "tests" / "drive_with_node_loss.py"), json.dumps(process_groups),
                                *_overrides(tiny_sd_dir, tmp_path), "run_name=lost", *RAY_LAYOUT,
@@ -102,9 +89,17 @@ def test_a_lost_learner_node_is_replaced_and_the_run_goes_on_from_its_checkpoint
     (killed,) = re.findall(r"killing node (\w+)", result.stdout)
     cluster.nodes.pop(killed).wait(timeout=30)
     before, after = _layouts(result.stderr)
-    assert killed[:8] in {before["learner 0"], before["learner 1"]}
-    assert killed[:8] not in {after["learner 0"], after["learner 1"]} and len({after["learner 0"], after["learner 1"]}) == 2
+    assert {before[a] for a in ("sampler 0", "sampler 1", "reward actor 0")} == {head[:8]}
+    learner_nodes = {before["learner 0"], before["learner 1"]}
+    assert len(learner_nodes) == 2 and head[:8] not in learner_nodes and killed[:8] in learner_nodes
+    new_nodes = {after["learner 0"], after["learner 1"]}
+    assert len(new_nodes) == 2 and killed[:8] not in new_nodes and head[:8] not in new_nodes
+
     rows = pq.read_table(tmp_path / "lost" / "metrics.parquet").to_pylist()
-    assert [r["epoch"] for r in rows] == [0, 1] and rows[-1]["actor_restarts"] == 2
-    # epoch 1 ran on new ranks loaded from epoch 0's checkpoint: the LoRA of the run without the loss
+    assert [r["epoch"] for r in rows] == [0, 1] and all(r["num_samples"] == 8 for r in rows)
+    assert rows[-1]["actor_restarts"] == 2  # the two ranks of one group restart
+    # the learners recompute the samplers' log-probs on other nodes: the same policy
+    assert all(r["logprob_mismatch"] < 1e-5 for r in rows)
+    assert rows[0]["reward_mean"] == one_process_run.read_metrics()[0]["reward_mean"]
+    # epoch 1 ran on new ranks loaded from epoch 0's checkpoint: the LoRA of one process without the loss
     _assert_same_lora(tmp_path / "lost", one_process_run)
