@@ -5,7 +5,8 @@
 #   bash bench/gpu.sh runs/bench-gpu          # needs a CUDA torch and the project's packages
 #
 # Each step has its own time limit, so one that hangs or runs out of memory leaves the others' figures.
-# SAMPLE_SIZE, STEPS, BATCH, REPEATS and DEMO_OVERRIDES shrink the work for a dry run on a CPU (DEVICE=cpu).
+# SAMPLE_SIZE, STEPS, BATCH, REPEATS and DEMO_OVERRIDES shrink the work for a dry run on a CPU (DEVICE=cpu);
+# DEMO_SEEDS="0 1 2" trains the demo for three seeds side by side.
 set -u
 out=${1:-runs/bench-gpu}
 mkdir -p "$out"
@@ -41,10 +42,21 @@ step learner 200 "$python" bench/learner_overhead.py "$model" --batch $((batch /
   --out "$out/learner_overhead.json" model.dtype=bfloat16 "sample.num_steps=$steps" train.min_sigma=0  # every step
 step half_precision 200 "$python" bench/half_precision_gradients.py "$model" --device "$device" \
   --size $((sample_size * 8)) --num-steps "$steps" --trained $((steps / 2))
-# the demo (configs/tiny.yaml: toy model, 20 epochs, 1920 held-out images before and after) in one process
-step demo 300 "$python" -m rl.cli train --config configs/tiny.yaml resources.mode=inline "model.device=$device" \
-  model.dtype=bfloat16 output_dir=/tmp/gpu-runs ${DEMO_OVERRIDES:-}
-cp /tmp/gpu-runs/tiny/reward_curve.png /tmp/gpu-runs/tiny/metrics.parquet /tmp/gpu-runs/tiny/evaluation.parquet "$out/" \
-  2>/dev/null
+# the demo (configs/tiny.yaml: toy model, 20 epochs, 1920 held-out images before and after), one process per seed
+# of DEMO_SEEDS (default 0), side by side on the one GPU; each one's held-out gain goes to the log
+demo_seeds=${DEMO_SEEDS:-0}
+demo_runs=""
+for seed in $demo_seeds; do
+  demo_runs+="'$python' -m rl.cli train --config configs/tiny.yaml resources.mode=inline model.device=$device \
+    model.dtype=bfloat16 seed=$seed run_name=demo_seed$seed output_dir=/tmp/gpu-runs ${DEMO_OVERRIDES:-} \
+    > '$out/demo_seed$seed.log' 2>&1 & "
+done
+step demo 300 bash -c "$demo_runs wait"  # timeout signals the whole group: the runs too
+for seed in $demo_seeds; do
+  mkdir -p "$out/demo_seed$seed"
+  cp /tmp/gpu-runs/demo_seed$seed/{reward_curve.png,metrics.parquet,evaluation.parquet} "$out/demo_seed$seed/" 2>/dev/null
+  echo "== demo seed $seed:" | tee -a "$log"
+  grep -E "^(mean reward|held-out)" "$out/demo_seed$seed.log" | tee -a "$log"
+done
 step draft_memory 240 "$python" bench/gradient_memory.py "$model" --dtype bfloat16 --size $((sample_size * 8)) \
   --steps "$steps" --ks 1,5,all --no-checkpointing
