@@ -263,6 +263,22 @@ def test_a_dead_learner_is_replaced_and_the_run_goes_on_from_its_checkpoint(ray_
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
 
 
+def test_an_error_in_the_learner_ranks_is_raised_as_a_bug_not_taken_for_a_death(ray_session, tiny_sd_dir, tmp_path):
+    """Both ranks reject a batch of the wrong number of steps: every rank is alive, so the driver
+    re-raises the error at once instead of restarting the group (which would fail the same way)."""
+    config = _trainer_config(tiny_sd_dir, tmp_path, "resources.num_learners=2", "resources.num_samplers=1",
+                             "train.batch_size=2")
+    other_steps = _trainer_config(tiny_sd_dir, tmp_path, "sample.num_steps=4")
+    workers = RayWorkers(config)
+    try:
+        batch, _ = SamplerWorker(other_steps).sample(workers.get_weights(), BUILTIN["colors"][:4], list(range(4)))
+        with pytest.raises(ray.exceptions.RayTaskError, match="trajectories have 4 steps, the learner's schedule 6"):
+            workers.update(batch, torch.zeros(4))
+        assert workers.restarts == 0 and workers.get_weights().version == 0  # the same ranks still answer
+    finally:
+        workers.shutdown()
+
+
 def test_learners_that_cannot_start_again_stop_the_run_with_how_to_resume(ray_session, tiny_sd_dir, tmp_path):
     """A new group whose rank dies while starting (here: its model is gone) is started again, up to
     resources.max_restarts times, then the run stops with its checkpoints and no learner left behind."""
