@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from rl.config import load_config
     from rl.learner import PPOLearner
-    from rl.lora import PolicyWeights, set_policy_weights
-    from rl.models import load_pipeline
+    from rl.models import load_pipeline_from_config
     from rl.prompts import load_prompts
     from rl.run_dir import RunDirectory
     from rl.sampling import sample_trajectories
@@ -45,13 +44,12 @@ def main(argv: list[str] | None = None) -> dict:
     if checkpoint is None:
         raise SystemExit(f"{args.run} has no checkpoints/epoch_*")
     state, _ = RunDirectory.load_checkpoint(checkpoint)
-    weights = PolicyWeights(state["version"], state["lora"]["text_encoder"], state["lora"]["unet"])
 
     learners = {}
     for dtype in ("float32", args.dtype):
         config = load_config(run.config_path, [f"model.dtype={dtype}", "model.device=cpu"])
-        learner = PPOLearner(load_pipeline(config.model.pretrained, dtype=dtype, device="cpu"), config)
-        set_policy_weights(learner.pipe, weights)
+        learner = PPOLearner(load_pipeline_from_config(config.model), config)
+        learner.load_state_dict(state)  # the run's LoRA (and its optimizer state, unused here)
         learners[dtype] = learner
     s = config.sample
     prompts = (load_prompts(config.prompts) * args.rows)[: args.rows]

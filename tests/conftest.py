@@ -68,6 +68,14 @@ def tiny_config(tiny_sd_dir: str, *overrides: str):
     )
 
 
+def perturb_lora(params, scale: float = 0.05, seed: int = 0) -> None:
+    """Add seeded noise to LoRA factors: B starts at 0, where A's gradient vanishes and the LoRA is an identity."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+
+
 def one_line_error(capsys, code: int) -> str:
     """The single stderr line of a user error (exit code 2, no traceback)."""
     err = capsys.readouterr().err

@@ -48,9 +48,12 @@ def token_env(tmp_path: Path) -> dict[str, str]:
 
 def start_node(args: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
     """`ray start --block ARGS` in its own process group (stop it with `stop_node`), its output to `log`."""
-    output = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (the child holds it)
-    return subprocess.Popen([str(RAY_BIN), "start", "--block", "--disable-usage-stats", *node_port_args(), *args],
-                            env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    command = [str(RAY_BIN), "start", "--block", "--disable-usage-stats", *node_port_args(), *args]
+    if log is None:
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    with open(log, "w") as output:  # the child writes to its own copy of the descriptor
+        return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop_node(node: subprocess.Popen, sig: int = signal.SIGTERM) -> None:

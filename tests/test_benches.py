@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -51,16 +50,14 @@ def test_cpu_half_attention_bench_times_both_attentions_and_float32(tiny_sd_dir,
 
 
 def test_kl_gradient_precision_reads_the_runs_last_checkpoint(tiny_sd_dir, pipe, tmp_path, one_torch_thread):
-    from conftest import tiny_config
+    from conftest import perturb_lora, tiny_config
 
     from rl.learner import PPOLearner
     from rl.run_dir import RunDirectory, pack_learner_state
 
     config = tiny_config(tiny_sd_dir, "sample.num_steps=4", "train.min_sigma=0")
     learner = PPOLearner(pipe, config)
-    with torch.no_grad():  # away from the base model, so the KL term has a gradient
-        for p in learner.params:
-            p.add_(0.03 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    perturb_lora(learner.params, scale=0.03)  # away from the base model, so the KL term has a gradient
     (tmp_path / "run").mkdir()
     run = RunDirectory(tmp_path / "run")
     run.save_config(config)

@@ -4,7 +4,7 @@ early steps run on the base text encoder, the KL regulariser is DPOK's and pulls
 and half precision gives the float32 gradient."""
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import perturb_lora, tiny_config
 
 from rl.algorithms import get_algorithm
 from rl.gradient import GradientLearner, Window, _decode, _draw_steps, draw_window, refl_stop_range
@@ -19,14 +19,6 @@ def _learner(tiny_sd_dir, algorithm, *overrides, dtype="float32"):
     config = tiny_config(tiny_sd_dir, f"train.algorithm={algorithm}", "lora.policy=both", "sample.num_steps=4",
                          f"model.dtype={dtype}", *overrides)
     return GradientLearner(load_pipeline(tiny_sd_dir, dtype=dtype, device="cpu"), config)
-
-
-def _perturb(learner, scale=0.1, seed=0):
-    """Non-zero LoRA factors (B starts at 0, where A's gradient vanishes) on both modules."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in learner.params:
-            p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
 def _run(learner):
@@ -58,7 +50,7 @@ def test_truncated_lora_gradient_matches_finite_differences(tiny_sd_dir, one_tor
     for K = T that is x_T, so the plain derivative). float32 throughout: relative error < 3%
     at h = 0.03 (measured 0.06-0.8%; the reward's roundoff limits smaller h)."""
     learner = _learner(tiny_sd_dir, "draft_k", f"gradient.truncation_k={k}")
-    _perturb(learner)
+    perturb_lora(learner.params, scale=0.1)
     steps = learner.schedule.num_steps
     learner.minibatch_backward(PROMPTS, SEEDS, Window(steps - k, steps))
     grads = [p.grad.clone() for p in learner.params]
@@ -82,7 +74,7 @@ def test_what_the_weights_do_before_the_last_k_steps_changes_nothing_in_the_grad
     the loss. On the steps before the last K the gradient is bit-identical (they run without grad);
     on a step inside the window it changes (the test would catch a leak)."""
     learner = _learner(tiny_sd_dir, "draft_k", "gradient.truncation_k=2")
-    _perturb(learner)
+    perturb_lora(learner.params, scale=0.1)
     unet_lora = [p for n, p in learner.pipe.unet.named_parameters() if "lora_" in n]
     timesteps = learner.schedule.timesteps.tolist()
     window = Window(2, 4)
@@ -136,7 +128,7 @@ def test_textcraftor_early_steps_run_on_the_base_text_encoder(tiny_sd_dir, one_t
     """The learner's sample equals: the base model's first T-K steps (a pipeline without any LoRA),
     then the LoRA'd encoder's last K; it differs from the all-LoRA and the all-base samples."""
     learner = _learner(tiny_sd_dir, "textcraftor", "lora.policy=text_encoder", "gradient.textcraftor_fraction=0.5")
-    _perturb(learner, scale=0.5)
+    perturb_lora(learner.params, scale=0.5)
     base = load_pipeline(tiny_sd_dir, device="cpu")
     steps, run = learner.schedule.num_steps, _run(learner)
     with torch.no_grad():
@@ -155,7 +147,7 @@ def test_textcraftor_early_steps_run_on_the_base_text_encoder(tiny_sd_dir, one_t
 
 def test_draft_lv_sums_the_rewards_of_its_copies(tiny_sd_dir, one_torch_thread):
     learner = _learner(tiny_sd_dir, "draft_lv", "gradient.lv_copies=3")
-    _perturb(learner)
+    perturb_lora(learner.params, scale=0.1)
     window = draw_window(learner.algorithm, learner.config, learner.generator)
     assert (window.first, window.end, window.copies) == (4, 4, 3)  # the loop itself carries no grad
     loss, metrics, _ = learner.loss(PROMPTS, SEEDS, window)
@@ -201,7 +193,7 @@ def test_kl_to_base_is_zero_at_the_base_and_its_gradient_matches_finite_differen
         return learner.kl_to_base(PROMPTS, x, step, cond, uncond)
 
     assert kl().item() == 0.0
-    _perturb(learner)
+    perturb_lora(learner.params, scale=0.1)
     value = kl()
     assert value.item() > 1e-4
     value.backward()
@@ -217,7 +209,7 @@ def test_the_kl_regulariser_pulls_the_lora_back_to_the_base(tiny_sd_dir, one_tor
         learner = _learner(tiny_sd_dir, "textcraftor", "lora.policy=text_encoder", "gradient.textcraftor_fraction=1.0",
                            f"gradient.kl_coef={kl_coef}", "train.learning_rate=3e-2", "train.batch_size=2",
                            "reward.spec=color_alignment")
-        _perturb(learner, scale=0.3)
+        perturb_lora(learner.params, scale=0.3)
         window = Window(0, 4, kl_step=2)
         history = []
         for _ in range(4):
@@ -246,7 +238,7 @@ def test_half_precision_gradient_learner_matches_float32(tiny_sd_dir, one_torch_
     """DRaFT-1 on both LoRAs, one prompt at the tiny model's 64 px: the unscaled float32 LoRA gradient
     the optimizer steps on, from fp16 (loss-scaled) and bf16 frozen weights, against float32."""
     reference = _learner(tiny_sd_dir, "draft_k", "train.max_grad_norm=1e6")
-    _perturb(reference)
+    perturb_lora(reference.params, scale=0.1)
 
     def step_gradient(learner) -> list[torch.Tensor]:
         set_policy_weights(learner.pipe, reference.get_weights())
@@ -271,7 +263,7 @@ def test_half_precision_kl_regulariser_matches_float32(tiny_sd_dir, one_torch_th
     rounding in the two U-Net calls (amplified by the guidance scale) adds a floor to the value (+33%
     here, measured; 3.9x at kl ~2e-4) and noise, not a bias, to the gradient (README, Half precision)."""
     reference = _learner(tiny_sd_dir, "draft", "gradient.kl_coef=1")
-    _perturb(reference, scale=0.03)
+    perturb_lora(reference.params, scale=0.03)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
 
     def kl_gradient(learner) -> tuple[float, list[torch.Tensor]]:

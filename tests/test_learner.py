@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_config
+from conftest import perturb_lora, tiny_config
 
 from rl.config import ConfigError, TrainConfig
 from rl.ddim import ddim_sigma
@@ -14,13 +14,6 @@ from rl.learner import PPOLearner, accumulation_plan, warmup_cosine, warmup_leng
 from rl.models import load_pipeline
 from rl.ppo import clipped_surrogate_loss, gaussian_kl
 from rl.sampling import encode, sample_trajectories, step_distribution
-
-
-def _perturb(params, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 def _reference_gradients(learner, batch, advantages, step_index):
@@ -44,9 +37,9 @@ def _reference_gradients(learner, batch, advantages, step_index):
 def test_once_per_minibatch_encoder_backward_equals_reencoding(pipe, tiny_sd_dir, policy):
     cfg = tiny_config(tiny_sd_dir, f"lora.policy={policy}", "train.clip_range=0.2")
     learner = PPOLearner(pipe, cfg)
-    _perturb(learner.params)
+    perturb_lora(learner.params)
     batch = sample_trajectories(pipe, ["a red ball", "a cat"], [0, 1], num_steps=6, guidance_scale=5.0, eta=1.0)
-    _perturb(learner.params, seed=1, scale=0.02)  # off-policy, so ratios differ from 1 and some clip
+    perturb_lora(learner.params, seed=1, scale=0.02)  # off-policy, so ratios differ from 1 and some clip
     advantages = torch.tensor([1.0, -0.5])
     step_index = torch.tensor([[0, 3, 5], [2, 1, 4]])
     learner.minibatch_backward(batch, advantages, step_index)
@@ -62,7 +55,7 @@ def test_ppo_steps_raise_the_surrogate_objective(pipe, tiny_sd_dir):
     cfg = tiny_config(tiny_sd_dir, "train.clip_range=10.0", "train.learning_rate=1e-2", "train.warmup_steps=0",
                       "train.lr_schedule=constant", "train.timestep_fraction=1.0", "train.batch_size=4")
     learner = PPOLearner(pipe, cfg)
-    _perturb(learner.params)
+    perturb_lora(learner.params)
     batch = sample_trajectories(pipe, ["a red ball"] * 2 + ["a cat"] * 2, [0, 1, 2, 3], num_steps=6,
                                 guidance_scale=5.0, eta=1.0)
     advantages = torch.ones(4)
@@ -190,7 +183,7 @@ def test_kl_penalty_is_zero_at_the_base_model_and_pulls_the_policy_back(pipe, ti
     no_advantage = torch.zeros(4)
     assert learner.minibatch_backward(batch, no_advantage, step_index)["kl_to_base"] == 0.0  # LoRA B = 0
     learner.optimizer.zero_grad(set_to_none=True)
-    _perturb(learner.params)
+    perturb_lora(learner.params)
     base = load_pipeline(tiny_sd_dir, device="cpu")
     expected = _mean_kl_to(base, learner, batch, step_index)
     kls = []
@@ -271,7 +264,7 @@ _ROW_WEIGHTING = ("train.clip_range=0.2", "train.warmup_steps=0", "train.lr_sche
 
 def _off_policy_learner(tiny_sd_dir, *overrides):
     learner = PPOLearner(load_pipeline(tiny_sd_dir, device="cpu"), tiny_config(tiny_sd_dir, *_ROW_WEIGHTING, *overrides))
-    _perturb(learner.params)  # B != 0, so every LoRA factor gets a gradient
+    perturb_lora(learner.params)  # B != 0, so every LoRA factor gets a gradient
     return learner
 
 

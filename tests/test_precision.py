@@ -2,7 +2,7 @@
 on the CPU, half-precision attention runs in float32."""
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import perturb_lora, tiny_config
 from torch.overrides import TorchFunctionMode
 
 from rl.learner import PPOLearner
@@ -66,10 +66,7 @@ def test_half_precision_lora_gradients_match_float32_at_sd_latent_size(tiny_sd_d
     overrides = ("lora.policy=both", "sample.num_steps=10", "sample.height=256", "sample.width=256",
                  "train.clip_range=10.0", "train.max_grad_norm=1e6")
     reference = PPOLearner(load_pipeline(tiny_sd_dir, device="cpu"), tiny_config(tiny_sd_dir, *overrides))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # B != 0: both LoRA factors get gradients
-        for p in reference.params:
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    perturb_lora(reference.params)  # B != 0: both LoRA factors get gradients
     batch = sample_trajectories(reference.pipe, ["a red ball"], [0], num_steps=10, guidance_scale=5.0, eta=1.0,
                                 height=256, width=256)
     assert batch.latents.shape[-3:] == (4, 64, 64)

@@ -1,6 +1,7 @@
 """Sampling records a consistent policy: recomputed log-probs equal the sampler's."""
 import pytest
 import torch
+from conftest import perturb_lora
 
 from rl.config import LoraSettings
 from rl.ddim import DDIMSchedule
@@ -9,18 +10,11 @@ from rl.models import load_pipeline
 from rl.sampling import encode, sample_trajectories, step_distribution
 
 
-def _perturb_lora(params, scale=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(scale * torch.randn(p.shape, generator=g))
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # float16: tests/test_precision.py (slow on CPU)
 def test_recomputed_log_prob_equals_sampler_for_every_step(tiny_sd_dir, dtype):
     pipe = load_pipeline(tiny_sd_dir, dtype=dtype, device="cpu")
     params = add_lora(pipe, LoraSettings(policy="text_encoder", rank=4, alpha=4))
-    _perturb_lora(params)  # the LoRA is active, not an identity
+    perturb_lora(params)  # the LoRA is active, not an identity
     prompts = ["a red ball", "a blue car", "a red ball"]
     traj = sample_trajectories(pipe, prompts, [0, 1, 2], num_steps=5, guidance_scale=5.0, eta=1.0)
     assert traj.latents.shape == (3, 6, 4, 16, 16)
@@ -115,7 +109,7 @@ def test_negative_prompt_goes_through_the_lora(pipe):
     params = add_lora(pipe, LoraSettings(rank=4, alpha=4))
     ids = pipe.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     base = encode(pipe.text_encoder, ids)
-    _perturb_lora(params, scale=0.5)
+    perturb_lora(params, scale=0.5)
     assert not torch.allclose(encode(pipe.text_encoder, ids), base)
     a = sample_trajectories(pipe, ["a cat"], [1], num_steps=3, guidance_scale=5.0, eta=1.0)
     b = sample_trajectories(pipe, ["a cat"], [1], num_steps=3, guidance_scale=5.0, eta=1.0, negative_prompt="blurry")
