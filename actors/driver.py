@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from actors.reward import RewardScores
-from actors.rollout import Rollout
+from actors.rollout import Rollout, TrajectoriesLostError
 from actors.topology import ActorsLostError, InlineWorkers, LearnerFailedError, RayWorkers
 from rl.advantages import PerPromptStatTracker, compute_advantages
 from rl.algorithms import get_algorithm
@@ -317,10 +317,32 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config
                                      tracker=tracker, pending=pending)
         finally:
             sample_seconds += time.perf_counter() - t_next
-    metrics = workers.finish_update(pending)
+    metrics = _finish_update(pending, kept, advantages, epoch, weights, config=config, run=run, workers=workers,
+                             tracker=tracker)
     shown = list(range(min(8, len(kept))))  # the epoch's image grid
     return _Experience(metrics, [kept.prompts[i] for i in shown], kept.images(shown), rollout.scores, rewards, dropped,
                        sample_seconds=sample_seconds, update_seconds=time.perf_counter() - t_update)
+
+
+def _finish_update(pending, kept: Rollout, advantages: torch.Tensor, epoch: int, weights: PolicyWeights, *,
+                   config: TexForceConfig, run: RunDirectory, workers, tracker: PerPromptStatTracker) -> dict[str, float]:
+    """The learners' metrics of the update in flight. If a sampler's node died before the learners
+    fetched its shards, none of them stepped: the lost shards are sampled again and the update sent
+    again, up to resources.max_restarts times; then the run stops with its checkpoints kept."""
+    losses = 0
+    while True:
+        try:
+            return workers.finish_update(pending)
+        except TrajectoriesLostError as lost:
+            losses += 1
+            if losses > config.resources.max_restarts:
+                _checkpoint_last_finished_epoch(run, config, workers, tracker, weights, epoch)
+                raise TrainingStopped(f"{lost}, {losses} times in epoch {epoch} (resources.max_restarts="
+                                      f"{config.resources.max_restarts}); the checkpoints are kept: resume with "
+                                      f"`texforce train --resume {run.path}`") from lost
+            log.warning("%s; sampling them again", lost)
+            kept = workers.resample(kept, lost.shards)
+            pending = workers.start_update(kept.trajectories(), advantages)
 
 
 def _rollout(batch_epoch: int, epoch: int, sampling: PolicyWeights, batches: _Batches, *, config: TexForceConfig,

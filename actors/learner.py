@@ -7,7 +7,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from actors.rollout import TrajectoryShards
+from actors.rollout import TrajectoriesLostError, TrajectoryShards
 from rl.algorithms import get_algorithm
 from rl.config import TexForceConfig
 from rl.gradient import GradientLearner, ScoredSamples
@@ -50,9 +50,20 @@ class LearnerWorker:
         )
 
     def update(self, trajectories: TrajectoryShards | Trajectories, advantages: torch.Tensor) -> dict[str, float]:
-        """PPO on the batch; refs to the samplers' shards are fetched here, from the object store."""
+        """PPO on the batch; refs to the samplers' shards are fetched here, from the object store.
+
+        If a shard was lost with its node, every rank raises TrajectoriesLostError before any step
+        (the ranks agree first: one rank training alone would wait in its all-reduce)."""
         if isinstance(trajectories, TrajectoryShards):
-            trajectories = trajectories.fetch()
+            parts, lost = trajectories.fetch_each()
+            if self.world_size > 1:
+                lost_anywhere = torch.zeros(len(parts), device=self.learner.pipe.unet.device)
+                lost_anywhere[lost] = 1
+                dist.all_reduce(lost_anywhere, op=dist.ReduceOp.MAX)
+                lost = torch.nonzero(lost_anywhere).flatten().tolist()
+            if lost:
+                raise TrajectoriesLostError(lost)
+            trajectories = trajectories.assemble(parts)
         return self.learner.update(trajectories, advantages)
 
     def train_on_prompts(self, prompts: list[str], seeds: list[int]) -> tuple[dict[str, float], ScoredSamples]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from actors.reward import RewardScores
+from rl.lora import PolicyWeights
 from rl.sampling import Trajectories
 
 
@@ -36,8 +37,42 @@ class TrajectoryShards:
 
     def fetch(self) -> Trajectories:
         """The kept rows as one batch (called where the trajectories are used: on the learner)."""
-        trajectories = Trajectories.cat(_fetch(self.shards))
+        return self.assemble(_fetch(self.shards))
+
+    def fetch_each(self) -> tuple[list, list[int]]:
+        """Each shard's trajectories (None where lost) and the indices of the lost shards: those
+        whose only copy was in the object store of a node that died (Ray: ObjectLostError)."""
+        ray = sys.modules.get("ray")
+        try:
+            return _fetch(self.shards), []
+        except Exception as error:
+            if ray is None or not isinstance(error, ray.exceptions.ObjectLostError):
+                raise
+        parts, lost = [], []
+        for shard, ref in enumerate(self.shards):
+            try:
+                parts.append(ray.get(ref))
+            except ray.exceptions.ObjectLostError:
+                parts.append(None)
+                lost.append(shard)
+        return parts, lost
+
+    def assemble(self, parts: list[Trajectories]) -> Trajectories:
+        """The kept rows of the fetched shards as one batch."""
+        trajectories = Trajectories.cat(parts)
         return trajectories if self.keep is None else trajectories.select(self.keep)
+
+
+class TrajectoriesLostError(RuntimeError):
+    """Shards of a batch were lost with the node that held them; the learners changed nothing,
+    and the driver samples those shards again (`RayWorkers.resample`)."""
+
+    def __init__(self, shards: list[int]):
+        super().__init__(shards)
+        self.shards = shards
+
+    def __str__(self) -> str:
+        return f"the trajectories of shard(s) {self.shards} were lost with the node that held them"
 
 
 @dataclass
@@ -51,6 +86,10 @@ class Rollout:
     trajectory_shards: list
     image_shards: list
     keep: torch.Tensor | None = None  # the rows to train on, after non-finite rewards are dropped
+    # Ray: what each shard was sampled from, (prompts, seeds, start seeds), and with which LoRA, so
+    # that a shard lost with its node can be sampled again (`RayWorkers.resample`)
+    shard_inputs: list | None = None
+    weights: PolicyWeights | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -60,7 +99,7 @@ class Rollout:
         rows = keep if self.keep is None else self.keep[keep]
         return Rollout([self.prompts[i] for i in keep.tolist()], RewardScores(
             self.scores.scores[keep], {k: v[keep] for k, v in self.scores.parts.items()}),
-            self.sizes, self.trajectory_shards, self.image_shards, rows)
+            self.sizes, self.trajectory_shards, self.image_shards, rows, self.shard_inputs, self.weights)
 
     def trajectories(self) -> TrajectoryShards:
         return TrajectoryShards(self.trajectory_shards, self.keep)

@@ -12,14 +12,14 @@ import logging
 import math
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
 import torch
 
 from actors.learner import LearnerWorker
 from actors.reward import RewardActor, RewardScores
-from actors.rollout import Rollout, TrajectoryShards
+from actors.rollout import Rollout, TrajectoriesLostError, TrajectoryShards
 from actors.sampler import SamplerWorker
 from rl.algorithms import get_algorithm
 from rl.config import TexForceConfig
@@ -386,7 +386,22 @@ class RayWorkers:
                 on_shard_done(call.kind, call.shard)
         order = range(len(shards))
         return Rollout(list(prompts), RewardScores.cat([scores[i] for i in order]), [len(shards[i][0]) for i in order],
-                       [trajectory_refs[i] for i in order], [image_refs[i] for i in order])
+                       [trajectory_refs[i] for i in order], [image_refs[i] for i in order],
+                       shard_inputs=shards, weights=weights)
+
+    def resample(self, rollout: Rollout, shards: list[int]) -> Rollout:
+        """`rollout` with `shards` sampled again (by the samplers alive) from the same prompts, seeds
+        and LoRA: the same samples, whose only copy was lost with a node. Their scores are kept."""
+        inputs = [rollout.shard_inputs[s] for s in shards]
+        again = self.rollout(
+            rollout.weights, [p for prompts, _, _ in inputs for p in prompts], [s for _, seeds, _ in inputs for s in seeds],
+            start_seeds=None if inputs[0][2] is None else [s for _, _, starts in inputs for s in starts],
+        )
+        assert again.sizes == [rollout.sizes[s] for s in shards], "a shard's samples must be sampled together again"
+        trajectory_shards, image_shards = list(rollout.trajectory_shards), list(rollout.image_shards)
+        for i, shard in enumerate(shards):
+            trajectory_shards[shard], image_shards[shard] = again.trajectory_shards[i], again.image_shards[i]
+        return replace(rollout, trajectory_shards=trajectory_shards, image_shards=image_shards)
 
     def _learner_call(self, refs):
         """ray.get on learner calls (one per rank in rank order, or rank 0's alone), surfacing the
@@ -408,6 +423,8 @@ class RayWorkers:
             return results if isinstance(refs, list) else results[0]
         except RayError as error:
             ray.wait(calls, num_returns=len(calls), timeout=min(self.timeout, RANK_DEATH_GRACE_S))
+            if isinstance(getattr(error, "cause", None), TrajectoriesLostError):
+                raise error.cause from error  # every rank raised it before any step (LearnerWorker.update)
             dead = {i for i, a in enumerate(self.learners) if _actor_info(a).get("State") == "DEAD"}
             for rank, ref in enumerate(calls):  # the i-th call is rank i's
                 try:

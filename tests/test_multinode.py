@@ -1,8 +1,9 @@
 """The trainer on a Ray cluster of several nodes on this machine, started with `ray start` as an
-operator starts them: the samplers and the reward actor on the head, one learner rank on each of
-two other nodes, so trajectories, images and weights cross object stores and the two ranks
-all-reduce over TCP between nodes. A learner node advertises one GPU and no CPU: a Ray resource
-only (model.device=cpu; nothing here uses CUDA) that lets Ray place learners there and nothing else.
+operator starts them, losing a node mid-run: first the samplers and the reward actor on the head
+and one learner rank on each of two other nodes, so trajectories, images and weights cross object
+stores and the two ranks all-reduce over TCP between nodes; then each sampler on a node of its own.
+A learner node advertises one GPU and no CPU: a Ray resource only (model.device=cpu; nothing here
+uses CUDA) that lets Ray place learners there and nothing else.
 """
 import json
 import re
@@ -21,6 +22,7 @@ from rl.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LEARNER_NODE = ["--num-cpus=0", "--num-gpus=1"]
+SAMPLER_NODE = ["--num-cpus=1"]
 RAY_LAYOUT = ["resources.num_samplers=2", "resources.cpus_per_sampler=0.5", "resources.cpus_per_reward_actor=0.5",
               "resources.num_learners=2", "resources.cpus_per_learner=0", "resources.gpus_per_learner=1",
               "resources.learner_threads=1", "resources.rollout_low_priority=false",
@@ -33,13 +35,30 @@ def _overrides(tiny_sd_dir: str, out: Path) -> list[str]:
             "train.learning_rate=1e-3", "train.warmup_steps=0", "advantage.mode=batch", "lora.rank=4", "lora.alpha=4"]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+@pytest.fixture
+def cluster(tmp_path):
     """A head with 2 CPUs (the rollout roles; the drivers run here) and three learner nodes, one spare."""
-    nodes = LocalCluster(token_env(tmp_path_factory.mktemp("cluster")), ["--num-cpus=2"])
+    nodes = LocalCluster(token_env(tmp_path), ["--num-cpus=2"])
     try:
         for _ in range(3):
             nodes.add_node(LEARNER_NODE)
+        yield nodes
+    finally:
+        nodes.shutdown()
+
+
+@pytest.fixture
+def sampler_cluster(tmp_path):
+    """A head with no CPU (the driver only), a node for two learner ranks and three 1-CPU nodes: a
+    sampler (1 CPU) on each of two, one spare. Task results over 4 KB go to the object store, as a
+    real model's images and latents do (the tiny model's images, 12 KB a shard, would come back
+    inline under Ray's default 100 KB); the actors' arguments (the config, 2 KB) stay inline."""
+    env = dict(token_env(tmp_path), RAY_max_direct_call_object_size="4096")
+    nodes = LocalCluster(env, ["--num-cpus=0"])
+    try:
+        nodes.add_node(["--num-cpus=0", "--num-gpus=2"])
+        for _ in range(3):
+            nodes.add_node(SAMPLER_NODE)
         yield nodes
     finally:
         nodes.shutdown()
@@ -83,8 +102,10 @@ def test_a_run_across_nodes_loses_a_learner_node_and_ends_as_one_process_does(
     killed; the group is started again on the nodes left and trains epoch 1 from that checkpoint."""
     head = next(iter(cluster.nodes))
     process_groups = {node: process.pid for node, process in cluster.nodes.items()}
-    result = _driver(cluster, [sys.executable, str(ROOT / "tests" / "drive_with_node_loss.py"), json.dumps(process_groups),
-                               *_overrides(tiny_sd_dir, tmp_path), "run_name=lost", *RAY_LAYOUT,
+    out = tmp_path / "out"
+    result = _driver(cluster, [sys.executable, str(ROOT / "tests" / "drive_with_node_loss.py"), "learner",
+                               json.dumps(process_groups),
+                               *_overrides(tiny_sd_dir, out), "run_name=lost", *RAY_LAYOUT,
                                f"resources.address={cluster.address}"])
     (killed,) = re.findall(r"killing node (\w+)", result.stdout)
     cluster.nodes.pop(killed).wait(timeout=30)
@@ -95,11 +116,46 @@ def test_a_run_across_nodes_loses_a_learner_node_and_ends_as_one_process_does(
     new_nodes = {after["learner 0"], after["learner 1"]}
     assert len(new_nodes) == 2 and killed[:8] not in new_nodes and head[:8] not in new_nodes
 
-    rows = pq.read_table(tmp_path / "lost" / "metrics.parquet").to_pylist()
+    rows = pq.read_table(out / "lost" / "metrics.parquet").to_pylist()
     assert [r["epoch"] for r in rows] == [0, 1] and all(r["num_samples"] == 8 for r in rows)
     assert rows[-1]["actor_restarts"] == 2  # the two ranks of one group restart
     # the learners recompute the samplers' log-probs on other nodes: the same policy
     assert all(r["logprob_mismatch"] < 1e-5 for r in rows)
     assert rows[0]["reward_mean"] == one_process_run.read_metrics()[0]["reward_mean"]
     # epoch 1 ran on new ranks loaded from epoch 0's checkpoint: the LoRA of one process without the loss
-    _assert_same_lora(tmp_path / "lost", one_process_run)
+    _assert_same_lora(out / "lost", one_process_run)
+
+
+def test_a_run_that_loses_a_sampler_node_before_the_update_samples_its_shard_again(
+    sampler_cluster, one_process_run, tiny_sd_dir, tmp_path
+):
+    """In epoch 1, after the rollout and before the learners fetch the trajectories, sampler 0's
+    node is killed: the only copy of the shard it sampled is gone (Ray cannot rebuild it). Both
+    learner ranks step on nothing, the driver has the shard sampled again with the same seeds and
+    LoRA, and the run ends as one process does."""
+    process_groups = {node: process.pid for node, process in sampler_cluster.nodes.items()}
+    out = tmp_path / "out"
+    result = _driver(sampler_cluster, [
+        sys.executable, str(ROOT / "tests" / "drive_with_node_loss.py"), "sampler", json.dumps(process_groups),
+        *_overrides(tiny_sd_dir, out), "run_name=lost", "resources.num_samplers=2", "resources.cpus_per_sampler=1",
+        "resources.cpus_per_reward_actor=0", "resources.num_learners=2", "resources.cpus_per_learner=0",
+        "resources.gpus_per_learner=1", "resources.learner_threads=1", "resources.rollout_low_priority=false",
+        "train.batch_size=2", f"resources.address={sampler_cluster.address}"])
+    (killed,) = re.findall(r"killing node (\w+)", result.stdout)
+    sampler_cluster.nodes.pop(killed).wait(timeout=30)
+    (before,) = _layouts(result.stderr)
+    assert before["sampler 0"] == killed[:8] and before["sampler 1"] != killed[:8]
+    # shard 0 is sampler 0's (the first idle sampler gets the first shard)
+    assert "the trajectories of shard(s) [0] were lost with the node that held them; sampling them again" in result.stderr
+
+    rows = pq.read_table(out / "lost" / "metrics.parquet").to_pylist()
+    assert [r["epoch"] for r in rows] == [0, 1] and all(r["num_samples"] == 8 for r in rows)
+    # sampler 0 restarted on the spare node to sample its shard again, and whatever else was on its node
+    assert rows[1]["actor_restarts"] == sum(node == killed[:8] for node in before.values())
+    # the shard sampled again on another node is the same policy's: the learners' log-probs match it
+    assert all(r["logprob_mismatch"] < 1e-5 for r in rows)
+    reference = one_process_run.read_metrics()
+    assert rows[0]["reward_mean"] == reference[0]["reward_mean"]
+    # epoch 1 sampled with the LoRA two ranks trained: float summation order only
+    assert rows[1]["reward_mean"] == pytest.approx(reference[1]["reward_mean"], abs=1e-6)
+    _assert_same_lora(out / "lost", one_process_run)
