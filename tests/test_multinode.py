@@ -49,15 +49,18 @@ def cluster(tmp_path):
 
 @pytest.fixture
 def sampler_cluster(tmp_path):
-    """A head with no CPU (the driver only), a node for two learner ranks and three 1-CPU nodes: a
-    sampler (1 CPU) on each of two, one spare. Task results over 4 KB go to the object store, as a
+    """A head with no CPU (the driver only), a node for two learner ranks and two 1-CPU nodes, a
+    sampler (1 CPU) on each: none to spare. Task results over 4 KB go to the object store, as a
     real model's images and latents do (the tiny model's images, 12 KB a shard, would come back
     inline under Ray's default 100 KB); the actors' arguments (the config, 2 KB) stay inline."""
-    env = dict(token_env(tmp_path), RAY_max_direct_call_object_size="4096")
+    # the GCS declares a silent node dead after 1 s x 3 failed health checks, not Ray's 3 s x 5: the
+    # same path (the learners' fetch fails once the node is declared dead), 10 s sooner
+    env = dict(token_env(tmp_path), RAY_max_direct_call_object_size="4096", RAY_health_check_period_ms="1000",
+               RAY_health_check_failure_threshold="3")
     nodes = LocalCluster(env, ["--num-cpus=0"])
     try:
         nodes.add_node(["--num-cpus=0", "--num-gpus=2"])
-        for _ in range(3):
+        for _ in range(2):
             nodes.add_node(SAMPLER_NODE)
         yield nodes
     finally:
@@ -132,7 +135,8 @@ def test_a_run_that_loses_a_sampler_node_before_the_update_samples_its_shard_aga
     """In epoch 1, after the rollout and before the learners fetch the trajectories, sampler 0's
     node is killed: the only copy of the shard it sampled is gone (Ray cannot rebuild it). Both
     learner ranks step on nothing, the driver has the shard sampled again with the same seeds and
-    LoRA, and the run ends as one process does."""
+    LoRA by sampler 1 (Ray has no room to restart sampler 0: a call to it fails at once, "the actor
+    is restarting", and the shard goes to the other), and the run ends as one process does."""
     process_groups = {node: process.pid for node, process in sampler_cluster.nodes.items()}
     out = tmp_path / "out"
     result = _driver(sampler_cluster, [
@@ -140,18 +144,17 @@ def test_a_run_that_loses_a_sampler_node_before_the_update_samples_its_shard_aga
         *_overrides(tiny_sd_dir, out), "run_name=lost", "resources.num_samplers=2", "resources.cpus_per_sampler=1",
         "resources.cpus_per_reward_actor=0", "resources.num_learners=2", "resources.cpus_per_learner=0",
         "resources.gpus_per_learner=1", "resources.learner_threads=1", "resources.rollout_low_priority=false",
-        "train.batch_size=2", f"resources.address={sampler_cluster.address}"])
+        "train.batch_size=2", "resources.call_timeout_s=180", f"resources.address={sampler_cluster.address}"])
     (killed,) = re.findall(r"killing node (\w+)", result.stdout)
     sampler_cluster.nodes.pop(killed).wait(timeout=30)
     (before,) = _layouts(result.stderr)
     assert before["sampler 0"] == killed[:8] and before["sampler 1"] != killed[:8]
     # shard 0 is sampler 0's (the first idle sampler gets the first shard)
     assert "the trajectories of shard(s) [0] were lost with the node that held them; sampling them again" in result.stderr
+    assert "sampler 0 failed on shard 0 (ActorUnavailableError)" in result.stderr
 
     rows = pq.read_table(out / "lost" / "metrics.parquet").to_pylist()
     assert [r["epoch"] for r in rows] == [0, 1] and all(r["num_samples"] == 8 for r in rows)
-    # sampler 0 restarted on the spare node to sample its shard again, and whatever else was on its node
-    assert rows[1]["actor_restarts"] == sum(node == killed[:8] for node in before.values())
     # the shard sampled again on another node is the same policy's: the learners' log-probs match it
     assert all(r["logprob_mismatch"] < 1e-5 for r in rows)
     reference = one_process_run.read_metrics()
