@@ -1,13 +1,13 @@
-"""A driver on a Ray cluster that loses a node, as a preempted machine.
+"""A driver on a Ray cluster that loses two nodes, as preempted machines.
 
-    python tests/drive_with_node_loss.py ROLE '{"NODE_ID": PGID, ...}' section.key=value ...
+    python tests/drive_with_node_loss.py '{"NODE_ID": PGID, ...}' section.key=value ...
 
 Runs `actors.driver.train` with the overrides and SIGKILLs the process group of a `ray start`
-node (raylet, agents and workers die together):
-- ROLE learner: after epoch 0 (its checkpoint written), the node of the last learner rank;
-- ROLE sampler: in epoch 1, after the rollout and before the learners fetch the trajectories, the
-  node of sampler 0: the only copy of the trajectories it sampled is lost with it (its images are
-  safe: the driver's wait for them copied them to its node).
+node (raylet, agents and workers die together) twice:
+- after epoch 0 (its checkpoint written), the node of the last learner rank;
+- in epoch 1, once the new learner ranks are up, after the rollout and before they fetch the
+  trajectories, the node of sampler 0: the only copy of the trajectories it sampled is lost with
+  it (its images are safe: the driver's wait for them copied them to its node).
 """
 import json
 import logging
@@ -38,14 +38,14 @@ def kill_a_learner_node(process_groups: dict[str, int]):
     return on_epoch_end
 
 
-def kill_sampler_0_node_before_the_second_update(process_groups: dict[str, int]) -> None:
+def kill_sampler_0_node_before_the_new_learners_update(process_groups: dict[str, int]) -> None:
     start_update = topology.RayWorkers.start_update
-    updates = []
+    killed = []
 
     def killing_start_update(self, trajectories, advantages):
-        updates.append(trajectories)
-        if len(updates) == 2:
-            kill_node(topology._actor_info(self.samplers[0])["Address"]["NodeID"], process_groups)
+        if self.learner_restarts == 1 and not killed:
+            killed.append(topology._actor_info(self.samplers[0])["Address"]["NodeID"])
+            kill_node(killed[0], process_groups)
         return start_update(self, trajectories, advantages)
 
     topology.RayWorkers.start_update = killing_start_update
@@ -53,9 +53,6 @@ def kill_sampler_0_node_before_the_second_update(process_groups: dict[str, int])
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    role, groups, overrides = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]
-    if role == "learner":
-        train(load_config(None, overrides), on_epoch_end=kill_a_learner_node(groups))
-    else:
-        kill_sampler_0_node_before_the_second_update(groups)
-        train(load_config(None, overrides))
+    groups = json.loads(sys.argv[1])
+    kill_sampler_0_node_before_the_new_learners_update(groups)
+    train(load_config(None, sys.argv[2:]), on_epoch_end=kill_a_learner_node(groups))
