@@ -4,6 +4,7 @@ import os
 import shutil
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,74 @@ def test_async_sampling_on_ray_is_the_inline_run_one_version_stale(ray_session, 
     assert max((sync_lora[k] - v).abs().max() for k, v in inline_lora.items()) > 1e-4
     np.testing.assert_allclose([r["reward_mean"] for r in rows], [r["reward_mean"] for r in inline.read_metrics()],
                                rtol=1e-5)
+
+
+def _a_lost_object(ray) -> "ray.ObjectRef":
+    """A ref whose object Ray has lost, as the trajectories of a shard sampled on a node that died:
+    its owner, an actor, is killed, and the ref is returned once a get says it is lost."""
+
+    @ray.remote(num_cpus=0)
+    class Owner:
+        def put(self) -> list:
+            return [ray.put(np.zeros(1 << 20, dtype=np.uint8))]  # in the object store, not inline
+
+    owner = Owner.remote()
+    (lost,) = ray.get(owner.put.remote())
+    ray.kill(owner)
+    while True:
+        try:
+            ray.get(lost, timeout=60)
+        except ray.exceptions.ObjectLostError:
+            return lost
+        time.sleep(0.05)
+
+
+def _lose_shard_0_at_epoch_1(monkeypatch, lost, times: int) -> None:
+    """The learners' update of epoch 1 (policy version 1) gets `lost` for shard 0's trajectories,
+    the first `times` times it is sent."""
+    start_update = RayWorkers.start_update
+    sent = []
+
+    def start_update_losing_shard_0(self, trajectories, advantages):
+        if self.get_weights().version == 1 and len(sent) < times:
+            sent.append(1)
+            trajectories = replace(trajectories, shards=[lost, *trajectories.shards[1:]])
+        return start_update(self, trajectories, advantages)
+
+    monkeypatch.setattr(RayWorkers, "start_update", start_update_losing_shard_0)
+
+
+def test_trajectories_lost_before_the_update_are_sampled_again_by_the_lora_that_drew_them(
+        ray_session, tiny_sd_dir, tmp_path, monkeypatch, caplog):
+    """Async: epoch 1's batch was drawn by version 0 while version 1 trained; when its shard is lost,
+    version 0 draws it again (the rollout keeps the LoRA that drew it), so the run equals one without the loss."""
+    overrides = ("num_epochs=2", "resources.num_samplers=2", "sample.num_steps=4", "train.async_staleness=1")
+    _lose_shard_0_at_epoch_1(monkeypatch, _a_lost_object(ray_session), times=1)
+    with caplog.at_level("WARNING", logger="texforce"):
+        run = train(_trainer_config(tiny_sd_dir, tmp_path, "run_name=lost", *overrides))
+    inline = train(_trainer_config(tiny_sd_dir, tmp_path, "run_name=inline", "resources.mode=inline", *overrides))
+    assert "the trajectories of shard(s) [0] were lost with the node that held them; sampling them again" in caplog.text
+    rows = run.read_metrics()
+    assert [r["epoch"] for r in rows] == [0, 1] and [r["staleness"] for r in rows] == [0, 1]
+    assert all(r["logprob_mismatch"] < 1e-5 for r in rows)  # drawn again by version 0, not by version 1
+    np.testing.assert_allclose([r["reward_mean"] for r in rows], [r["reward_mean"] for r in inline.read_metrics()],
+                               rtol=1e-5)
+    ray_lora, inline_lora = (load_file(str(r.final_lora / "pytorch_lora_weights.safetensors")) for r in (run, inline))
+    for key, value in inline_lora.items():
+        torch.testing.assert_close(ray_lora[key], value, rtol=1e-4, atol=2e-6)
+
+
+def test_trajectories_lost_more_than_max_restarts_times_stop_the_run_with_how_to_resume(
+        ray_session, tiny_sd_dir, tmp_path, monkeypatch):
+    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=lost_twice", "num_epochs=2", "resources.num_samplers=1",
+                             "sample.num_steps=4", "resources.max_restarts=1")
+    _lose_shard_0_at_epoch_1(monkeypatch, _a_lost_object(ray_session), times=2)
+    with pytest.raises(TrainingStopped, match=r"shard\(s\) \[0\] were lost .*, 2 times in epoch 1 "
+                                              r"\(resources.max_restarts=1\).*resume with `texforce train --resume "):
+        train(config)
+    checkpoints = tmp_path / "lost_twice" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["epoch_0000"] and (checkpoints / "epoch_0000" / "learner.pt").exists()
+    assert _learner_pids(ray_session) == []
 
 
 def _fault_config(tiny_sd_dir, tmp_path, *overrides):
