@@ -29,7 +29,7 @@ import torch
 
 from actors.reward import RewardScores
 from actors.rollout import Rollout, TrajectoriesLostError
-from actors.topology import ActorsLostError, InlineWorkers, LearnerFailedError, RayWorkers
+from actors.topology import ActorsLostError, InlineWorkers, LearnerFailedError, RayWorkers, is_lost
 from rl.advantages import PerPromptStatTracker, compute_advantages
 from rl.algorithms import get_algorithm
 from rl.config import TexForceConfig
@@ -189,7 +189,7 @@ class _Experience:
 
     metrics: dict
     prompts: list[str]
-    images: torch.Tensor
+    images: torch.Tensor | None  # None: lost with a node (Ray), no grid this epoch
     scores: RewardScores
     rewards: np.ndarray
     dropped: int
@@ -271,7 +271,8 @@ def _run_epoch(
         "samples_per_second": len(scores.scores) / (done.sample_seconds or done.update_seconds),
         "actor_restarts": workers.restarts,
     }
-    outputs.write(row, done.images[:8], _captions(done.prompts[:8], torch.from_numpy(rewards[:8])),  # in the background
+    shown = None if done.images is None else done.images[:8]
+    outputs.write(row, shown, _captions(done.prompts[:8], torch.from_numpy(rewards[:8])),  # in the background
                   plots=_due(epoch, config.plot_every, config))
     # 7. checkpoint
     if _due(epoch, config.save_every, config):
@@ -295,8 +296,10 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config
         kept, rewards, dropped = drop_non_finite(rollout, config)
     except NonFiniteRewardError as error:
         bad = torch.nonzero(~torch.isfinite(rollout.scores.scores)).flatten()[:16].tolist()
-        save_image_grid(rollout.images(bad), _captions([rollout.prompts[i] for i in bad], rollout.scores.scores[bad]),
-                        run.grids / f"epoch_{epoch:04d}_non_finite.png")
+        images = _grid_images(rollout, bad, f"epoch {epoch}'s non-finite rewards")
+        if images is not None:
+            save_image_grid(images, _captions([rollout.prompts[i] for i in bad], rollout.scores.scores[bad]),
+                            run.grids / f"epoch_{epoch:04d}_non_finite.png")
         _checkpoint_last_finished_epoch(run, config, workers, tracker, weights, epoch)
         raise NonFiniteRewardError(f"{error}; fix the reward, then `texforce train --resume {run.path}`") from None
     # 3. advantages
@@ -317,22 +320,25 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config
                                      tracker=tracker, pending=pending)
         finally:
             sample_seconds += time.perf_counter() - t_next
-    metrics = _finish_update(pending, kept, advantages, epoch, weights, config=config, run=run, workers=workers,
-                             tracker=tracker)
+    metrics, kept = _finish_update(pending, kept, advantages, epoch, weights, config=config, run=run, workers=workers,
+                                   tracker=tracker)
     shown = list(range(min(8, len(kept))))  # the epoch's image grid
-    return _Experience(metrics, [kept.prompts[i] for i in shown], kept.images(shown), rollout.scores, rewards, dropped,
+    images = _grid_images(kept, shown, f"epoch {epoch}'s grid")
+    return _Experience(metrics, [kept.prompts[i] for i in shown], images, rollout.scores, rewards, dropped,
                        sample_seconds=sample_seconds, update_seconds=time.perf_counter() - t_update)
 
 
 def _finish_update(pending, kept: Rollout, advantages: torch.Tensor, epoch: int, weights: PolicyWeights, *,
-                   config: TexForceConfig, run: RunDirectory, workers, tracker: PerPromptStatTracker) -> dict[str, float]:
-    """The learners' metrics of the update in flight. If a sampler's node died before the learners
-    fetched its shards, none of them stepped: the lost shards are sampled again and the update sent
-    again, up to resources.max_restarts times; then the run stops with its checkpoints kept."""
+                   config: TexForceConfig, run: RunDirectory, workers,
+                   tracker: PerPromptStatTracker) -> tuple[dict[str, float], Rollout]:
+    """The learners' metrics of the update in flight, and the rollout they trained on. If a sampler's
+    node died before the learners fetched its shards, none of them stepped: the lost shards are sampled
+    again (the rollout returned holds the new ones) and the update sent again, up to
+    resources.max_restarts times; then the run stops with its checkpoints kept."""
     losses = 0
     while True:
         try:
-            return workers.finish_update(pending)
+            return workers.finish_update(pending), kept
         except TrajectoriesLostError as lost:
             losses += 1
             if losses > config.resources.max_restarts:
@@ -428,9 +434,23 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
         row |= {"reward_gain": gain["mean"], "reward_gain_sem": gain["sem"]}
     run.append_evaluation(row)
     first = list(range(0, len(eval_prompts), config.evaluation.num_seeds))[:16]  # each prompt's first image
-    save_image_grid(rollout.images(first), _captions([eval_prompts[i] for i in first], scores.scores[first]),
-                    run.grids / ("eval_before_training.png" if epoch < 0 else f"eval_epoch_{epoch:04d}.png"))
+    images = _grid_images(rollout, first, f"the held-out evaluation {when}")
+    if images is not None:
+        save_image_grid(images, _captions([eval_prompts[i] for i in first], scores.scores[first]),
+                        run.grids / ("eval_before_training.png" if epoch < 0 else f"eval_epoch_{epoch:04d}.png"))
     log.info("held-out reward after epoch %d: %.4f +- %.4f (%d images)", epoch, reward["mean"], reward["sem"], len(eval_prompts))
+
+
+def _grid_images(rollout: Rollout, rows: list[int], what: str) -> torch.Tensor | None:
+    """The images of `rows` for a grid, or None if a node that held them has died since they were
+    scored (Ray): a grid is not worth sampling again, nor stopping for."""
+    try:
+        return rollout.images(rows)
+    except Exception as error:
+        if not is_lost(error):
+            raise
+        log.warning("the images for %s were lost with the node that held them; no grid for it", what)
+        return None
 
 
 def _new_tracker(config: TexForceConfig) -> PerPromptStatTracker:

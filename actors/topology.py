@@ -74,8 +74,8 @@ class InlineWorkers:
         try:
             shards = _shards(prompts, seeds, start_seeds, self.config.sample.batch_size)
             for shard, (shard_prompts, shard_seeds, shard_start_seeds) in enumerate(shards):
-                traj, shard_images = self.sampler.sample(weights, shard_prompts, shard_seeds, shard_start_seeds,
-                                                         evaluation=evaluation)
+                traj, shard_images, _ = self.sampler.sample(weights, shard_prompts, shard_seeds, shard_start_seeds,
+                                                            evaluation=evaluation)
                 trajectories.append(traj)
                 images.append(shard_images)
                 scores.append(self.reward.score(shard_images, shard_prompts, evaluation))
@@ -162,6 +162,14 @@ class LearnerFailedError(RuntimeError):
     """A learner rank died; the driver restarts the learner group from the last checkpoint."""
 
 
+def is_lost(error: Exception) -> bool:
+    """An object a call needed was lost (its only copy was on a node that died), raised as such or
+    as the cause of the task that read it."""
+    from ray.exceptions import ObjectLostError
+
+    return isinstance(error, ObjectLostError) or isinstance(getattr(error, "cause", None), ObjectLostError)
+
+
 def _actor_info(actor) -> dict:
     """The GCS actor-table entry of `actor` (state, number of restarts)."""
     from ray._private import state
@@ -189,7 +197,7 @@ class _Call:
     role: Literal["sampler", "reward actor"]
     actor: int
     shard: int = -1
-    images: object = None  # the images ref a score call reads
+    images: object = None  # the ref to the shard's images, which a score call reads
 
 
 class RayWorkers:
@@ -301,7 +309,7 @@ class RayWorkers:
         on_shard_done(kind, shard) is called as each shard is sampled ("sample") and scored ("score").
         """
         import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 
         weights_ref = ray.put(weights)
         shards = _shards(prompts, seeds, start_seeds, self.config.sample.batch_size)
@@ -331,11 +339,11 @@ class RayWorkers:
         while len(scores) < len(shards):
             while to_sample and idle_samplers:
                 shard, sampler = to_sample.popleft(), idle_samplers.popleft()
-                traj_ref, images_ref = self.samplers[sampler].sample.options(num_returns=2).remote(
+                traj_ref, images_ref, sampled_ref = self.samplers[sampler].sample.options(num_returns=3).remote(
                     weights_ref, *shards[shard], evaluation=evaluation
                 )
                 trajectory_refs[shard] = traj_ref
-                in_flight[images_ref] = _Call("sample", "sampler", sampler, shard)
+                in_flight[sampled_ref] = _Call("sample", "sampler", sampler, shard, images_ref)
             while to_score and scorers:
                 shard, images_ref = to_score.popleft()
                 actor = scorers[next_scorer % len(scorers)]
@@ -374,12 +382,25 @@ class RayWorkers:
                     to_score.appendleft((call.shard, call.images))
                 take_out_of_service(call.role, call.actor)
                 continue
+            except RayError as error:
+                if call.kind != "score" or not is_lost(error):
+                    raise
+                # the only copy of the images was in the object store of a sampler's node that died
+                failures[("sample", call.shard)] += 1
+                if failures[("sample", call.shard)] > max(1, max_restarts):
+                    raise ActorsLostError(f"the images of shard {call.shard} were lost with their node "
+                                          f"{failures[('sample', call.shard)]} times (resources.max_restarts="
+                                          f"{max_restarts})") from error
+                log.warning("the images of shard %d were lost with the node that held them (%s); sampling the shard "
+                            "again", call.shard, type(error).__name__)
+                to_sample.appendleft(call.shard)
+                continue
             if call.kind == "revive":
                 (idle_samplers.append if call.role == "sampler" else scorers.append)(call.actor)
             elif call.kind == "sample":
                 idle_samplers.append(call.actor)
-                image_refs[call.shard] = ready[0]
-                to_score.append((call.shard, ready[0]))
+                image_refs[call.shard] = call.images
+                to_score.append((call.shard, call.images))
             else:
                 scores[call.shard] = value
             if on_shard_done is not None and call.kind != "revive":

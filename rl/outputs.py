@@ -27,21 +27,22 @@ class EpochOutputs:
         self.pending: list[Future] = [self.executor.submit(load_pyplot)]
         self.curve_behind = False  # the last epoch written skipped the curve
 
-    def write(self, row: dict, images: torch.Tensor, captions: list[str], *, plots: bool = True) -> None:
-        """Queue epoch `row["epoch"]`'s outputs: images [N, 3, H, W] uint8 with their captions go to the grid.
-        plots=False: the metrics row only (parquet, TensorBoard), no grid and no curve (`plot_every`)."""
+    def write(self, row: dict, images: torch.Tensor | None, captions: list[str], *, plots: bool = True) -> None:
+        """Queue epoch `row["epoch"]`'s outputs: images [N, 3, H, W] uint8 with their captions go to the grid
+        (None: no grid). plots=False: the metrics row only (parquet, TensorBoard), no grid and no curve (`plot_every`)."""
         self._raise_failed()
         self.curve_behind = not plots
-        images = images.clone() if plots else None
-        self.pending.append(self.executor.submit(self._write, dict(row), images, list(captions)))
+        images = images.clone() if plots and images is not None else None
+        self.pending.append(self.executor.submit(self._write, dict(row), images, list(captions), plots))
 
-    def _write(self, row: dict, images: torch.Tensor | None, captions: list[str]) -> None:
+    def _write(self, row: dict, images: torch.Tensor | None, captions: list[str], plots: bool) -> None:
         epoch = row["epoch"]
         rows = self.run.append_metrics(row)
         for key, value in row.items():
             self.writer.add_scalar(key, value, epoch)
-        if images is not None:
-            save_image_grid(images, captions, self.run.grids / f"epoch_{epoch:04d}.png")
+        if plots:
+            if images is not None:
+                save_image_grid(images, captions, self.run.grids / f"epoch_{epoch:04d}.png")
             self._draw_curve(rows)
 
     def redraw_curve(self) -> None:

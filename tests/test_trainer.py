@@ -16,14 +16,18 @@ from safetensors.torch import load_file
 
 import actors.sampler
 import rewards
-from actors.driver import NonFiniteRewardError, TrainingStopped, _Batches, summarize, train
+from actors.driver import NonFiniteRewardError, TrainingStopped, _Batches, _grid_images, summarize, train
+from actors.reward import RewardScores
+from actors.rollout import Rollout
 from actors.sampler import SamplerWorker
 from actors.topology import InlineWorkers, InsufficientResourcesError, RayWorkers, _actor_info
 from conftest import tiny_config
 from rl.config import load_config
 from rl.learner import PPOLearner
 from rl.models import load_pipeline
+from rl.outputs import EpochOutputs
 from rl.prompts import BUILTIN, epoch_prompts
+from rl.run_dir import RunDirectory
 from tune.evaluate import EvalSettings, evaluate
 
 
@@ -105,7 +109,7 @@ def test_two_learners_match_one_learner_on_the_union_batch(ray_session, tiny_sd_
     learner = PPOLearner(load_pipeline(tiny_sd_dir, device="cpu"), one)
     prompts = BUILTIN["colors"][:8]
     initial = learner.get_weights()
-    batch, _ = sampler.sample(initial, prompts, list(range(8)))
+    batch, _, _ = sampler.sample(initial, prompts, list(range(8)))
     advantages = torch.linspace(-1.5, 1.5, 8)
     learner.update(batch, advantages)
 
@@ -213,6 +217,24 @@ def test_trajectories_lost_more_than_max_restarts_times_stop_the_run_with_how_to
     checkpoints = tmp_path / "lost_twice" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == ["epoch_0000"] and (checkpoints / "epoch_0000" / "learner.pt").exists()
     assert _learner_pids(ray_session) == []
+
+
+def test_a_grid_whose_images_were_lost_is_skipped_and_the_epoch_written(ray_session, tmp_path, caplog):
+    """A node that held an epoch's grid images died after they were scored: the epoch's outputs
+    are written without the grid, with a warning, and the run goes on."""
+    lost = _a_lost_object(ray_session)
+    rollout = Rollout(["a red ball", "a blue cup"], RewardScores(torch.zeros(2), {}), [2], [lost], [lost])
+    with caplog.at_level("WARNING", logger="texforce"):
+        images = _grid_images(rollout, [0, 1], "epoch 3's grid")
+    assert images is None
+    assert "the images for epoch 3's grid were lost with the node that held them; no grid for it" in caplog.text
+    run = RunDirectory(tmp_path / "run")
+    run.path.mkdir()
+    outputs = EpochOutputs(run, title="curve")
+    outputs.write({"epoch": 3, "reward_mean": 0.6, "reward_std": 0.3, "num_samples": 2}, images, ["a", "b"])
+    outputs.close()
+    assert [r["epoch"] for r in run.read_metrics()] == [3] and run.reward_curve.exists()
+    assert not run.grids.exists() or not any(run.grids.iterdir())
 
 
 def _fault_config(tiny_sd_dir, tmp_path, *overrides):
@@ -340,7 +362,7 @@ def test_an_error_in_the_learner_ranks_is_raised_as_a_bug_not_taken_for_a_death(
     other_steps = _trainer_config(tiny_sd_dir, tmp_path, "sample.num_steps=4")
     workers = RayWorkers(config)
     try:
-        batch, _ = SamplerWorker(other_steps).sample(workers.get_weights(), BUILTIN["colors"][:4], list(range(4)))
+        batch, _, _ = SamplerWorker(other_steps).sample(workers.get_weights(), BUILTIN["colors"][:4], list(range(4)))
         with pytest.raises(ray.exceptions.RayTaskError, match="trajectories have 4 steps, the learner's schedule 6"):
             workers.update(batch, torch.zeros(4))
         assert workers.restarts == 0 and workers.get_weights().version == 0  # the same ranks still answer
