@@ -1,6 +1,8 @@
 """Sampler worker: a pipeline carrying the policy LoRA; rolls out trajectories for prompt shards."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from rl.config import TexForceConfig
@@ -31,10 +33,11 @@ class SamplerWorker:
 
     def sample(self, weights: PolicyWeights, prompts: list[str], seeds: list[int], start_seeds: list[int] | None = None,
                evaluation: bool = False) -> tuple[Trajectories, torch.Tensor, int]:
-        """Trajectories for `prompts` with per-sample `seeds` (x_T from `start_seeds` if given) under `weights`;
-        also the uint8 images, and the version of the LoRA that drew them: a few bytes for the driver to
-        wait on, so that on Ray the trajectories and images stay in the object store until the learners
-        and reward actors read them.
+        """Trajectories for `prompts` with per-sample `seeds` (x_T from `start_seeds` if given) under `weights`,
+        without their images (the learners do not read them); the uint8 images apart (the reward actors
+        read them); and the version of the LoRA that drew them: a few bytes for the driver to wait on, so
+        that on Ray the trajectories and images stay in the object store until the learners and reward
+        actors read them.
 
         The weights travel with every call, so a restarted worker re-run on the same shard gives
         the same samples (the call is idempotent). evaluation: draw at `evaluation.eta` (held-out
@@ -48,7 +51,7 @@ class SamplerWorker:
             negative_prompt=s.negative_prompt, height=s.height, width=s.width, policy_version=weights.version,
             start_seeds=start_seeds,
         )
-        return trajectories, trajectories.images, weights.version
+        return replace(trajectories, images=None), trajectories.images, weights.version
 
     def sample_with(self, weights: PolicyWeights) -> None:
         """Put `weights` into the pipeline unless they are already there."""

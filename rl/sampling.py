@@ -22,7 +22,8 @@ class Trajectories:
     prompt_ids, negative_ids: [B, L] token ids; timesteps: [B, T] long;
     latents: [B, T+1, C, h, w] float32 with latents[:, j] = x_t and latents[:, j+1] = x_{t-1}
     for t = timesteps[:, j]; log_probs: [B, T] float32 (the sampler's, i.e. old, log-probs);
-    images: [B, 3, H, W] uint8; seeds: [B] long; policy_version: the LoRA version that sampled.
+    images: [B, 3, H, W] uint8, or None where they travel apart (a sampler's shard: the learner does not
+    read them); seeds: [B] long; policy_version: the LoRA version that sampled.
     """
 
     prompts: list[str]
@@ -31,7 +32,7 @@ class Trajectories:
     timesteps: torch.Tensor
     latents: torch.Tensor
     log_probs: torch.Tensor
-    images: torch.Tensor
+    images: torch.Tensor | None
     seeds: torch.Tensor
     policy_version: int = 0
 
@@ -62,6 +63,8 @@ class Trajectories:
                 values[f.name] = torch.cat(items)
             elif isinstance(items[0], list):
                 values[f.name] = [x for item in items for x in item]
+            elif items[0] is None:  # images kept apart
+                values[f.name] = None
             else:
                 values[f.name] = min(items)
         return Trajectories(**values)
