@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from actors.reward import RewardScores
-from actors.rollout import Rollout, TrajectoriesLostError
-from actors.topology import ActorsLostError, InlineWorkers, LearnerFailedError, RayWorkers, is_lost
+from actors.rollout import Rollout, TrajectoriesLostError, is_lost
+from actors.topology import ActorsLostError, InlineWorkers, LearnerFailedError, RayWorkers
 from rl.advantages import PerPromptStatTracker, compute_advantages
 from rl.algorithms import get_algorithm
 from rl.config import TexForceConfig

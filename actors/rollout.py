@@ -27,6 +27,14 @@ def _fetch(items: list) -> list:
     return ray.get(list(items)) if ray and items and isinstance(items[0], ray.ObjectRef) else list(items)
 
 
+def is_lost(error: Exception) -> bool:
+    """An object a call needed was lost (its only copy was on a node that died; Ray: ObjectLostError),
+    raised as such or as the cause of the task that read it. Never true inline (Ray not imported)."""
+    ray = sys.modules.get("ray")
+    lost = () if ray is None else ray.exceptions.ObjectLostError
+    return isinstance(error, lost) or isinstance(getattr(error, "cause", None), lost)
+
+
 @dataclass
 class TrajectoryShards:
     """The rows `keep` (epoch order; None = all) of per-shard trajectories, as refs or objects:
@@ -46,7 +54,7 @@ class TrajectoryShards:
         try:
             return _fetch(self.shards), []
         except Exception as error:
-            if ray is None or not isinstance(error, ray.exceptions.ObjectLostError):
+            if not is_lost(error):
                 raise
         parts, lost = [], []
         for shard, ref in enumerate(self.shards):

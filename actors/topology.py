@@ -19,7 +19,7 @@ import torch
 
 from actors.learner import LearnerWorker
 from actors.reward import RewardActor, RewardScores
-from actors.rollout import Rollout, TrajectoriesLostError, TrajectoryShards
+from actors.rollout import Rollout, TrajectoriesLostError, TrajectoryShards, is_lost
 from actors.sampler import SamplerWorker
 from rl.algorithms import get_algorithm
 from rl.config import TexForceConfig
@@ -160,14 +160,6 @@ class ActorsLostError(RuntimeError):
 
 class LearnerFailedError(RuntimeError):
     """A learner rank died; the driver restarts the learner group from the last checkpoint."""
-
-
-def is_lost(error: Exception) -> bool:
-    """An object a call needed was lost (its only copy was on a node that died), raised as such or
-    as the cause of the task that read it."""
-    from ray.exceptions import ObjectLostError
-
-    return isinstance(error, ObjectLostError) or isinstance(getattr(error, "cause", None), ObjectLostError)
 
 
 def _actor_info(actor) -> dict:

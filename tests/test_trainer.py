@@ -250,9 +250,10 @@ def test_killed_sampler_and_reward_actor_cost_one_restart_each(ray_session, tiny
         reference = workers.rollout(weights, prompts, seeds)
         # the driver holds refs to the samplers' shards, not the latents
         assert all(isinstance(ref, ray.ObjectRef) for ref in reference.trajectory_shards + reference.image_shards)
-        reference_latents = reference.trajectories().fetch().latents
+        fetched = reference.trajectories().fetch()
+        reference_latents = fetched.latents
         # the learners' trajectories come without the images, which the reward actors read apart
-        assert reference.trajectories().fetch().images is None
+        assert fetched.images is None
         images = reference.images([0, 11])
         assert images.shape[:2] == (2, 3) and images.dtype == torch.uint8
         assert workers.restarts == 0
