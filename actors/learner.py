@@ -50,21 +50,25 @@ class LearnerWorker:
         )
 
     def update(self, trajectories: TrajectoryShards | Trajectories, advantages: torch.Tensor) -> dict[str, float]:
-        """PPO on the batch; refs to the samplers' shards are fetched here, from the object store.
+        """PPO on the batch. Refs to the samplers' trajectories are fetched here, from the object store:
+        only the rows this rank trains on (`PPOLearner.draw_update`), so W ranks fetch the batch once
+        between them, not W times; `trajectories_fetched` counts them (rank 0's).
 
-        If a shard was lost with its node, every rank raises TrajectoriesLostError before any step
+        If a sample was lost with its node, every rank raises TrajectoriesLostError before any step
         (the ranks agree first: one rank training alone would wait in its all-reduce)."""
-        if isinstance(trajectories, TrajectoryShards):
-            parts, lost = trajectories.fetch_each()
-            if self.world_size > 1:
-                lost_anywhere = torch.zeros(len(parts), device=self.learner.pipe.unet.device)
-                lost_anywhere[lost] = 1
-                dist.all_reduce(lost_anywhere, op=dist.ReduceOp.MAX)
-                lost = torch.nonzero(lost_anywhere).flatten().tolist()
-            if lost:
-                raise TrajectoriesLostError(lost)
-            trajectories = trajectories.assemble(parts)
-        return self.learner.update(trajectories, advantages)
+        if not isinstance(trajectories, TrajectoryShards):
+            return self.learner.update(trajectories, advantages)
+        draws = self.learner.draw_update(len(advantages))
+        parts, lost = trajectories.fetch_each(draws.rows)
+        if self.world_size > 1:
+            lost_anywhere = torch.zeros(len(trajectories.shards), device=self.learner.pipe.unet.device)
+            lost_anywhere[lost] = 1
+            dist.all_reduce(lost_anywhere, op=dist.ReduceOp.MAX)
+            lost = torch.nonzero(lost_anywhere).flatten().tolist()
+        if lost:
+            raise TrajectoriesLostError(lost)
+        metrics = self.learner.update(Trajectories.cat(parts), advantages, draws)
+        return metrics | {"trajectories_fetched": float(len(parts))}
 
     def train_on_prompts(self, prompts: list[str], seeds: list[int]) -> tuple[dict[str, float], ScoredSamples]:
         return self.learner.update(prompts, seeds)

@@ -1,10 +1,10 @@
 """An epoch's rollout as the driver holds it: the trajectories stay where the samplers put them.
 
-On Ray each shard's trajectories and images are object refs in the object store; the driver
-keeps the refs, the prompts and the scores, fetches only the few images it plots, and hands the
-refs to the learners, which fetch the trajectories themselves. So the driver's memory does not
-grow with the latents of an epoch (bench/driver_memory.py). Inline, the same fields hold the
-objects themselves.
+On Ray each shard's images and each of its samples' trajectories are object refs in the object
+store; the driver keeps the refs, the prompts and the scores, fetches only the few images it plots,
+and hands the refs to the learners, where each rank fetches the rows it trains on. So the driver's
+memory does not grow with the latents of an epoch (bench/driver_memory.py). Inline, the same fields
+hold the objects themselves.
 """
 from __future__ import annotations
 
@@ -37,38 +37,46 @@ def is_lost(error: Exception) -> bool:
 
 @dataclass
 class TrajectoryShards:
-    """The rows `keep` (epoch order; None = all) of per-shard trajectories, as refs or objects:
-    what the driver sends a learner instead of the latents."""
+    """Per shard, each sample's trajectory (a ref on Ray, the object inline), and the rows `keep`
+    of the epoch that go on to training (None = all): what the driver sends a learner instead of the
+    latents. Each sample is its own object so that a learner rank fetches only the rows it trains on."""
 
-    shards: list
+    shards: list[list]
     keep: torch.Tensor | None = None
 
-    def fetch(self) -> Trajectories:
-        """The kept rows as one batch (called where the trajectories are used: on the learner)."""
-        return self.assemble(_fetch(self.shards))
+    def __len__(self) -> int:
+        return sum(map(len, self.shards)) if self.keep is None else len(self.keep)
 
-    def fetch_each(self) -> tuple[list, list[int]]:
-        """Each shard's trajectories (None where lost) and the indices of the lost shards: those
-        whose only copy was in the object store of a node that died (Ray: ObjectLostError)."""
-        ray = sys.modules.get("ray")
+    def fetch(self, rows: torch.Tensor | None = None) -> Trajectories:
+        """`rows` (positions among the kept rows; None = all) as one batch, in that order (called
+        where the trajectories are used: on the learner)."""
+        parts, lost = self.fetch_each(rows)
+        if lost:
+            raise TrajectoriesLostError(lost)
+        return Trajectories.cat(parts)
+
+    def fetch_each(self, rows: torch.Tensor | None = None) -> tuple[list, list[int]]:
+        """The trajectory of each of `rows` (None where lost) and the indices of the shards that
+        lost one: its only copy was in the object store of a node that died (Ray: ObjectLostError)."""
+        samples = [(shard, sample) for shard, samples in enumerate(self.shards) for sample in samples]
+        epoch_rows = range(len(samples)) if self.keep is None else self.keep.tolist()
+        if rows is not None:
+            epoch_rows = [epoch_rows[r] for r in rows.tolist()]
+        wanted = [samples[r] for r in epoch_rows]
         try:
-            return _fetch(self.shards), []
+            return _fetch([sample for _, sample in wanted]), []
         except Exception as error:
             if not is_lost(error):
                 raise
-        parts, lost = [], []
-        for shard, ref in enumerate(self.shards):
+        ray = sys.modules["ray"]
+        parts, lost = [], set()
+        for shard, ref in wanted:
             try:
                 parts.append(ray.get(ref))
             except ray.exceptions.ObjectLostError:
                 parts.append(None)
-                lost.append(shard)
-        return parts, lost
-
-    def assemble(self, parts: list[Trajectories]) -> Trajectories:
-        """The kept rows of the fetched shards as one batch."""
-        trajectories = Trajectories.cat(parts)
-        return trajectories if self.keep is None else trajectories.select(self.keep)
+                lost.add(shard)
+        return parts, sorted(lost)
 
 
 class TrajectoriesLostError(RuntimeError):
@@ -86,7 +94,7 @@ class TrajectoriesLostError(RuntimeError):
 @dataclass
 class Rollout:
     """prompts [B] and scores of an epoch's samples in epoch order; per shard (`sizes` rows each)
-    the trajectories and the uint8 images, as refs (Ray) or objects (inline)."""
+    each sample's trajectory and the shard's uint8 images, as refs (Ray) or objects (inline)."""
 
     prompts: list[str]
     scores: RewardScores

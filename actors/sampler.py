@@ -9,7 +9,7 @@ from rl.config import TexForceConfig
 from rl.lora import PolicyWeights, add_lora, set_policy_weights
 from rl.models import load_pipeline_from_config
 from rl.priority import lower_cpu_priority
-from rl.sampling import Trajectories, sample_trajectories
+from rl.sampling import sample_trajectories
 
 
 class SamplerWorker:
@@ -32,12 +32,13 @@ class SamplerWorker:
             lower_cpu_priority()  # once loaded, so a (re)start on a busy node is not starved
 
     def sample(self, weights: PolicyWeights, prompts: list[str], seeds: list[int], start_seeds: list[int] | None = None,
-               evaluation: bool = False) -> tuple[Trajectories, torch.Tensor, int]:
-        """Trajectories for `prompts` with per-sample `seeds` (x_T from `start_seeds` if given) under `weights`,
-        without their images (the learners do not read them); the uint8 images apart (the reward actors
-        read them); and the version of the LoRA that drew them: a few bytes for the driver to wait on, so
-        that on Ray the trajectories and images stay in the object store until the learners and reward
-        actors read them.
+               evaluation: bool = False) -> tuple:
+        """(version, images, *trajectories) for `prompts` with per-sample `seeds` (x_T from `start_seeds`
+        if given) under `weights`: the version of the LoRA that drew them, a few bytes for the driver to
+        wait on; the uint8 images, which the reward actors read; and each sample's trajectory as its
+        own object, without its image, so that on Ray a learner rank fetches only the samples it trains
+        on (call with num_returns=2 + len(prompts)). On Ray the images and trajectories stay in the
+        object store until the reward actors and learners read them.
 
         The weights travel with every call, so a restarted worker re-run on the same shard gives
         the same samples (the call is idempotent). evaluation: draw at `evaluation.eta` (held-out
@@ -51,7 +52,8 @@ class SamplerWorker:
             negative_prompt=s.negative_prompt, height=s.height, width=s.width, policy_version=weights.version,
             start_seeds=start_seeds,
         )
-        return replace(trajectories, images=None), trajectories.images, weights.version
+        rows = replace(trajectories, images=None)
+        return weights.version, trajectories.images, *(rows.select([i]) for i in range(len(rows)))
 
     def sample_with(self, weights: PolicyWeights) -> None:
         """Put `weights` into the pipeline unless they are already there."""

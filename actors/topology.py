@@ -74,9 +74,9 @@ class InlineWorkers:
         try:
             shards = _shards(prompts, seeds, start_seeds, self.config.sample.batch_size)
             for shard, (shard_prompts, shard_seeds, shard_start_seeds) in enumerate(shards):
-                traj, shard_images, _ = self.sampler.sample(weights, shard_prompts, shard_seeds, shard_start_seeds,
-                                                            evaluation=evaluation)
-                trajectories.append(traj)
+                _, shard_images, *samples = self.sampler.sample(weights, shard_prompts, shard_seeds, shard_start_seeds,
+                                                                evaluation=evaluation)
+                trajectories.append(samples)
                 images.append(shard_images)
                 scores.append(self.reward.score(shard_images, shard_prompts, evaluation))
                 if on_shard_done is not None:
@@ -311,7 +311,7 @@ class RayWorkers:
         idle_samplers: deque[int] = deque(range(len(self.samplers)))
         scorers = list(range(len(self.reward_actors)))  # in service, round-robin
         lost: dict[str, set[int]] = {"sampler": set(), "reward actor": set()}
-        trajectory_refs: dict[int, ray.ObjectRef] = {}
+        trajectory_refs: dict[int, list[ray.ObjectRef]] = {}
         image_refs: dict[int, ray.ObjectRef] = {}
         scores: dict[int, RewardScores] = {}
         in_flight: dict[ray.ObjectRef, _Call] = {}
@@ -331,10 +331,10 @@ class RayWorkers:
         while len(scores) < len(shards):
             while to_sample and idle_samplers:
                 shard, sampler = to_sample.popleft(), idle_samplers.popleft()
-                traj_ref, images_ref, sampled_ref = self.samplers[sampler].sample.options(num_returns=3).remote(
-                    weights_ref, *shards[shard], evaluation=evaluation
-                )
-                trajectory_refs[shard] = traj_ref
+                sampled_ref, images_ref, *sample_refs = self.samplers[sampler].sample.options(
+                    num_returns=2 + len(shards[shard][0])
+                ).remote(weights_ref, *shards[shard], evaluation=evaluation)
+                trajectory_refs[shard] = sample_refs
                 in_flight[sampled_ref] = _Call("sample", "sampler", sampler, shard, images_ref)
             while to_score and scorers:
                 shard, images_ref = to_score.popleft()

@@ -46,7 +46,7 @@ def measure(batches: int, size: int, out: Path) -> dict:
     from actors.sampler import SamplerWorker
 
     sampler = SamplerWorker(config)
-    trajectory, _, _ = sampler.sample(sampler_weights(sampler), ["a red ball"], [0])
+    _, _, trajectory = sampler.sample(sampler_weights(sampler), ["a red ball"], [0])
     trajectory_bytes = sum(getattr(trajectory, f.name).nbytes for f in fields(trajectory)
                            if hasattr(getattr(trajectory, f.name), "nbytes"))
     return {"samples_per_epoch": config.samples_per_epoch, "image_size": size, "driver_peak_rss": peak,

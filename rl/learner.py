@@ -19,6 +19,7 @@ gradients of the dimension-averaged log-prob do not underflow in the fp16 backwa
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -111,6 +112,20 @@ def accumulation_plan(
             steps.append((begin, end, (end - begin) / step_rows))
         plan.append(steps)
     return plan
+
+
+@dataclass
+class UpdateDraws:
+    """The random draws of one PPO update, made before its trajectories are fetched: per inner
+    epoch the order of the samples and each sample's trainable steps in random order; this rank's
+    `accumulation_plan`; the rows (sorted) its minibatches read, the only trajectories it needs (at
+    least one); and the generator's state after the draws, which the update takes on."""
+
+    orders: list[torch.Tensor]
+    step_indices: list[torch.Tensor]
+    plan: list[list[tuple[int, int, float]]]
+    rows: torch.Tensor
+    generator_state: torch.Tensor
 
 
 class LossScaler:
@@ -306,45 +321,74 @@ class PPOLearner(LoraLearner):
 
     # --- the update ------------------------------------------------------------------------
 
-    def update(self, trajectories: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
-        """`num_inner_epochs` passes of minibatch PPO over this batch; returns mean metrics.
-
-        Every rank gets the whole batch and draws the same shuffle; `accumulation_plan` says which
-        rows of each optimizer step this rank trains and with what weight, so the summed gradient
-        is the mean gradient over the step's rows. `skipped_steps` counts fp16 steps skipped for
-        inf/NaN gradients, `loss_scale` is the scale after this update. `staleness` is how many
-        versions behind the learner the sampling LoRA was (train.async_staleness); the stored
-        log-probs are the old policy's either way, so the PPO ratio stays correct. `logprob_mismatch`
-        compares them with the learner's recomputation under the sampling LoRA, before any step.
-        """
-        num_samples, num_steps = trajectories.log_probs.shape
-        if num_steps != self.schedule.num_steps:
-            raise ValueError(f"trajectories have {num_steps} steps, the learner's schedule {self.schedule.num_steps}")
+    def draw_update(self, num_samples: int) -> UpdateDraws:
+        """The random draws of the next update over `num_samples` samples, from a copy of the
+        generator (it moves on only when `update` takes them): a rank draws them before it fetches
+        the trajectories, to fetch only the rows it trains on."""
+        generator = torch.Generator()
+        generator.set_state(self.generator.get_state())
         steps = self.trainable_steps
-        num_trained = max(1, int(len(steps) * self.train.timestep_fraction))
+        orders, step_indices = [], []
+        for _ in range(self.train.num_inner_epochs):
+            orders.append(torch.randperm(num_samples, generator=generator))
+            step_indices.append(
+                torch.stack([steps[torch.randperm(len(steps), generator=generator)] for _ in range(num_samples)])
+            )
         world, rank = _world_and_rank()
         plan = accumulation_plan(
             num_samples, batch_size=self.train.batch_size, accumulate=self.train.gradient_accumulation_steps,
             world_size=world, rank=rank,
         )
+        read = [order[begin:end] for order in orders for step in plan for begin, end, _ in step]
+        rows = torch.cat(read).unique() if read else torch.empty(0, dtype=torch.long)
+        if len(rows) == 0:  # a rank left without rows still reads one, for the batch's shapes
+            rows = torch.zeros(1, dtype=torch.long)
+        return UpdateDraws(orders, step_indices, plan, rows, generator.get_state())
+
+    def update(
+        self, trajectories: Trajectories, advantages: torch.Tensor, draws: UpdateDraws | None = None
+    ) -> dict[str, float]:
+        """`num_inner_epochs` passes of minibatch PPO over this batch; returns mean metrics.
+
+        Every rank draws the same shuffle over the whole batch (`draw_update`); `accumulation_plan`
+        says which rows of each optimizer step this rank trains and with what weight, so the summed
+        gradient is the mean gradient over the step's rows. `trajectories` holds every row of the
+        batch (`advantages` has one per row), or only `draws.rows`, in that order: what a rank fetched.
+        `skipped_steps` counts fp16 steps skipped for inf/NaN gradients, `loss_scale` is the scale
+        after this update. `staleness` is how many versions behind the learner the sampling LoRA was
+        (train.async_staleness); the stored log-probs are the old policy's either way, so the PPO
+        ratio stays correct. `logprob_mismatch` compares them with the learner's recomputation under
+        the sampling LoRA, before any step.
+        """
+        num_samples, num_steps = len(advantages), trajectories.log_probs.shape[1]
+        if num_steps != self.schedule.num_steps:
+            raise ValueError(f"trajectories have {num_steps} steps, the learner's schedule {self.schedule.num_steps}")
+        draws = draws or self.draw_update(num_samples)
+        position = torch.arange(num_samples)  # of a batch row in `trajectories`
+        if len(trajectories) != num_samples:
+            if len(trajectories) != len(draws.rows):
+                raise ValueError(f"{len(trajectories)} trajectories for a batch of {num_samples} of which this rank "
+                                 f"trains {len(draws.rows)}: pass all of them or exactly those")
+            position[draws.rows] = torch.arange(len(draws.rows))
+        self.generator.set_state(draws.generator_state)
+        num_trained = max(1, int(len(self.trainable_steps) * self.train.timestep_fraction))
         staleness = self.version - trajectories.policy_version
         this_version = super().get_weights()
         history: dict[str, list[float]] = {}
         first = True
-        for _ in range(self.train.num_inner_epochs):
-            # 1. shuffle samples, and pick each sample's trained steps at random among the trainable ones
-            order = torch.randperm(num_samples, generator=self.generator)
-            step_index = torch.stack([steps[torch.randperm(len(steps), generator=self.generator)] for _ in range(num_samples)])
-            for minibatches in plan:
+        # 1. per inner epoch: the samples in shuffled order, each with its trained steps drawn at random
+        for order, step_index in zip(draws.orders, draws.step_indices):
+            for minibatches in draws.plan:
                 # 2. accumulate the row-weighted gradients of this rank's minibatches of the step
                 for begin, end, weight in minibatches:
                     rows = order[begin:end]
                     if first and staleness:  # before any step, under the LoRA that sampled; a few rows suffice
                         probe = rows[:MISMATCH_PROBE_ROWS]
-                        mismatch = self.logprob_mismatch(trajectories.select(probe), step_index[probe, :num_trained],
+                        mismatch = self.logprob_mismatch(trajectories.select(position[probe]),
+                                                         step_index[probe, :num_trained],
                                                          trajectories.policy_version, current=this_version)
                     metrics = self.minibatch_backward(
-                        trajectories.select(rows), advantages[rows], step_index[rows, :num_trained], weight
+                        trajectories.select(position[rows]), advantages[rows], step_index[rows, :num_trained], weight
                     )
                     if first:  # before any optimizer step: the learner must agree with the sampler
                         metrics["logprob_mismatch"] = mismatch if staleness else metrics.pop("abs_logprob_diff")

@@ -285,32 +285,44 @@ def test_short_last_accumulation_group_steps_on_the_mean_of_its_rows(pipe, tiny_
 
 
 def _rank_update(rank, world, init_file, tiny_sd_dir, batches, out_dir):
-    """One data-parallel rank (gloo): update on each batch, save the step gradients and the weights."""
+    """One data-parallel rank (gloo): update on each batch given only the rows it trains on (what a
+    rank fetches), save the step gradients, the weights and those rows."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         learner = _off_policy_learner(tiny_sd_dir, "train.batch_size=2")
         recorded = _record_step_gradients(learner)
+        rows = []
         for batch, advantages in batches:
-            learner.update(batch, advantages)
-        torch.save({"grads": recorded, "weights": learner.get_weights().text_encoder}, f"{out_dir}/rank{rank}.pt")
+            generator_state = learner.generator.get_state()
+            draws = learner.draw_update(len(advantages))
+            assert torch.equal(learner.generator.get_state(), generator_state)  # drawn from a copy
+            rows.append(draws.rows.tolist())
+            learner.update(batch.select(draws.rows), advantages, draws)
+        torch.save({"grads": recorded, "weights": learner.get_weights().text_encoder, "rows": rows},
+                   f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def test_ranks_with_fewer_or_no_rows_step_like_one_learner_on_the_union(pipe, tiny_sd_dir, tmp_path):
-    """Two gloo ranks with minibatches of 2 against one learner with minibatches of 4: 5 rows leave rank 1
-    nothing in the last step, 7 rows leave it one of three."""
+    """Two gloo ranks with minibatches of 2, each given only the rows it trains on, against one learner
+    with minibatches of 4 on the whole batch: 5 rows leave rank 1 nothing in the last step, 7 rows leave
+    it one of three, 2 rows leave it none at all."""
     prompts = ["a red ball", "a cat", "a dog", "a blue car"] * 2
     batches = [(sample_trajectories(pipe, prompts[:n], list(range(n)), num_steps=6, guidance_scale=5.0, eta=1.0),
-                torch.linspace(-1.0, 1.5, n)) for n in (5, 7)]
+                torch.linspace(-1.0, 1.5, n)) for n in (5, 7, 2)]
     mp.spawn(_rank_update, args=(2, tmp_path / "rendezvous", tiny_sd_dir, batches, tmp_path), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    # the ranks split each batch between them (a rank with no rows still reads one, for the shapes)
+    for n, rows_0, rows_1 in zip((5, 7, 2), ranks[0]["rows"], ranks[1]["rows"]):
+        assert sorted(rows_0 + rows_1) == list(range(n)) or (n == 2 and sorted(rows_0) == [0, 1] and rows_1 == [0])
+    assert [len(rows) for rows in ranks[0]["rows"]] == [3, 4, 2]
     single = _off_policy_learner(tiny_sd_dir, "train.batch_size=4")
     recorded = _record_step_gradients(single)
     for batch, advantages in batches:
         single.update(batch, advantages)
-    assert len(recorded) == len(ranks[0]["grads"]) == 4
+    assert len(recorded) == len(ranks[0]["grads"]) == 5
     for step, expected in enumerate(recorded):
         for rank in ranks:
             _assert_same_gradient(rank["grads"][step], expected)

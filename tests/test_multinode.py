@@ -108,6 +108,9 @@ def test_a_run_that_loses_a_learner_node_then_two_sampler_nodes_ends_as_one_proc
 
     rows = pq.read_table(out / "lost" / "metrics.parquet").to_pylist()
     assert [r["epoch"] for r in rows] == [0, 1] and all(r["num_samples"] == 8 for r in rows)
+    # each rank fetched the 4 rows it trains on, of the 8 (one process: all 8)
+    assert all(r["trajectories_fetched"] == 4 for r in rows)
+    assert all(r["trajectories_fetched"] == 8 for r in one_process_run.read_metrics())
     assert rows[-1]["actor_restarts"] >= 2  # the two ranks of one group (and samplers 0 and 1, as Ray counts them)
     # the learners recompute the samplers' log-probs on other nodes, the lost shard's too: the same policy
     assert all(r["logprob_mismatch"] < 1e-5 for r in rows)

@@ -28,7 +28,7 @@ def _rollout() -> Rollout:
     shards = [_shard(0, 3), _shard(3, 3), _shard(6, 2)]
     scores = torch.tensor([0.1, float("nan"), 0.3, 0.4, float("inf"), 0.6, 0.7, 0.8])
     return Rollout([f"p{i}" for i in range(8)], RewardScores(scores, {"part": scores * 2}), [3, 3, 2],
-                   shards, [s.images for s in shards])
+                   [[s.select([i]) for i in range(len(s))] for s in shards], [s.images for s in shards])
 
 
 def test_kept_rows_reach_the_learner_and_the_plots_from_their_shards():
@@ -41,6 +41,8 @@ def test_kept_rows_reach_the_learner_and_the_plots_from_their_shards():
     assert batch.latents[:, 0, 0, 0, 0].tolist() == [0, 2, 3, 5, 6, 7] and batch.policy_version == 4
     # images of rows 1 and 4 of the kept rollout: epoch rows 2 and 6, in shards 0 and 2
     assert kept.images([1, 4])[:, 0, 0, 0].tolist() == [2, 6]
+    # a learner rank fetches only its rows (positions among the kept rows), in its order
+    assert kept.trajectories().fetch(torch.tensor([4, 1])).seeds.tolist() == [6, 2]
     # a second selection composes with the first
     again = kept.select(torch.tensor([0, 5]))
     assert again.trajectories().fetch().seeds.tolist() == [0, 7] and again.images([1])[:, 0, 0, 0].tolist() == [7]

@@ -28,6 +28,7 @@ from rl.models import load_pipeline
 from rl.outputs import EpochOutputs
 from rl.prompts import BUILTIN, epoch_prompts
 from rl.run_dir import RunDirectory
+from rl.sampling import Trajectories
 from tune.evaluate import EvalSettings, evaluate
 
 
@@ -109,17 +110,19 @@ def test_two_learners_match_one_learner_on_the_union_batch(ray_session, tiny_sd_
     learner = PPOLearner(load_pipeline(tiny_sd_dir, device="cpu"), one)
     prompts = BUILTIN["colors"][:8]
     initial = learner.get_weights()
-    batch, _, _ = sampler.sample(initial, prompts, list(range(8)))
+    _, _, *samples = sampler.sample(initial, prompts, list(range(8)))
     advantages = torch.linspace(-1.5, 1.5, 8)
-    learner.update(batch, advantages)
+    learner.update(Trajectories.cat(samples), advantages)
 
     workers = RayWorkers(two)
     try:
-        metrics = workers.update(batch, advantages)
+        # the samplers' refs: each rank fetches only the 4 rows it trains on
+        rollout = workers.rollout(initial, prompts, list(range(8)))
+        metrics = workers.update(rollout.trajectories(), advantages)
         distributed = workers.get_weights()
     finally:
         workers.shutdown()
-    assert metrics["policy_version"] == 1
+    assert metrics["policy_version"] == 1 and metrics["trajectories_fetched"] == 4
     single = learner.get_weights()
     assert max((v - initial.text_encoder[k]).abs().max() for k, v in single.text_encoder.items()) > 5e-4
     # Adam moves each weight by ~lr = 1e-3; unsynchronised gradients would differ at that scale.
@@ -180,7 +183,7 @@ def _lose_shard_0_at_epoch_1(monkeypatch, lost, times: int) -> None:
     def start_update_losing_shard_0(self, trajectories, advantages):
         if self.get_weights().version == 1 and len(sent) < times:
             sent.append(1)
-            trajectories = replace(trajectories, shards=[lost, *trajectories.shards[1:]])
+            trajectories = replace(trajectories, shards=[[lost, *trajectories.shards[0][1:]], *trajectories.shards[1:]])
         return start_update(self, trajectories, advantages)
 
     monkeypatch.setattr(RayWorkers, "start_update", start_update_losing_shard_0)
@@ -249,7 +252,8 @@ def test_killed_sampler_and_reward_actor_cost_one_restart_each(ray_session, tiny
         prompts, seeds = BUILTIN["colors"][:12], list(range(12))
         reference = workers.rollout(weights, prompts, seeds)
         # the driver holds refs to the samplers' shards, not the latents
-        assert all(isinstance(ref, ray.ObjectRef) for ref in reference.trajectory_shards + reference.image_shards)
+        refs = [ref for shard in reference.trajectory_shards for ref in shard] + reference.image_shards
+        assert len(refs) == 12 + 6 and all(isinstance(ref, ray.ObjectRef) for ref in refs)
         fetched = reference.trajectories().fetch()
         reference_latents = fetched.latents
         # the learners' trajectories come without the images, which the reward actors read apart
@@ -367,7 +371,8 @@ def test_an_error_in_the_learner_ranks_is_raised_as_a_bug_not_taken_for_a_death(
     other_steps = _trainer_config(tiny_sd_dir, tmp_path, "sample.num_steps=4")
     workers = RayWorkers(config)
     try:
-        batch, _, _ = SamplerWorker(other_steps).sample(workers.get_weights(), BUILTIN["colors"][:4], list(range(4)))
+        _, _, *samples = SamplerWorker(other_steps).sample(workers.get_weights(), BUILTIN["colors"][:4], list(range(4)))
+        batch = Trajectories.cat(samples)
         with pytest.raises(ray.exceptions.RayTaskError, match="trajectories have 4 steps, the learner's schedule 6"):
             workers.update(batch, torch.zeros(4))
         assert workers.restarts == 0 and workers.get_weights().version == 0  # the same ranks still answer
