@@ -37,12 +37,12 @@ class SamplerWorker:
         if given) under `weights`: the version of the LoRA that drew them, a few bytes for the driver to
         wait on; the uint8 images, which the reward actors read; and each sample's trajectory as its
         own object, without its image, so that on Ray a learner rank fetches only the samples it trains
-        on (call with num_returns=2 + len(prompts)). On Ray the images and trajectories stay in the
-        object store until the reward actors and learners read them.
+        on (call with num_returns=2 + len(prompts); 2 with evaluation). On Ray the images and
+        trajectories stay in the object store until the reward actors and learners read them.
 
         The weights travel with every call, so a restarted worker re-run on the same shard gives
-        the same samples (the call is idempotent). evaluation: draw at `evaluation.eta` (held-out
-        images; at eta 0 the log-probs are NaN and unused).
+        the same samples (the call is idempotent). evaluation: held-out images, drawn at
+        `evaluation.eta`; (version, images) only, since nothing trains on them.
         """
         self.sample_with(weights)
         s = self.config.sample
@@ -52,6 +52,8 @@ class SamplerWorker:
             negative_prompt=s.negative_prompt, height=s.height, width=s.width, policy_version=weights.version,
             start_seeds=start_seeds,
         )
+        if evaluation:
+            return weights.version, trajectories.images
         rows = replace(trajectories, images=None)
         return weights.version, trajectories.images, *(rows.select([i]) for i in range(len(rows)))
 

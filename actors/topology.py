@@ -84,7 +84,7 @@ class InlineWorkers:
         finally:
             if learner_weights is not None:
                 self.sampler.sample_with(learner_weights)
-        return Rollout(list(prompts), RewardScores.cat(scores), [len(t) for t in trajectories], trajectories, images)
+        return Rollout(list(prompts), RewardScores.cat(scores), [len(p) for p, _, _ in shards], trajectories, images)
 
     def start_update(self, trajectories: TrajectoryShards, advantages: torch.Tensor) -> Callable[[], dict[str, float]]:
         """The update to run at `finish_update`: in one process nothing overlaps, so it runs after
@@ -332,7 +332,7 @@ class RayWorkers:
             while to_sample and idle_samplers:
                 shard, sampler = to_sample.popleft(), idle_samplers.popleft()
                 sampled_ref, images_ref, *sample_refs = self.samplers[sampler].sample.options(
-                    num_returns=2 + len(shards[shard][0])
+                    num_returns=2 if evaluation else 2 + len(shards[shard][0])
                 ).remote(weights_ref, *shards[shard], evaluation=evaluation)
                 trajectory_refs[shard] = sample_refs
                 in_flight[sampled_ref] = _Call("sample", "sampler", sampler, shard, images_ref)

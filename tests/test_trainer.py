@@ -260,6 +260,10 @@ def test_killed_sampler_and_reward_actor_cost_one_restart_each(ray_session, tiny
         assert fetched.images is None
         images = reference.images([0, 11])
         assert images.shape[:2] == (2, 3) and images.dtype == torch.uint8
+        # held-out images come without trajectories: nothing trains on them
+        held_out = workers.rollout(weights, prompts[:4], seeds[:4], evaluation=True)
+        assert held_out.trajectory_shards == [[], []] and len(held_out.scores.scores) == 4
+        assert held_out.images([3]).shape[:2] == (1, 3)
         assert workers.restarts == 0
         killed = []
 
