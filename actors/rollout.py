@@ -44,9 +44,6 @@ class TrajectoryShards:
     shards: list[list]
     keep: torch.Tensor | None = None
 
-    def __len__(self) -> int:
-        return sum(map(len, self.shards)) if self.keep is None else len(self.keep)
-
     def fetch(self, rows: torch.Tensor | None = None) -> Trajectories:
         """`rows` (positions among the kept rows; None = all) as one batch, in that order (called
         where the trajectories are used: on the learner)."""
@@ -68,12 +65,13 @@ class TrajectoryShards:
         except Exception as error:
             if not is_lost(error):
                 raise
-        ray = sys.modules["ray"]
         parts, lost = [], set()
         for shard, ref in wanted:
             try:
-                parts.append(ray.get(ref))
-            except ray.exceptions.ObjectLostError:
+                parts.extend(_fetch([ref]))
+            except Exception as error:
+                if not is_lost(error):
+                    raise
                 parts.append(None)
                 lost.add(shard)
         return parts, sorted(lost)
