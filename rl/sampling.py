@@ -20,8 +20,9 @@ class Trajectories:
     """A batch of B sampled trajectories of T DDIM steps.
 
     prompt_ids, negative_ids: [B, L] token ids; timesteps: [B, T] long;
-    latents: [B, T+1, C, h, w] float32 with latents[:, j] = x_t and latents[:, j+1] = x_{t-1}
-    for t = timesteps[:, j]; log_probs: [B, T] float32 (the sampler's, i.e. old, log-probs);
+    latents: [B, T+1, C, h, w] float32, or float16 from a half-precision pipeline (`latent_storage_dtype`),
+    with latents[:, j] = x_t and latents[:, j+1] = x_{t-1} for t = timesteps[:, j]; log_probs: [B, T]
+    float32 (the sampler's, i.e. old, log-probs of the stored latents);
     images: [B, 3, H, W] uint8, or None where they travel apart (a sampler's shard: the learner does not
     read them); seeds: [B] long; policy_version: the LoRA version that sampled.
     """
@@ -137,6 +138,7 @@ def denoise(
     steps: range | None = None,
     checkpoint: bool = False,
     start_seeds: list[int] | None = None,
+    latent_dtype: torch.dtype | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The DDIM loop with CFG from each seed's x_T: ([x_T, ..., x_0], [log-prob of each step]).
 
@@ -151,6 +153,11 @@ def denoise(
     call in the backward pass instead of storing its activations (torch.utils.checkpoint).
     start_seeds: whose generator's first draw is each sample's x_T (default: its own seed's), so
     samples can share a start while each keeps its own step noise (sample.shared_start_noise).
+    latent_dtype: the dtype the latents are kept in (a trajectory's storage; default: float32, as the
+    step computes them). Each x_{t-1} is rounded to it before its log-prob is taken and the next step starts
+    from it, so the stored chain is the one sampled: a learner recomputing a step from the stored
+    x_t and x_{t-1} gets the recorded log-prob. (Scoring the unrounded x_{t-1} instead would put a
+    mismatch of the rounding's size over sigma_t into every ratio; tests/test_precision.py.)
     """
     device = pipe.unet.device
     scale = pipe.vae_scale_factor
@@ -161,6 +168,8 @@ def denoise(
     if start is None:
         x_T = draws[0] if start_seeds is None else _seeded_draws(start_seeds, latent_shape, 1, device)[0]
         start = x_T * pipe.scheduler.init_noise_sigma
+        if latent_dtype is not None:
+            start = start.to(latent_dtype)
     x = start
     latents, log_probs = [x], []
     for j in steps:
@@ -172,6 +181,9 @@ def denoise(
         else:
             eps_hat = guided_noise_prediction(pipe.unet, x, t, cond, uncond, guidance_scale)
         x, log_prob, _, _ = ddim_step_with_logprob(schedule, eps_hat, t, x, eta=eta, noise=draws[1 + j])
+        if latent_dtype is not None and x.dtype != latent_dtype:  # score the value that is kept
+            x = x.to(latent_dtype)
+            _, log_prob, _, _ = ddim_step_with_logprob(schedule, eps_hat, t, latents[-1], eta=eta, prev_sample=x)
         latents.append(x)
         log_probs.append(log_prob)
     return latents, log_probs
@@ -191,10 +203,13 @@ def sample_trajectories(
     width: int | None = None,
     policy_version: int = 0,
     start_seeds: list[int] | None = None,
+    latent_dtype: torch.dtype | None = None,
 ) -> Trajectories:
     """Roll out one DDIM trajectory per prompt with CFG and record every step's log-prob.
 
     seeds: each sample's noise; start_seeds: the seed of each sample's x_T, if not its own (`denoise`).
+    latent_dtype: the dtype the latents are stored in (default `latent_storage_dtype` of the U-Net's),
+    with the chain rounded to it as it is sampled (`denoise`).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
@@ -211,6 +226,7 @@ def sample_trajectories(
     latents, log_probs = denoise(
         pipe, cond, uncond, seeds, schedule, guidance_scale=guidance_scale, eta=eta,
         height=height or size, width=width or size, start_seeds=start_seeds,
+        latent_dtype=latent_dtype or latent_storage_dtype(pipe.unet.dtype),
     )
     # 3. decode to uint8 images
     images = decode_latents(pipe.vae, latents[-1])
@@ -225,6 +241,17 @@ def sample_trajectories(
         seeds=torch.as_tensor(seeds, dtype=torch.long),
         policy_version=policy_version,
     )
+
+
+def latent_storage_dtype(working: torch.dtype) -> torch.dtype:
+    """The dtype a trajectory's latents are kept in: the pipeline's for float32, float16 for either
+    half dtype (half the bytes). Not bfloat16: its steps are 8x coarser than float16's, and at the late
+    steps' small sigma_t (~0.02 at the last) its rounding is a visible part of a step's noise. The PPO
+    gradient of a step stored in bfloat16 had cosine 0.986-0.997 to float32's at the worst step on the
+    toy model, 0.63 on the tests' random tiny model (13x larger latents); in float16 0.9994-0.9999 and
+    0.993 (bench/latent_storage.py, README "Half precision"). float16's range (65504) holds any latent
+    a DDIM chain visits."""
+    return torch.float16 if working in (torch.float16, torch.bfloat16) else working
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:

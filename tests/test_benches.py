@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import cpu_half_attention  # noqa: E402
 import end_to_end  # noqa: E402
 import kl_gradient_precision  # noqa: E402
+import latent_storage  # noqa: E402
 import learner_overhead  # noqa: E402
 import noise_shares  # noqa: E402
 import sd15_shaped  # noqa: E402
@@ -37,6 +38,22 @@ def test_learner_bench_compares_the_update_with_its_ideal_and_with_reencoding(ti
     assert set(result["medians"]) == {"learner", "ideal", "re-encode every step"}
     assert result["learner_over_ideal"] == pytest.approx(result["medians"]["learner"] / result["medians"]["ideal"])
 
+
+
+def test_latent_storage_bench_compares_each_storage_dtype_with_float32(tiny_sd_dir, tmp_path, one_torch_thread):
+    result = latent_storage.main(["--pretrained", tiny_sd_dir, "--rows", "2", "--num-steps", "3",
+                                  "--out", str(tmp_path)])
+    assert result == json.loads((tmp_path / "latent_storage.json").read_text())
+    rows = result["dtypes"]
+    assert set(rows) == {"float32", "float16", "bfloat16"}
+    assert rows["float16"]["bytes_per_sample"] < 0.6 * rows["float32"]["bytes_per_sample"]
+    for name, row in rows.items():
+        assert len(row["gradient_cosine_per_step"]) == len(row["mismatch_rounded_chain"]) == 3
+        assert max(row["mismatch_rounded_chain"]) < 1e-5  # every dtype's stored chain is scored as stored
+        if name == "float32":  # the reference against itself
+            assert row["gradient_cosine_per_step"] == pytest.approx([1.0] * 3) and max(row["mismatch_cast_afterwards"]) == 0
+        else:
+            assert max(row["mismatch_cast_afterwards"]) > 0 and row["final_latent_relative_difference"] > 0
 
 
 def test_cpu_half_attention_bench_times_both_attentions_and_float32(tiny_sd_dir, tmp_path, one_torch_thread):

@@ -1,5 +1,7 @@
 """Half-precision learning: fp16 loss scaling and bf16 give the float32 LoRA gradient; overflow is skipped;
 on the CPU, half-precision attention runs in float32."""
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from conftest import perturb_lora, tiny_config
@@ -8,7 +10,7 @@ from torch.overrides import TorchFunctionMode
 from rl.learner import PPOLearner
 from rl.lora import set_policy_weights
 from rl.models import CpuFloat32AttentionProcessor, Float32CpuAttention, load_pipeline
-from rl.sampling import encode, guided_noise_prediction, sample_trajectories
+from rl.sampling import encode, guided_noise_prediction, sample_trajectories, step_distribution
 
 
 def _fp16_learner(tiny_sd_dir, *overrides):
@@ -21,7 +23,7 @@ def test_overflowing_fp16_step_is_skipped_and_the_scale_backs_off(tiny_sd_dir, o
                             "train.warmup_steps=0", "train.learning_rate=1e-2", "lora.policy=both")
     assert all(p.dtype == torch.float32 for p in learner.params)  # fp32 master LoRA weights
     batch = sample_trajectories(learner.pipe, ["a red ball", "a cat"], [0, 1], num_steps=6, guidance_scale=5.0, eta=1.0)
-    assert batch.latents.dtype == batch.log_probs.dtype == torch.float32
+    assert batch.latents.dtype == torch.float16 and batch.log_probs.dtype == torch.float32  # half the bytes
     advantages = torch.tensor([1.0, -1.0])
     before = [p.detach().clone() for p in learner.params]
     # 1. a loss x 1e30 overflows fp16 in the backward pass: no step, no LR step, half the scale
@@ -47,6 +49,51 @@ def test_loss_scale_survives_a_checkpoint(tiny_sd_dir, tmp_path):
     resumed = _fp16_learner(tiny_sd_dir)
     resumed.load_state_dict(torch.load(tmp_path / "learner.pt", weights_only=True))  # plain tensors and numbers
     assert (resumed.scaler.scale, resumed.scaler.finite_steps) == (1024.0, 7)
+
+
+def test_half_precision_latents_are_stored_as_sampled(tiny_sd_dir, one_torch_thread):
+    """Latents kept in float16 (a half-precision pipeline's trajectories) against float32, same float32
+    pipeline and seeds: the sampler rounds the chain as it samples and scores the rounded latents, so the
+    learner recomputes its log-probs exactly; rounding afterwards would not (a last-step log-prob off
+    by 0.007 here), and the PPO gradient stays float32's (bfloat16 storage: cosine 0.989)."""
+    learner = PPOLearner(load_pipeline(tiny_sd_dir, device="cpu"),
+                         tiny_config(tiny_sd_dir, "lora.policy=both", "sample.num_steps=6", "train.clip_range=10.0"))
+    perturb_lora(learner.params)
+    prompts, seeds = ["a red ball", "a blue car", "a cat"], [0, 1, 2]
+
+    def sample(dtype):
+        return sample_trajectories(learner.pipe, prompts, seeds, num_steps=6, guidance_scale=5.0, eta=1.0,
+                                   latent_dtype=dtype)
+
+    reference, stored = sample(torch.float32), sample(torch.float16)
+    assert stored.latents.dtype == torch.float16 and stored.log_probs.dtype == torch.float32
+    assert stored.latents.nbytes * 2 == reference.latents.nbytes
+    relative = (stored.latents.float() - reference.latents).norm() / reference.latents.norm()
+    assert 0 < relative < 1e-3  # the same chain, to float16's precision
+
+    def mismatch(batch) -> torch.Tensor:  # per step, max over rows of |recomputed - stored log-prob|
+        with torch.no_grad():
+            cond = encode(learner.pipe.text_encoder, batch.prompt_ids)
+            uncond = encode(learner.pipe.text_encoder, batch.negative_ids)
+            return torch.stack([
+                (step_distribution(learner.pipe.unet, learner.schedule, batch.latents[:, j], batch.timesteps[:, j],
+                                   batch.latents[:, j + 1], cond, uncond, guidance_scale=5.0, eta=1.0)[0]
+                 - batch.log_probs[:, j]).abs().max()
+                for j in range(6)
+            ])
+
+    assert mismatch(stored).max() < 1e-5
+    rounded_afterwards = dataclasses.replace(reference, latents=reference.latents.half())
+    assert mismatch(rounded_afterwards)[-1] > 1e-3
+    # the learner's PPO gradient on every step: float16-stored latents against float32 ones
+    advantages = torch.tensor([1.0, -0.5, 0.3])
+    steps = torch.arange(6).repeat(3, 1)
+    gradients = []
+    for batch in (reference, stored):
+        learner.minibatch_backward(batch, advantages, steps)
+        gradients.append([p.grad.clone() for p in learner.params])
+        learner.optimizer.zero_grad(set_to_none=True)
+    assert _cosine(gradients[1], gradients[0]) > 0.999
 
 
 def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

@@ -20,7 +20,7 @@ from actors.driver import NonFiniteRewardError, TrainingStopped, _Batches, _grid
 from actors.reward import RewardScores
 from actors.rollout import Rollout
 from actors.sampler import SamplerWorker
-from actors.topology import InlineWorkers, InsufficientResourcesError, RayWorkers, _actor_info
+from actors.topology import ActorsLostError, InlineWorkers, InsufficientResourcesError, RayWorkers, _actor_info
 from conftest import tiny_config
 from rl.config import load_config
 from rl.learner import PPOLearner
@@ -336,6 +336,46 @@ def test_a_sampler_out_of_restarts_leaves_its_work_to_the_others(ray_session, ti
         workers.shutdown()
     assert trajectories.prompts == prompts and torch.isfinite(rollout.scores.scores).all()
     assert "sampler 0 is gone after 0 restarts" in caplog.text
+
+
+class _ScoresLostImages:
+    """A reward actor's handle whose score calls for `prompts` read `lost` in place of the shard's images:
+    what a reward actor meets when the node that sampled the shard died before it was scored."""
+
+    def __init__(self, actor, lost, prompts: list[str]):
+        self.actor, self.lost, self.prompts, self.calls = actor, lost, prompts, 0
+        self.score = self  # the rollout calls .score.remote(images, prompts, evaluation)
+
+    def remote(self, images, prompts, evaluation):
+        if list(prompts) == self.prompts:
+            images, self.calls = self.lost, self.calls + 1
+            assert self.calls <= 5, "the rollout samples a shard whose images are lost again and again"
+        return self.actor.score.remote(images, prompts, evaluation)
+
+    def __getattr__(self, name):
+        return getattr(self.actor, name)
+
+
+def test_a_shards_images_lost_more_than_max_restarts_times_stop_the_rollout(ray_session, tiny_sd_dir, tmp_path,
+                                                                             caplog):
+    """Each loss of a shard's images has the shard sampled again, up to max(1, resources.max_restarts)
+    times; then the rollout stops, naming the shard (the driver turns it into a stop with how to resume)."""
+    workers = RayWorkers(_fault_config(tiny_sd_dir, tmp_path, "resources.max_restarts=1"))
+    actors = workers.reward_actors
+    prompts, seeds = BUILTIN["colors"][:12], list(range(12))
+    assert len(set(prompts)) == 12
+    workers.reward_actors = [_ScoresLostImages(a, _a_lost_object(ray_session), prompts[2:4]) for a in actors]
+    try:
+        with caplog.at_level("WARNING", logger="texforce"), pytest.raises(
+                ActorsLostError, match=r"the images of shard 1 were lost with their node 2 times "
+                                       r"\(resources.max_restarts=1\)"):
+            workers.rollout(workers.get_weights(), prompts, seeds)
+        assert sum(a.calls for a in workers.reward_actors) == 2  # scored, lost, sampled again, lost again
+        assert caplog.text.count("the images of shard 1 were lost with the node that held them") == 1
+        assert workers.restarts == 0  # no actor died: a lost object is not a death
+    finally:
+        workers.reward_actors = actors
+        workers.shutdown()
 
 
 def _learner_pids(ray) -> list[int]:
