@@ -6,6 +6,8 @@ from dataclasses import replace
 import torch
 
 from rl.config import TexForceConfig
+from rl.ddim import DDIMSchedule
+from rl.learner import learned_latent_positions
 from rl.lora import PolicyWeights, add_lora, set_policy_weights
 from rl.models import load_pipeline_from_config
 from rl.priority import lower_cpu_priority
@@ -28,6 +30,7 @@ class SamplerWorker:
             add_lora(pipe, config.lora)
         self.pipe = pipe
         self.version = -1
+        self.learned_latents: torch.Tensor | None = None  # the chain positions the learner reads, once known
         if low_priority:  # its own process (Ray): yield the cores to a learner sharing them,
             lower_cpu_priority()  # once loaded, so a (re)start on a busy node is not starved
 
@@ -42,7 +45,9 @@ class SamplerWorker:
 
         The weights travel with every call, so a restarted worker re-run on the same shard gives
         the same samples (the call is idempotent). evaluation: held-out images, drawn at
-        `evaluation.eta`; (version, images) only, since nothing trains on them.
+        `evaluation.eta`; (version, images) only, since nothing trains on them. A trajectory keeps only
+        the latents the learner reads (`learned_latent_positions`: x_t and x_{t-1} of the steps the
+        config lets it train), not the whole chain.
         """
         self.sample_with(weights)
         s = self.config.sample
@@ -54,7 +59,10 @@ class SamplerWorker:
         )
         if evaluation:
             return weights.version, trajectories.images
-        rows = replace(trajectories, images=None)
+        if self.learned_latents is None:
+            schedule = DDIMSchedule.from_scheduler(self.pipe.scheduler, s.num_steps)
+            self.learned_latents = learned_latent_positions(schedule, s.eta, self.config.train)
+        rows = replace(trajectories, images=None).keep_latents(self.learned_latents)
         return weights.version, trajectories.images, *(rows.select([i]) for i in range(len(rows)))
 
     def sample_with(self, weights: PolicyWeights) -> None:

@@ -81,6 +81,13 @@ def trainable_steps(
     return torch.nonzero(keep).flatten()
 
 
+def learned_latent_positions(schedule: DDIMSchedule, eta: float, train: TrainConfig) -> torch.Tensor:
+    """The chain positions of the latents a PPO update reads: x_t and x_{t-1} (positions j and j + 1,
+    0 being x_T) of each step `trainable_steps` allows. All a sampler has to keep of a trajectory."""
+    steps = trainable_steps(schedule, eta, train.min_sigma, max_step_gain=train.max_step_gain)
+    return torch.cat([steps, steps + 1]).unique()
+
+
 def warmup_length(train: TrainConfig, total_steps: int) -> int:
     """Warmup optimizer steps: `warmup_fraction` of the run when set (TexForce: 3%), else `warmup_steps`."""
     if train.warmup_fraction > 0:
@@ -421,10 +428,10 @@ class PPOLearner(LoraLearner):
             rows, total = torch.arange(len(batch)), 0.0
             for k in range(step_index.shape[1]):
                 j = step_index[:, k]
+                x_t, x_prev = batch.latents_at(j[:, None])[:, 0], batch.latents_at(j[:, None] + 1)[:, 0]
                 log_prob, _, _ = step_distribution(
-                    self.pipe.unet, self.schedule, batch.latents[rows, j].to(device), batch.timesteps[rows, j].to(device),
-                    batch.latents[rows, j + 1].to(device), cond, uncond,
-                    guidance_scale=self.sample.guidance_scale, eta=self.sample.eta,
+                    self.pipe.unet, self.schedule, x_t.to(device), batch.timesteps[rows, j].to(device),
+                    x_prev.to(device), cond, uncond, guidance_scale=self.sample.guidance_scale, eta=self.sample.eta,
                 )
                 total += (log_prob - batch.log_probs[rows, j].to(device)).abs().max().item()
         finally:
@@ -463,8 +470,8 @@ class PPOLearner(LoraLearner):
         # until the end: no host<->device copy or sync inside the loop, so the host queues the next step's
         # kernels while a GPU runs this one.
         rows = torch.arange(len(batch))[:, None]
-        x_ts = batch.latents[rows, step_index].to(device)  # [b, K, C, h, w]
-        x_prevs = batch.latents[rows, step_index + 1].to(device)
+        x_ts = batch.latents_at(step_index).to(device)  # [b, K, C, h, w]
+        x_prevs = batch.latents_at(step_index + 1).to(device)
         ts = batch.timesteps[rows, step_index].to(device)  # [b, K]
         old_log_probs = batch.log_probs[rows, step_index].to(device)
         advantages = advantages.to(device)

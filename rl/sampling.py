@@ -7,7 +7,7 @@ prompt is encoded by the same (LoRA'd) text encoder, and the step is `ddim_step_
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.utils.checkpoint
@@ -25,6 +25,9 @@ class Trajectories:
     float32 (the sampler's, i.e. old, log-probs of the stored latents);
     images: [B, 3, H, W] uint8, or None where they travel apart (a sampler's shard: the learner does not
     read them); seeds: [B] long; policy_version: the LoRA version that sampled.
+    latent_positions: None when every latent is kept; else [B, S] long, sorted, with latents [B, S, ...]
+    holding the chain's latents at those positions only (0 = x_T, j + 1 = after step j): a sampler keeps
+    what the learner reads (`keep_latents`); read them with `latents_at`.
     """
 
     prompts: list[str]
@@ -36,9 +39,32 @@ class Trajectories:
     images: torch.Tensor | None
     seeds: torch.Tensor
     policy_version: int = 0
+    latent_positions: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def keep_latents(self, positions: torch.Tensor) -> "Trajectories":
+        """These trajectories with only the latents at chain `positions` (a copy: nothing else travels)."""
+        positions = torch.as_tensor(positions, dtype=torch.long).unique()  # sorted
+        if self.latent_positions is not None:
+            raise ValueError("these trajectories keep some latents already")
+        latents = self.latents[:, positions]  # indexing with a tensor copies
+        return replace(self, latents=latents, latent_positions=positions.repeat(len(self), 1))
+
+    def latents_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """[b, K, C, h, w]: row i's latents at chain positions `positions[i]` ([b, K] long; x_t of step j
+        is at j, x_{t-1} at j + 1)."""
+        rows = torch.arange(len(self))[:, None]
+        if self.latent_positions is None:
+            return self.latents[rows, positions]
+        kept = self.latent_positions
+        columns = torch.searchsorted(kept, positions).clamp(max=kept.shape[1] - 1)
+        if not torch.equal(kept.gather(1, columns), positions):
+            missing = sorted(set(positions.flatten().tolist()) - set(kept.flatten().tolist()))
+            raise ValueError(f"the latents at chain positions {missing} were not kept (kept: {kept[0].tolist()}): "
+                             "the sampler keeps those of the steps its config lets the learner train")
+        return self.latents[rows, columns]
 
     def select(self, index: torch.Tensor | list[int]) -> "Trajectories":
         """The trajectories at `index` (along the batch dimension)."""
@@ -57,6 +83,9 @@ class Trajectories:
     @staticmethod
     def cat(parts: list["Trajectories"]) -> "Trajectories":
         """Concatenate batches; `policy_version` is the oldest among them."""
+        for f in fields(Trajectories):
+            if len({getattr(p, f.name) is None for p in parts}) > 1:
+                raise ValueError(f"cannot concatenate trajectories with and without {f.name}")
         values = {}
         for f in fields(Trajectories):
             items = [getattr(p, f.name) for p in parts]
@@ -64,7 +93,7 @@ class Trajectories:
                 values[f.name] = torch.cat(items)
             elif isinstance(items[0], list):
                 values[f.name] = [x for item in items for x in item]
-            elif items[0] is None:  # images kept apart
+            elif items[0] is None:  # images kept apart, or every latent kept
                 values[f.name] = None
             else:
                 values[f.name] = min(items)

@@ -8,12 +8,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import perturb_lora, tiny_config
 
+from actors.sampler import SamplerWorker
+
 from rl.config import ConfigError, TrainConfig
 from rl.ddim import ddim_sigma
 from rl.learner import PPOLearner, accumulation_plan, warmup_cosine, warmup_length
 from rl.models import load_pipeline
 from rl.ppo import clipped_surrogate_loss, gaussian_kl
-from rl.sampling import encode, sample_trajectories, step_distribution
+from rl.sampling import Trajectories, encode, sample_trajectories, step_distribution
 
 
 def _reference_gradients(learner, batch, advantages, step_index):
@@ -151,6 +153,33 @@ def test_min_sigma_never_trains_the_near_deterministic_last_steps(pipe, tiny_sd_
     assert every_step.trainable_steps.tolist() == list(range(6))
     every_step.update(spoiled, advantages)
     assert not all(torch.isfinite(v).all() for v in every_step.get_weights().text_encoder.values())
+
+
+def test_a_sampler_keeps_only_the_latents_the_learner_reads_and_the_update_is_the_same(pipe, tiny_sd_dir):
+    """train.min_sigma leaves steps 0-3 of 6: a sampler's trajectories keep latents 0-4 of the chain's 7
+    (x_t and x_{t-1} of each trainable step), and the PPO update on them is the update on whole chains."""
+    cfg = tiny_config(tiny_sd_dir, "train.min_sigma=0.05", "train.timestep_fraction=1.0", "train.batch_size=4",
+                      "train.learning_rate=1e-2", "train.warmup_steps=0")
+    learner = PPOLearner(pipe, cfg)
+    prompts, seeds = ["a red ball", "a cat"] * 2, [0, 1, 2, 3]
+    _, images, *samples = SamplerWorker(cfg, pipe=learner.pipe).sample(learner.get_weights(), prompts, seeds)
+    kept = Trajectories.cat(samples)
+    whole = sample_trajectories(learner.pipe, prompts, seeds, num_steps=6, guidance_scale=cfg.sample.guidance_scale,
+                                eta=cfg.sample.eta)
+    assert kept.latent_positions.tolist() == [[0, 1, 2, 3, 4]] * 4 and whole.latent_positions is None
+    assert torch.equal(kept.latents, whole.latents[:, :5]) and torch.equal(images, whole.images)
+    assert sum(sample.latents.nbytes for sample in samples) * 7 == whole.latents.nbytes * 5  # a copy, not a view
+    with pytest.raises(ValueError, match=r"chain positions \[5\] were not kept \(kept: \[0, 1, 2, 3, 4\]\)"):
+        kept.latents_at(torch.tensor([[4, 5]] * 4))
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    start = learner.state_dict()
+    learner.update(kept, advantages)
+    from_kept = learner.get_weights().text_encoder
+    learner.load_state_dict(start)
+    learner.update(whole, advantages)
+    assert any(not torch.equal(v, start["lora"]["text_encoder"][k]) for k, v in from_kept.items())
+    for k, v in learner.get_weights().text_encoder.items():
+        assert torch.equal(from_kept[k], v)
 
 
 def test_min_sigma_that_leaves_no_step_is_a_config_error(pipe, tiny_sd_dir):

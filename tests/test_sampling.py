@@ -125,3 +125,11 @@ def test_select_and_cat_round_trip(pipe):
     joined = type(traj).cat(parts)
     assert joined.prompts == ["c", "a", "b"]
     torch.testing.assert_close(joined.latents[0], traj.latents[2])
+    # kept latents (chain positions 0 and 2 of 0-2) travel with their positions through select and cat
+    kept = traj.keep_latents(torch.tensor([2, 0]))
+    assert kept.latents.shape[1] == 2 and kept.latent_positions.tolist() == [[0, 2]] * 3
+    joined = type(traj).cat([kept.select([2]), kept.select([0, 1])])
+    assert torch.equal(joined.latents_at(torch.tensor([[2], [0], [2]]))[:, 0],
+                       torch.stack([traj.latents[2, 2], traj.latents[0, 0], traj.latents[1, 2]]))
+    with pytest.raises(ValueError, match="with and without latent_positions"):
+        type(traj).cat([traj.select([0]), kept.select([1])])
