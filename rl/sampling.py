@@ -58,7 +58,7 @@ class Trajectories:
         rows = torch.arange(len(self))[:, None]
         if self.latent_positions is None:
             return self.latents[rows, positions]
-        kept = self.latent_positions
+        kept, positions = self.latent_positions.contiguous(), positions.contiguous()  # as searchsorted wants them
         columns = torch.searchsorted(kept, positions).clamp(max=kept.shape[1] - 1)
         if not torch.equal(kept.gather(1, columns), positions):
             missing = sorted(set(positions.flatten().tolist()) - set(kept.flatten().tolist()))
