@@ -30,7 +30,6 @@ class SamplerWorker:
             add_lora(pipe, config.lora)
         self.pipe = pipe
         self.version = -1
-        self.learned_latents: torch.Tensor | None = None  # the chain positions the learner reads, once known
         if low_priority:  # its own process (Ray): yield the cores to a learner sharing them,
             lower_cpu_priority()  # once loaded, so a (re)start on a busy node is not starved
 
@@ -59,10 +58,9 @@ class SamplerWorker:
         )
         if evaluation:
             return weights.version, trajectories.images
-        if self.learned_latents is None:
-            schedule = DDIMSchedule.from_scheduler(self.pipe.scheduler, s.num_steps)
-            self.learned_latents = learned_latent_positions(schedule, s.eta, self.config.train)
-        rows = replace(trajectories, images=None).keep_latents(self.learned_latents)
+        schedule = DDIMSchedule.from_scheduler(self.pipe.scheduler, s.num_steps)
+        learned = learned_latent_positions(schedule, s.eta, self.config.train)
+        rows = replace(trajectories, images=None).keep_latents(learned)
         return weights.version, trajectories.images, *(rows.select([i]) for i in range(len(rows)))
 
     def sample_with(self, weights: PolicyWeights) -> None:

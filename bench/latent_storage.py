@@ -29,18 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def recomputed_mismatch(learner, batch) -> list[float]:
     """Per step, max over rows of |log-prob recomputed from the stored latents - the stored one|."""
-    from rl.sampling import encode, step_distribution
+    from rl.sampling import encode, recomputed_log_probs
 
-    with torch.no_grad():
-        cond = encode(learner.pipe.text_encoder, batch.prompt_ids)
-        uncond = encode(learner.pipe.text_encoder, batch.negative_ids)
-        return [
-            float((step_distribution(learner.pipe.unet, learner.schedule, batch.latents[:, j], batch.timesteps[:, j],
-                                     batch.latents[:, j + 1], cond, uncond,
-                                     guidance_scale=learner.sample.guidance_scale, eta=learner.sample.eta)[0]
-                   - batch.log_probs[:, j]).abs().max())
-            for j in range(batch.log_probs.shape[1])
-        ]
+    cond = encode(learner.pipe.text_encoder, batch.prompt_ids).detach()
+    uncond = encode(learner.pipe.text_encoder, batch.negative_ids).detach()
+    steps = torch.arange(batch.log_probs.shape[1]).repeat(len(batch), 1)
+    recomputed = recomputed_log_probs(learner.pipe.unet, learner.schedule, batch, steps, cond, uncond,
+                                      guidance_scale=learner.sample.guidance_scale, eta=learner.sample.eta)
+    return (recomputed - batch.log_probs).abs().amax(dim=0).tolist()
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -35,7 +35,7 @@ from rl.lora import (
     set_policy_weights,
 )
 from rl.ppo import clipped_surrogate_loss, gaussian_kl
-from rl.sampling import Trajectories, encode, step_distribution
+from rl.sampling import Trajectories, encode, recomputed_log_probs, step_distribution
 
 
 MISMATCH_PROBE_ROWS = 8
@@ -422,21 +422,14 @@ class PPOLearner(LoraLearner):
             return float("nan")
         set_policy_weights(self.pipe, sampling)
         try:
-            device = self.pipe.unet.device
             cond = encode(self.pipe.text_encoder, batch.prompt_ids).float()
             uncond = encode(self.pipe.text_encoder, batch.negative_ids).float()
-            rows, total = torch.arange(len(batch)), 0.0
-            for k in range(step_index.shape[1]):
-                j = step_index[:, k]
-                x_t, x_prev = batch.latents_at(j[:, None])[:, 0], batch.latents_at(j[:, None] + 1)[:, 0]
-                log_prob, _, _ = step_distribution(
-                    self.pipe.unet, self.schedule, x_t.to(device), batch.timesteps[rows, j].to(device),
-                    x_prev.to(device), cond, uncond, guidance_scale=self.sample.guidance_scale, eta=self.sample.eta,
-                )
-                total += (log_prob - batch.log_probs[rows, j].to(device)).abs().max().item()
+            recomputed = recomputed_log_probs(self.pipe.unet, self.schedule, batch, step_index, cond, uncond,
+                                              guidance_scale=self.sample.guidance_scale, eta=self.sample.eta)
         finally:
             set_policy_weights(self.pipe, current)
-        return total / step_index.shape[1]
+        stored = batch.log_probs.gather(1, step_index).to(recomputed.device)
+        return (recomputed - stored).abs().amax(dim=0).mean().item()
 
     def minibatch_backward(
         self, batch: Trajectories, advantages: torch.Tensor, step_index: torch.Tensor, weight: float = 1.0

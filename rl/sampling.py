@@ -46,9 +46,9 @@ class Trajectories:
 
     def keep_latents(self, positions: torch.Tensor) -> "Trajectories":
         """These trajectories with only the latents at chain `positions` (a copy: nothing else travels)."""
-        positions = torch.as_tensor(positions, dtype=torch.long).unique()  # sorted
         if self.latent_positions is not None:
             raise ValueError("these trajectories keep some latents already")
+        positions = torch.as_tensor(positions, dtype=torch.long).unique()  # sorted
         latents = self.latents[:, positions]  # indexing with a tensor copies
         return replace(self, latents=latents, latent_positions=positions.repeat(len(self), 1))
 
@@ -309,3 +309,30 @@ def step_distribution(
     _, log_prob, mean, sigma = ddim_step_with_logprob(schedule, eps_hat, t, x_t, eta=eta, prev_sample=x_prev)
     return log_prob, mean, sigma
 
+
+
+@torch.no_grad()
+def recomputed_log_probs(
+    unet,
+    schedule: DDIMSchedule,
+    batch: Trajectories,
+    step_index: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    *,
+    guidance_scale: float,
+    eta: float,
+) -> torch.Tensor:
+    """[b, K]: row i's log-prob of its stored step step_index[i, k], recomputed from the stored x_t and
+    x_{t-1} under the current weights: what a learner checks against the sampler's `log_probs`."""
+    device = unet.device
+    rows = torch.arange(len(batch))
+    log_probs = []
+    for k in range(step_index.shape[1]):
+        j = step_index[:, k : k + 1]
+        log_prob, _, _ = step_distribution(
+            unet, schedule, batch.latents_at(j)[:, 0].to(device), batch.timesteps[rows, j[:, 0]].to(device),
+            batch.latents_at(j + 1)[:, 0].to(device), cond, uncond, guidance_scale=guidance_scale, eta=eta,
+        )
+        log_probs.append(log_prob)
+    return torch.stack(log_probs, dim=1)

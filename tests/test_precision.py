@@ -10,7 +10,7 @@ from torch.overrides import TorchFunctionMode
 from rl.learner import PPOLearner
 from rl.lora import set_policy_weights
 from rl.models import CpuFloat32AttentionProcessor, Float32CpuAttention, load_pipeline
-from rl.sampling import encode, guided_noise_prediction, sample_trajectories, step_distribution
+from rl.sampling import encode, guided_noise_prediction, recomputed_log_probs, sample_trajectories
 
 
 def _fp16_learner(tiny_sd_dir, *overrides):
@@ -75,12 +75,9 @@ def test_half_precision_latents_are_stored_as_sampled(tiny_sd_dir, one_torch_thr
         with torch.no_grad():
             cond = encode(learner.pipe.text_encoder, batch.prompt_ids)
             uncond = encode(learner.pipe.text_encoder, batch.negative_ids)
-            return torch.stack([
-                (step_distribution(learner.pipe.unet, learner.schedule, batch.latents[:, j], batch.timesteps[:, j],
-                                   batch.latents[:, j + 1], cond, uncond, guidance_scale=5.0, eta=1.0)[0]
-                 - batch.log_probs[:, j]).abs().max()
-                for j in range(6)
-            ])
+        recomputed = recomputed_log_probs(learner.pipe.unet, learner.schedule, batch, torch.arange(6).repeat(3, 1),
+                                          cond, uncond, guidance_scale=5.0, eta=1.0)
+        return (recomputed - batch.log_probs).abs().amax(dim=0)
 
     assert mismatch(stored).max() < 1e-5
     rounded_afterwards = dataclasses.replace(reference, latents=reference.latents.half())
