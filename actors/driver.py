@@ -272,8 +272,12 @@ def _run_epoch(
         "actor_restarts": workers.restarts,
     }
     shown = None if done.images is None else done.images[:8]
+    if config.plot_every == "auto":
+        plots = epoch == config.num_epochs - 1 or outputs.plots_due()
+    else:
+        plots = _due(epoch, config.plot_every, config)
     outputs.write(row, shown, _captions(done.prompts[:8], torch.from_numpy(rewards[:8])),  # in the background
-                  plots=_due(epoch, config.plot_every, config))
+                  plots=plots)
     # 7. checkpoint
     if _due(epoch, config.save_every, config):
         _save_checkpoint(run, config, workers, tracker, weights, epoch)

@@ -39,6 +39,14 @@ class InsufficientResourcesError(RuntimeError):
 # about 2 s after the kill, the survivors' collective error at once).
 RANK_DEATH_GRACE_S = 60.0
 
+# A sampler's return values over this many bytes go to its node's object store instead of inside its
+# reply to the driver. Ray inlines returns under 100 KiB (`max_direct_call_object_size`, read from
+# the worker's environment) and keeps them in the caller's memory: a toy model's trajectories (21 KiB
+# a sample in the demo) would all pass through the driver. Only the version each call returns (a few
+# bytes, what the driver waits on) stays inline; the driver still owns the objects, so they outlive a
+# sampler's restart. A cluster whose `_system_config` sets the limit overrides this.
+SAMPLER_INLINE_BYTES = 1024
+
 
 def _threads(cpus: float) -> int:
     return max(1, math.floor(cpus))
@@ -213,7 +221,9 @@ class RayWorkers:
         self.timeout = r.call_timeout_s
         check_resources(config)
         sampler_cls = ray.remote(SamplerWorker).options(
-            num_cpus=r.cpus_per_sampler, num_gpus=r.gpus_per_sampler, max_restarts=r.max_restarts
+            num_cpus=r.cpus_per_sampler, num_gpus=r.gpus_per_sampler, max_restarts=r.max_restarts,
+            # merged with the job's runtime env (`ray job submit --runtime-env`)
+            runtime_env={"env_vars": {"RAY_max_direct_call_object_size": str(SAMPLER_INLINE_BYTES)}},
         )
         reward_cls = ray.remote(RewardActor).options(
             num_cpus=r.cpus_per_reward_actor, num_gpus=r.gpus_per_reward_actor, max_restarts=r.max_restarts

@@ -4,10 +4,11 @@ The driver keeps object refs to the samplers' trajectory shards and hands them t
 which fetch them from the object store (actors/rollout.py): its peak RSS should not grow with the
 epoch's latents. Each epoch size runs in a fresh process (peak RSS is a process-lifetime high
 water mark): the demo's config on Ray, one epoch, no held-out evaluation, at a larger image size
-so an epoch's latents are large enough to see, and with every step trained (`train.min_sigma=0`),
-so that a sample's trajectory keeps its whole chain (177 KiB at 128 px): over Ray's 100 KiB inline
-limit, which is what puts it in the object store. (With the demo's `train.min_sigma` it keeps 5 of
-the 11 latents, 81 KiB, and Ray returns it to the driver inline, as any small task result; README.)
+so an epoch's latents are large enough to see. With the demo's `train.min_sigma` a sample keeps 5
+of its chain's 11 latents (81 KiB at 128 px), under Ray's 100 KiB limit for returning a result
+inside the reply to the caller: the samplers put their results in the object store all the same
+(`actors.topology.SAMPLER_INLINE_BYTES`). `--every-step` trains every step (`train.min_sigma=0`),
+so a trajectory keeps its whole chain (177 KiB).
 Prints a table and writes JSON.
 
     python bench/driver_memory.py --out runs/bench-driver-memory     # ~5 min on 2 cores
@@ -30,7 +31,7 @@ def sampler_weights(sampler):
     return get_policy_weights(sampler.pipe, sampler.config.lora.policy, 0)
 
 
-def measure(batches: int, size: int, out: Path) -> dict:
+def measure(batches: int, size: int, out: Path, every_step: bool) -> dict:
     """In this process: one epoch of `batches` x 16 samples; the driver's peak RSS and a trajectory's bytes."""
     sys.path.insert(0, str(ROOT))
     from actors.driver import train
@@ -39,7 +40,8 @@ def measure(batches: int, size: int, out: Path) -> dict:
     config = load_config(ROOT / "configs" / "tiny.yaml", [
         f"output_dir={out}", f"run_name=batches{batches}", "num_epochs=1", "evaluation.prompts_file=null",
         f"model.pretrained={ROOT / 'models' / 'toy-sd'}", f"prompts.file={ROOT / 'configs' / 'prompts_toy_train.txt'}",
-        f"sample.num_batches_per_epoch={batches}", f"sample.height={size}", f"sample.width={size}", "train.min_sigma=0",
+        f"sample.num_batches_per_epoch={batches}", f"sample.height={size}", f"sample.width={size}",
+        *(["train.min_sigma=0"] if every_step else []),
     ])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     train(config)
@@ -63,15 +65,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-driver-memory"))
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 16], help="sample batches (of 16) per epoch")
     parser.add_argument("--size", type=int, default=128, help="image size (latents are size/4 square)")
+    parser.add_argument("--every-step", action="store_true", help="train every step: keep the whole chain")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
-        print("RESULT " + json.dumps(measure(args.child, args.size, args.out)), flush=True)
+        print("RESULT " + json.dumps(measure(args.child, args.size, args.out, args.every_step)), flush=True)
         return
     results = []
     for batches in args.batches:
-        done = subprocess.run([sys.executable, __file__, "--child", str(batches), "--size", str(args.size),
-                               "--out", str(args.out)], capture_output=True, text=True, check=True)
+        child = ["--child", str(batches), "--size", str(args.size), "--out", str(args.out)]
+        done = subprocess.run([sys.executable, __file__, *child, *(["--every-step"] if args.every_step else [])],
+                              capture_output=True, text=True, check=True)
         results.append(json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:]))
         r = results[-1]
         print(f"{r['samples_per_epoch']:5d} samples/epoch: driver peak RSS {r['driver_peak_rss'] / 2**20:7.1f} MiB "

@@ -280,10 +280,11 @@ class TexForceConfig:
     """Sample/update rounds."""
     save_every: int = 1
     """Checkpoint every N epochs."""
-    plot_every: int = 1
+    plot_every: int | Literal["auto"] = "auto"
     """Write the epoch's image grid and redraw the reward curve every N epochs (and after the last, or when a run
-    stops); metrics.parquet and TensorBoard get every epoch. The two cost ~0.1 s of CPU an epoch, 10% of a
-    one-second epoch (README, Performance): raise it where epochs are that short."""
+    stops); metrics.parquet and TensorBoard get every epoch. `auto`: the first epoch, the last, and between them
+    as often as keeps drawing within 1% of the run's time (every epoch where epochs take a few seconds; a drawing
+    costs ~0.1 s of CPU; README, Performance)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -309,7 +310,8 @@ class TexForceConfig:
              "a folder name without '/' or '\\' (not '', '.' or '..')", "the run directory is output_dir/run_name"),
             (self.num_epochs >= 1, "num_epochs", self.num_epochs, positive_int, ""),
             (self.save_every >= 1, "save_every", self.save_every, positive_int, "checkpoint every N epochs"),
-            (self.plot_every >= 1, "plot_every", self.plot_every, positive_int, "image grid and reward curve every N epochs"),
+            (self.plot_every == "auto" or self.plot_every >= 1, "plot_every", self.plot_every, f"{positive_int} or auto",
+             "image grid and reward curve every N epochs"),
             (s.num_steps >= 1, "sample.num_steps", s.num_steps, positive_int, ""),
             (0 < s.eta <= 1, "sample.eta", s.eta, "in (0, 1]",
              "eta=0 is deterministic and has no log-prob; above 1 the DDIM step's variance goes negative"),
@@ -451,6 +453,10 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
                 return _check_type(value, arg, key)
             except ConfigError as error:
                 errors.append(str(error))
+        if len(errors) > 1:
+            expected = " or ".join(" or ".join(map(repr, typing.get_args(a))) if typing.get_origin(a) is Literal
+                                   else getattr(a, "__name__", str(a)) for a in args if a is not type(None))
+            raise ConfigError(f"{key}: expected {expected}, got {type(value).__name__} {value!r}")
         raise ConfigError(errors[0] if errors else f"{key}: got {value!r}")
     if origin is Literal:
         if value not in args:

@@ -8,6 +8,7 @@ everything queued (the run's files are complete when `train` returns or stops).
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -16,11 +17,28 @@ from rl.plots import load_pyplot, save_image_grid, save_reward_curve
 from rl.run_dir import RunDirectory
 
 
+# `plot_every: auto` draws the grid and the curve while the time spent drawing them stays within this
+# share of the run's time: every epoch where epochs take a few seconds or more, about every 10th where they
+# take one second (a drawing is ~0.1 s on 2 CPU cores). On 2 busy cores the drawing thread's time comes out
+# of the epoch; the metrics row and TensorBoard (~5 ms) are written every epoch besides.
+PLOT_TIME_SHARE = 0.01
+
+
+def plots_due(drawing_seconds: float, drawings: int, run_seconds: float, share: float = PLOT_TIME_SHARE) -> bool:
+    """Whether one more drawing, at the mean cost of the `drawings` so far, keeps the time spent drawing within
+    `share` of `run_seconds`. The first is due: it shows the run's start and measures the cost."""
+    return drawings == 0 or drawing_seconds * (drawings + 1) / drawings <= share * run_seconds
+
+
 class EpochOutputs:
     def __init__(self, run: RunDirectory, *, title: str):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run, self.title = run, title
+        self.started = time.perf_counter()
+        # written by the drawing thread: what the grids and curves drawn so far took
+        self.drawing_seconds, self.drawings = 0.0, 0
+        self.queued_drawings = 0
         self.writer = SummaryWriter(str(run.tensorboard))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-outputs")
         # matplotlib's first import (about a second) happens here, while the first epoch samples
@@ -32,8 +50,15 @@ class EpochOutputs:
         (None: no grid). plots=False: the metrics row only (parquet, TensorBoard), no grid and no curve (`plot_every`)."""
         self._raise_failed()
         self.curve_behind = not plots
+        self.queued_drawings += plots
         images = images.clone() if plots and images is not None else None
         self.pending.append(self.executor.submit(self._write, dict(row), images, list(captions), plots))
+
+    def plots_due(self) -> bool:
+        """`plot_every: auto`: no drawing is still underway, and one more keeps drawing within PLOT_TIME_SHARE
+        of the run's time so far."""
+        return self.drawings == self.queued_drawings and plots_due(
+            self.drawing_seconds, self.drawings, time.perf_counter() - self.started)
 
     def _write(self, row: dict, images: torch.Tensor | None, captions: list[str], plots: bool) -> None:
         epoch = row["epoch"]
@@ -41,9 +66,12 @@ class EpochOutputs:
         for key, value in row.items():
             self.writer.add_scalar(key, value, epoch)
         if plots:
+            t0 = time.perf_counter()
             if images is not None:
                 save_image_grid(images, captions, self.run.grids / f"epoch_{epoch:04d}.png")
             self._draw_curve(rows)
+            self.drawing_seconds += time.perf_counter() - t0
+            self.drawings += 1
 
     def redraw_curve(self) -> None:
         """Queue a redraw of the reward curve, e.g. after a held-out evaluation was appended."""

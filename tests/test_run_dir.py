@@ -1,4 +1,5 @@
 """The run directory: what a failed start leaves, and how a local Ray listens."""
+import itertools
 import json
 import subprocess
 import sys
@@ -128,3 +129,25 @@ def test_epochs_written_without_plots_get_their_metrics_and_a_stopped_run_its_wh
     assert [r["epoch"] for r in run.read_metrics()] == [0, 1, 2] and any(run.tensorboard.iterdir())
     outputs.close()
     assert drawn == [1, 3]
+
+
+def test_plot_every_auto_draws_while_drawing_stays_within_its_share_of_the_run():
+    """plot_every: auto. A drawing of 0.1 s in one-second epochs: the first epoch, then about every 10th (the
+    metrics row is written every epoch besides); in 20-second epochs every one."""
+    from rl.outputs import PLOT_TIME_SHARE, plots_due
+
+    def drawn(epoch_seconds: float, cost: float = 0.1, epochs: int = 100) -> list[int]:
+        spent, done = 0.0, []
+        for epoch in range(epochs):
+            if plots_due(spent, len(done), (epoch + 1) * epoch_seconds):
+                spent += cost
+                done.append(epoch)
+        return done
+
+    assert PLOT_TIME_SHARE == 0.01
+    one_second = drawn(1.0)
+    gaps = [b - a for a, b in itertools.pairwise(one_second)]
+    assert one_second[0] == 0 and 19 <= gaps[0] <= 20 and all(9 <= gap <= 11 for gap in gaps[1:])
+    assert len(one_second) in (9, 10)  # within the share of the run: 1 s of 100
+    assert drawn(20.0) == list(range(100))
+    assert drawn(1.0, cost=0.0) == list(range(100))  # free drawing: every epoch

@@ -20,7 +20,7 @@ from actors.driver import NonFiniteRewardError, TrainingStopped, _Batches, _grid
 from actors.reward import RewardScores
 from actors.rollout import Rollout
 from actors.sampler import SamplerWorker
-from actors.topology import ActorsLostError, InlineWorkers, InsufficientResourcesError, RayWorkers, _actor_info
+from actors.topology import ActorsLostError, InlineWorkers, InsufficientResourcesError, RayWorkers, SAMPLER_INLINE_BYTES, _actor_info
 from conftest import tiny_config
 from rl.config import load_config
 from rl.learner import PPOLearner
@@ -254,6 +254,10 @@ def test_killed_sampler_and_reward_actor_cost_one_restart_each(ray_session, tiny
         # the driver holds refs to the samplers' shards, not the latents
         refs = [ref for shard in reference.trajectory_shards for ref in shard] + reference.image_shards
         assert len(refs) == 12 + 6 and all(isinstance(ref, ray.ObjectRef) for ref in refs)
+        # ... which point into the node's object store, not into the driver's memory, though each is under Ray's
+        # 100 KiB limit for returning an object inside the reply to its caller
+        locations = ray.experimental.get_object_locations(refs).values()
+        assert all(where["node_ids"] and SAMPLER_INLINE_BYTES < where["object_size"] < 100 * 1024 for where in locations)
         fetched = reference.trajectories().fetch()
         reference_latents = fetched.latents
         # the learners' trajectories come without the images, which the reward actors read apart
@@ -647,6 +651,18 @@ def test_plot_every_writes_the_grid_of_every_nth_and_the_last_epoch_and_metrics_
     run = train(config)
     assert sorted(p.name for p in run.grids.iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
     assert [r["epoch"] for r in run.read_metrics()] == [0, 1, 2] and run.reward_curve.exists()
+
+
+def test_plot_every_auto_draws_the_first_and_the_last_epoch_and_between_them_within_its_share(tiny_sd_dir, tmp_path):
+    config = _trainer_config(tiny_sd_dir, tmp_path, "resources.mode=inline", "num_epochs=3", "run_name=auto")
+    assert config.plot_every == "auto"  # the default
+    run = train(config)
+    rows = run.read_metrics()
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and run.reward_curve.exists()
+    grids = sorted(p.name for p in run.grids.iterdir())
+    assert grids[0] == "epoch_0000.png" and grids[-1] == "epoch_0002.png"
+    if rows[0]["wall_seconds"] + rows[1]["wall_seconds"] < 5:  # a second drawing (>= 0.05 s) would exceed 1% of that
+        assert grids == ["epoch_0000.png", "epoch_0002.png"]
 
 
 def test_non_finite_rewards_stop_after_a_checkpoint(tiny_sd_dir, tmp_path, nan_reward, monkeypatch):
