@@ -114,7 +114,7 @@ def run_ours(arm: str, args: argparse.Namespace, out: Path, name: str) -> dict:
     from rl.outputs import EpochOutputs
 
     if arm == "inline_no_outputs":  # this process's runs write the metrics row (read back below) and nothing else
-        EpochOutputs._write = lambda self, row, images, captions: self.run.append_metrics(row)
+        EpochOutputs._write = lambda self, row, *grid_and_plots: self.run.append_metrics(row)
 
     config = load_config(ROOT / "configs" / "tiny.yaml", [
         *work_overrides(args), f"output_dir={out}", f"run_name={name}", f"num_epochs={args.epochs}",

@@ -107,15 +107,21 @@ def test_end_to_end_summary_times_epochs_after_warmup_per_arm_and_compares_arms(
                       "outputs written / not (in-process)": pytest.approx((100 / 4.5) / 100)}
 
 
-def test_end_to_end_runs_this_trainer_on_the_shared_work(tiny_sd_dir, tmp_path, one_torch_thread):
-    """One arm, in this process: the run trains the work's U-Net LoRA on brightness and reports its epochs' ends."""
+@pytest.mark.parametrize("arm", ["inline", "inline_no_outputs"])
+def test_end_to_end_runs_this_trainer_on_the_shared_work(arm, tiny_sd_dir, tmp_path, one_torch_thread, monkeypatch):
+    """One arm, in this process: the run trains the work's U-Net LoRA on brightness and reports its epochs' ends;
+    without outputs it writes the metrics rows and no grid."""
+    from rl.outputs import EpochOutputs
+
+    monkeypatch.setattr(EpochOutputs, "_write", EpochOutputs._write)  # the arm replaces it in this process
     result = tmp_path / "inline.json"
-    end_to_end.main(["--out", str(tmp_path), "--model", tiny_sd_dir, "--run-arm", "inline", "--result", str(result),
+    end_to_end.main(["--out", str(tmp_path), "--model", tiny_sd_dir, "--run-arm", arm, "--result", str(result),
                      "--epochs", "2", "--warmup", "1", "--steps", "2", "resources.learner_threads=1"])
     run = json.loads(result.read_text())
-    assert run["arm"] == "inline" and run["samples_per_epoch"] == 8 and len(run["epoch_ends"]) == 2
+    assert run["arm"] == arm and run["samples_per_epoch"] == 8 and len(run["epoch_ends"]) == 2
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "policy: unet" in config and "spec: brightness" in config and "mode: inline" in config
+    assert (tmp_path / "run" / "grids").exists() == (arm == "inline")
 
 
 def test_sd15_shaped_pipeline_has_stable_diffusion_15s_parameter_counts():
