@@ -20,7 +20,9 @@ from actors.driver import NonFiniteRewardError, TrainingStopped, _Batches, _grid
 from actors.reward import RewardScores
 from actors.rollout import Rollout
 from actors.sampler import SamplerWorker
-from actors.topology import ActorsLostError, InlineWorkers, InsufficientResourcesError, RayWorkers, SAMPLER_INLINE_BYTES, _actor_info
+from actors.topology import (
+    SAMPLER_INLINE_BYTES, ActorsLostError, InlineWorkers, InsufficientResourcesError, RayWorkers, _actor_info,
+)
 from conftest import tiny_config
 from rl.config import load_config
 from rl.learner import PPOLearner
