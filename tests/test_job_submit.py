@@ -1,4 +1,5 @@
 """`ray job submit` against a head started on loopback, as a user submits to a cluster."""
+import json
 import shutil
 import subprocess
 import tempfile
@@ -9,7 +10,24 @@ import pyarrow.parquet as pq
 import pytest
 from ray_nodes import RAY_BIN, free_port, start_node, stop_node, token_env
 
+from actors.topology import SAMPLER_INLINE_BYTES
+
 ROOT = Path(__file__).resolve().parents[1]
+
+# Run as a job: what a sampler actor sees of the job's runtime env, once its own (the inline limit) is merged in
+SAMPLER_ENV_PROBE = """
+import json, os, sys
+import ray
+from actors.topology import RayWorkers
+from rl.config import load_config
+
+ray.init()
+workers = RayWorkers(load_config("configs/tiny.yaml", sys.argv[1:]))
+seen = ray.get(workers.samplers[0].__ray_call__.remote(lambda self: [
+    os.getcwd(), os.environ.get("TOKENIZERS_PARALLELISM"), os.environ.get("RAY_max_direct_call_object_size")]))
+print("SAMPLER_ENV " + json.dumps(seen))
+workers.shutdown()
+"""
 
 
 @pytest.fixture
@@ -61,3 +79,21 @@ def test_ray_job_submit_runs_the_training_entry(ray_head, tiny_sd_dir, tmp_path)
     rows = pq.read_table(out_dir / "job" / "metrics.parquet").to_pylist()
     assert len(rows) == 1 and rows[0]["num_samples"] == 4
     assert (out_dir / "job" / "final_lora" / "pytorch_lora_weights.safetensors").exists()
+
+    # the samplers' runtime env (actors.topology.SAMPLER_INLINE_BYTES) is merged with the job's, not put in its
+    # place: they run in the uploaded working dir (this checkout is pip-installed here, so imports alone would
+    # not show it) with the job's env vars and their own
+    probe = tmp_path / "sampler_env_probe.py"
+    probe.write_text(SAMPLER_ENV_PROBE)
+    result = subprocess.run(
+        [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+         "--runtime-env", str(ROOT / "configs" / "runtime_env.yaml"), "--",
+         "python", str(probe), f"model.pretrained={tiny_sd_dir}"],
+        env=env, capture_output=True, text=True, timeout=400, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("SAMPLER_ENV "))
+    cwd, tokenizers_parallelism, inline_limit = json.loads(line.removeprefix("SAMPLER_ENV "))
+    assert "working_dir_files" in cwd and Path(cwd) != ROOT
+    assert tokenizers_parallelism == "false"  # configs/runtime_env.yaml's
+    assert inline_limit == str(SAMPLER_INLINE_BYTES)
