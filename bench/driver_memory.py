@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = []
     for batches in args.batches:
-        child = ["--child", str(batches), "--size", str(args.size), "--out", str(args.out)]
-        done = subprocess.run([sys.executable, __file__, *child, *(["--every-step"] if args.every_step else [])],
-                              capture_output=True, text=True, check=True)
+        child = ["--child", str(batches), "--size", str(args.size), "--out", str(args.out),
+                 *(["--every-step"] if args.every_step else [])]
+        done = subprocess.run([sys.executable, __file__, *child], capture_output=True, text=True, check=True)
         results.append(json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:]))
         r = results[-1]
         print(f"{r['samples_per_epoch']:5d} samples/epoch: driver peak RSS {r['driver_peak_rss'] / 2**20:7.1f} MiB "

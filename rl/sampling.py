@@ -310,7 +310,6 @@ def step_distribution(
     return log_prob, mean, sigma
 
 
-
 @torch.no_grad()
 def recomputed_log_probs(
     unet,
@@ -326,13 +325,12 @@ def recomputed_log_probs(
     """[b, K]: row i's log-prob of its stored step step_index[i, k], recomputed from the stored x_t and
     x_{t-1} under the current weights: what a learner checks against the sampler's `log_probs`."""
     device = unet.device
-    rows = torch.arange(len(batch))
-    log_probs = []
-    for k in range(step_index.shape[1]):
-        j = step_index[:, k : k + 1]
-        log_prob, _, _ = step_distribution(
-            unet, schedule, batch.latents_at(j)[:, 0].to(device), batch.timesteps[rows, j[:, 0]].to(device),
-            batch.latents_at(j + 1)[:, 0].to(device), cond, uncond, guidance_scale=guidance_scale, eta=eta,
-        )
-        log_probs.append(log_prob)
+    x_ts = batch.latents_at(step_index).to(device)  # [b, K, C, h, w]
+    x_prevs = batch.latents_at(step_index + 1).to(device)
+    ts = batch.timesteps.gather(1, step_index).to(device)
+    log_probs = [
+        step_distribution(unet, schedule, x_ts[:, k], ts[:, k], x_prevs[:, k], cond, uncond,
+                          guidance_scale=guidance_scale, eta=eta)[0]
+        for k in range(step_index.shape[1])
+    ]
     return torch.stack(log_probs, dim=1)
