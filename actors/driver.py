@@ -185,11 +185,12 @@ def train(
 @dataclass
 class _Experience:
     """What an epoch's sample/reward/update phases hand to logging: the update's metrics, the
-    finite-reward samples' prompts, uint8 images and rewards, and all the scores."""
+    finite-reward samples' prompts and rewards, the grid's images, and all the scores."""
 
     metrics: dict
     prompts: list[str]
-    images: torch.Tensor | None  # None: lost with a node (Ray), no grid this epoch
+    # uint8 images of the first `prompts`, fetched only for an epoch whose grid is drawn; None: lost with a node
+    grid_images: Callable[[], torch.Tensor | None]
     scores: RewardScores
     rewards: np.ndarray
     dropped: int
@@ -271,11 +272,11 @@ def _run_epoch(
         "samples_per_second": len(scores.scores) / (done.sample_seconds or done.update_seconds),
         "actor_restarts": workers.restarts,
     }
-    shown = None if done.images is None else done.images[:8]
     if config.plot_every == "auto":
         plots = epoch == config.num_epochs - 1 or outputs.plots_due()
     else:
         plots = _due(epoch, config.plot_every, config)
+    shown = done.grid_images() if plots else None
     outputs.write(row, shown, _captions(done.prompts[:8], torch.from_numpy(rewards[:8])),  # in the background
                   plots=plots)
     # 7. checkpoint
@@ -327,8 +328,8 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config
     metrics, kept = _finish_update(pending, kept, advantages, epoch, weights, config=config, run=run, workers=workers,
                                    tracker=tracker)
     shown = list(range(min(8, len(kept))))  # the epoch's image grid
-    images = _grid_images(kept, shown, f"epoch {epoch}'s grid")
-    return _Experience(metrics, [kept.prompts[i] for i in shown], images, rollout.scores, rewards, dropped,
+    return _Experience(metrics, [kept.prompts[i] for i in shown], lambda: _grid_images(kept, shown, f"epoch {epoch}'s grid"),
+                       rollout.scores, rewards, dropped,
                        sample_seconds=sample_seconds, update_seconds=time.perf_counter() - t_update)
 
 
@@ -394,7 +395,8 @@ def _gradient_phases(epoch: int, weights: PolicyWeights, prompts: list[str], see
         log.warning("%s; they were left out of the update (reward.on_non_finite=drop)", message)
     keep = torch.nonzero(finite).flatten()
     rewards = scores.scores[keep].numpy().astype(np.float64)
-    return _Experience(metrics, [samples.prompts[i] for i in keep.tolist()], samples.images[keep], scores, rewards, dropped,
+    return _Experience(metrics, [samples.prompts[i] for i in keep.tolist()], lambda: samples.images[keep[:8]], scores,
+                       rewards, dropped,
                        sample_seconds=0.0, update_seconds=time.perf_counter() - t0)
 
 

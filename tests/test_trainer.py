@@ -667,6 +667,24 @@ def test_plot_every_auto_draws_the_first_and_the_last_epoch_and_between_them_wit
         assert grids == ["epoch_0000.png", "epoch_0002.png"]
 
 
+def test_an_epoch_whose_grid_is_skipped_fetches_no_images(tiny_sd_dir, tmp_path, monkeypatch):
+    from actors import driver
+
+    fetched = []
+
+    def grid_images(rollout, rows, what):
+        fetched.append(what)
+        return fetch(rollout, rows, what)
+
+    fetch = driver._grid_images
+    monkeypatch.setattr(driver, "_grid_images", grid_images)
+    config = _trainer_config(tiny_sd_dir, tmp_path, "resources.mode=inline", "num_epochs=3", "plot_every=2",
+                             "run_name=skip-grid")
+    run = train(config)
+    assert fetched == ["epoch 1's grid", "epoch 2's grid"]  # every 2nd and the last
+    assert sorted(p.name for p in run.grids.iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
+
+
 def test_non_finite_rewards_stop_after_a_checkpoint(tiny_sd_dir, tmp_path, nan_reward, monkeypatch):
     state = {"epoch": 0}
 
