@@ -35,8 +35,10 @@ def load_prompts(config: PromptConfig) -> list[str]:
 def read_prompt_file(file: str | Path, *, option: str) -> list[str]:
     """The non-empty lines of a UTF-8 prompt file; `option` names where the path came from, for the error."""
     path = Path(file)
-    if not path.is_file():
+    if not path.exists():
         raise PromptsError(f"prompt file not found: {path} ({option}); one prompt per line")
+    if not path.is_file():
+        raise PromptsError(f"prompt file {path} is not a file ({option}); pass a text file, one prompt per line")
     raw = path.read_bytes()
     problem = utf8_problem(raw)
     if problem:

@@ -139,10 +139,12 @@ def test_lora_targets_of_a_class_this_stack_cannot_build_are_left_to_the_loader(
 # --- prompts -----------------------------------------------------------------------------------
 
 
-def test_prompt_file_missing_empty_or_not_utf8(tmp_path):
+def test_prompt_file_missing_a_folder_empty_or_not_utf8(tmp_path):
     path = tmp_path / "p.txt"
     with pytest.raises(PromptsError, match=re.escape(f"prompt file not found: {path}")):
         load_prompts(PromptConfig(file=str(path)))
+    with pytest.raises(PromptsError, match=re.escape(f"prompt file {tmp_path} is not a file (prompts.file")):
+        load_prompts(PromptConfig(file=str(tmp_path)))
     path.write_text("\n  \n")
     with pytest.raises(PromptsError, match=re.escape(f"prompt file {path} has no prompts; write one prompt per line")):
         load_prompts(PromptConfig(file=str(path)))
