@@ -52,7 +52,7 @@ class LearnerWorker:
     def update(self, trajectories: TrajectoryShards | Trajectories, advantages: torch.Tensor) -> dict[str, float]:
         """PPO on the batch. Refs to the samplers' trajectories are fetched here, from the object store:
         only the rows this rank trains on (`PPOLearner.draw_update`), so W ranks fetch the batch once
-        between them, not W times; `trajectories_fetched` counts them (rank 0's).
+        between them, not W times; `trajectories_fetched` counts them (the most any rank fetched, in metrics.parquet).
 
         If a sample was lost with its node, every rank raises TrajectoriesLostError before any step
         (the ranks agree first: one rank training alone would wait in its all-reduce)."""

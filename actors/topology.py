@@ -24,6 +24,7 @@ from actors.sampler import SamplerWorker
 from rl.algorithms import get_algorithm
 from rl.config import TexForceConfig
 from rl.gradient import ScoredSamples
+from rl.learner import combine_rank_metrics
 from rl.lora import PolicyWeights
 from rl.sampling import Trajectories
 
@@ -101,13 +102,14 @@ class InlineWorkers:
 
     @staticmethod
     def finish_update(pending: Callable[[], dict[str, float]]) -> dict[str, float]:
-        return pending()
+        return combine_rank_metrics([pending()])
 
     def update(self, trajectories: TrajectoryShards | Trajectories, advantages: torch.Tensor) -> dict[str, float]:
         return self.finish_update(self.start_update(trajectories, advantages))
 
     def train_on_prompts(self, prompts: list[str], seeds: list[int]) -> tuple[dict[str, float], ScoredSamples]:
-        return self.learner.train_on_prompts(prompts, seeds)
+        metrics, samples = self.learner.train_on_prompts(prompts, seeds)
+        return combine_rank_metrics([metrics]), samples
 
     def get_weights(self, version: int | None = None) -> PolicyWeights:
         return self.learner.get_weights(version)
@@ -497,16 +499,17 @@ class RayWorkers:
         return [learner.update.remote(batch_ref, advantages_ref) for learner in self.learners]
 
     def finish_update(self, pending: list) -> dict[str, float]:
-        """Rank 0's metrics of the update `start_update` sent."""
-        return self._learner_call(pending)[0]
+        """The metrics of the update `start_update` sent, over all ranks' rows."""
+        return combine_rank_metrics(self._learner_call(pending))
 
     def update(self, trajectories: TrajectoryShards | Trajectories, advantages: torch.Tensor) -> dict[str, float]:
         return self.finish_update(self.start_update(trajectories, advantages))
 
     def train_on_prompts(self, prompts: list[str], seeds: list[int]) -> tuple[dict[str, float], ScoredSamples]:
-        """Every rank samples, scores and steps on its rows; rank 0's metrics, all ranks' samples in epoch order."""
+        """Every rank samples, scores and steps on its rows; the metrics over all ranks' rows, all ranks' samples
+        in epoch order."""
         results = self._learner_call([learner.train_on_prompts.remote(prompts, seeds) for learner in self.learners])
-        return results[0][0], ScoredSamples.cat([samples for _, samples in results])
+        return combine_rank_metrics([metrics for metrics, _ in results]), ScoredSamples.cat([samples for _, samples in results])
 
     def get_weights(self, version: int | None = None) -> PolicyWeights:
         return self._learner_call(self.learners[0].get_weights.remote(version))

@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from rl.algorithms import Algorithm, get_algorithm
 from rl.config import ConfigError, TexForceConfig
 from rl.ddim import DDIMSchedule, add_noise, ddim_step_with_logprob, predicted_x0
-from rl.learner import LoraLearner, _world_and_rank, accumulation_plan
+from rl.learner import LoraLearner, UpdateHistory, _world_and_rank, accumulation_plan
 from rl.lora import adapters_disabled
 from rl.sampling import decode_latents, denoise, encode, guided_noise_prediction, images_to_uint8, tokenize
 
@@ -204,7 +204,7 @@ class GradientLearner(LoraLearner):
             len(prompts), batch_size=self.train.batch_size, accumulate=self.train.gradient_accumulation_steps,
             world_size=world, rank=rank,
         )
-        history: dict[str, list[float]] = {}
+        history = UpdateHistory()
         samples = []
         for minibatches in plan:
             for begin, end, weight in minibatches:
@@ -214,10 +214,8 @@ class GradientLearner(LoraLearner):
                 metrics, scored = self.minibatch_backward(prompts[begin:end], seeds[begin:end], window, weight)
                 scored.rows = list(range(begin, end))
                 samples.append(scored)
-                for key, value in metrics.items():
-                    history.setdefault(key, []).append(value)
-            for key, value in self.optimizer_step().items():
-                history.setdefault(key, []).append(value)
+                history.minibatch(end - begin, metrics)
+            history.step(self.optimizer_step())
         summary = self.finish_update(history)
         if not samples:  # a rank without rows this epoch
             samples = [ScoredSamples([], [], torch.zeros(0, 3, self.height, self.width, dtype=torch.uint8),

@@ -121,6 +121,62 @@ def accumulation_plan(
     return plan
 
 
+# How an update's metrics combine over learner ranks (`combine_rank_metrics`). The same on every rank (the
+# optimizer step's, after its all-reduce, and the version): rank 0's. The largest rank's: `logprob_mismatch` (a
+# maximum over rows) and `trajectories_fetched` (a rank's load). Every other metric is a mean over the rows trained,
+# over all ranks' rows.
+RANK_INVARIANT_METRICS = frozenset({"grad_norm", "lr", "loss_scale", "skipped_steps", "policy_version", "staleness"})
+RANK_MAX_METRICS = frozenset({"logprob_mismatch", "trajectories_fetched"})
+
+
+class UpdateHistory:
+    """One rank's metrics of an update as it runs: each minibatch's (means over its rows) with its row count,
+    and each optimizer step's."""
+
+    def __init__(self):
+        self.minibatches: list[tuple[int, dict[str, float]]] = []
+        self.steps: list[dict[str, float]] = []
+
+    def minibatch(self, rows: int, metrics: dict[str, float]) -> None:
+        self.minibatches.append((rows, metrics))
+
+    def step(self, metrics: dict[str, float]) -> None:
+        self.steps.append(metrics)
+
+    def summary(self) -> dict[str, float]:
+        """A minibatch metric's mean over the rows trained (NaN on a rank that trained none), an optimizer
+        step's mean over the steps (`skipped_steps` their sum), and `rows_trained`, which
+        `combine_rank_metrics` weighs this rank's means by."""
+        summary = {}
+        for key in dict.fromkeys(key for _, metrics in self.minibatches for key in metrics):
+            weighted = [(rows, float(metrics[key])) for rows, metrics in self.minibatches if rows and key in metrics]
+            total = sum(rows for rows, _ in weighted)
+            summary[key] = sum(rows * value for rows, value in weighted) / total if total else math.nan
+        for key in dict.fromkeys(key for metrics in self.steps for key in metrics):
+            values = [metrics[key] for metrics in self.steps]
+            summary[key] = float(np.sum(values) if key == "skipped_steps" else np.mean(values))
+        summary["rows_trained"] = float(sum(rows for rows, _ in self.minibatches))
+        return summary
+
+
+def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """One update's metrics from every learner rank's (`UpdateHistory.summary`, in rank order): what L learners
+    report is what one learner on the union batch would (a mean over all ranks' rows, not rank 0's share)."""
+    combined = {}
+    for key in dict.fromkeys(key for metrics in per_rank for key in metrics if key != "rows_trained"):
+        having = [metrics for metrics in per_rank if key in metrics]
+        trained = [metrics for metrics in having if metrics["rows_trained"] > 0] or having[:1]
+        if key in RANK_INVARIANT_METRICS:
+            combined[key] = having[0][key]
+        elif key in RANK_MAX_METRICS:
+            combined[key] = float(np.max([metrics[key] for metrics in trained]))
+        else:
+            total = sum(metrics["rows_trained"] for metrics in trained)
+            combined[key] = (sum(metrics["rows_trained"] * metrics[key] for metrics in trained) / total
+                             if total else trained[0][key])
+    return combined
+
+
 @dataclass
 class UpdateDraws:
     """The random draws of one PPO update, made before its trajectories are fetched: per inner
@@ -243,14 +299,10 @@ class LoraLearner:
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": float(grad_norm), "lr": lr, "loss_scale": scale, "skipped_steps": float(skipped)}
 
-    def finish_update(self, history: dict[str, list[float]]) -> dict[str, float]:
-        """Close one update: bump the policy version; per-step metrics averaged, skipped steps summed."""
+    def finish_update(self, history: "UpdateHistory") -> dict[str, float]:
+        """Close one update: bump the policy version; this rank's metrics (`UpdateHistory.summary`)."""
         self.version += 1
-        summary = {key: float(np.mean(values)) for key, values in history.items()}
-        summary["skipped_steps"] = float(np.sum(history["skipped_steps"]))
-        summary["loss_scale"] = self.scaler.scale
-        summary["policy_version"] = self.version
-        return summary
+        return history.summary() | {"loss_scale": self.scaler.scale, "policy_version": self.version}
 
     # --- weights and checkpoints -----------------------------------------------------------
 
@@ -381,7 +433,7 @@ class PPOLearner(LoraLearner):
         num_trained = max(1, int(len(self.trainable_steps) * self.train.timestep_fraction))
         staleness = self.version - trajectories.policy_version
         this_version = super().get_weights()
-        history: dict[str, list[float]] = {}
+        history = UpdateHistory()
         first = True
         # 1. per inner epoch: the samples in shuffled order, each with its trained steps drawn at random
         for order, step_index in zip(draws.orders, draws.step_indices):
@@ -401,11 +453,9 @@ class PPOLearner(LoraLearner):
                         metrics["logprob_mismatch"] = mismatch if staleness else metrics.pop("abs_logprob_diff")
                         first = False
                     metrics.pop("abs_logprob_diff", None)
-                    for key, value in metrics.items():
-                        history.setdefault(key, []).append(value)
+                    history.minibatch(end - begin, metrics)
                 # 3. one optimizer step over them
-                for key, value in self.optimizer_step().items():
-                    history.setdefault(key, []).append(value)
+                history.step(self.optimizer_step())
         self.previous_weights = this_version
         return self.finish_update(history) | {"staleness": float(staleness)}
 

@@ -12,7 +12,7 @@ from actors.sampler import SamplerWorker
 
 from rl.config import ConfigError, TrainConfig
 from rl.ddim import ddim_sigma
-from rl.learner import PPOLearner, accumulation_plan, warmup_cosine, warmup_length
+from rl.learner import PPOLearner, UpdateHistory, accumulation_plan, combine_rank_metrics, warmup_cosine, warmup_length
 from rl.models import load_pipeline
 from rl.ppo import clipped_surrogate_loss, gaussian_kl
 from rl.sampling import Trajectories, encode, sample_trajectories, step_distribution
@@ -271,6 +271,50 @@ def test_accumulation_plan_weights_each_minibatch_by_its_share_of_the_step(num_s
     # the short last accumulation group and a rank without rows
     assert accumulation_plan(7, batch_size=2, accumulate=2)[-1] == [(4, 6, 2 / 3), (6, 7, 1 / 3)]
     assert accumulation_plan(5, batch_size=2, accumulate=1, world_size=2, rank=1)[-1] == [(5, 5, 0.0)]
+
+
+@pytest.mark.parametrize("num_samples, batch_size, world", [(8, 2, 2), (5, 2, 2), (11, 2, 3), (3, 4, 3)])
+def test_ranks_metrics_combine_to_the_union_batchs(num_samples, batch_size, world):
+    """L ranks' metrics, combined, are one learner's on the union of their rows: a minibatch metric is the mean over
+    every rank's rows (rank 0's share alone is another number), the step's from rank 0, a maximum the largest."""
+    generator = torch.Generator().manual_seed(0)
+    loss, kl = torch.randn(num_samples, generator=generator), torch.rand(num_samples, generator=generator)
+    union, ranks = UpdateHistory(), [UpdateHistory() for _ in range(world)]
+    for begin, end, _ in [mb for step in accumulation_plan(num_samples, batch_size=batch_size * world, accumulate=1)
+                          for mb in step]:
+        union.minibatch(end - begin, {"loss": loss[begin:end].mean().item(), "approx_kl": kl[begin:end].mean().item()})
+    for rank, history in enumerate(ranks):
+        for step in accumulation_plan(num_samples, batch_size=batch_size, accumulate=1, world_size=world, rank=rank):
+            for begin, end, _ in step:
+                rows = slice(begin, end)
+                history.minibatch(end - begin, {"loss": loss[rows].mean().item() if end > begin else 0.0,
+                                                "approx_kl": kl[rows].mean().item() if end > begin else 0.0})
+            history.step({"grad_norm": 0.5, "skipped_steps": 0.0})
+    summaries = [history.summary() | {"logprob_mismatch": float(rank), "trajectories_fetched": 2.0 + rank}
+                 for rank, history in enumerate(ranks)]
+    combined = combine_rank_metrics(summaries)
+    assert combined["loss"] == pytest.approx(loss.mean().item(), abs=1e-6)
+    if summaries[0]["rows_trained"] < num_samples:  # rank 0's share is not all the rows
+        assert combined["loss"] != pytest.approx(summaries[0]["loss"], abs=1e-3)
+    assert combined["approx_kl"] == pytest.approx(union.summary()["approx_kl"], abs=1e-6)
+    assert combined["grad_norm"] == 0.5 and combined["skipped_steps"] == 0.0
+    trained = [rank for rank, summary in enumerate(summaries) if summary["rows_trained"] > 0]
+    assert combined["logprob_mismatch"] == max(trained) and combined["trajectories_fetched"] == 2.0 + max(trained)
+    assert "rows_trained" not in combined
+
+
+def test_update_history_weighs_minibatches_by_rows_and_sums_skipped_steps():
+    history = UpdateHistory()
+    history.minibatch(3, {"loss": 1.0, "logprob_mismatch": 1e-6})
+    history.minibatch(1, {"loss": 5.0})
+    history.minibatch(0, {"loss": 0.0})  # a rank's empty share of a minibatch
+    history.step({"grad_norm": 1.0, "skipped_steps": 1.0})
+    history.step({"grad_norm": 3.0, "skipped_steps": 1.0})
+    assert history.summary() == {"loss": 2.0, "logprob_mismatch": 1e-6, "grad_norm": 2.0, "skipped_steps": 2.0,
+                                 "rows_trained": 4.0}
+    empty = UpdateHistory()
+    empty.minibatch(0, {"loss": 0.0})
+    assert math.isnan(empty.summary()["loss"]) and empty.summary()["rows_trained"] == 0.0
 
 
 def _assert_same_gradient(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:

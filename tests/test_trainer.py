@@ -25,7 +25,7 @@ from actors.topology import (
 )
 from conftest import tiny_config
 from rl.config import load_config
-from rl.learner import PPOLearner
+from rl.learner import PPOLearner, combine_rank_metrics
 from rl.models import load_pipeline
 from rl.outputs import EpochOutputs
 from rl.prompts import BUILTIN, epoch_prompts
@@ -113,8 +113,8 @@ def test_two_learners_match_one_learner_on_the_union_batch(ray_session, tiny_sd_
     prompts = BUILTIN["colors"][:8]
     initial = learner.get_weights()
     _, _, *samples = sampler.sample(initial, prompts, list(range(8)))
-    advantages = torch.linspace(-1.5, 1.5, 8)
-    learner.update(Trajectories.cat(samples), advantages)
+    advantages = 2.0 ** torch.arange(8) / 64 - 1  # no 4 of them have the mean of all 8: nor has a rank's loss
+    single_metrics = combine_rank_metrics([learner.update(Trajectories.cat(samples), advantages)])
 
     workers = RayWorkers(two)
     try:
@@ -131,6 +131,12 @@ def test_two_learners_match_one_learner_on_the_union_batch(ray_session, tiny_sd_
     # Near-zero gradients make Adam's g/sqrt(v) float-sensitive, hence 5% of a step.
     for key, value in single.text_encoder.items():
         torch.testing.assert_close(distributed.text_encoder[key], value, rtol=1e-4, atol=5e-5)
+    # and they report what it reports: means over all 8 rows (rank 0's 4 rows alone give another loss), the largest
+    # log-prob mismatch of any rank, the most rows a rank fetched
+    assert set(metrics) == set(single_metrics) | {"trajectories_fetched"}
+    for key in ("loss", "approx_kl", "clipfrac", "ratio", "grad_norm", "lr"):
+        assert metrics[key] == pytest.approx(single_metrics[key], rel=1e-3, abs=1e-12), key
+    assert metrics["logprob_mismatch"] < 1e-5 and single_metrics["logprob_mismatch"] < 1e-5  # float noise alike
 
 
 def test_async_sampling_on_ray_is_the_inline_run_one_version_stale(ray_session, tiny_sd_dir, tmp_path):
