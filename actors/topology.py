@@ -509,7 +509,8 @@ class RayWorkers:
         """Every rank samples, scores and steps on its rows; the metrics over all ranks' rows, all ranks' samples
         in epoch order."""
         results = self._learner_call([learner.train_on_prompts.remote(prompts, seeds) for learner in self.learners])
-        return combine_rank_metrics([metrics for metrics, _ in results]), ScoredSamples.cat([samples for _, samples in results])
+        metrics = combine_rank_metrics([metrics for metrics, _ in results])
+        return metrics, ScoredSamples.cat([samples for _, samples in results])
 
     def get_weights(self, version: int | None = None) -> PolicyWeights:
         return self._learner_call(self.learners[0].get_weights.remote(version))
