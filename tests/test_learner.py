@@ -274,7 +274,7 @@ def test_accumulation_plan_weights_each_minibatch_by_its_share_of_the_step(num_s
 
 
 @pytest.mark.parametrize("num_samples, batch_size, world", [(8, 2, 2), (5, 2, 2), (11, 2, 3), (3, 4, 3)])
-def test_ranks_metrics_combine_to_the_union_batchs(num_samples, batch_size, world):
+def test_rank_metrics_combine_into_one_learners_on_the_union_batch(num_samples, batch_size, world):
     """L ranks' metrics, combined, are one learner's on the union of their rows: a minibatch metric is the mean over
     every rank's rows (rank 0's share alone is another number), the step's from rank 0, a maximum the largest."""
     generator = torch.Generator().manual_seed(0)

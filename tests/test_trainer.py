@@ -676,13 +676,12 @@ def test_plot_every_auto_draws_the_first_and_the_last_epoch_and_between_them_wit
 def test_an_epoch_whose_grid_is_skipped_fetches_no_images(tiny_sd_dir, tmp_path, monkeypatch):
     from actors import driver
 
-    fetched = []
+    fetch, fetched = driver._grid_images, []
 
     def grid_images(rollout, rows, what):
         fetched.append(what)
         return fetch(rollout, rows, what)
 
-    fetch = driver._grid_images
     monkeypatch.setattr(driver, "_grid_images", grid_images)
     config = _trainer_config(tiny_sd_dir, tmp_path, "resources.mode=inline", "num_epochs=3", "plot_every=2",
                              "run_name=skip-grid")
