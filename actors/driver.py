@@ -21,6 +21,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -328,8 +329,8 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config
     metrics, kept = _finish_update(pending, kept, advantages, epoch, weights, config=config, run=run, workers=workers,
                                    tracker=tracker)
     shown = list(range(min(8, len(kept))))  # the epoch's image grid
-    return _Experience(metrics, [kept.prompts[i] for i in shown], lambda: _grid_images(kept, shown, f"epoch {epoch}'s grid"),
-                       rollout.scores, rewards, dropped,
+    grid_images = partial(_grid_images, kept, shown, f"epoch {epoch}'s grid")
+    return _Experience(metrics, [kept.prompts[i] for i in shown], grid_images, rollout.scores, rewards, dropped,
                        sample_seconds=sample_seconds, update_seconds=time.perf_counter() - t_update)
 
 

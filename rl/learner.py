@@ -165,15 +165,14 @@ def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     combined = {}
     for key in dict.fromkeys(key for metrics in per_rank for key in metrics if key != "rows_trained"):
         having = [metrics for metrics in per_rank if key in metrics]
-        trained = [metrics for metrics in having if metrics["rows_trained"] > 0] or having[:1]
-        if key in RANK_INVARIANT_METRICS:
+        trained = [metrics for metrics in having if metrics["rows_trained"] > 0]
+        if key in RANK_INVARIANT_METRICS or not trained:
             combined[key] = having[0][key]
         elif key in RANK_MAX_METRICS:
             combined[key] = float(np.max([metrics[key] for metrics in trained]))
         else:
             total = sum(metrics["rows_trained"] for metrics in trained)
-            combined[key] = (sum(metrics["rows_trained"] * metrics[key] for metrics in trained) / total
-                             if total else trained[0][key])
+            combined[key] = sum(metrics["rows_trained"] * metrics[key] for metrics in trained) / total
     return combined
 
 
@@ -440,6 +439,8 @@ class PPOLearner(LoraLearner):
             for minibatches in draws.plan:
                 # 2. accumulate the row-weighted gradients of this rank's minibatches of the step
                 for begin, end, weight in minibatches:
+                    if end == begin:  # an uneven last minibatch can leave a rank without rows
+                        continue
                     rows = order[begin:end]
                     if first and staleness:  # before any step, under the LoRA that sampled; a few rows suffice
                         probe = rows[:MISMATCH_PROBE_ROWS]
@@ -492,9 +493,6 @@ class PPOLearner(LoraLearner):
         """
         device = self.pipe.unet.device
         use_kl = self.train.kl_coef > 0
-        if len(batch) == 0:  # an uneven last minibatch can leave a rank without rows: the same keys, zero
-            empty = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio": 1.0, "abs_logprob_diff": 0.0}
-            return empty | ({"kl_to_base": 0.0} if use_kl else {})
         # 1. encode prompt and negative prompt once, then cut the graph at the embeddings
         with torch.set_grad_enabled(self.train_text_encoder):
             cond = encode(self.pipe.text_encoder, batch.prompt_ids)
@@ -512,11 +510,8 @@ class PPOLearner(LoraLearner):
         # The trained steps' tensors move to the device in one copy each, and the metrics stay there
         # until the end: no host<->device copy or sync inside the loop, so the host queues the next step's
         # kernels while a GPU runs this one.
-        rows = torch.arange(len(batch))[:, None]
-        x_ts = batch.latents_at(step_index).to(device)  # [b, K, C, h, w]
-        x_prevs = batch.latents_at(step_index + 1).to(device)
-        ts = batch.timesteps[rows, step_index].to(device)  # [b, K]
-        old_log_probs = batch.log_probs[rows, step_index].to(device)
+        x_ts, ts, x_prevs = batch.steps_at(step_index, device)  # [b, K, ...]
+        old_log_probs = batch.log_probs.gather(1, step_index).to(device)
         advantages = advantages.to(device)
         num_trained = step_index.shape[1]
         guidance, eta = self.sample.guidance_scale, self.sample.eta

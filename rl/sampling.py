@@ -66,6 +66,12 @@ class Trajectories:
                              "the sampler keeps those of the steps its config lets the learner train")
         return self.latents[rows, columns]
 
+    def steps_at(self, step_index: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+        """(x_t [b, K, C, h, w], t [b, K], x_{t-1}) of row i's stored steps `step_index[i]`, on `device`: what
+        a learner recomputes a step's distribution from."""
+        x_ts, x_prevs = self.latents_at(step_index), self.latents_at(step_index + 1)
+        return x_ts.to(device), self.timesteps.gather(1, step_index).to(device), x_prevs.to(device)
+
     def select(self, index: torch.Tensor | list[int]) -> "Trajectories":
         """The trajectories at `index` (along the batch dimension)."""
         index = torch.as_tensor(index, dtype=torch.long)
@@ -324,10 +330,7 @@ def recomputed_log_probs(
 ) -> torch.Tensor:
     """[b, K]: row i's log-prob of its stored step step_index[i, k], recomputed from the stored x_t and
     x_{t-1} under the current weights: what a learner checks against the sampler's `log_probs`."""
-    device = unet.device
-    x_ts = batch.latents_at(step_index).to(device)  # [b, K, C, h, w]
-    x_prevs = batch.latents_at(step_index + 1).to(device)
-    ts = batch.timesteps.gather(1, step_index).to(device)
+    x_ts, ts, x_prevs = batch.steps_at(step_index, unet.device)
     log_probs = [
         step_distribution(unet, schedule, x_ts[:, k], ts[:, k], x_prevs[:, k], cond, uncond,
                           guidance_scale=guidance_scale, eta=eta)[0]
