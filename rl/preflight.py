@@ -26,6 +26,7 @@ def preflight(config: TexForceConfig) -> None:
     config.validate()
     check_device(config.model.device, option="model.device", local=config.resources.mode == "inline")
     check_gpu_requests(config)
+    describe_step_rows(config)
     prompts = load_prompts(config.prompts)
     if config.evaluation.prompts_file is not None:
         if get_algorithm(config.train.algorithm).samples_in_learner:
@@ -63,6 +64,18 @@ def preflight(config: TexForceConfig) -> None:
     check_lora_targets(config.lora, model_dir)
     source = config.prompts.file or f"the builtin '{config.prompts.builtin}' set"
     warn_long_prompts(prompts, load_tokenizer(model_dir), source=source)
+
+
+def describe_step_rows(config: TexForceConfig) -> None:
+    """Say how many rows an optimizer step averages when there are several learner ranks: train.batch_size is
+    per rank, so a config written for one learner takes N-times larger steps on N (same learning rate)."""
+    learners, t = config.resources.num_learners, config.train
+    if learners > 1:
+        accumulate = f" x train.gradient_accumulation_steps={t.gradient_accumulation_steps}" \
+            if t.gradient_accumulation_steps > 1 else ""
+        log.info("%d learner ranks x train.batch_size=%d%s: %d rows per optimizer step (train.batch_size is per "
+                 "rank; divide it by %d for one learner's steps)", learners, t.batch_size, accumulate,
+                 learners * t.batch_size * t.gradient_accumulation_steps, learners)
 
 
 def check_gpu_requests(config: TexForceConfig) -> None:
