@@ -18,7 +18,7 @@ trained with guidance (TRL's `train_cfg`), one optimizer step per minibatch, flo
 also writes what a user gets every epoch (checkpoint, image grid, reward curve, TensorBoard,
 metrics.parquet); TRL writes nothing. An epoch is timed from one epoch's end to the next; the
 first `--warmup` epochs of each run are left out; samples/s is samples per epoch over the median
-epoch. Prints a table and writes JSON and a plot; the README's "Performance" section quotes them.
+epoch. Prints a table and writes JSON and a plot; docs/performance.md quotes them.
 
     pip install -c constraints.txt -e ".[bench]"    # TRL 0.23, for the `trl` arm only
     python bench/end_to_end.py --out runs/bench-e2e                    # ~15 min on 2 cores
@@ -144,7 +144,7 @@ def summarize(runs: list[dict], warmup: int) -> dict[str, dict]:
     return table
 
 
-RATIOS = [  # (label, numerator arm, denominator arm): what the README's table quotes
+RATIOS = [  # (label, numerator arm, denominator arm): what docs/performance.md's table quotes
     ("best of this trainer / TRL", "best", "trl"),
     ("Ray synchronous / in-process", "ray", "inline"),
     ("Ray async / Ray synchronous", "ray_async", "ray"),

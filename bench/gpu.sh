@@ -57,7 +57,7 @@ for seed in $demo_seeds; do
   cp /tmp/gpu-runs/demo_seed$seed/{reward_curve.png,metrics.parquet,evaluation.parquet} "$out/demo_seed$seed/" 2>/dev/null
   echo "== demo seed $seed:" | tee -a "$log"
   grep -E "^(mean reward|held-out)" "$out/demo_seed$seed.log" | tee -a "$log"
-  # the learner against the sampler on the GPU, latents stored in float16 (README "Half precision"): ~0 expected
+  # the learner against the sampler on the GPU, latents stored in float16 (docs/half_precision.md): ~0 expected
   "$python" -c "import pyarrow.parquet as pq; m = pq.read_table('$out/demo_seed$seed/metrics.parquet').column('logprob_mismatch')
 print('largest logprob_mismatch over the epochs:', max(m.to_pylist()))" 2>&1 | tee -a "$log"
 done

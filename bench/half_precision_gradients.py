@@ -1,6 +1,6 @@
 """Cosine of the half-precision LoRA gradient to the float32 one, at SD-sized latents.
 
-The README's "Half precision" table comes from this script. One PPO minibatch backward
+The table in docs/half_precision.md comes from this script. One PPO minibatch backward
 (`PPOLearner.minibatch_backward`) on the same trajectories, with the frozen weights in float32,
 bfloat16, float16 with loss scaling (the learner's default for float16) and float16 without it
 (scale 1, what the learner did before loss scaling). LoRA on the text encoder and the U-Net; the

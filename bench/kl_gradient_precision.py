@@ -1,7 +1,7 @@
 """The PPO learner's KL-penalty and surrogate gradients in a half dtype against float32, at a trained LoRA.
 
 bfloat16 reads `kl_to_base` several times higher than float32 near the base model (a rounding floor on
-the value, README "Half precision"). Does the penalty's gradient, which is what training follows,
+the value, docs/half_precision.md). Does the penalty's gradient, which is what training follows,
 differ too? On a run's last checkpoint (its config, its LoRA), one minibatch of trajectories
 sampled in float32 from the run's train prompts, two LoRA gradients per dtype:
 

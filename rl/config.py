@@ -135,7 +135,7 @@ class TrainConfig:
     draw epoch e+1 with the LoRA the learner starts epoch e from, while it trains on epoch e (one
     version stale; the stored old log-probs keep the PPO ratio correct); on Ray sampling and
     learning then overlap (on 2 cores 1.06-1.08x the samples/s of a synchronous learner that uses
-    both cores while it updates; README "Performance"); on the demo's 5 seeds its held-out gain
+    both cores while it updates; docs/performance.md); on the demo's 5 seeds its held-out gain
     was not distinguishable from the synchronous loop's (docs/demo.md). Inline mode computes the
     same run as Ray for either value."""
 
@@ -252,12 +252,12 @@ class ResourcesConfig:
     learner_threads: int = 0
     """Torch intra-op threads of each Ray learner; 0: floor(cpus_per_learner), at least 1. On one
     node with synchronous sampling the rollout roles idle while the learner trains, so a learner
-    that reserves 0.75 CPU may still use both cores then (the demo: README, "Performance")."""
+    that reserves 0.75 CPU may still use both cores then (the demo: docs/performance.md)."""
     rollout_low_priority: bool = True
     """Ray samplers and reward actors run at the lowest CPU priority (Linux SCHED_IDLE, else nice
     19). Where they share cores with a learner (one node, async sampling), the learner's update,
     which every epoch waits for, keeps its core and the next epoch's rollout gets what is left
-    (measured: README, Performance); on cores of their own they run at full speed either way.
+    (measured: docs/performance.md); on cores of their own they run at full speed either way.
     They lower it once loaded, so a (re)start is not starved; but on a node whose cores other jobs
     keep busy they get almost no CPU (a GPU node's kernel-launching thread too): set false there."""
     call_timeout_s: float = 1800.0
@@ -284,7 +284,7 @@ class TexForceConfig:
     """Write the epoch's image grid and redraw the reward curve every N epochs (and after the last, or when a run
     stops); metrics.parquet and TensorBoard get every epoch. `auto`: the first epoch, the last, and between them
     as often as keeps drawing within 1% of the run's time (every epoch where epochs take a few seconds; a drawing
-    costs ~0.1 s of CPU; README, Performance)."""
+    costs ~0.1 s of CPU; docs/performance.md)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     sample: SampleConfig = field(default_factory=SampleConfig)

@@ -284,7 +284,7 @@ def latent_storage_dtype(working: torch.dtype) -> torch.dtype:
     steps' small sigma_t (~0.02 at the last) its rounding is a visible part of a step's noise. The PPO
     gradient of a step stored in bfloat16 had cosine 0.986-0.997 to float32's at the worst step on the
     toy model, 0.63 on the tests' random tiny model (13x larger latents); in float16 0.9994-0.9999 and
-    0.993 (bench/latent_storage.py, README "Half precision"). float16's range (65504) holds any latent
+    0.993 (bench/latent_storage.py, docs/half_precision.md). float16's range (65504) holds any latent
     a DDIM chain visits."""
     return torch.float16 if working in (torch.float16, torch.bfloat16) else working
 

@@ -261,7 +261,7 @@ def test_half_precision_kl_regulariser_matches_float32(tiny_sd_dir, one_torch_th
     """The KL term alone (its value and gradient) from fp16 and bf16 frozen weights against float32, at
     a LoRA that moves the guided noise prediction by kl_to_base ~2e-3 per element. fp16 matches; bf16's
     rounding in the two U-Net calls (amplified by the guidance scale) adds a floor to the value (+33%
-    here, measured; 3.9x at kl ~2e-4) and noise, not a bias, to the gradient (README, Half precision)."""
+    here, measured; 3.9x at kl ~2e-4) and noise, not a bias, to the gradient (docs/half_precision.md)."""
     reference = _learner(tiny_sd_dir, "draft", "gradient.kl_coef=1")
     perturb_lora(reference.params, scale=0.03)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
