@@ -173,6 +173,10 @@ def train(
             if stop:
                 break
         bar.close()
+        last = config.num_epochs - 1
+        if epoch == config.num_epochs and not any(row["epoch"] == last for row in run.read_evaluations()):
+            # resumed after the last epoch's checkpoint, its held-out evaluation unfinished (interrupted, a learner lost)
+            evaluate_held_out(last, weights, eval_prompts, config=config, run=run, workers=workers)
         run.save_final_lora(weights, config)
     finally:
         try:
@@ -407,7 +411,8 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
     `prompts` (evaluation.prompts_file; none: nothing to do).
 
     The same fixed (prompt, seed) pairs every time, sampled with the policy's steps and guidance
-    at `evaluation.eta` (default the policy's own) by the same samplers and reward actors; appends a row
+    at `evaluation.eta` (default the policy's own) by the same samplers and reward actors (a gradient learner's own
+    ranks: its group has none); appends a row
     to evaluation.parquet and saves each prompt's first image in grids/eval_epoch_NNNN.png
     (eval_before_training.png for the base model).
     """
@@ -424,8 +429,12 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
     when = "before training" if epoch < 0 else f"after epoch {epoch}"
     shards = math.ceil(len(eval_prompts) / s.batch_size)  # the rollout's shards of sample.batch_size
     with tqdm(total=shards, desc=f"held-out evaluation {when}", unit="batch", leave=False) as bar:
-        rollout = workers.rollout(weights, eval_prompts, seeds, evaluation=True,
-                                  on_shard_done=lambda kind, _shard: bar.update(int(kind == "score")))  # fmt: skip
+        try:
+            rollout = workers.rollout(weights, eval_prompts, seeds, evaluation=True,
+                                      on_shard_done=lambda kind, _shard: bar.update(int(kind == "score")))  # fmt: skip
+        except LearnerFailedError as error:  # a gradient learner's ranks draw its evaluation
+            raise TrainingStopped(f"{error}; the checkpoints are kept: resume with `texforce train --resume {run.path}`, "
+                                  "which finishes the evaluation") from error
     scores = rollout.scores
     finite = torch.isfinite(scores.scores)
     reward = summarize(scores.scores[finite].numpy())

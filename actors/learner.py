@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from actors.reward import RewardActor, RewardScores
 from actors.rollout import TrajectoriesLostError, TrajectoryShards
+from actors.sampler import SamplerWorker
 from rl.algorithms import get_algorithm
 from rl.config import TexForceConfig
 from rl.gradient import GradientLearner, ScoredSamples
@@ -27,10 +30,11 @@ class LearnerWorker:
     def __init__(self, config: TexForceConfig, *, rank: int = 0, world_size: int = 1, num_threads: int | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.rank, self.world_size = rank, world_size
+        self.config, self.rank, self.world_size = config, rank, world_size
         pipe = load_pipeline_from_config(config.model)
         learner_cls = GradientLearner if get_algorithm(config.train.algorithm).samples_in_learner else PPOLearner
         self.learner = learner_cls(pipe, config, world_size=world_size)
+        self.evaluator: tuple[SamplerWorker, RewardActor] | None = None  # built at a gradient run's first evaluation
 
     @staticmethod
     def rendezvous_address() -> tuple[str, int]:
@@ -72,6 +76,20 @@ class LearnerWorker:
 
     def train_on_prompts(self, prompts: list[str], seeds: list[int]) -> tuple[dict[str, float], ScoredSamples]:
         return self.learner.update(prompts, seeds)
+
+    def evaluate(self, prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, RewardScores]:
+        """A shard of a gradient learner's held-out evaluation (its group has no samplers or reward actors): uint8
+        images drawn with this rank's current LoRA as a sampler draws them (`evaluation.eta`), and their scores under
+        `evaluation.reward` (reward.spec unless set), without grad; the learner's own state is left as it was."""
+        if self.evaluator is None:
+            c = self.config
+            spec = c.evaluation.reward or c.reward.spec
+            self.evaluator = (SamplerWorker(c, pipe=self.learner.pipe),
+                              RewardActor(replace(c.reward, spec=spec), device=c.model.device))
+        sampler, reward = self.evaluator
+        sampler.version = self.learner.version  # the shared pipeline holds the current LoRA already
+        _, images = sampler.sample(self.learner.get_weights(), prompts, seeds, evaluation=True)
+        return images, reward.score(images, prompts)
 
     def get_weights(self, version: int | None = None) -> PolicyWeights:
         """The current LoRA, or (PPO) the version before it, which async sampling draws with."""

@@ -13,6 +13,7 @@ import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable, Literal
 
 import torch
@@ -60,6 +61,21 @@ def _shards(prompts: list[str], seeds: list[int], start_seeds: list[int] | None,
             for i in range(0, len(prompts), size)]
 
 
+def _learner_evaluation(prompts: list[str], seeds: list[int], size: int, ranks: list[Callable],
+                        on_shard_done: Callable[[str, int], None] | None) -> Rollout:
+    """A gradient learner's held-out evaluation, in this process: shard i drawn and scored by `ranks[i % L]`
+    (`LearnerWorker.evaluate`, each rank holding the same LoRA)."""
+    shards = _shards(prompts, seeds, None, size)
+    images, scores = [], []
+    for shard, (shard_prompts, shard_seeds, _) in enumerate(shards):
+        shard_images, shard_scores = ranks[shard % len(ranks)](shard_prompts, shard_seeds)
+        images.append(shard_images)
+        scores.append(shard_scores)
+        if on_shard_done is not None:
+            on_shard_done("score", shard)
+    return Rollout(list(prompts), RewardScores.cat(scores), [len(p) for p, _, _ in shards], [[] for _ in shards], images)
+
+
 class InlineWorkers:
     """All roles in this process, sharing one pipeline: the debugger-friendly mode."""
 
@@ -76,7 +92,11 @@ class InlineWorkers:
         on_shard_done: Callable[[str, int], None] | None = None, evaluation: bool = False,
     ) -> Rollout:
         """Sample and score in turn; the sampler shares the learner's pipeline, so older `weights`
-        (async sampling after a resume) are put back to the learner's once the rollout is done."""
+        (async sampling after a resume) are put back to the learner's once the rollout is done. A gradient
+        learner's held-out evaluation is drawn and scored by the learner (`LearnerWorker.evaluate`)."""
+        if evaluation and get_algorithm(self.config.train.algorithm).samples_in_learner:
+            return _learner_evaluation(prompts, seeds, self.config.sample.batch_size, [self.learner.evaluate],
+                                       on_shard_done)
         self.sampler.version = self.learner.learner.version  # what the shared pipeline holds now
         learner_weights = self.get_weights() if weights.version != self.sampler.version else None
         trajectories, images, scores = [], [], []
@@ -283,16 +303,20 @@ class RayWorkers:
 
         return ray.get(refs, timeout=self.timeout)
 
-    def _get_each(self, refs: list) -> list:
-        """ray.get on `refs`, raising the first failure as soon as it comes back, whatever its position."""
+    def _get_each(self, refs: list, on_done: Callable[[int], None] | None = None) -> list:
+        """ray.get on `refs`, raising the first failure as soon as it comes back, whatever its position;
+        on_done(i) as the i-th comes back."""
         import ray
 
+        position = {ref: i for i, ref in enumerate(refs)}
         pending = refs
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=self.timeout)
             if not ready:
                 raise TimeoutError(f"an actor did not answer within {self.timeout:g} s (resources.call_timeout_s)")
             ray.get(ready[0])
+            if on_done is not None:
+                on_done(position[ready[0]])
         return self._get(refs)
 
     @property
@@ -310,11 +334,14 @@ class RayWorkers:
         """Sample every shard and score it; the work of an actor that died is re-issued. The
         trajectories and images stay in the object store (the Rollout holds their refs).
 
-        on_shard_done(kind, shard) is called as each shard is sampled ("sample") and scored ("score").
+        on_shard_done(kind, shard) is called as each shard is sampled ("sample") and scored ("score"). A gradient
+        learner's held-out evaluation is drawn and scored by the learner ranks (`evaluate_on_learners`).
         """
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 
+        if evaluation and get_algorithm(self.config.train.algorithm).samples_in_learner:
+            return self.evaluate_on_learners(prompts, seeds, on_shard_done)
         weights_ref = ray.put(weights)
         shards = _shards(prompts, seeds, start_seeds, self.config.sample.batch_size)
         actors = {"sampler": self.samplers, "reward actor": self.reward_actors}
@@ -413,6 +440,28 @@ class RayWorkers:
         return Rollout(list(prompts), RewardScores.cat([scores[i] for i in order]), [len(shards[i][0]) for i in order],
                        [trajectory_refs[i] for i in order], [image_refs[i] for i in order],
                        shard_inputs=shards, weights=weights)
+
+    def evaluate_on_learners(self, prompts: list[str], seeds: list[int],
+                             on_shard_done: Callable[[str, int], None] | None = None) -> Rollout:
+        """A gradient learner's held-out evaluation: its group has no samplers or reward actors, so shard i is drawn
+        and scored by learner rank i % L with the LoRA it holds (the same on every rank); the images stay in the
+        object store. A rank that dies meanwhile is a LearnerFailedError, as in training."""
+        from ray.exceptions import RayError
+
+        shards = _shards(prompts, seeds, None, self.config.sample.batch_size)
+        calls = [self.learners[i % len(self.learners)].evaluate.options(num_returns=2).remote(shard_prompts, shard_seeds)
+                 for i, (shard_prompts, shard_seeds, _) in enumerate(shards)]
+        try:
+            scores = self._get_each([score_ref for _, score_ref in calls],
+                                    on_done=None if on_shard_done is None else partial(on_shard_done, "score"))
+        except RayError as error:
+            dead = [i for i, a in enumerate(self.learners) if _actor_info(a).get("State") == "DEAD"]
+            if not dead:
+                raise
+            raise LearnerFailedError(f"learner rank(s) {dead} died during the held-out evaluation "
+                                     f"({type(error).__name__})") from error
+        return Rollout(list(prompts), RewardScores.cat(scores), [len(p) for p, _, _ in shards], [[] for _ in shards],
+                       [image_ref for image_ref, _ in calls])
 
     def resample(self, rollout: Rollout, shards: list[int]) -> Rollout:
         """`rollout` with `shards` sampled again (by the samplers alive) from the same prompts, seeds

@@ -29,11 +29,6 @@ def preflight(config: TexForceConfig) -> None:
     describe_step_rows(config)
     prompts = load_prompts(config.prompts)
     if config.evaluation.prompts_file is not None:
-        if get_algorithm(config.train.algorithm).samples_in_learner:
-            raise ConfigError(
-                f"evaluation.prompts_file works with train.algorithm=ppo only for now (train.algorithm="
-                f"{config.train.algorithm} starts no samplers); unset it and score the final LoRA with `texforce eval`"
-            )
         prompts = prompts + read_prompt_file(config.evaluation.prompts_file, option="evaluation.prompts_file")
     if get_algorithm(config.train.algorithm).learner == "gradient":
         from rl.gradient import check_differentiable, reward_spec

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from rl import cli, train
+from rl.run_dir import RunDirectory
 from conftest import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,9 +226,14 @@ def test_textcraftor_needs_a_text_encoder_lora(capsys, tmp_path):
     assert "lora.policy must be text_encoder or both with train.algorithm=textcraftor, got 'unet'" in line
 
 
-def test_held_out_evaluation_with_a_gradient_learner_is_a_config_error(capsys, tiny_sd_dir, tmp_path):
+def test_a_gradient_run_prints_its_held_out_gain(capsys, tiny_sd_dir, tmp_path):
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("a purple hat\n")
-    line = one_line_error(capsys, cli.main(tiny_args(tiny_sd_dir, tmp_path, "train.algorithm=refl",
-                                                     f"evaluation.prompts_file={held_out}")))
-    assert "evaluation.prompts_file works with train.algorithm=ppo only for now" in line and "texforce eval" in line
+    assert cli.main(tiny_args(tiny_sd_dir, tmp_path, "train.algorithm=refl", "lora.policy=unet",
+                              f"evaluation.prompts_file={held_out}", "evaluation.num_seeds=2",
+                              "evaluation.reward=brightness")) == 0
+    out = capsys.readouterr().out
+    assert "held-out brightness (2 images): before training" in out  # evaluation.reward, not the trained reward
+    scored = RunDirectory(tmp_path / "r").read_evaluations()
+    assert all("reward_brightness_mean" in row and "reward_color_alignment_mean" not in row for row in scored)
+    assert "held-out gain, paired over the same prompts and seeds" in out

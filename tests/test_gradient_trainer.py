@@ -34,11 +34,19 @@ def _interrupt_after_epoch_1(epoch, row):
         raise _Interrupt
 
 
+def _held_out(tmp_path) -> list[str]:
+    """Held-out prompts (3, with sample.batch_size 4: shards of 4 and 2 images) scored at 2 seeds each."""
+    path = tmp_path / "held_out.txt"
+    path.write_text("a purple hat\na green ball\na red car\n")
+    return [f"evaluation.prompts_file={path}", "evaluation.num_seeds=2"]
+
+
 @pytest.fixture(scope="module")
 def inline_runs(tiny_sd_dir, tmp_path_factory):
-    """A straight 3-epoch inline ReFL run, and the same run interrupted after epoch 1."""
+    """A straight 3-epoch inline ReFL run scored on held-out prompts before and after, and the same run
+    interrupted after epoch 1, without the evaluation."""
     tmp_path = tmp_path_factory.mktemp("gradient-runs")
-    straight = train(_config(tiny_sd_dir, tmp_path, "run_name=straight", "resources.mode=inline"))
+    straight = train(_config(tiny_sd_dir, tmp_path, "run_name=straight", "resources.mode=inline", *_held_out(tmp_path)))
     with pytest.raises(_Interrupt):
         train(_config(tiny_sd_dir, tmp_path, "run_name=interrupted", "resources.mode=inline"),
               on_epoch_end=_interrupt_after_epoch_1)
@@ -69,7 +77,35 @@ def test_inline_run_writes_the_ppo_outputs_and_learns(inline_runs):
     assert any(straight.tensorboard.iterdir())
 
 
+def test_a_gradient_run_scores_held_out_prompts_on_its_learner_as_texforce_eval_does(inline_runs, tiny_sd_dir):
+    """No samplers: the learner draws and scores the held-out images, the same images and scores `texforce eval`
+    (tune.evaluate) gives the base model and the final LoRA, with the paired gain between them."""
+    from rewards.registry import build_reward
+    from tune.evaluate import EvalSettings, evaluate, paired_gain
+
+    straight, _ = inline_runs
+    config = load_config(straight.path / "config.yaml")
+    before, after = straight.read_evaluations()
+    assert (before["epoch"], after["epoch"]) == (-1, 2) and (before["policy_version"], after["policy_version"]) == (0, 3)
+    settings = EvalSettings(num_seeds=2, base_seed=config.evaluation.seed_base, num_steps=4,
+                            guidance_scale=config.sample.guidance_scale, eta=config.evaluation_eta)
+    prompts = ["a purple hat", "a green ball", "a red car"]
+    reward = build_reward(config.reward.spec)
+    pipe = load_pipeline(tiny_sd_dir, device="cpu")
+    base = evaluate(pipe, reward, prompts, settings).objective
+    pipe.load_lora_weights(str(straight.final_lora))
+    final = evaluate(pipe, reward, prompts, settings).objective
+    np.testing.assert_allclose(before["rewards"], base, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(after["rewards"], final, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(after["rewards"], before["rewards"])  # the LoRA moved: a different image somewhere
+    gain = paired_gain(np.asarray(before["rewards"]), np.asarray(after["rewards"]))
+    assert after["reward_gain"] == pytest.approx(gain["mean"]) and after["reward_gain_sem"] == pytest.approx(gain["sem"])
+    assert (straight.grids / "eval_before_training.png").exists() and (straight.grids / "eval_epoch_0002.png").exists()
+
+
 def test_gradient_run_resumes_to_the_same_lora(inline_runs, tmp_path):
+    """The interrupted run had no held-out evaluation: the straight run's, drawn by its learner, left its training
+    as it was."""
     straight, interrupted = inline_runs
     assert not (interrupted / "final_lora").exists()
     run_dir = shutil.copytree(interrupted, tmp_path / "run")
@@ -83,10 +119,14 @@ def test_ray_run_with_two_learner_ranks_matches_the_inline_run(ray_session, inli
     optimizer step, all-reducing gradients, like one inline learner on the 4 rows."""
     straight, _ = inline_runs
     config = _config(tiny_sd_dir, tmp_path, "run_name=ray", "resources.num_learners=2", "train.batch_size=2",
-                     "resources.cpus_per_learner=0.5")
+                     "resources.cpus_per_learner=0.5", *_held_out(tmp_path))
     run = train(config)
     _assert_same_run(run, straight, rtol=1e-4, atol=1e-6)
     assert all(r["actor_restarts"] == 0 for r in run.read_metrics())
+    # the held-out shards split over the two ranks score as the inline learner scored them
+    for ray_row, inline_row in zip(run.read_evaluations(), straight.read_evaluations(), strict=True):
+        assert ray_row["epoch"] == inline_row["epoch"] and ray_row["num_samples"] == 6
+        np.testing.assert_allclose(ray_row["rewards"], inline_row["rewards"], rtol=1e-4, atol=1e-6)
 
 
 def test_refl_unet_lora_fuses_with_a_texforce_text_encoder_lora(tiny_sd_dir, tmp_path, capsys, one_torch_thread):

@@ -543,6 +543,34 @@ def test_on_epoch_end_returning_true_ends_the_run_like_its_last_epoch(tiny_sd_di
     assert (run.final_lora / "pytorch_lora_weights.safetensors").exists()
 
 
+def test_a_resume_finishes_the_last_epochs_interrupted_held_out_evaluation(tiny_sd_dir, tmp_path, monkeypatch):
+    import actors.driver
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a purple hat\na white cup\n")
+    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=cut", "resources.mode=inline", "sample.num_steps=4",
+                             f"evaluation.prompts_file={held_out}", "evaluation.num_seeds=1")
+    evaluate = actors.driver.evaluate_held_out
+
+    def interrupted_after_the_base(epoch, *args, **kwargs):
+        if epoch >= 0:
+            raise KeyboardInterrupt
+        evaluate(epoch, *args, **kwargs)
+
+    monkeypatch.setattr(actors.driver, "evaluate_held_out", interrupted_after_the_base)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    run_dir = tmp_path / "cut"
+    assert [r["epoch"] for r in RunDirectory(run_dir).read_evaluations()] == [-1]
+    assert not (run_dir / "final_lora").exists()
+    monkeypatch.setattr(actors.driver, "evaluate_held_out", evaluate)
+    run = train(load_config(run_dir / "config.yaml"), resume=run_dir)  # every epoch is done: only the evaluation
+    assert [r["epoch"] for r in run.read_metrics()] == [0, 1]
+    evaluations = run.read_evaluations()
+    assert [r["epoch"] for r in evaluations] == [-1, 1] and np.isfinite(evaluations[1]["reward_gain"])
+    assert (run.final_lora / "pytorch_lora_weights.safetensors").exists()
+
+
 def test_resource_check_fails_fast_with_the_shortfall(ray_session, tiny_sd_dir, tmp_path):
     config = _trainer_config(tiny_sd_dir, tmp_path, "resources.gpus_per_sampler=1")
     start = time.monotonic()
