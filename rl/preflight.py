@@ -63,14 +63,21 @@ def preflight(config: TexForceConfig) -> None:
 
 def describe_step_rows(config: TexForceConfig) -> None:
     """Say how many rows an optimizer step averages when there are several learner ranks: train.batch_size is
-    per rank, so a config written for one learner takes N-times larger steps on N (same learning rate)."""
+    per rank, so a config written for one learner takes N-times larger steps on N (same learning rate). Inline
+    runs one learner whatever resources.num_learners says: its steps are then N times smaller than on Ray."""
     learners, t = config.resources.num_learners, config.train
-    if learners > 1:
-        accumulate = f" x train.gradient_accumulation_steps={t.gradient_accumulation_steps}" \
-            if t.gradient_accumulation_steps > 1 else ""
-        log.info("%d learner ranks x train.batch_size=%d%s: %d rows per optimizer step (train.batch_size is per "
-                 "rank; divide it by %d for one learner's steps)", learners, t.batch_size, accumulate,
-                 learners * t.batch_size * t.gradient_accumulation_steps, learners)
+    if learners == 1:
+        return
+    rows = t.batch_size * t.gradient_accumulation_steps
+    if config.resources.mode == "inline":
+        log.warning("resources.mode=inline runs one learner, not resources.num_learners=%d: each optimizer step takes "
+                    "%d rows here against %d on %d Ray ranks", learners, rows, learners * rows, learners)
+        return
+    accumulate = f" x train.gradient_accumulation_steps={t.gradient_accumulation_steps}" \
+        if t.gradient_accumulation_steps > 1 else ""
+    log.info("%d learner ranks x train.batch_size=%d%s: %d rows per optimizer step (train.batch_size is per "
+             "rank; divide it by %d for one learner's steps)", learners, t.batch_size, accumulate, learners * rows,
+             learners)
 
 
 def check_gpu_requests(config: TexForceConfig) -> None:

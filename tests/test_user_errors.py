@@ -181,19 +181,22 @@ def test_each_learner_warns_that_it_ignores_the_others_kl_penalty(tiny_sd_dir, c
 
 
 
-def test_several_learner_ranks_say_how_many_rows_a_step_averages(tiny_sd_dir, caplog):
+def test_several_learner_ranks_say_how_many_rows_a_step_averages_and_inline_that_it_runs_one(tiny_sd_dir, caplog):
     with caplog.at_level(logging.INFO, logger="texforce"):
         preflight(tiny_config(tiny_sd_dir, "train.batch_size=8"))
         assert not [r for r in caplog.records if "rows per optimizer step" in r.getMessage()]
         preflight(tiny_config(tiny_sd_dir, "resources.num_learners=2", "train.batch_size=8"))
         preflight(tiny_config(tiny_sd_dir, "resources.num_learners=4", "train.batch_size=2",
                               "train.gradient_accumulation_steps=3"))
-    said = [r.getMessage() for r in caplog.records if "rows per optimizer step" in r.getMessage()]
+        preflight(tiny_config(tiny_sd_dir, "resources.num_learners=2", "train.batch_size=8", "resources.mode=inline"))
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "optimizer step" in r.getMessage()]
     assert said == [
-        ("2 learner ranks x train.batch_size=8: 16 rows per optimizer step (train.batch_size is per rank; "
-         "divide it by 2 for one learner's steps)"),
-        ("4 learner ranks x train.batch_size=2 x train.gradient_accumulation_steps=3: 24 rows per optimizer step "
-         "(train.batch_size is per rank; divide it by 4 for one learner's steps)"),
+        ("INFO", "2 learner ranks x train.batch_size=8: 16 rows per optimizer step (train.batch_size is per rank; "
+                 "divide it by 2 for one learner's steps)"),
+        ("INFO", "4 learner ranks x train.batch_size=2 x train.gradient_accumulation_steps=3: 24 rows per optimizer "
+                 "step (train.batch_size is per rank; divide it by 4 for one learner's steps)"),
+        ("WARNING", "resources.mode=inline runs one learner, not resources.num_learners=2: each optimizer step takes "
+                    "8 rows here against 16 on 2 Ray ranks"),
     ]
 
 # --- rewards and devices -----------------------------------------------------------------------
