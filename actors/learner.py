@@ -13,7 +13,7 @@ from actors.rollout import TrajectoriesLostError, TrajectoryShards
 from actors.sampler import SamplerWorker
 from rl.algorithms import get_algorithm
 from rl.config import TexForceConfig
-from rl.gradient import GradientLearner, ScoredSamples
+from rl.gradient import GradientLearner, ScoredSamples, reward_spec
 from rl.learner import PPOLearner
 from rl.lora import PolicyWeights
 from rl.models import load_pipeline_from_config
@@ -84,8 +84,9 @@ class LearnerWorker:
         if self.evaluator is None:
             c = self.config
             spec = c.evaluation.reward or c.reward.spec
+            trained = self.learner.reward if spec == reward_spec(c) else None  # not a second copy of the same model
             self.evaluator = (SamplerWorker(c, pipe=self.learner.pipe),
-                              RewardActor(replace(c.reward, spec=spec), device=c.model.device))
+                              RewardActor(replace(c.reward, spec=spec), device=c.model.device, reward=trained))
         sampler, reward = self.evaluator
         sampler.version = self.learner.version  # the shared pipeline holds the current LoRA already
         _, images = sampler.sample(self.learner.get_weights(), prompts, seeds, evaluation=True)

@@ -39,11 +39,12 @@ class RewardActor:
     """Plain class; `ray.remote(RewardActor)` where it is started, or used in-process."""
 
     def __init__(self, settings: RewardSettings, *, device: str = "auto", num_threads: int | None = None,
-                 low_priority: bool = False, evaluation_spec: str | None = None):
+                 low_priority: bool = False, evaluation_spec: str | None = None, reward: rewards.Reward | None = None):
+        """reward: `settings.spec` already built (a gradient learner's, for its evaluation), used instead of a copy."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = resolve_device(device)
-        self.reward = rewards.build_reward(settings.spec, device=self.device, paths=settings.paths)
+        self.reward = reward or rewards.build_reward(settings.spec, device=self.device, paths=settings.paths)
         self.evaluation_reward = self.reward  # evaluation.reward, when it names another one
         if evaluation_spec is not None and evaluation_spec != settings.spec:
             self.evaluation_reward = rewards.build_reward(evaluation_spec, device=self.device, paths=settings.paths)

@@ -103,6 +103,18 @@ def test_a_gradient_run_scores_held_out_prompts_on_its_learner_as_texforce_eval_
     assert (straight.grids / "eval_before_training.png").exists() and (straight.grids / "eval_epoch_0002.png").exists()
 
 
+def test_a_learners_evaluation_scores_with_its_own_reward_model_unless_evaluation_reward_names_another(
+        tiny_sd_dir, tmp_path):
+    from actors.learner import LearnerWorker
+
+    for overrides, shared in [((), True), (("evaluation.reward=brightness",), False)]:
+        worker = LearnerWorker(_config(tiny_sd_dir, tmp_path, *_held_out(tmp_path), *overrides))
+        images, scores = worker.evaluate(["a purple hat", "a red car"], [7, 8])
+        assert images.shape[0] == 2 and images.dtype == torch.uint8 and scores.scores.shape == (2,)
+        assert (worker.evaluator[1].reward is worker.learner.reward) is shared
+        assert worker.learner.version == 0 and not any(p.grad is not None for p in worker.learner.params)
+
+
 def test_gradient_run_resumes_to_the_same_lora(inline_runs, tmp_path):
     """The interrupted run had no held-out evaluation: the straight run's, drawn by its learner, left its training
     as it was."""
