@@ -451,14 +451,14 @@ class RayWorkers:
         shards = _shards(prompts, seeds, None, self.config.sample.batch_size)
         calls = [self.learners[i % len(self.learners)].evaluate.options(num_returns=2).remote(shard_prompts, shard_seeds)
                  for i, (shard_prompts, shard_seeds, _) in enumerate(shards)]
+        score_refs = [score_ref for _, score_ref in calls]
         try:
-            scores = self._get_each([score_ref for _, score_ref in calls],
-                                    on_done=None if on_shard_done is None else partial(on_shard_done, "score"))
+            scores = self._get_each(score_refs, on_done=None if on_shard_done is None else partial(on_shard_done, "score"))
         except RayError as error:
-            dead = [i for i, a in enumerate(self.learners) if _actor_info(a).get("State") == "DEAD"]
+            dead = self._dead_ranks(score_refs, [i % len(self.learners) for i in range(len(calls))])
             if not dead:
                 raise
-            raise LearnerFailedError(f"learner rank(s) {dead} died during the held-out evaluation "
+            raise LearnerFailedError(f"learner rank(s) {sorted(dead)} died during the held-out evaluation "
                                      f"({type(error).__name__})") from error
         return Rollout(list(prompts), RewardScores.cat(scores), [len(p) for p, _, _ in shards], [[] for _ in shards],
                        [image_ref for image_ref, _ in calls])
@@ -488,28 +488,37 @@ class RayWorkers:
         RANK_DEATH_GRACE_S to settle (a bug in one rank leaves the others waiting in their
         collective until it times out: it is reported after the grace, not after that timeout).
         """
-        import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError, RayError
+        from ray.exceptions import RayError
 
         calls = refs if isinstance(refs, list) else [refs]
         try:
             results = self._get_each(calls)
             return results if isinstance(refs, list) else results[0]
         except RayError as error:
-            ray.wait(calls, num_returns=len(calls), timeout=min(self.timeout, RANK_DEATH_GRACE_S))
+            dead = self._dead_ranks(calls, list(range(len(calls))))  # the i-th call is rank i's
             if isinstance(getattr(error, "cause", None), TrajectoriesLostError):
                 raise error.cause from error  # every rank raised it before any step (LearnerWorker.update)
-            dead = {i for i, a in enumerate(self.learners) if _actor_info(a).get("State") == "DEAD"}
-            for rank, ref in enumerate(calls):  # the i-th call is rank i's
-                try:
-                    ray.get(ref, timeout=0)
-                except (RayActorError, ActorUnavailableError):
-                    dead.add(rank)
-                except RayError:
-                    pass
             if not dead:
                 raise
             raise LearnerFailedError(f"learner rank(s) {sorted(dead)} died ({type(error).__name__})") from error
+
+    def _dead_ranks(self, calls: list, ranks: list[int]) -> set[int]:
+        """After a learner call failed: the ranks that died, once the other calls settled (up to
+        RANK_DEATH_GRACE_S; `_learner_call` says why). A rank is dead when the GCS says so, or when its call
+        (calls[i] is rank ranks[i]'s) failed because its actor did."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayError
+
+        ray.wait(calls, num_returns=len(calls), timeout=min(self.timeout, RANK_DEATH_GRACE_S))
+        dead = {i for i, a in enumerate(self.learners) if _actor_info(a).get("State") == "DEAD"}
+        for rank, ref in zip(ranks, calls):
+            try:
+                ray.get(ref, timeout=0)
+            except (RayActorError, ActorUnavailableError):
+                dead.add(rank)
+            except RayError:
+                pass
+        return dead
 
     def restart_learners(self) -> None:
         """Replace every learner rank with a fresh one (the caller loads a checkpoint into them).

@@ -419,6 +419,25 @@ def test_a_dead_learner_is_replaced_and_the_run_goes_on_from_its_checkpoint(ray_
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
 
 
+def test_a_learner_lost_in_a_gradient_runs_evaluation_stops_it_with_how_to_resume_which_finishes_it(
+        ray_session, tiny_sd_dir, tmp_path):
+    """A gradient learner's ranks draw its held-out evaluation: killed after the last epoch, before the evaluation
+    after it, the run stops with one line (checkpoints kept), and the resumed run evaluates that epoch."""
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a purple hat\n")
+    config = tiny_config(tiny_sd_dir, f"output_dir={tmp_path}", "run_name=refl", "train.algorithm=refl",
+                         "lora.policy=unet", "sample.num_steps=4", "num_epochs=1", f"evaluation.prompts_file={held_out}",
+                         "evaluation.num_seeds=2", "resources.cpus_per_learner=1")
+    with pytest.raises(TrainingStopped, match=r"learner rank\(s\) \[0\] died during the held-out evaluation .*"
+                                              r"resume with `texforce train --resume .*refl`, which finishes"):
+        train(config, on_epoch_end=_kill_the_learner_after_epoch_0(ray_session))
+    run_dir = tmp_path / "refl"
+    assert [r["epoch"] for r in RunDirectory(run_dir).read_evaluations()] == [-1]
+    run = train(load_config(run_dir / "config.yaml"), resume=run_dir)
+    assert [r["epoch"] for r in run.read_evaluations()] == [-1, 0]
+    assert (run.final_lora / "pytorch_lora_weights.safetensors").exists()
+
+
 def test_an_error_in_the_learner_ranks_is_raised_as_a_bug_not_taken_for_a_death(ray_session, tiny_sd_dir, tmp_path):
     """Both ranks reject a batch of the wrong number of steps: every rank is alive, so the driver
     re-raises the error at once instead of restarting the group (which would fail the same way)."""
