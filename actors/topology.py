@@ -61,18 +61,9 @@ def _shards(prompts: list[str], seeds: list[int], start_seeds: list[int] | None,
             for i in range(0, len(prompts), size)]
 
 
-def _learner_evaluation(prompts: list[str], seeds: list[int], size: int, ranks: list[Callable],
-                        on_shard_done: Callable[[str, int], None] | None) -> Rollout:
-    """A gradient learner's held-out evaluation, in this process: shard i drawn and scored by `ranks[i % L]`
-    (`LearnerWorker.evaluate`, each rank holding the same LoRA)."""
-    shards = _shards(prompts, seeds, None, size)
-    images, scores = [], []
-    for shard, (shard_prompts, shard_seeds, _) in enumerate(shards):
-        shard_images, shard_scores = ranks[shard % len(ranks)](shard_prompts, shard_seeds)
-        images.append(shard_images)
-        scores.append(shard_scores)
-        if on_shard_done is not None:
-            on_shard_done("score", shard)
+def _evaluation_rollout(prompts: list[str], shards: list, images: list, scores: list[RewardScores]) -> Rollout:
+    """A held-out evaluation that a gradient learner's ranks drew: each shard's images (refs on Ray) and scores,
+    no trajectories."""
     return Rollout(list(prompts), RewardScores.cat(scores), [len(p) for p, _, _ in shards], [[] for _ in shards], images)
 
 
@@ -95,8 +86,7 @@ class InlineWorkers:
         (async sampling after a resume) are put back to the learner's once the rollout is done. A gradient
         learner's held-out evaluation is drawn and scored by the learner (`LearnerWorker.evaluate`)."""
         if evaluation and get_algorithm(self.config.train.algorithm).samples_in_learner:
-            return _learner_evaluation(prompts, seeds, self.config.sample.batch_size, [self.learner.evaluate],
-                                       on_shard_done)
+            return self._evaluate_on_learner(prompts, seeds, on_shard_done)
         self.sampler.version = self.learner.learner.version  # what the shared pipeline holds now
         learner_weights = self.get_weights() if weights.version != self.sampler.version else None
         trajectories, images, scores = [], [], []
@@ -114,6 +104,19 @@ class InlineWorkers:
             if learner_weights is not None:
                 self.sampler.sample_with(learner_weights)
         return Rollout(list(prompts), RewardScores.cat(scores), [len(p) for p, _, _ in shards], trajectories, images)
+
+    def _evaluate_on_learner(self, prompts: list[str], seeds: list[int],
+                             on_shard_done: Callable[[str, int], None] | None) -> Rollout:
+        """A gradient learner's held-out evaluation: its learner draws and scores each shard (`LearnerWorker.evaluate`)."""
+        shards = _shards(prompts, seeds, None, self.config.sample.batch_size)
+        images, scores = [], []
+        for shard, (shard_prompts, shard_seeds, _) in enumerate(shards):
+            shard_images, shard_scores = self.learner.evaluate(shard_prompts, shard_seeds)
+            images.append(shard_images)
+            scores.append(shard_scores)
+            if on_shard_done is not None:
+                on_shard_done("score", shard)
+        return _evaluation_rollout(prompts, shards, images, scores)
 
     def start_update(self, trajectories: TrajectoryShards, advantages: torch.Tensor) -> Callable[[], dict[str, float]]:
         """The update to run at `finish_update`: in one process nothing overlaps, so it runs after
@@ -460,8 +463,7 @@ class RayWorkers:
                 raise
             raise LearnerFailedError(f"learner rank(s) {sorted(dead)} died during the held-out evaluation "
                                      f"({type(error).__name__})") from error
-        return Rollout(list(prompts), RewardScores.cat(scores), [len(p) for p, _, _ in shards], [[] for _ in shards],
-                       [image_ref for image_ref, _ in calls])
+        return _evaluation_rollout(prompts, shards, [image_ref for image_ref, _ in calls], scores)
 
     def resample(self, rollout: Rollout, shards: list[int]) -> Rollout:
         """`rollout` with `shards` sampled again (by the samplers alive) from the same prompts, seeds
