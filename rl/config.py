@@ -6,9 +6,13 @@ valid one. Derived values are computed in one place (`TexForceConfig.validate`).
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import itertools
 import math
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -606,3 +610,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(config: TexForceConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's doc, read from the string under it in the class body: the fields are documented
+    there only, so the printed config cannot drift from the code."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for statement, following in itertools.pairwise(body):
+        if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[statement.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def documented_yaml(config: Any, indent: str = "") -> str:
+    """`config` as YAML that loads back to it, each field under its doc as a comment
+    (`texforce train --print-config`)."""
+    docs = field_docs(type(config))
+    lines = []
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        for line in textwrap.wrap(docs.get(item.name, ""), width=100 - len(indent)):
+            lines.append(f"{indent}# {line}")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{indent}{item.name}:")
+            lines.append(documented_yaml(value, indent + "  ").rstrip("\n"))
+        else:
+            dumped = yaml.safe_dump({item.name: value}, default_flow_style=False, width=10**6)
+            lines.extend(f"{indent}{line}" for line in dumped.splitlines())
+    return "\n".join(lines) + "\n"

@@ -2,6 +2,7 @@
 
     texforce train --config configs/tiny.yaml [section.key=value ...]
     texforce train --resume runs/tiny [num_epochs=30]
+    texforce train --config configs/tiny.yaml --print-config   # every setting the run would use, documented
 
 The training loop lives in actors.driver (it needs Ray); it is imported only when a run starts,
 so `rl` stays importable without Ray. Everything checkable is checked first (`rl.preflight`),
@@ -14,24 +15,36 @@ import logging
 import sys
 from pathlib import Path
 
-from rl.config import ConfigError, TexForceConfig, load_config
+from rl.config import ConfigError, TexForceConfig, documented_yaml, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (defaults: the published TexForce settings)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print every setting the run would use (defaults, --config, overrides) as YAML, "
+                             "each under its doc line, and exit without starting it")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("train", help="train a LoRA with PPO (TexForce/DDPO) on a reward")
+    parser = sub.add_parser(
+        "train", help="train a LoRA on a reward: PPO (TexForce/DDPO) or a gradient learner (train.algorithm)"
+    )
     add_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_run_config(args)
+    if args.print_config:
+        print(documented_yaml(config), end="")
+        return 0
+    if not args.resume:  # before any check that takes time
+        from rl.run_dir import RunDirectory
+
+        RunDirectory(Path(config.output_dir) / config.run_name).refuse_if_taken()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from actors.driver import summarize, train  # train() runs the preflight checks first
 
     run_dir = train(config, resume=args.resume)
@@ -41,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
 
 def load_run_config(args: argparse.Namespace) -> TexForceConfig:
     """The config of a new run (`--config` + overrides) or of the run `--resume` continues
-    (its config.yaml + overrides); a new run must not reuse an existing run's directory."""
-    from rl.run_dir import RunDirectory
-
+    (its config.yaml + overrides)."""
     if args.resume:
+        from rl.run_dir import RunDirectory
+
         if args.config:
             raise ConfigError("--resume uses the run's own config.yaml; pass overrides, not --config")
         run = RunDirectory(args.resume)
@@ -54,15 +67,13 @@ def load_run_config(args: argparse.Namespace) -> TexForceConfig:
                 "folder that `texforce train` created"
             )
         return load_config(run.config_path, args.overrides)
-    config = load_config(args.config, args.overrides)
-    RunDirectory(Path(config.output_dir) / config.run_name).refuse_if_taken()  # before any check that takes time
-    return config
+    return load_config(args.config, args.overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
     from rl.cli import run_command
 
-    parser = argparse.ArgumentParser(prog="python -m rl.train", description="Train a LoRA with PPO on a reward.")
+    parser = argparse.ArgumentParser(prog="python -m rl.train", description="Train a LoRA on a reward.")
     add_arguments(parser)
     parser.set_defaults(func=run, command="train")
     return run_command(parser.parse_args(argv))

@@ -70,6 +70,29 @@ def test_existing_run_directory_is_not_overwritten(tiny_sd_dir, tmp_path, capsys
                     f"`--resume {tmp_path / 'r'}` or choose another run_name=...")
 
 
+def test_print_config_prints_the_runs_settings_and_starts_nothing(capsys, tmp_path):
+    """`--print-config` shows what a run would use, for a new run and for the run `--resume` continues, and
+    leaves the output directory as it was (a taken run_name is no error: nothing starts)."""
+    from rl.config import load_config
+
+    args = ["--config", TINY_YAML, f"output_dir={tmp_path}", "train.learning_rate=1e-3"]
+    assert cli.main(["train", *args, "--print-config"]) == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    assert load_config(printed) == load_config(TINY_YAML, args[2:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["printed.yaml"]  # no run directory
+
+    run = RunDirectory.create(load_config(printed))
+    assert cli.main(["train", *args, "--print-config"]) == 0  # its run_name is taken now
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run.path), "num_epochs=30", "--print-config"]) == 0
+    resumed = tmp_path / "resumed.yaml"
+    resumed.write_text(capsys.readouterr().out)
+    assert load_config(resumed) == load_config(printed, ["num_epochs=30"])
+    assert one_line_error(capsys, cli.main(["train", *args, "train.lerning_rate=1", "--print-config"])).startswith(
+        "texforce train: unknown config key 'train.lerning_rate'")
+
+
 # --- one representative user error per category, through the real entry ----------------------
 
 

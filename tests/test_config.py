@@ -1,10 +1,11 @@
 """Config: published defaults, YAML + overrides, errors that name the key."""
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 
-from rl.config import ConfigError, TexForceConfig, load_config, save_config
+from rl.config import ConfigError, TexForceConfig, documented_yaml, field_docs, load_config, save_config
 
 
 def test_defaults_are_the_published_texforce_settings():
@@ -120,11 +121,13 @@ def test_non_utf8_config_names_the_file_and_line(tmp_path):
         load_config(path)
 
 
+SHIPPED_CONFIGS = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
+                         if p.name != "runtime_env.yaml")
+
+
 def test_shipped_configs_are_valid():
-    root = Path(__file__).resolve().parents[1]
-    for path in sorted((root / "configs").glob("*.yaml")):
-        if path.name != "runtime_env.yaml":
-            load_config(path)
+    for path in SHIPPED_CONFIGS:
+        load_config(path)
 
 
 def test_missing_config_file_and_bad_top_level(tmp_path):
@@ -161,3 +164,37 @@ def test_every_registered_algorithm_validates_with_the_papers_defaults():
         load_config(None, ["train.algorithm=refl", "gradient.refl_min_fraction=0.9", "gradient.refl_max_fraction=0.8"])
     # a PPO run ignores the gradient learners' settings
     assert load_config(None, ["sample.num_steps=4", "gradient.truncation_k=9"]).gradient.truncation_k == 9
+
+
+def _sections(cls: type) -> list[type]:
+    """`cls` and every config class under it."""
+    nested = [f.default_factory for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.default_factory)]
+    return [cls, *(section for child in nested for section in _sections(child))]
+
+
+def test_every_setting_has_its_doc_line():
+    """`--print-config` shows each setting under the string written below it in rl/config.py; a new field
+    without one would print bare."""
+    for section in _sections(TexForceConfig):
+        settings = {f.name for f in dataclasses.fields(section) if not dataclasses.is_dataclass(f.default_factory)}
+        docs = field_docs(section)
+        assert set(docs) == settings, (section.__name__, settings - set(docs))
+        assert all(docs.values())
+    assert field_docs(TexForceConfig)["seed"] == "Seed for prompts, noise and LoRA init."
+    assert field_docs(TexForceConfig.__dataclass_fields__["lora"].default_factory)["alpha"] == (
+        "LoRA alpha; deltaW = (alpha / r) * B @ A.")
+
+
+@pytest.mark.parametrize("path", [None, *SHIPPED_CONFIGS])
+def test_the_documented_config_loads_back_to_the_same_config(path, tmp_path):
+    config = load_config(path, ["train.learning_rate=1e-3", "lora.text_encoder_targets=q_proj,v_proj",
+                                "reward.paths.x=/a b"])
+    text = documented_yaml(config)
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(text)
+    assert load_config(printed) == config
+    lines = text.splitlines()
+    at = lines.index("  learning_rate: 0.001")
+    assert lines[at - 1] == "  # AdamW learning rate (peak, after warmup)."  # each setting under its doc
+    assert "lora:" in lines and lines[lines.index("lora:") + 1].startswith("  # ")
+    assert max(map(len, lines)) <= 120
