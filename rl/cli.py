@@ -29,6 +29,19 @@ RUN_STOPS: tuple[str, ...] = (
 light and Ray-free: an error can only be of a type whose module is loaded (`user_error_types`)."""
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """`--help` states each option's default, unless it has none (None, an empty list, a flag) or its help
+    already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default is None or default is False
+                or default is argparse.SUPPRESS or default == []):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _loaded_types(names: tuple[str, ...]) -> tuple[type[BaseException], ...]:
     """The classes named in `names` whose modules are imported in this process."""
     types = []

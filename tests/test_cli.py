@@ -93,6 +93,17 @@ def test_print_config_prints_the_runs_settings_and_starts_nothing(capsys, tmp_pa
         "texforce train: unknown config key 'train.lerning_rate'")
 
 
+def test_help_states_each_options_default_once(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["tune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    options = {part.split()[0]: part for part in ("--" + p for p in text.split(" --")[1:])}
+    assert options["--num-samples"] == "--num-samples NUM_SAMPLES trials (random / Optuna search) (default: 16)"
+    assert options["--dtype"].endswith("dtype the pipeline is loaded in (default: float32)")
+    assert options["--ray-address"].count("default") == 1  # its help says it already
+    assert "default" not in options["--grid"] and "default" not in options["--normalize"]  # None, a flag
+
+
 # --- one representative user error per category, through the real entry ----------------------
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import rl.models  # noqa: F401  (before diffusers loads: drops transformers' advice to install torchvision)
+from rl.cli import DefaultsHelpFormatter
 from rl.config import ConfigError  # a user error: one line on stderr, exit code 2 (rl.cli)
 from toyworld.captions import COLORS, SHAPES, all_combinations, train_combinations
 
@@ -163,7 +164,7 @@ def make_tiny(directory: str | Path, seed: int = 0, *, pretrain_steps: int = 0, 
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("make-tiny", help="build a tiny Stable Diffusion pipeline offline into DIR")
+    parser = sub.add_parser("make-tiny", formatter_class=DefaultsHelpFormatter, help="build a tiny Stable Diffusion pipeline offline into DIR")
     parser.add_argument("directory", help="output directory (diffusers layout)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (and the pretraining)")
     parser.add_argument(

@@ -17,16 +17,18 @@ import os
 import sys
 from pathlib import Path
 
+from rl.cli import DefaultsHelpFormatter
+
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     """Register fuse, eval and tune on the `texforce` parser."""
-    fuse = sub.add_parser("fuse", help="fuse LoRAs exactly: sum_i alpha_i * deltaW_i, written as one LoRA file")
+    fuse = sub.add_parser("fuse", formatter_class=DefaultsHelpFormatter, help="fuse LoRAs exactly: sum_i alpha_i * deltaW_i, written as one LoRA file")
     fuse.add_argument("--lora", action="append", required=True, metavar="PATH[:ALPHA]",
                       help="a LoRA .safetensors file (or directory) and its weight (default 1); repeat per LoRA")
     fuse.add_argument("--out", required=True, type=Path, help="output .safetensors file (or directory)")
     fuse.set_defaults(func=_fuse)
 
-    ev = sub.add_parser("eval", help="score a (fused) model on a fixed, seeded evaluation set")
+    ev = sub.add_parser("eval", formatter_class=DefaultsHelpFormatter, help="score a (fused) model on a fixed, seeded evaluation set")
     _add_model_args(ev)
     ev.add_argument("--lora", action="append", default=[], metavar="PATH[:ALPHA]",
                     help="LoRA to apply with weight ALPHA (default 1); several are fused exactly; none = base model")
@@ -34,7 +36,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--out", type=Path, default=Path("eval"), help="directory for scores.parquet, summary.json, grid.png")
     ev.set_defaults(func=_eval)
 
-    tu = sub.add_parser("tune", help="Ray Tune sweep over the fusion weights alpha_i")
+    tu = sub.add_parser("tune", formatter_class=DefaultsHelpFormatter, help="Ray Tune sweep over the fusion weights alpha_i")
     _add_model_args(tu)
     tu.add_argument("--lora", action="append", required=True, metavar="PATH",
                     help="a LoRA to fuse (repeat); its alpha is searched")
@@ -69,7 +71,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     parser.add_argument("--batch-size", type=int, default=8, help="images per sampling call")
     parser.add_argument("--device", default="auto", help="torch device ('auto': CUDA when available)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype the pipeline is loaded in")
     parser.add_argument("--paths", nargs="*", default=[], metavar="KEY=PATH",
                         help="reward model files, e.g. imagereward=/ckpt/ImageReward.pt (see `texforce rewards list`)")
 
