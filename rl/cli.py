@@ -1,7 +1,8 @@
 """The `texforce` command line: one entry, one subcommand per job.
 
-Heavy imports (torch, diffusers, ray) happen inside each subcommand, so `texforce --help`
-is instant and `rl` stays importable without Ray.
+Heavy imports (diffusers, ray, reward models) happen inside each subcommand, so `texforce --help`
+loads torch only (the rewards and the toy model's builder import it; ~2 s) and `rl` stays importable
+without Ray.
 
 A user error is one line on stderr and exit code 2, before any work starts; a traceback is
 for bugs. `run_command` is that rule, for this entry and for `python -m rl.train` and

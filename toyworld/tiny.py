@@ -164,7 +164,8 @@ def make_tiny(directory: str | Path, seed: int = 0, *, pretrain_steps: int = 0, 
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("make-tiny", formatter_class=DefaultsHelpFormatter, help="build a tiny Stable Diffusion pipeline offline into DIR")
+    parser = sub.add_parser("make-tiny", formatter_class=DefaultsHelpFormatter,
+                            help="build a tiny Stable Diffusion pipeline offline into DIR")
     parser.add_argument("directory", help="output directory (diffusers layout)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (and the pretraining)")
     parser.add_argument(
@@ -173,8 +174,9 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
         default=0,
         metavar="N",
         help="0 (default): random weights, the prompt has no effect. N > 0: pretrain on synthetic scenes "
-        "('a red ball') so the colour word controls the image: N//3 VAE steps, then N - N//3 U-Net + "
-        "text-encoder steps (batches of 16 and 32). Recommended for the demo: N=750 (~3-5 min on 2 CPU cores).",
+        "('a red ball') so the caption's words steer the image: N//3 VAE steps, then N - N//3 U-Net + "
+        "text-encoder steps (batches of 16 and 32). The demo's committed model: N=4000 with --vae-steps 1000 "
+        "--scenes train (`make toy-model`, ~13 min on 2 CPU cores).",
     )
     parser.add_argument("--vae-steps", type=int, default=None, metavar="M",
                         help="of the N pretraining steps, M train the VAE (default N//3)")
