@@ -67,12 +67,23 @@ def _evaluation_rollout(prompts: list[str], shards: list, images: list, scores: 
     return Rollout(list(prompts), RewardScores.cat(scores), [len(p) for p, _, _ in shards], [[] for _ in shards], images)
 
 
+def as_one_learner(config: TexForceConfig) -> TexForceConfig:
+    """The config with which one learner takes the optimizer steps `resources.num_learners` ranks take: their
+    global minibatch (train.batch_size is per rank) as its own, so an inline run is the Ray run it debugs. Its
+    forward passes then hold all ranks' rows at once."""
+    ranks = config.resources.num_learners
+    if ranks == 1:
+        return config
+    return replace(config, train=replace(config.train, batch_size=ranks * config.train.batch_size),
+                   resources=replace(config.resources, num_learners=1))
+
+
 class InlineWorkers:
     """All roles in this process, sharing one pipeline: the debugger-friendly mode."""
 
     def __init__(self, config: TexForceConfig):
         self.config = config
-        self.learner = LearnerWorker(config)
+        self.learner = LearnerWorker(as_one_learner(config))
         if not get_algorithm(config.train.algorithm).samples_in_learner:
             self.sampler = SamplerWorker(config, pipe=self.learner.learner.pipe)
             self.reward = RewardActor(config.reward, device=config.model.device, evaluation_spec=config.evaluation.reward)

@@ -248,7 +248,8 @@ class ResourcesConfig:
     cpus_per_reward_actor: float = 1.0
     """CPUs per reward actor."""
     num_learners: int = 1
-    """Data-parallel learners (gradients all-reduced with gloo on CPU, nccl on GPU)."""
+    """Data-parallel learners (gradients all-reduced with gloo on CPU, nccl on GPU); train.batch_size is per learner.
+    Inline (resources.mode=inline) one learner takes their steps on their minibatches, N x train.batch_size rows."""
     gpus_per_learner: float = 0.0
     """GPUs per learner."""
     cpus_per_learner: float = 1.0

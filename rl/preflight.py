@@ -64,14 +64,16 @@ def preflight(config: TexForceConfig) -> None:
 def describe_step_rows(config: TexForceConfig) -> None:
     """Say how many rows an optimizer step averages when there are several learner ranks: train.batch_size is
     per rank, so a config written for one learner takes N-times larger steps on N (same learning rate). Inline
-    runs one learner whatever resources.num_learners says: its steps are then N times smaller than on Ray."""
+    runs one learner on the ranks' global minibatch (actors.topology.as_one_learner): the same steps."""
     learners, t = config.resources.num_learners, config.train
     if learners == 1:
         return
     rows = t.batch_size * t.gradient_accumulation_steps
     if config.resources.mode == "inline":
-        log.warning("resources.mode=inline runs one learner, not resources.num_learners=%d: each optimizer step takes "
-                    "%d rows here against %d on %d Ray ranks", learners, rows, learners * rows, learners)
+        log.info("resources.mode=inline runs one learner for resources.num_learners=%d ranks: it trains on their "
+                 "minibatches, %d x train.batch_size=%d = %d rows in one forward pass, and takes the optimizer steps "
+                 "%d Ray ranks take (%d rows each)", learners, learners, t.batch_size, learners * t.batch_size,
+                 learners, learners * rows)
         return
     accumulate = f" x train.gradient_accumulation_steps={t.gradient_accumulation_steps}" \
         if t.gradient_accumulation_steps > 1 else ""

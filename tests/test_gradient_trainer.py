@@ -128,11 +128,13 @@ def test_gradient_run_resumes_to_the_same_lora(inline_runs, tmp_path):
 
 def test_ray_run_with_two_learner_ranks_matches_the_inline_run(ray_session, inline_runs, tiny_sd_dir, tmp_path):
     """No samplers or reward actors: two learner ranks sample, score and step on 2 rows each per
-    optimizer step, all-reducing gradients, like one inline learner on the 4 rows."""
+    optimizer step, all-reducing gradients, like one inline learner on the 4 rows; the same config inline
+    runs that one learner (actors.topology.as_one_learner), so it debugs the Ray run."""
     straight, _ = inline_runs
-    config = _config(tiny_sd_dir, tmp_path, "run_name=ray", "resources.num_learners=2", "train.batch_size=2",
-                     "resources.cpus_per_learner=0.5", *_held_out(tmp_path))
-    run = train(config)
+    two_ranks = ("resources.num_learners=2", "train.batch_size=2", "resources.cpus_per_learner=0.5", *_held_out(tmp_path))
+    inline = train(_config(tiny_sd_dir, tmp_path, "run_name=inline", "resources.mode=inline", *two_ranks))
+    _assert_same_run(inline, straight, rtol=0, atol=0)
+    run = train(_config(tiny_sd_dir, tmp_path, "run_name=ray", *two_ranks))
     _assert_same_run(run, straight, rtol=1e-4, atol=1e-6)
     assert all(r["actor_restarts"] == 0 for r in run.read_metrics())
     # the held-out shards split over the two ranks score as the inline learner scored them

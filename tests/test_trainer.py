@@ -115,6 +115,9 @@ def test_two_learners_match_one_learner_on_the_union_batch(ray_session, tiny_sd_
     _, _, *samples = sampler.sample(initial, prompts, list(range(8)))
     advantages = 2.0 ** torch.arange(8) / 64 - 1  # no 4 of them have the mean of all 8: nor has a rank's loss
     single_metrics = combine_rank_metrics([learner.update(Trajectories.cat(samples), advantages)])
+    inline = InlineWorkers(two)  # the same config inline: one learner, on the ranks' minibatches
+    inline.update(Trajectories.cat(samples), advantages)
+    assert all(torch.equal(inline.get_weights().text_encoder[k], v) for k, v in learner.get_weights().text_encoder.items())
 
     workers = RayWorkers(two)
     try:

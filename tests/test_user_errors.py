@@ -181,7 +181,7 @@ def test_each_learner_warns_that_it_ignores_the_others_kl_penalty(tiny_sd_dir, c
 
 
 
-def test_several_learner_ranks_say_how_many_rows_a_step_averages_and_inline_that_it_runs_one(tiny_sd_dir, caplog):
+def test_several_learner_ranks_say_how_many_rows_a_step_averages_and_inline_that_it_takes_their_steps(tiny_sd_dir, caplog):
     with caplog.at_level(logging.INFO, logger="texforce"):
         preflight(tiny_config(tiny_sd_dir, "train.batch_size=8"))
         assert not [r for r in caplog.records if "rows per optimizer step" in r.getMessage()]
@@ -195,8 +195,9 @@ def test_several_learner_ranks_say_how_many_rows_a_step_averages_and_inline_that
                  "divide it by 2 for one learner's steps)"),
         ("INFO", "4 learner ranks x train.batch_size=2 x train.gradient_accumulation_steps=3: 24 rows per optimizer "
                  "step (train.batch_size is per rank; divide it by 4 for one learner's steps)"),
-        ("WARNING", "resources.mode=inline runs one learner, not resources.num_learners=2: each optimizer step takes "
-                    "8 rows here against 16 on 2 Ray ranks"),
+        ("INFO", "resources.mode=inline runs one learner for resources.num_learners=2 ranks: it trains on their "
+                 "minibatches, 2 x train.batch_size=8 = 16 rows in one forward pass, and takes the optimizer steps 2 "
+                 "Ray ranks take (16 rows each)"),
     ]
 
 # --- rewards and devices -----------------------------------------------------------------------
