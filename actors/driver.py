@@ -125,7 +125,7 @@ def train(
     held_out = config.evaluation.prompts_file
     eval_prompts = read_prompt_file(held_out, option="evaluation.prompts_file") if held_out else []
     workers = make_workers(config)
-    outputs = None
+    outputs = bar = None
     try:
         tracker, start = _restore(run, config, workers) if resume else (_new_tracker(config), 0)
         weights = workers.get_weights()
@@ -178,7 +178,17 @@ def train(
             # resumed after the last epoch's checkpoint, its held-out evaluation unfinished (interrupted, a learner lost)
             evaluate_held_out(last, weights, eval_prompts, config=config, run=run, workers=workers)
         run.save_final_lora(weights, config)
+    except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C; SIGTERM (`ray job stop`, kill) exits through sys.exit
+        if bar is not None:
+            bar.close()  # the line below on a line of its own
+        latest = run.latest_checkpoint()
+        kept = f"the last checkpoint, {latest.name}, is kept" if latest else "no checkpoint yet"
+        log.warning("%s; %s: continue with `texforce train --resume %s`",
+                    "interrupted" if isinstance(stop, KeyboardInterrupt) else "stopped", kept, run.path)
+        raise
     finally:
+        if bar is not None:
+            bar.close()  # before anything the caller prints (a second close does nothing)
         try:
             if outputs is not None:
                 outputs.close()  # everything queued is on disk when train returns or stops

@@ -56,9 +56,13 @@ def _loaded_types(names: tuple[str, ...]) -> tuple[type[BaseException], ...]:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run a parsed subcommand (`args.func`). A user error becomes one line on stderr and exit
-    code 2; a run that stops (RUN_STOPS) one line and exit code 1; anything else propagates."""
+    code 2; a run that stops (RUN_STOPS) one line and exit code 1; Ctrl-C one line and 130 (the shell's
+    128 + SIGINT); anything else propagates."""
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a bug: what was kept is logged where it is known
+        print(f"texforce {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as error:
         if isinstance(error, _loaded_types(USER_ERRORS)):
             code = 2

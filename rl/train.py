@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -47,9 +48,19 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from actors.driver import summarize, train  # train() runs the preflight checks first
 
-    run_dir = train(config, resume=args.resume)
+    # SIGTERM (kill, a scheduler's stop) ends the run as Ctrl-C does, through its cleanup: outputs flushed, actors
+    # stopped, the resume command logged. Ray's driver sets the same kind of handler once it connects.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        run_dir = train(config, resume=args.resume)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(summarize(run_dir))
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    sys.exit(128 + signum)
 
 
 def load_run_config(args: argparse.Namespace) -> TexForceConfig:

@@ -3,8 +3,10 @@
 A user error is one line on stderr and exit code 2, before any work: no run directory is left
 behind, so the same command, corrected, starts cleanly. A bug still raises (a traceback).
 """
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,37 @@ def test_resume_rejects_a_second_config(capsys, tmp_path):
 def test_python_m_rl_train_is_the_same_entry():
     out = subprocess.run([sys.executable, "-m", "rl.train", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "--resume RUN_DIR" in out.stdout and "section.key=value" in out.stdout
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "stopped")])
+def test_ctrl_c_or_sigterm_stops_without_a_traceback_and_the_run_resumes_from_what_it_kept(
+        tiny_sd_dir, tmp_path, sig, code, word):
+    """SIGINT mid-run (as Ctrl-C sends it) or SIGTERM (kill, a scheduler's stop): no traceback, a warning naming the
+    kept checkpoint and the resume command, exit code 128 + the signal (Ctrl-C also one line saying so); resuming
+    finishes the run."""
+    command = [sys.executable, "-m", "rl.train", *tiny_args(tiny_sd_dir, tmp_path, "num_epochs=1000")[1:]]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = RunDirectory(tmp_path / "r")
+    try:
+        while run.latest_checkpoint() is None:  # epoch 0 is checkpointed: the loop is running
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.1)
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == code and "Traceback" not in stderr, stderr
+    latest = run.latest_checkpoint()
+    warning = f"{word}; the last checkpoint, {latest.name}, is kept: continue with `texforce train --resume {run.path}`"
+    lines = stderr.strip().splitlines()
+    assert warning in lines[-1 if sig == signal.SIGTERM else -2]
+    assert sig == signal.SIGTERM or lines[-1] == "texforce train: interrupted"
+    done = int(latest.name.removeprefix("epoch_")) + 1
+    epochs = [row["epoch"] for row in run.read_metrics()]  # every checkpointed epoch's row (and maybe the next's)
+    assert epochs[:done] == list(range(done)) and len(epochs) in (done, done + 1)
+    assert cli.main(["train", "--resume", str(run.path), f"num_epochs={done + 1}"]) == 0
+    assert [row["epoch"] for row in run.read_metrics()][-2:] == [done - 1, done]
+    assert (run.final_lora / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_existing_run_directory_is_not_overwritten(tiny_sd_dir, tmp_path, capsys):
