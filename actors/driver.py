@@ -128,6 +128,9 @@ def train(
     outputs = bar = None
     try:
         tracker, start = _restore(run, config, workers) if resume else (_new_tracker(config), 0)
+        if start >= config.num_epochs:
+            log.info("the run has finished its num_epochs=%d; pass num_epochs=N with --resume to train more",
+                     config.num_epochs)
         weights = workers.get_weights()
         batches = _Batches(config, prompts, _sampling_weights(config, workers, weights))
         if start == 0 and not any(row["epoch"] == -1 for row in run.read_evaluations()):

@@ -77,7 +77,14 @@ def load_run_config(args: argparse.Namespace) -> TexForceConfig:
                 f"--resume {run.path} is not a run directory (no config.yaml); pass the output_dir/run_name "
                 "folder that `texforce train` created"
             )
-        return load_config(run.config_path, args.overrides)
+        config = load_config(run.config_path, args.overrides)
+        latest = run.latest_checkpoint()
+        finished = int(latest.name.removeprefix("epoch_")) + 1 if latest else 0
+        if config.num_epochs < finished:
+            raise ConfigError(f"--resume {run.path} has finished {finished} epochs (its last checkpoint is "
+                              f"{latest.name}); num_epochs={config.num_epochs} would end before that: pass "
+                              f"num_epochs={finished} or more")
+        return config
     return load_config(args.config, args.overrides)
 
 

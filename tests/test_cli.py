@@ -90,6 +90,21 @@ def test_ctrl_c_or_sigterm_stops_without_a_traceback_and_the_run_resumes_from_wh
     assert (run.final_lora / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_resume_refuses_fewer_epochs_than_the_run_has_finished(tiny_sd_dir, tmp_path, capsys, caplog):
+    assert cli.main(tiny_args(tiny_sd_dir, tmp_path, "num_epochs=2")) == 0
+    capsys.readouterr()
+    run = RunDirectory(tmp_path / "r")
+    config_text = run.config_path.read_text()
+    line = one_line_error(capsys, cli.main(["train", "--resume", str(run.path), "num_epochs=1"]))
+    assert line == (f"texforce train: --resume {run.path} has finished 2 epochs (its last checkpoint is epoch_0001); "
+                    "num_epochs=1 would end before that: pass num_epochs=2 or more")
+    assert run.config_path.read_text() == config_text  # the refused override is not saved
+    with caplog.at_level("INFO", logger="texforce"):
+        assert cli.main(["train", "--resume", str(run.path)]) == 0
+    assert "the run has finished its num_epochs=2; pass num_epochs=N with --resume to train more" in caplog.text
+    assert [row["epoch"] for row in run.read_metrics()] == [0, 1]
+
+
 def test_existing_run_directory_is_not_overwritten(tiny_sd_dir, tmp_path, capsys):
     from rl.config import load_config
     from rl.run_dir import RunDirectory
