@@ -14,7 +14,7 @@ from rl.algorithms import get_algorithm
 from rl.config import ConfigError, SampleConfig, TexForceConfig
 from rl.lora import check_lora_targets
 from rl.models import check_device, check_model, load_tokenizer, vae_scale_factor
-from rl.prompts import load_prompts, read_prompt_file, warn_long_prompts
+from rl.prompts import load_prompts, read_prompt_file, warn_long_prompts, warn_trained_evaluation_prompts
 
 log = logging.getLogger("texforce")
 
@@ -29,7 +29,9 @@ def preflight(config: TexForceConfig) -> None:
     describe_step_rows(config)
     prompts = load_prompts(config.prompts)
     if config.evaluation.prompts_file is not None:
-        prompts = prompts + read_prompt_file(config.evaluation.prompts_file, option="evaluation.prompts_file")
+        held_out = read_prompt_file(config.evaluation.prompts_file, option="evaluation.prompts_file")
+        warn_trained_evaluation_prompts(prompts, held_out)
+        prompts = prompts + held_out
     if get_algorithm(config.train.algorithm).learner == "gradient":
         from rl.gradient import check_differentiable, reward_spec
 

@@ -68,6 +68,20 @@ def warn_long_prompts(prompts: list[str], tokenizer, *, source: str) -> int:
     return len(long)
 
 
+def warn_trained_evaluation_prompts(train: list[str], evaluation: list[str]) -> int:
+    """Log one warning when held-out prompts are also trained on (compared ignoring case and spacing): their gain
+    would not measure generalisation. Returns how many distinct evaluation prompts are trained on."""
+    def key(prompt: str) -> str:
+        return " ".join(prompt.lower().split())
+
+    trained = {key(p) for p in train}
+    seen = sorted({p for p in evaluation if key(p) in trained})
+    if seen:
+        log.warning("%d of %d evaluation prompts (evaluation.prompts_file) are also training prompts, e.g. %r: the "
+                    "held-out gain is then partly a training one", len(seen), len(set(evaluation)), seen[0][:80])
+    return len(seen)
+
+
 def epoch_prompts(
     prompts: list[str], *, seed: int, epoch: int, num_samples: int, group_size: int = 1, order: str = "random"
 ) -> tuple[list[str], list[int]]:

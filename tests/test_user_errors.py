@@ -4,6 +4,7 @@ import json
 import logging
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,6 +163,20 @@ def test_long_prompts_warn_once_naming_how_many(tiny_sd_dir, tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert warnings[0].startswith(f"2 of 3 prompts in {path} are longer than the tokenizer's 77 tokens and will be truncated")
+
+
+def test_evaluation_prompts_that_are_also_trained_on_warn_once(tiny_sd_dir, tmp_path, caplog):
+    train, held_out = tmp_path / "train.txt", tmp_path / "held_out.txt"
+    train.write_text("a red ball\na blue car\n")
+    held_out.write_text("a green cup\nA  Red ball\n")  # the same prompt, other case and spacing
+    with caplog.at_level(logging.WARNING, logger="texforce"):
+        preflight(tiny_config(tiny_sd_dir, f"prompts.file={train}", f"evaluation.prompts_file={held_out}"))
+        root = Path(__file__).resolve().parents[1] / "configs"  # the demo's two sets share no prompt
+        preflight(tiny_config(tiny_sd_dir, f"prompts.file={root / 'prompts_toy_train.txt'}",
+                              f"evaluation.prompts_file={root / 'prompts_toy_held_out.txt'}"))
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "1 of 2 evaluation prompts (evaluation.prompts_file) are also training prompts, e.g. 'A  Red ball': the "
+        "held-out gain is then partly a training one"]
 
 
 def test_each_learner_warns_that_it_ignores_the_others_kl_penalty(tiny_sd_dir, caplog):
