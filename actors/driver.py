@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -75,6 +77,10 @@ def connect_ray(config: TexForceConfig) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    if threading.current_thread() is threading.main_thread():
+        # ray.init makes SIGTERM a sys.exit, then its core worker puts a native handler in front that dumps a stack
+        # and aborts the process: hand the signal back to Python, so a stopped job runs the driver's cleanup
+        signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
 
 
 def make_workers(config: TexForceConfig):
