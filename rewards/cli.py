@@ -25,7 +25,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     list_parser = rewards_sub.add_parser("list", help="each reward, whether it is differentiable, its files")
     list_parser.set_defaults(func=cmd_list)
 
-    score = sub.add_parser("score", formatter_class=DefaultsHelpFormatter, help="score a directory of images and write per-image scores to parquet")
+    score = sub.add_parser("score", formatter_class=DefaultsHelpFormatter,
+                           help="score a directory of images and write per-image scores to parquet")
     score.add_argument("--reward", required=True, help="a reward name or 'name:w,name:w' (see `rewards list`)")
     score.add_argument("--images", required=True, type=Path, help="directory of images, scored in sorted order")
     score.add_argument("--prompts", required=True, type=Path,

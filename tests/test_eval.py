@@ -61,9 +61,19 @@ def test_eval_cli_writes_scores_summary_and_grid(tiny_sd_dir, lora_pair, tmp_pat
     assert summary["alphas"] == [0.7, 0.3]
     assert (out / "grid.png").stat().st_size > 1000
 
-    assert main(argv[:-1] + [str(tmp_path / "again")]) == 0  # same seeds, same scores
+    assert main(argv[:-1] + [str(tmp_path / "again"), "--save-images"]) == 0  # same seeds, same scores
     again = pq.read_table(tmp_path / "again" / "scores.parquet").to_pydict()
     assert again["color_alignment"] == table["color_alignment"]
+    assert not (out / "images").exists()  # only when asked
+    # the saved images and prompts, scored by `texforce score`, score as the evaluation scored them
+    images = tmp_path / "again" / "images"
+    assert sorted(p.name for p in images.iterdir()) == [f"{i:05d}.png" for i in range(6)] + ["prompts.txt"]
+    assert (images / "prompts.txt").read_text().splitlines() == table["prompt"]
+    assert main(["score", "--reward", "color_alignment,brightness", "--images", str(images), "--prompts",
+                 str(images / "prompts.txt"), "--out", str(tmp_path / "rescored.parquet")]) == 0
+    rescored = pq.read_table(tmp_path / "rescored.parquet").to_pydict()
+    for name in ("color_alignment", "brightness"):
+        np.testing.assert_allclose(rescored[name], table[name], rtol=1e-6)
 
 
 def test_cached_pipeline_with_swapped_loras_matches_a_fresh_load(tiny_sd_dir, lora_pair):
@@ -155,3 +165,12 @@ def test_eval_refuses_existing_outputs_before_the_work(eval_args, tmp_path, caps
     line = one_line_error(capsys, main(eval_args))
     assert line == f"texforce eval: {tmp_path / 'eval' / 'summary.json'} already exists; remove it or choose another --out"
     assert (tmp_path / "eval" / "summary.json").read_text() == "{}"
+
+
+def test_eval_refuses_an_existing_images_folder_only_when_it_would_write_one(eval_args, tmp_path, capsys):
+    from rl.cli import main
+
+    (tmp_path / "eval" / "images").mkdir(parents=True)
+    line = one_line_error(capsys, main([*eval_args, "--save-images"]))
+    images = tmp_path / "eval" / "images"
+    assert line == f"texforce eval: {images} already exists; remove it or choose another --out"

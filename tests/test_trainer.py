@@ -117,7 +117,8 @@ def test_two_learners_match_one_learner_on_the_union_batch(ray_session, tiny_sd_
     single_metrics = combine_rank_metrics([learner.update(Trajectories.cat(samples), advantages)])
     inline = InlineWorkers(two)  # the same config inline: one learner, on the ranks' minibatches
     inline.update(Trajectories.cat(samples), advantages)
-    assert all(torch.equal(inline.get_weights().text_encoder[k], v) for k, v in learner.get_weights().text_encoder.items())
+    inline_weights = inline.get_weights().text_encoder
+    assert all(torch.equal(inline_weights[k], v) for k, v in learner.get_weights().text_encoder.items())
 
     workers = RayWorkers(two)
     try:

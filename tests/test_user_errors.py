@@ -196,7 +196,8 @@ def test_each_learner_warns_that_it_ignores_the_others_kl_penalty(tiny_sd_dir, c
 
 
 
-def test_several_learner_ranks_say_how_many_rows_a_step_averages_and_inline_that_it_takes_their_steps(tiny_sd_dir, caplog):
+def test_several_learner_ranks_say_how_many_rows_a_step_averages_and_inline_that_it_takes_their_steps(
+        tiny_sd_dir, caplog):
     with caplog.at_level(logging.INFO, logger="texforce"):
         preflight(tiny_config(tiny_sd_dir, "train.batch_size=8"))
         assert not [r for r in caplog.records if "rows per optimizer step" in r.getMessage()]

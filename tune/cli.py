@@ -22,21 +22,28 @@ from rl.cli import DefaultsHelpFormatter
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     """Register fuse, eval and tune on the `texforce` parser."""
-    fuse = sub.add_parser("fuse", formatter_class=DefaultsHelpFormatter, help="fuse LoRAs exactly: sum_i alpha_i * deltaW_i, written as one LoRA file")
+    fuse = sub.add_parser("fuse", formatter_class=DefaultsHelpFormatter,
+                          help="fuse LoRAs exactly: sum_i alpha_i * deltaW_i, written as one LoRA file")
     fuse.add_argument("--lora", action="append", required=True, metavar="PATH[:ALPHA]",
                       help="a LoRA .safetensors file (or directory) and its weight (default 1); repeat per LoRA")
     fuse.add_argument("--out", required=True, type=Path, help="output .safetensors file (or directory)")
     fuse.set_defaults(func=_fuse)
 
-    ev = sub.add_parser("eval", formatter_class=DefaultsHelpFormatter, help="score a (fused) model on a fixed, seeded evaluation set")
+    ev = sub.add_parser("eval", formatter_class=DefaultsHelpFormatter,
+                        help="score a (fused) model on a fixed, seeded evaluation set")
     _add_model_args(ev)
     ev.add_argument("--lora", action="append", default=[], metavar="PATH[:ALPHA]",
                     help="LoRA to apply with weight ALPHA (default 1); several are fused exactly; none = base model")
     ev.add_argument("--reward", required=True, help="reward name(s), e.g. 'color_alignment' or 'imagereward,aesthetic'")
     ev.add_argument("--out", type=Path, default=Path("eval"), help="directory for scores.parquet, summary.json, grid.png")
+    ev.add_argument("--save-images", action="store_true",
+                    help="also write each image to OUT/images/NNNNN.png (the parquet's `image` order) with "
+                         "OUT/images/prompts.txt, one prompt per image: `texforce score --images OUT/images --prompts "
+                         "OUT/images/prompts.txt --reward ...` scores them with another reward without sampling again")
     ev.set_defaults(func=_eval)
 
-    tu = sub.add_parser("tune", formatter_class=DefaultsHelpFormatter, help="Ray Tune sweep over the fusion weights alpha_i")
+    tu = sub.add_parser("tune", formatter_class=DefaultsHelpFormatter,
+                        help="Ray Tune sweep over the fusion weights alpha_i")
     _add_model_args(tu)
     tu.add_argument("--lora", action="append", required=True, metavar="PATH",
                     help="a LoRA to fuse (repeat); its alpha is searched")
@@ -142,17 +149,20 @@ def _fuse(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tune.evaluate import output_paths, write_outputs
+    from tune.evaluate import output_paths, save_images, write_outputs
     from tune.fusion import parse_lora_arg
     from tune.worker import evaluate_alphas
 
     items = [parse_lora_arg(text) for text in args.lora]
     alphas = [1.0 if item.alpha is None else item.alpha for item in items]
-    _refuse_existing(list(output_paths(args.out).values()))
+    images_dir = args.out / "images"
+    _refuse_existing([*output_paths(args.out).values(), *([images_dir] if args.save_images else [])])
     job = _job(args, [item.path for item in items], args.reward, local_device=True)
     result = evaluate_alphas(job, alphas, progress=True)
     extra = {"model": job.model, "loras": list(job.loras), "alphas": alphas, "reward": job.reward, "eval": vars(job.settings)}
     paths = write_outputs(result, args.out, extra=extra)
+    if args.save_images:
+        paths["images"] = save_images(result.images, result.prompts, images_dir)
     for name, s in result.summary().items():
         print(f"{name:>24s}: {s['mean']:.4f} +- {s['sem']:.4f} (std {s['std']:.4f}, n {s['n']})")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

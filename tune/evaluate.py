@@ -144,6 +144,19 @@ def output_paths(out_dir: str | Path) -> dict[str, Path]:
     return {"scores": out_dir / "scores.parquet", "summary": out_dir / "summary.json", "grid": out_dir / "grid.png"}
 
 
+def save_images(images: torch.Tensor, prompts: list[str], directory: str | Path) -> Path:
+    """Each uint8 image [N, 3, H, W] as `directory`/NNNNN.png (lossless: scored again, it scores the same) and
+    `directory`/prompts.txt, line i the prompt of image i: the layout `texforce score` reads."""
+    from PIL import Image
+
+    directory = Path(directory)
+    directory.mkdir(parents=True)
+    for i, image in enumerate(images.permute(0, 2, 3, 1).cpu().numpy()):
+        Image.fromarray(image).save(directory / f"{i:05d}.png")
+    (directory / "prompts.txt").write_text("".join(f"{p}\n" for p in prompts))
+    return directory
+
+
 def write_outputs(result: EvalResult, out_dir: str | Path, *, extra: dict | None = None, columns: int = 8) -> dict[str, Path]:
     """scores.parquet (prompt, seed, image index, one column per reward), summary.json, grid.png."""
     import pyarrow as pa
