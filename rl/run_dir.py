@@ -125,6 +125,11 @@ class RunDirectory:
         done = self.complete_checkpoints()
         return done[-1] if done else None
 
+    def checkpointed_epochs(self) -> int:
+        """How many epochs the newest complete checkpoint holds: epoch_NNNN holds NNNN + 1 (0 without one)."""
+        latest = self.latest_checkpoint()
+        return int(latest.name.removeprefix("epoch_")) + 1 if latest else 0
+
     def complete_checkpoints(self) -> list[Path]:
         """Checkpoint folders whose save finished (driver.json is written last), oldest first."""
         return sorted(p for p in self.checkpoints.glob("epoch_*") if (p / "driver.json").exists())

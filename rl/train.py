@@ -78,12 +78,11 @@ def load_run_config(args: argparse.Namespace) -> TexForceConfig:
                 "folder that `texforce train` created"
             )
         config = load_config(run.config_path, args.overrides)
-        latest = run.latest_checkpoint()
-        finished = int(latest.name.removeprefix("epoch_")) + 1 if latest else 0
+        finished = run.checkpointed_epochs()
         if config.num_epochs < finished:
             raise ConfigError(f"--resume {run.path} has finished {finished} epochs (its last checkpoint is "
-                              f"{latest.name}); num_epochs={config.num_epochs} would end before that: pass "
-                              f"num_epochs={finished} or more")
+                              f"{run.latest_checkpoint().name}); num_epochs={config.num_epochs} would end before "
+                              f"that: pass num_epochs={finished} or more")
         return config
     return load_config(args.config, args.overrides)
 
