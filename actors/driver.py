@@ -139,9 +139,12 @@ def train(
                      config.num_epochs)
         weights = workers.get_weights()
         batches = _Batches(config, prompts, _sampling_weights(config, workers, weights))
+        base = None
         if start == 0 and not any(row["epoch"] == -1 for row in run.read_evaluations()):
-            evaluate_held_out(-1, weights, eval_prompts, config=config, run=run, workers=workers)
+            base = evaluate_held_out(-1, weights, eval_prompts, config=config, run=run, workers=workers)
         outputs = EpochOutputs(run, title=f"{config.run_name}: {config.reward.spec}")
+        if base is not None:
+            outputs.write_evaluation(base)
         bar = tqdm(total=config.num_epochs, initial=start, desc="epochs")
         learner_failures = 0
         epoch = start
@@ -173,8 +176,9 @@ def train(
             stop = bool(on_epoch_end(epoch, row)) if on_epoch_end is not None else False
             every = config.evaluation.every
             if stop or epoch == config.num_epochs - 1 or (every and (epoch + 1) % every == 0):
-                evaluate_held_out(epoch, weights, eval_prompts, config=config, run=run, workers=workers)
-                outputs.redraw_curve()  # with the new held-out point
+                evaluation = evaluate_held_out(epoch, weights, eval_prompts, config=config, run=run, workers=workers)
+                if evaluation is not None:
+                    outputs.write_evaluation(evaluation)  # TensorBoard, and the curve with the new held-out point
             bar.update(1)
             progress = {"kl": f"{row['approx_kl']:.1e}"} if "approx_kl" in row else {"loss": f"{row['loss']:.4f}"}
             bar.set_postfix(reward=f"{row['reward_mean']:.4f}", **progress)
@@ -185,7 +189,9 @@ def train(
         last = config.num_epochs - 1
         if epoch == config.num_epochs and not any(row["epoch"] == last for row in run.read_evaluations()):
             # resumed after the last epoch's checkpoint, its held-out evaluation unfinished (interrupted, a learner lost)
-            evaluate_held_out(last, weights, eval_prompts, config=config, run=run, workers=workers)
+            evaluation = evaluate_held_out(last, weights, eval_prompts, config=config, run=run, workers=workers)
+            if evaluation is not None:
+                outputs.write_evaluation(evaluation)
         run.save_final_lora(weights, config)
     except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C; SIGTERM (`ray job stop`, kill) exits through sys.exit
         if bar is not None:
@@ -425,14 +431,14 @@ def _gradient_phases(epoch: int, weights: PolicyWeights, prompts: list[str], see
 
 
 def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *, config: TexForceConfig,
-                      run: RunDirectory, workers) -> None:  # fmt: skip
+                      run: RunDirectory, workers) -> dict | None:  # fmt: skip
     """Score the policy `weights` (trained through `epoch`; -1 = the base model) on the evaluation
-    `prompts` (evaluation.prompts_file; none: nothing to do).
+    `prompts` (evaluation.prompts_file; none: nothing to do, None returned).
 
     The same fixed (prompt, seed) pairs every time, sampled with the policy's steps and guidance
     at `evaluation.eta` (default the policy's own) by the same samplers and reward actors (a gradient learner's own
     ranks: its group has none); appends a row
-    to evaluation.parquet and saves each prompt's first image in grids/eval_epoch_NNNN.png
+    to evaluation.parquet, returned, and saves each prompt's first image in grids/eval_epoch_NNNN.png
     (eval_before_training.png for the base model).
     """
     from tqdm.auto import tqdm
@@ -440,7 +446,7 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
     from tune.evaluate import EvalSettings, eval_set, paired_gain, summarize
 
     if not prompts:
-        return
+        return None
     s = config.sample
     settings = EvalSettings(num_seeds=config.evaluation.num_seeds, base_seed=config.evaluation.seed_base,
                             num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=config.evaluation_eta)  # fmt: skip
@@ -473,7 +479,8 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
     if images is not None:
         save_image_grid(images, _captions([eval_prompts[i] for i in first], scores.scores[first]),
                         run.grids / ("eval_before_training.png" if epoch < 0 else f"eval_epoch_{epoch:04d}.png"))
-    log.info("held-out reward after epoch %d: %.4f +- %.4f (%d images)", epoch, reward["mean"], reward["sem"], len(eval_prompts))
+    log.info("held-out reward %s: %.4f +- %.4f (%d images)", when, reward["mean"], reward["sem"], len(eval_prompts))
+    return row
 
 
 def _grid_images(rollout: Rollout, rows: list[int], what: str) -> torch.Tensor | None:

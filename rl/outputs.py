@@ -63,8 +63,7 @@ class EpochOutputs:
     def _write(self, row: dict, images: torch.Tensor | None, captions: list[str], plots: bool) -> None:
         epoch = row["epoch"]
         rows = self.run.append_metrics(row)
-        for key, value in row.items():
-            self.writer.add_scalar(key, value, epoch)
+        self._add_scalars(row, epoch)
         if plots:
             t0 = time.perf_counter()
             if images is not None:
@@ -78,6 +77,20 @@ class EpochOutputs:
         self._raise_failed()
         self.curve_behind = False
         self.pending.append(self.executor.submit(lambda: self._draw_curve(self.run.read_metrics())))
+
+    def write_evaluation(self, row: dict) -> None:
+        """Queue a held-out evaluation's row (evaluation.parquet's) for TensorBoard, as `held_out/<key>` at step
+        epochs trained (0: the base model), then the reward curve with its point."""
+        self._raise_failed()
+        step = row["epoch"] + 1
+        scalars = {key: value for key, value in row.items()
+                   if key.startswith("reward_") and key != "reward_spec" and value is not None}
+        self.pending.append(self.executor.submit(self._add_scalars, scalars, step, prefix="held_out/"))
+        self.redraw_curve()
+
+    def _add_scalars(self, scalars: dict, step: int, *, prefix: str = "") -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(prefix + key, value, step)
 
     def _draw_curve(self, rows: list[dict]) -> None:
         save_reward_curve(rows, self.run.reward_curve, title=self.title, held_out=self.run.read_evaluations())

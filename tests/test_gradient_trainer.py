@@ -101,6 +101,16 @@ def test_a_gradient_run_scores_held_out_prompts_on_its_learner_as_texforce_eval_
     gain = paired_gain(np.asarray(before["rewards"]), np.asarray(after["rewards"]))
     assert after["reward_gain"] == pytest.approx(gain["mean"]) and after["reward_gain_sem"] == pytest.approx(gain["sem"])
     assert (straight.grids / "eval_before_training.png").exists() and (straight.grids / "eval_epoch_0002.png").exists()
+    # and TensorBoard has them at step = epochs trained, beside the training scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(straight.tensorboard))
+    events.Reload()
+    assert {"held_out/reward_mean", "held_out/reward_sem", "held_out/reward_gain", "reward_mean"} <= set(
+        events.Tags()["scalars"])
+    means = [(e.step, e.value) for e in events.Scalars("held_out/reward_mean")]
+    assert means == [(0, pytest.approx(before["reward_mean"])), (3, pytest.approx(after["reward_mean"]))]
+    assert [(e.step, e.value) for e in events.Scalars("held_out/reward_gain")] == [(3, pytest.approx(gain["mean"]))]
 
 
 def test_a_learners_evaluation_scores_with_its_own_reward_model_unless_evaluation_reward_names_another(
