@@ -530,7 +530,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override '{item}' is not of the form section.key=value")
         dotted, raw = item.split("=", 1)
         parts = dotted.strip().split(".")
-        _check_override_key(parts, item)
+        annotation = _check_override_key(parts, item)
         node = data
         for depth, part in enumerate(parts[:-1]):
             if not isinstance(node.get(part) or {}, dict):
@@ -539,30 +539,44 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node[part] = dict(node.get(part) or {})
             node = node[part]
         try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+            node[parts[-1]] = _override_value(raw, annotation)
         except yaml.YAMLError as error:
             raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(error)})") from None
     return data
 
 
-def _check_override_key(parts: list[str], item: str) -> None:
-    """Reject `num_epochs.x=1` (a value used as a section) and empty key parts; unknown keys are
-    left to `from_dict`, which suggests the closest valid one."""
+def _check_override_key(parts: list[str], item: str) -> Any:
+    """Reject `num_epochs.x=1` (a value used as a section) and empty key parts; returns the type of the value
+    the key sets (None for an unknown key: `from_dict` rejects it, suggesting the closest valid one)."""
     if not all(parts):
         raise ConfigError(f"override '{item}' has an empty key part; write section.key=value")
     cls: Any = TexForceConfig
     for depth, part in enumerate(parts[:-1]):
         hints = typing.get_type_hints(cls)
         if part not in hints:
-            return
+            return None
         annotation = hints[part]
         if dataclasses.is_dataclass(annotation):
             cls = annotation
             continue
         if typing.get_origin(annotation) is dict and depth == len(parts) - 2:
-            return  # reward.paths.<key>=...
+            return typing.get_args(annotation)[1]  # reward.paths.<key>=...
         prefix = ".".join(parts[: depth + 1])
         raise ConfigError(f"override '{item}': {prefix} is a value, not a section; write {prefix}=VALUE")
+    return typing.get_type_hints(cls).get(parts[-1])
+
+
+def _override_value(raw: str, annotation: Any) -> Any:
+    """An override's value: YAML, except for a text setting (a prompt, a path), which is taken as written unless it
+    is quoted or null: YAML would cut `blurry, #lowres` at its comment and read `a: b` as a mapping."""
+    text = raw.strip()
+    if not text:
+        return ""
+    is_text = annotation is str or (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+                                    and set(typing.get_args(annotation)) == {str, type(None)})
+    if is_text and text not in ("null", "Null", "NULL", "~") and text[0] not in "'\"":
+        return text
+    return yaml.safe_load(text)
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:

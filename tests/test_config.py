@@ -31,6 +31,17 @@ def test_yaml_then_overrides(tmp_path):
     assert load_config(tmp_path / "out.yaml") == c
 
 
+def test_an_override_of_a_text_setting_is_taken_as_written():
+    """A prompt or a path is not YAML-parsed: YAML would cut `blurry, #lowres` at its comment, read `a: b` as a
+    mapping and `123` as a number. Quoted, it is YAML's string; `null` is None where the setting allows it."""
+    c = load_config(None, ["sample.negative_prompt=blurry, #lowres: bad", "model.pretrained=/models/sd #2",
+                           "reward.paths.x=/ckpt/a: b", "run_name=123", "evaluation.reward='quoted'",
+                           "evaluation.prompts_file=null", "sample.num_steps=7", "lora.text_encoder_targets=q_proj"])
+    assert c.sample.negative_prompt == "blurry, #lowres: bad" and c.model.pretrained == "/models/sd #2"
+    assert c.reward.paths == {"x": "/ckpt/a: b"} and c.run_name == "123" and c.evaluation.reward == "quoted"
+    assert c.evaluation.prompts_file is None and c.sample.num_steps == 7 and c.lora.text_encoder_targets == ["q_proj"]
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -188,7 +199,7 @@ def test_every_setting_has_its_doc_line():
 @pytest.mark.parametrize("path", [None, *SHIPPED_CONFIGS])
 def test_the_documented_config_loads_back_to_the_same_config(path, tmp_path):
     config = load_config(path, ["train.learning_rate=1e-3", "lora.text_encoder_targets=q_proj,v_proj",
-                                "reward.paths.x=/a b"])
+                                "reward.paths.x=/a b", "sample.negative_prompt=blurry, #lowres: 'bad'"])
     text = documented_yaml(config)
     printed = tmp_path / "printed.yaml"
     printed.write_text(text)
