@@ -8,6 +8,11 @@ Tolerance: the sweep's best objective is within 5% of the grid's objective range
 grid's best.
 """
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -23,6 +28,7 @@ from tune.worker import FusionJob, evaluate_alphas
 PROMPTS = ("a red ball", "a blue car", "a green tree", "a yellow house")
 SETTINGS = EvalSettings(num_seeds=1, num_steps=4, guidance_scale=5.0, eta=0.0, batch_size=4)
 ALPHA_MAX = 2.0
+ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.05  # of the dense grid's objective range
 
 
@@ -93,6 +99,34 @@ def test_sweep_finds_alphas_near_the_best_of_a_dense_grid(ray_session, job, tiny
     assert main([*argv[:5], *argv[7:], *small]) == 0  # the raising LoRA alone; the last --alpha-max, --out win
     assert json.loads((tmp_path / "small" / "best.json").read_text())["at_alpha_max"] == ["alpha_1"]
     assert "note: the best trial has alpha_1 at the top of the box (--alpha-max 0.5)" in capsys.readouterr().out
+
+
+def test_ctrl_c_ends_a_sweep_with_the_finished_trials_outputs(tiny_sd_dir, directed_loras, tmp_path):
+    """Tune catches SIGINT and stops its trials; `texforce tune` writes what the finished ones found, says how many of
+    how many finished, and exits 130, without the KeyError traceback it ended in (trials cut short have no metrics)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    command = [sys.executable, "-m", "tune.cli", "tune", "--model", tiny_sd_dir, "--lora", directed_loras[0],
+               "--lora", directed_loras[1], "--prompts", str(prompts), "--objective", "color_alignment",
+               "--num-samples", "200", "--seeds", "1", "--steps", "2", "--device", "cpu", "--max-concurrent", "1",
+               "--num-cpus", "1", "--out", str(tmp_path / "sweep")]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the session's
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stdout:  # a trial has finished: the sweep is running
+            if line.startswith("trial "):
+                break
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    rows = pq.read_table(tmp_path / "sweep" / "results.parquet").to_pylist()
+    assert 1 <= len(rows) < 200 and all(np.isfinite(r["objective"]) for r in rows)
+    assert stderr.strip().splitlines()[-1] == (f"texforce tune: interrupted after {len(rows)} of 200 trials; the "
+                                               "outputs are theirs")
+    best = json.loads((tmp_path / "sweep" / "best.json").read_text())
+    assert best["objective"] == max(r["objective"] for r in rows)
 
 
 def test_search_space_helpers():

@@ -212,6 +212,11 @@ def _tune(args: argparse.Namespace) -> int:
               f"(--alpha-max {settings.alpha_max:g}); the objective may keep rising past it: "
               f"a sweep with a larger --alpha-max tells")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    asked = settings.num_trials(len(args.lora))
+    if len(rows) < asked:  # Ctrl-C: Tune stopped the sweep; the outputs above are the finished trials'
+        print(f"texforce tune: interrupted after {len(rows)} of {asked} trials; the outputs are theirs",
+              file=sys.stderr)
+        return 130
     return 0
 
 

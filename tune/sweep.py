@@ -63,6 +63,10 @@ class SweepSettings:
                 raise ConfigError(message)
         return resolve_search(self.search)
 
+    def num_trials(self, num_loras: int) -> int:
+        """How many trials the sweep runs: K^N on a grid, else num_samples."""
+        return self.grid ** num_loras if self.search == "grid" else self.num_samples
+
 
 def alpha_names(n: int) -> list[str]:
     return [f"alpha_{i + 1}" for i in range(n)]
@@ -181,12 +185,15 @@ def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path) -> l
             callbacks=[_one_line_per_trial(names)],
         ),
     )
-    grid = tuner.fit()
+    grid = tuner.fit()  # on Ctrl-C Tune stops the trials and returns; those cut short have no objective
     errors = [str(r.error) for r in grid if r.error is not None]
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(grid)} trials failed; first error: {errors[0]}")
+    finished = [result for result in grid if "objective" in result.metrics]
+    if not finished:
+        raise KeyboardInterrupt  # the user's Ctrl-C, which Tune caught, before any trial finished
     rows = []
-    for result in grid:
+    for result in finished:
         m = result.metrics
         row = {"trial_id": m.get("trial_id", "")}
         row.update({name: float(m[f"used_{name}"]) for name in names})
