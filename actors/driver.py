@@ -143,8 +143,7 @@ def train(
         if start == 0 and not any(row["epoch"] == -1 for row in run.read_evaluations()):
             base = evaluate_held_out(-1, weights, eval_prompts, config=config, run=run, workers=workers)
         outputs = EpochOutputs(run, title=f"{config.run_name}: {config.reward.spec}")
-        if base is not None:
-            outputs.write_evaluation(base)
+        outputs.write_evaluation(base)
         bar = tqdm(total=config.num_epochs, initial=start, desc="epochs")
         learner_failures = 0
         epoch = start
@@ -176,9 +175,8 @@ def train(
             stop = bool(on_epoch_end(epoch, row)) if on_epoch_end is not None else False
             every = config.evaluation.every
             if stop or epoch == config.num_epochs - 1 or (every and (epoch + 1) % every == 0):
-                evaluation = evaluate_held_out(epoch, weights, eval_prompts, config=config, run=run, workers=workers)
-                if evaluation is not None:
-                    outputs.write_evaluation(evaluation)  # TensorBoard, and the curve with the new held-out point
+                outputs.write_evaluation(  # TensorBoard, and the curve with the new held-out point
+                    evaluate_held_out(epoch, weights, eval_prompts, config=config, run=run, workers=workers))
             bar.update(1)
             progress = {"kl": f"{row['approx_kl']:.1e}"} if "approx_kl" in row else {"loss": f"{row['loss']:.4f}"}
             bar.set_postfix(reward=f"{row['reward_mean']:.4f}", **progress)
@@ -189,9 +187,8 @@ def train(
         last = config.num_epochs - 1
         if epoch == config.num_epochs and not any(row["epoch"] == last for row in run.read_evaluations()):
             # resumed after the last epoch's checkpoint, its held-out evaluation unfinished (interrupted, a learner lost)
-            evaluation = evaluate_held_out(last, weights, eval_prompts, config=config, run=run, workers=workers)
-            if evaluation is not None:
-                outputs.write_evaluation(evaluation)
+            outputs.write_evaluation(evaluate_held_out(last, weights, eval_prompts, config=config, run=run,
+                                                       workers=workers))
         run.save_final_lora(weights, config)
     except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C; SIGTERM (`ray job stop`, kill) exits through sys.exit
         if bar is not None:

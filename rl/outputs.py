@@ -78,9 +78,11 @@ class EpochOutputs:
         self.curve_behind = False
         self.pending.append(self.executor.submit(lambda: self._draw_curve(self.run.read_metrics())))
 
-    def write_evaluation(self, row: dict) -> None:
+    def write_evaluation(self, row: dict | None) -> None:
         """Queue a held-out evaluation's row (evaluation.parquet's) for TensorBoard, as `held_out/<key>` at step
-        epochs trained (0: the base model), then the reward curve with its point."""
+        epochs trained (0: the base model), then the reward curve with its point. None (no evaluation): nothing."""
+        if row is None:
+            return
         self._raise_failed()
         step = row["epoch"] + 1
         scalars = {key: value for key, value in row.items()
