@@ -49,7 +49,6 @@ done, so neither process idles while the last runs train.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -153,10 +152,11 @@ def score_model(job, cache: Path) -> dict[str, np.ndarray]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from tune.lora_io import file_sha256
     from tune.worker import evaluate_alphas
 
     key = json.dumps({"model": job.model, "reward": job.reward, "prompts": list(job.prompts),
-                      "settings": vars(job.settings), "loras": [_sha256(Path(p)) for p in job.loras]}, sort_keys=True)
+                      "settings": vars(job.settings), "loras": [file_sha256(p) for p in job.loras]}, sort_keys=True)
     if cache.exists():
         table = pq.read_table(cache)
         if (table.schema.metadata or {}).get(b"evidence_key", b"").decode() == key:
@@ -168,10 +168,6 @@ def score_model(job, cache: Path) -> dict[str, np.ndarray]:
     pq.write_table(pa.table(scores).replace_schema_metadata({"evidence_key": key}), partial)
     partial.replace(cache)
     return scores
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _logged(function: Callable, log: Path | None, *args, **kwargs):

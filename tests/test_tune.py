@@ -101,32 +101,50 @@ def test_sweep_finds_alphas_near_the_best_of_a_dense_grid(ray_session, job, tiny
     assert "note: the best trial has alpha_1 at the top of the box (--alpha-max 0.5)" in capsys.readouterr().out
 
 
-def test_ctrl_c_ends_a_sweep_with_the_finished_trials_outputs(tiny_sd_dir, directed_loras, tmp_path):
+def test_ctrl_c_keeps_the_finished_trials_and_resume_runs_the_rest(tiny_sd_dir, directed_loras, tmp_path):
     """Tune catches SIGINT and stops its trials; `texforce tune` writes what the finished ones found, says how many of
-    how many finished, and exits 130, without the KeyError traceback it ended in (trials cut short have no metrics)."""
+    how many finished, and exits 130 (it ended in a KeyError traceback: trials cut short have no metrics).
+    `--resume` then runs the rest of the grid, keeps the finished trials without running them again, and writes
+    the outputs of the whole sweep."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS))
+    out = tmp_path / "sweep"
     command = [sys.executable, "-m", "tune.cli", "tune", "--model", tiny_sd_dir, "--lora", directed_loras[0],
                "--lora", directed_loras[1], "--prompts", str(prompts), "--objective", "color_alignment",
-               "--num-samples", "200", "--seeds", "1", "--steps", "2", "--device", "cpu", "--max-concurrent", "1",
-               "--num-cpus", "1", "--out", str(tmp_path / "sweep")]
+               "--grid", "4", "--alpha-max", "2", "--seeds", "1", "--steps", "2", "--device", "cpu",
+               "--max-concurrent", "1", "--num-cpus", "1", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the session's
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for line in process.stdout:  # a trial has finished: the sweep is running
-            if line.startswith("trial "):
+        for line in process.stdout:  # trials 1 and 2 have ended (one at a time): the sweep is running
+            if line.startswith("trial   3"):
                 break
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=300)
     finally:
         process.kill()
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
-    rows = pq.read_table(tmp_path / "sweep" / "results.parquet").to_pylist()
-    assert 1 <= len(rows) < 200 and all(np.isfinite(r["objective"]) for r in rows)
-    assert stderr.strip().splitlines()[-1] == (f"texforce tune: interrupted after {len(rows)} of 200 trials; the "
-                                               "outputs are theirs")
-    best = json.loads((tmp_path / "sweep" / "best.json").read_text())
-    assert best["objective"] == max(r["objective"] for r in rows)
+    first = pq.read_table(out / "results.parquet").to_pylist()
+    assert 3 <= len(first) < 16 and all(np.isfinite(r["objective"]) for r in first)
+    assert stderr.strip().splitlines()[-1] == (f"texforce tune: interrupted after {len(first)} of 16 trials; the "
+                                               f"outputs are theirs; continue with `texforce tune --resume {out}`")
+    best = json.loads((out / "best.json").read_text())
+    assert best["objective"] == max(r["objective"] for r in first)
+
+    resumed = subprocess.run([sys.executable, "-m", "tune.cli", "tune", "--resume", str(out), "--num-cpus", "1"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    grid = {(a, b) for a in (0.0, 2 / 3, 4 / 3, 2.0) for b in (0.0, 2 / 3, 4 / 3, 2.0)}
+    assert len(rows) == 16 and {(round(r["alpha_1"], 6), round(r["alpha_2"], 6)) for r in rows} == {
+        (round(a, 6), round(b, 6)) for a, b in grid}
+    # a trial Tune had marked ended is kept, not run again: the same row, from the same worker process; one
+    # that had reported but not yet ended when SIGINT came runs again
+    kept = [row for row in first if row in rows]
+    ran = [line for line in resumed.stdout.splitlines() if line.startswith("trial ")]
+    assert len(kept) >= 2 and len(ran) == 16 - len(kept) and ran[0].startswith(f"trial {len(kept) + 1:3d}"), ran
+    best = json.loads((out / "best.json").read_text())
+    assert best["objective"] == max(r["objective"] for r in rows) and best["num_trials"] == 16
 
 
 def test_search_space_helpers():
@@ -201,6 +219,51 @@ def test_tune_refuses_an_existing_sweep(tune_args, tmp_path, capsys):
     assert main(tune_args) == 2  # python -m tune.cli tune ...: the same handler
     assert capsys.readouterr().err.strip() == (
         f"texforce tune: {tmp_path / 'sweep' / 'best.json'} already exists; remove it or choose another --out")
+
+
+def test_tune_names_its_missing_options(tune_args, capsys):
+    from rl.cli import main
+
+    assert main(["tune", "--model", tune_args[2], "--out", tune_args[-1]]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "texforce tune: the following arguments are required: --prompts, --lora, --objective")
+
+
+@pytest.mark.parametrize("case", ["no record", "another option", "lora changed", "lora gone", "no tune state",
+                                  "new sweep there"])
+def test_tune_resume_checks_the_sweep_before_ray_starts(tune_args, tiny_sd_dir, directed_loras, tmp_path, capsys, case):
+    """`--resume` continues only the sweep its directory holds, with the options and LoRA files it started with;
+    anything else is one line and exit code 2 before Ray starts (`tune_args` fails the test if it does)."""
+    import shutil
+
+    from rl.cli import main
+    from tune.sweep import write_sweep_record
+
+    out = tmp_path / "sweep"
+    lora = tmp_path / "a.safetensors"
+    shutil.copy(directed_loras[0], lora)
+    if case != "no record":
+        write_sweep_record(FusionJob(model=tiny_sd_dir, loras=(str(lora), directed_loras[1]), prompts=PROMPTS,
+                                     reward="color_alignment", settings=SETTINGS, device="cpu"),
+                           SweepSettings(search="grid", grid=3), out)
+    if case == "lora changed":
+        lora.write_bytes(lora.read_bytes() + b" ")
+    if case == "lora gone":
+        lora.unlink()
+    argv = {"another option": ["tune", "--resume", str(out), "--grid", "5"],
+            "new sweep there": tune_args}.get(case, ["tune", "--resume", str(out)])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert {
+        "no record": f"texforce tune: --resume {out}: no sweep to resume there (no sweep.json)",
+        "another option": f"texforce tune: --resume continues the sweep with the options it started with "
+                          f"({out / 'sweep.json'}); drop --grid: only --ray-address and --num-cpus go with --resume",
+        "lora changed": f"texforce tune: --resume {out}: the sweep's LoRA {lora} has changed since the sweep started",
+        "lora gone": f"texforce tune: --resume {out}: the sweep's LoRA {lora} is gone",
+        "no tune state": f"texforce tune: --resume {out}: Tune kept no state of this sweep",
+        "new sweep there": f"texforce tune: {out} holds a sweep already; continue it with `texforce tune --resume {out}`",
+    }[case] in err
 
 
 def test_importing_tune_does_not_load_ray():

@@ -12,6 +12,7 @@ a bad input is one line and exit code 2 (rl.cli.run_command), before any model l
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -44,10 +45,10 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
     tu = sub.add_parser("tune", formatter_class=DefaultsHelpFormatter,
                         help="Ray Tune sweep over the fusion weights alpha_i")
-    _add_model_args(tu)
-    tu.add_argument("--lora", action="append", required=True, metavar="PATH",
-                    help="a LoRA to fuse (repeat); its alpha is searched")
-    tu.add_argument("--objective", required=True, help="reward spec maximised, e.g. 'imagereward:1,aesthetic:0.2'")
+    _add_model_args(tu, required=False)  # required unless --resume (checked in _tune)
+    tu.add_argument("--lora", action="append", metavar="PATH",
+                    help="a LoRA to fuse (repeat); its alpha is searched (required)")
+    tu.add_argument("--objective", help="reward spec maximised, e.g. 'imagereward:1,aesthetic:0.2' (required)")
     tu.add_argument("--num-samples", type=int, default=16, help="trials (random / Optuna search)")
     tu.add_argument("--alpha-max", type=float, default=1.0, help="each alpha is searched in [0, ALPHA_MAX]")
     tu.add_argument("--normalize", action="store_true", help="rescale each trial's alphas to sum to 1")
@@ -64,13 +65,20 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
                     help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one); 'auto' joins `ray start`")
     tu.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray")
     tu.add_argument("--out", type=Path, default=Path("sweep"),
-                    help="directory for results.parquet, best.json, best_lora/, objective.png")
-    tu.set_defaults(func=_tune)
+                    help="directory for results.parquet, best.json, best_lora/, objective.png, and sweep.json (what "
+                         "--resume continues)")
+    tu.add_argument("--resume", type=Path, default=None, metavar="SWEEP_DIR",
+                    help="continue the interrupted sweep in SWEEP_DIR (its --out) with the options it started with: "
+                         "finished trials are kept, the others run; only the Ray address and CPU count options may "
+                         "be given")
+    tu.set_defaults(func=functools.partial(_tune, parser=tu))
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="base model: a local diffusers directory")
-    parser.add_argument("--prompts", required=True, type=Path, help="text file, one prompt per line")
+def _add_model_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("--model", required=required,
+                        help="base model: a local diffusers directory" + ("" if required else " (required)"))
+    parser.add_argument("--prompts", required=required, type=Path,
+                        help="text file, one prompt per line" + ("" if required else " (required)"))
     parser.add_argument("--seeds", type=int, default=2, help="images per prompt (seeds BASE_SEED..BASE_SEED+N-1)")
     parser.add_argument("--base-seed", type=int, default=0, help="first noise seed")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
@@ -85,44 +93,51 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _job(args: argparse.Namespace, loras: list[str], reward: str, *, local_device: bool):
-    """The FusionJob of `eval` / `tune`, with every input checked first (no model, reward or Ray
-    is loaded): the model directory, the LoRAs and their fit to it, prompts, the reward spec and
-    files, the sampling settings and the device. Raises the user errors `texforce` prints as one line."""
-    from rewards import check_reward
+    """The FusionJob of `eval` / `tune` from the command line, checked (`_check_job`) before any
+    model, reward or Ray is loaded. Raises the user errors `texforce` prints as one line."""
     from rewards.cli import parse_paths
     from rl.config import PromptConfig
-    from rl.models import check_device, check_model, load_tokenizer
+    from rl.models import check_model, load_tokenizer
     from rl.prompts import load_prompts, warn_long_prompts
     from tune.evaluate import EvalSettings
-    from tune.fusion import check_base_model
     from tune.lora_io import resolve_lora_path
-    from tune.worker import FusionJob, cached_lora
+    from tune.worker import FusionJob
 
     settings = EvalSettings(
         num_seeds=args.seeds, base_seed=args.base_seed, num_steps=args.steps,
         guidance_scale=args.guidance, eta=args.eta, batch_size=args.batch_size,
     )
-    check_device(args.device, option="--device", local=local_device)
     model_dir = check_model(args.model)
-    lora_files = [str(resolve_lora_path(p).resolve()) for p in loras]
-    if model_dir is not None:
-        for path in lora_files:
-            check_base_model(cached_lora(path), model_dir)
-    prompts = load_prompts(PromptConfig(file=str(args.prompts)))
-    paths = parse_paths(args.paths)
-    check_reward(reward, paths=paths)
-    if model_dir is not None:
-        warn_long_prompts(prompts, load_tokenizer(model_dir), source=str(args.prompts))
-    return FusionJob(
+    job = FusionJob(
         model=str(model_dir.resolve()) if model_dir is not None else args.model,
-        loras=tuple(lora_files),
-        prompts=tuple(prompts),
+        loras=tuple(str(resolve_lora_path(p).resolve()) for p in loras),
+        prompts=tuple(load_prompts(PromptConfig(file=str(args.prompts)))),
         reward=reward,
         settings=settings,
         device=args.device,
         dtype=args.dtype,
-        reward_paths=tuple(sorted(paths.items())),
+        reward_paths=tuple(sorted(parse_paths(args.paths).items())),
     )
+    _check_job(job, local_device=local_device)
+    if model_dir is not None:
+        warn_long_prompts(list(job.prompts), load_tokenizer(model_dir), source=str(args.prompts))
+    return job
+
+
+def _check_job(job, *, local_device: bool) -> None:
+    """Raise the user error for a job that cannot run: its device (`local_device`: in this process), model,
+    LoRA files and their fit to the model, reward spec and reward files."""
+    from rewards import check_reward
+    from rl.models import check_device, check_model
+    from tune.fusion import check_base_model
+    from tune.worker import cached_lora
+
+    check_device(job.device, option="--device", local=local_device)
+    model_dir = check_model(job.model)
+    if model_dir is not None:
+        for path in job.loras:
+            check_base_model(cached_lora(path), model_dir)
+    check_reward(job.reward, paths=dict(job.reward_paths))
 
 
 def _refuse_existing(paths: list[Path]) -> None:
@@ -169,30 +184,65 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tune(args: argparse.Namespace) -> int:
-    from rl.config import ConfigError
-    from tune.sweep import SweepSettings, output_paths, run_sweep, write_sweep_outputs
+RESUME_OPTIONS = ("resume", "ray_address", "num_cpus")
+"""What `texforce tune --resume` may be given: where the sweep goes on, not what it runs."""
 
-    bad = [text for text in args.lora if _has_alpha(text)]
-    if bad:
-        raise ConfigError(f"--lora {bad[0]!r}: tune searches the alphas; pass the file without ':ALPHA'")
+
+def _tune(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
+    from rl.config import ConfigError
+    from tune.sweep import (
+        SweepSettings,
+        can_resume,
+        output_paths,
+        read_sweep_record,
+        record_path,
+        run_sweep,
+        write_sweep_outputs,
+        write_sweep_record,
+    )
+
     if args.num_cpus is not None and args.num_cpus < 1:
         raise ConfigError(f"--num-cpus must be >= 1, got {args.num_cpus}")
-    settings = SweepSettings(
-        num_samples=args.num_samples, alpha_max=args.alpha_max, normalize=args.normalize,
-        search="grid" if args.grid is not None else args.search, grid=args.grid if args.grid is not None else 5,
-        seed=args.search_seed, anchors=not args.no_anchors, cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
-    )
-    settings.check(len(args.lora))
-    _refuse_existing(list(output_paths(args.out).values()))
     address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    if args.device.startswith("cuda") and settings.gpus_per_trial == 0:
-        raise ConfigError(
-            f"--device {args.device} needs --gpus-per-trial > 0: Ray hides the GPUs from a trial that requests none"
+    local_device = address == "local"  # trials run in this machine's Ray unless a cluster is joined
+    if args.resume is not None:
+        given = [dest for dest, value in vars(args).items()
+                 if dest not in (*RESUME_OPTIONS, "command", "func") and value != parser.get_default(dest)]
+        if given:
+            raise ConfigError(f"--resume continues the sweep with the options it started with "
+                              f"({record_path(args.resume)}); drop --{given[0].replace('_', '-')}: only "
+                              "--ray-address and --num-cpus go with --resume")
+        out = args.resume
+        job, settings = read_sweep_record(out)
+        _check_job(job, local_device=local_device)
+        if not can_resume(out / "ray_results"):
+            raise ConfigError(f"--resume {out}: Tune kept no state of this sweep ({out / 'ray_results'}); "
+                              "start it again")
+    else:
+        missing = [f"--{name}" for name in ("model", "prompts", "lora", "objective") if getattr(args, name) is None]
+        if missing:
+            raise ConfigError(f"the following arguments are required: {', '.join(missing)}")
+        bad = [text for text in args.lora if _has_alpha(text)]
+        if bad:
+            raise ConfigError(f"--lora {bad[0]!r}: tune searches the alphas; pass the file without ':ALPHA'")
+        settings = SweepSettings(
+            num_samples=args.num_samples, alpha_max=args.alpha_max, normalize=args.normalize,
+            search="grid" if args.grid is not None else args.search, grid=args.grid if args.grid is not None else 5,
+            seed=args.search_seed, anchors=not args.no_anchors, cpus_per_trial=args.cpus_per_trial,
+            gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
         )
-    # trials run in this machine's Ray unless a cluster is joined
-    job = _job(args, args.lora, args.objective, local_device=address == "local")
+        settings.check(len(args.lora))
+        out = args.out
+        if record_path(out).exists():
+            raise ConfigError(f"{out} holds a sweep already; continue it with `texforce tune --resume {out}`, or "
+                              "remove it or choose another --out")
+        _refuse_existing(list(output_paths(out).values()))
+        if args.device.startswith("cuda") and settings.gpus_per_trial == 0:
+            raise ConfigError(
+                f"--device {args.device} needs --gpus-per-trial > 0: Ray hides the GPUs from a trial that requests none"
+            )
+        job = _job(args, args.lora, args.objective, local_device=local_device)
+        write_sweep_record(job, settings, out)
 
     import ray
 
@@ -200,11 +250,11 @@ def _tune(args: argparse.Namespace) -> int:
     if started:
         ray.init(address=address, num_cpus=args.num_cpus if address == "local" else None, include_dashboard=False)
     try:
-        rows = run_sweep(job, settings, args.out / "ray_results")
+        rows = run_sweep(job, settings, out / "ray_results", resume=args.resume is not None)
     finally:
         if started:
             ray.shutdown()
-    paths = write_sweep_outputs(job, settings, rows, args.out)
+    paths = write_sweep_outputs(job, settings, rows, out)
     best = json.loads(paths["best"].read_text())
     print(f"best of {len(rows)} trials: objective {best['objective']:.4f} at alphas {[round(a, 4) for a in best['alphas']]}")
     if best["at_alpha_max"]:
@@ -212,10 +262,10 @@ def _tune(args: argparse.Namespace) -> int:
               f"(--alpha-max {settings.alpha_max:g}); the objective may keep rising past it: "
               f"a sweep with a larger --alpha-max tells")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    asked = settings.num_trials(len(args.lora))
+    asked = settings.num_trials(len(job.loras))
     if len(rows) < asked:  # Ctrl-C: Tune stopped the sweep; the outputs above are the finished trials'
-        print(f"texforce tune: interrupted after {len(rows)} of {asked} trials; the outputs are theirs",
-              file=sys.stderr)
+        print(f"texforce tune: interrupted after {len(rows)} of {asked} trials; the outputs are theirs; continue "
+              f"with `texforce tune --resume {out}`", file=sys.stderr)
         return 130
     return 0
 

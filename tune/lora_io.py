@@ -18,6 +18,7 @@ diffusers' own converter). Written format: peft keys with a `lora_adapter_metada
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -90,6 +91,15 @@ class LoraFile:
     @property
     def name(self) -> str:
         return Path(self.path).name if Path(self.path).name != LORA_WEIGHTS_NAME else str(Path(self.path).parent.name)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes: what says a LoRA (or any weights file) is the one a result came from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def resolve_lora_path(path: str | Path) -> Path:

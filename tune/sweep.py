@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from rl.config import ConfigError
+from tune.evaluate import EvalSettings
+from tune.lora_io import file_sha256
 from tune.worker import LOADS, FusionJob, evaluate_alphas
 
 SEARCHES = ("auto", "random", "grid", "optuna")
@@ -141,50 +143,75 @@ def _trial(config: dict, *, job: FusionJob, normalize: bool) -> None:
     ray_tune.report(metrics)
 
 
-def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path) -> list[dict]:
-    """Run the Tune sweep (Ray must be initialised); return one row per trial, best first."""
+def _search_space(settings: SweepSettings, n: int):
+    """Tune's param space, search algorithm and num_samples for `settings`' search over n alphas."""
     from ray import tune as ray_tune
     from ray.tune.search import BasicVariantGenerator
 
-    n = len(job.loras)
     search = settings.check(n)
     names = alpha_names(n)
-    num_samples = settings.num_samples
     if search == "grid":
         values = [float(v) for v in np.linspace(0.0, settings.alpha_max, settings.grid)]
         space = {name: ray_tune.grid_search(values) for name in names}
-        search_alg, num_samples = BasicVariantGenerator(max_concurrent=settings.max_concurrent), 1
-    else:
-        space = {name: ray_tune.uniform(0.0, settings.alpha_max) for name in names}
-        anchors = anchor_points(n, settings.alpha_max)[: settings.num_samples] if settings.anchors else None
-        if search == "optuna":
-            from ray.tune.search import ConcurrencyLimiter
-            from ray.tune.search.optuna import OptunaSearch
+        return space, BasicVariantGenerator(max_concurrent=settings.max_concurrent), 1
+    space = {name: ray_tune.uniform(0.0, settings.alpha_max) for name in names}
+    anchors = anchor_points(n, settings.alpha_max)[: settings.num_samples] if settings.anchors else None
+    if search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
 
-            search_alg = OptunaSearch(metric="objective", mode="max", seed=settings.seed, points_to_evaluate=anchors)
-            if settings.max_concurrent:
-                search_alg = ConcurrencyLimiter(search_alg, max_concurrent=settings.max_concurrent)
-        else:
-            search_alg = BasicVariantGenerator(
-                points_to_evaluate=anchors, random_state=settings.seed, max_concurrent=settings.max_concurrent
-            )
+        search_alg = OptunaSearch(metric="objective", mode="max", seed=settings.seed, points_to_evaluate=anchors)
+        if settings.max_concurrent:
+            search_alg = ConcurrencyLimiter(search_alg, max_concurrent=settings.max_concurrent)
+    else:
+        search_alg = BasicVariantGenerator(
+            points_to_evaluate=anchors, random_state=settings.seed, max_concurrent=settings.max_concurrent
+        )
+    return space, search_alg, settings.num_samples
+
+
+def _tune_state(storage: str | Path) -> Path:
+    """Where Tune keeps the sweep's state (its experiment directory under `storage`)."""
+    return Path(storage).resolve() / "fusion_sweep"
+
+
+def can_resume(storage: str | Path) -> bool:
+    """Whether Tune left a sweep's state under `storage` that `run_sweep(..., resume=True)` can continue."""
+    from ray import tune as ray_tune
+
+    return _tune_state(storage).is_dir() and ray_tune.Tuner.can_restore(str(_tune_state(storage)))
+
+
+def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path, *, resume: bool = False) -> list[dict]:
+    """Run the Tune sweep (Ray must be initialised); return one row per trial, best first. `resume`
+    continues the sweep whose Tune state is under `storage` (`can_resume`): its finished trials are kept,
+    those cut short or failed run again, and the search goes on from where it stopped."""
+    from ray import tune as ray_tune
+
+    n = len(job.loras)
+    names = alpha_names(n)
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(_trial, job=job, normalize=settings.normalize),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
-    tuner = ray_tune.Tuner(
-        trainable,
-        param_space=space,
-        tune_config=ray_tune.TuneConfig(
-            metric="objective", mode="max", search_alg=search_alg, num_samples=num_samples, reuse_actors=True
-        ),
-        run_config=ray_tune.RunConfig(
-            name="fusion_sweep",
-            storage_path=str(Path(storage).resolve()),
-            verbose=0,
-            callbacks=[_one_line_per_trial(names)],
-        ),
-    )
+    if resume:
+        tuner = ray_tune.Tuner.restore(str(_tune_state(storage)), trainable, resume_unfinished=True,
+                                       restart_errored=True)
+    else:
+        space, search_alg, num_samples = _search_space(settings, n)
+        tuner = ray_tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=ray_tune.TuneConfig(
+                metric="objective", mode="max", search_alg=search_alg, num_samples=num_samples, reuse_actors=True
+            ),
+            run_config=ray_tune.RunConfig(
+                name=_tune_state(storage).name,
+                storage_path=str(Path(storage).resolve()),
+                verbose=0,
+                callbacks=[_one_line_per_trial(names)],
+            ),
+        )
     grid = tuner.fit()  # on Ctrl-C Tune stops the trials and returns; those cut short have no objective
     errors = [str(r.error) for r in grid if r.error is not None]
     if errors:
@@ -209,15 +236,53 @@ def _one_line_per_trial(names: list[str]):
     from ray.tune import Callback
 
     class _Printer(Callback):
-        def __init__(self):
-            self.done = 0
-
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.done += 1
+            done = 1 + sum(t.status == t.TERMINATED for t in trials)  # a resumed sweep counts on
             alphas = " ".join(f"{name}={result[f'used_{name}']:.3f}" for name in names)
-            print(f"trial {self.done:3d}  {alphas}  objective={result['objective']:.5f}", flush=True)
+            print(f"trial {done:3d}  {alphas}  objective={result['objective']:.5f}", flush=True)
 
     return _Printer()
+
+
+def record_path(out_dir: str | Path) -> Path:
+    """The sweep's record in its output directory (`write_sweep_record`)."""
+    return Path(out_dir) / "sweep.json"
+
+
+def write_sweep_record(job: FusionJob, settings: SweepSettings, out_dir: str | Path) -> Path:
+    """Keep what `texforce tune --resume` continues with: the job (its prompts inline), the search
+    settings, and the LoRA files' sha256 (a LoRA changed since cannot join the sweep's trials)."""
+    path = record_path(out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"job": asdict(job), "settings": asdict(settings), "lora_sha256": [file_sha256(p) for p in job.loras]}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def read_sweep_record(out_dir: str | Path) -> tuple[FusionJob, SweepSettings]:
+    """The job and settings a sweep started with; ConfigError when `out_dir` holds no sweep or one of
+    its LoRA files has changed since it started."""
+    path = record_path(out_dir)
+    if not path.is_file():
+        raise ConfigError(f"--resume {out_dir}: no sweep to resume there (no {path.name}); pass the --out "
+                          "directory of a `texforce tune` run")
+    try:
+        record = json.loads(path.read_text())
+        stored = record["job"]
+        job = FusionJob(**{**stored, "loras": tuple(stored["loras"]), "prompts": tuple(stored["prompts"]),
+                           "settings": EvalSettings(**stored["settings"]),
+                           "reward_paths": tuple(tuple(pair) for pair in stored["reward_paths"])})
+        settings = SweepSettings(**record["settings"])
+        digests = list(record["lora_sha256"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"--resume {out_dir}: {path} is not a sweep record ({error})") from None
+    for lora, digest in zip(job.loras, digests):
+        if not Path(lora).is_file():
+            raise ConfigError(f"--resume {out_dir}: the sweep's LoRA {lora} is gone; put it back to resume")
+        if file_sha256(lora) != digest:
+            raise ConfigError(f"--resume {out_dir}: the sweep's LoRA {lora} has changed since the sweep started; "
+                              "its finished trials scored the old one: start a new sweep")
+    return job, settings
 
 
 def output_paths(out_dir: str | Path) -> dict[str, Path]:
