@@ -528,13 +528,26 @@ def _save_checkpoint(run, config, workers, tracker, weights, epoch: int) -> None
     )
 
 
+def training_reward(rows: list[dict]) -> tuple[float, float]:
+    """The mean of these epochs' batch mean rewards, and its standard error: each epoch draws its batch
+    afresh, so the epochs' standard errors add in quadrature."""
+    sems = [r["reward_std"] / math.sqrt(max(r["num_samples"], 1)) for r in rows]
+    return sum(r["reward_mean"] for r in rows) / len(rows), math.sqrt(sum(s * s for s in sems)) / len(rows)
+
+
 def summarize(run: RunDirectory) -> str:
-    """Where the outputs are, and the first and last epoch's mean reward."""
+    """Where the outputs are; the training reward of the first and last (up to 5) epochs, as one epoch's
+    batch is too noisy to compare with another's; the held-out evaluations before and after training."""
     rows = run.read_metrics()
     lines = [f"run directory: {run.path}"]
     if rows:
-        lines.append(f"mean reward: epoch {rows[0]['epoch']} {rows[0]['reward_mean']:.4f} -> "
-                     f"epoch {rows[-1]['epoch']} {rows[-1]['reward_mean']:.4f}")
+        k = max(1, min(5, len(rows) // 2))
+        parts = []
+        for window in ([rows[:k], rows[-k:]] if len(rows) > 1 else [rows]):
+            mean, sem = training_reward(window)
+            epochs = f"epochs {window[0]['epoch']}-{window[-1]['epoch']}" if k > 1 else f"epoch {window[0]['epoch']}"
+            parts.append(f"{epochs} {mean:.4f} +- {sem:.4f}")
+        lines.append(f"training reward (the sampled batches' mean): {' -> '.join(parts)}")
     evaluations = run.read_evaluations()
     if len(evaluations) >= 2:
         before, after = evaluations[0], evaluations[-1]

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 
 import actors.sampler
 import rewards
-from actors.driver import NonFiniteRewardError, TrainingStopped, _Batches, _grid_images, summarize, train
+from actors.driver import (
+    NonFiniteRewardError, TrainingStopped, _Batches, _grid_images, summarize, train, training_reward,
+)
 from actors.reward import RewardScores
 from actors.rollout import Rollout
 from actors.sampler import SamplerWorker
@@ -102,6 +104,21 @@ def test_end_to_end_ray_run(ray_session, tiny_sd_dir, tmp_path, capsys):
     assert (run.grids / "eval_before_training.png").exists() and (run.grids / "eval_epoch_0001.png").exists()
     assert "held-out brightness (6 images): before training" in summarize(run)
     assert "held-out gain, paired over the same prompts and seeds" in summarize(run)
+    (mean_0, sem_0), (mean_1, sem_1) = training_reward(rows[:1]), training_reward(rows[1:])
+    assert (f"training reward (the sampled batches' mean): epoch 0 {mean_0:.4f} +- {sem_0:.4f} -> epoch 1 "
+            f"{mean_1:.4f} +- {sem_1:.4f}") in summarize(run)
+
+
+def test_summary_compares_the_first_and_last_five_epochs_training_reward(tmp_path):
+    """One epoch's batch mean is as noisy as its standard error (0.018 in the demo, larger than its gain): the
+    summary compares the means of the first and last 5 epochs, each with its standard error."""
+    run = RunDirectory(tmp_path)
+    for epoch in range(12):
+        run.append_metrics({"epoch": epoch, "reward_mean": 0.5 + 0.01 * epoch, "reward_std": 0.2, "num_samples": 16})
+    mean, sem = training_reward(run.read_metrics()[:5])
+    assert mean == pytest.approx(0.52) and sem == pytest.approx(0.05 / math.sqrt(5))  # 0.2 / sqrt(16) per epoch
+    assert "training reward (the sampled batches' mean): epochs 0-4 0.5200 +- 0.0224 -> epochs 7-11 0.5900 +- 0.0224" \
+        in summarize(run)
 
 
 def test_two_learners_match_one_learner_on_the_union_batch(ray_session, tiny_sd_dir, tmp_path):
