@@ -41,7 +41,8 @@ from rl.outputs import EpochOutputs
 from rl.plots import save_image_grid
 from rl.preflight import preflight
 from rl.prompts import epoch_prompts, group_start_seeds, load_prompts, read_prompt_file
-from rl.run_dir import RunDirectory
+from rl.run_dir import RunDirectory, epoch_reward_sem
+from tune.evaluate import clustered_sem
 
 log = logging.getLogger("texforce")
 
@@ -289,6 +290,8 @@ def _run_epoch(
         "epoch": epoch,
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std()),
+        # of the mean, over the epoch's prompts: a prompt's images are alike, and the prompts are what is drawn
+        "reward_sem": clustered_sem(rewards, done.prompts),
         **{f"reward_{k}_mean": float(v[torch.isfinite(v)].mean()) for k, v in scores.parts.items()},
         **done.metrics,
         "num_samples": len(rewards),
@@ -356,7 +359,7 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config
                                    tracker=tracker)
     shown = list(range(min(8, len(kept))))  # the epoch's image grid
     grid_images = partial(_grid_images, kept, shown, f"epoch {epoch}'s grid")
-    return _Experience(metrics, [kept.prompts[i] for i in shown], grid_images, rollout.scores, rewards, dropped,
+    return _Experience(metrics, list(kept.prompts), grid_images, rollout.scores, rewards, dropped,
                        sample_seconds=sample_seconds, update_seconds=time.perf_counter() - t_update)
 
 
@@ -531,7 +534,7 @@ def _save_checkpoint(run, config, workers, tracker, weights, epoch: int) -> None
 def training_reward(rows: list[dict]) -> tuple[float, float]:
     """The mean of these epochs' batch mean rewards, and its standard error: each epoch draws its batch
     afresh, so the epochs' standard errors add in quadrature."""
-    sems = [r["reward_std"] / math.sqrt(max(r["num_samples"], 1)) for r in rows]
+    sems = [epoch_reward_sem(r) for r in rows]
     return sum(r["reward_mean"] for r in rows) / len(rows), math.sqrt(sum(s * s for s in sems)) / len(rows)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from rl.run_dir import epoch_reward_sem
 from rl.sampling import images_to_uint8
 
 
@@ -63,7 +64,7 @@ def save_reward_curve(metrics: list[dict], path: str | Path, *, title: str, held
     plt = load_pyplot()
     epochs = np.asarray([r["epoch"] for r in metrics])
     mean = np.asarray([r["reward_mean"] for r in metrics])
-    sem = np.asarray([r["reward_std"] / np.sqrt(max(r["num_samples"], 1)) for r in metrics])
+    sem = np.asarray([epoch_reward_sem(r) for r in metrics])
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot(epochs, mean, marker="o", label="training batch mean")
     ax.fill_between(epochs, mean - sem, mean + sem, alpha=0.2, label="+-1 standard error")

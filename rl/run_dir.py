@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -156,6 +157,14 @@ class RunDirectory:
 
     def save_final_lora(self, weights: PolicyWeights, config: TexForceConfig) -> Path:
         return save_lora(weights, config.lora, self.final_lora)
+
+
+def epoch_reward_sem(row: dict) -> float:
+    """A metrics row's standard error of its epoch's mean reward: `reward_sem` (over the prompts drawn), or for a
+    row written before that column, std / sqrt(n), which counts a prompt's images as independent draws."""
+    if row.get("reward_sem") is not None:
+        return row["reward_sem"]
+    return row["reward_std"] / math.sqrt(max(row["num_samples"], 1))
 
 
 def _read_rows(path: Path) -> list[dict]:

@@ -9,7 +9,7 @@ import torch
 from conftest import one_line_error
 from lora_fixtures import make_lora
 
-from tune.evaluate import EvalSettings, evaluate, summarize
+from tune.evaluate import EvalSettings, clustered_sem, evaluate, summarize
 from tune.fusion import fuse_files, load_fused
 from tune.worker import LOADS, FusionJob, evaluate_alphas
 
@@ -36,6 +36,23 @@ def test_summary_statistics():
     assert math.isclose(s["std"], np.std([1, 2, 3, 4], ddof=1))
     assert math.isclose(s["sem"], s["std"] / 2)
     assert summarize(np.array([0.5]))["std"] == 0.0
+
+
+def test_clustered_standard_error_counts_prompts_not_images():
+    """A training epoch draws prompts and samples 8 images of each; its mean's standard error is over the prompts."""
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=40)
+    assert math.isclose(clustered_sem(values, [f"p{i}" for i in range(40)]), summarize(values)["sem"])  # one each
+    # equal-sized clusters: the standard error of the cluster means
+    prompt_effect = rng.normal(size=10)
+    values = np.repeat(prompt_effect, 8) + 0.1 * rng.normal(size=80)
+    prompts = np.repeat([f"a {i} ball" for i in range(10)], 8)
+    cluster_means = values.reshape(10, 8).mean(1)
+    assert math.isclose(clustered_sem(values, prompts), cluster_means.std(ddof=1) / math.sqrt(10))
+    assert clustered_sem(values, prompts) > 2.5 * summarize(values)["sem"]  # what std / sqrt(n) would hide
+    order = rng.permutation(80)  # which image comes first does not matter; a prompt drawn twice is one cluster
+    assert math.isclose(clustered_sem(values[order], prompts[order]), clustered_sem(values, prompts))
+    assert clustered_sem(values[:8], prompts[:8]) == summarize(values[:8])["sem"]  # one prompt: its images
 
 
 def test_eval_cli_writes_scores_summary_and_grid(tiny_sd_dir, lora_pair, tmp_path, capsys):

@@ -70,6 +70,7 @@ def test_end_to_end_ray_run(ray_session, tiny_sd_dir, tmp_path, capsys):
     assert all(r["logprob_mismatch"] < 1e-5 for r in rows)
     assert [r["policy_version"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["reward_mean"]) and math.isfinite(r["approx_kl"]) for r in rows)
+    assert all(r["reward_sem"] > 0 for r in rows)  # over the epoch's prompts (clustered_sem)
     for path in [run.config_path, run.reward_curve, run.grids / "epoch_0001.png",
                  run.final_lora / "pytorch_lora_weights.safetensors",
                  run.checkpoints / "epoch_0001" / "learner.pt",
@@ -119,6 +120,10 @@ def test_summary_compares_the_first_and_last_five_epochs_training_reward(tmp_pat
     assert mean == pytest.approx(0.52) and sem == pytest.approx(0.05 / math.sqrt(5))  # 0.2 / sqrt(16) per epoch
     assert "training reward (the sampled batches' mean): epochs 0-4 0.5200 +- 0.0224 -> epochs 7-11 0.5900 +- 0.0224" \
         in summarize(run)
+    # a row's standard error over its prompts (`reward_sem`, clustered) when it has one
+    run.append_metrics({"epoch": 11, "reward_mean": 0.61, "reward_std": 0.2, "num_samples": 16, "reward_sem": 0.1})
+    assert training_reward(run.read_metrics()[-1:]) == (0.61, 0.1)
+    assert training_reward(run.read_metrics()[-2:])[1] == pytest.approx(math.sqrt(0.05**2 + 0.1**2) / 2)
 
 
 def test_two_learners_match_one_learner_on_the_union_batch(ray_session, tiny_sd_dir, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,19 @@ def summarize(values: np.ndarray) -> dict[str, float]:
     n = len(values)
     std = float(values.std(ddof=1)) if n > 1 else 0.0
     return {"mean": float(values.mean()), "std": std, "sem": std / math.sqrt(n) if n else float("nan"), "n": n}
+
+
+def clustered_sem(values: np.ndarray, clusters: Sequence) -> float:
+    """The standard error of values.mean() when the clusters (prompts) are drawn at random and samples of one
+    cluster are alike: sqrt(G / (G - 1) * sum_c (sum_{i in c} (y_i - mean))^2) / n over the G clusters (the
+    cluster-robust estimate; std / sqrt(n) with one sample per cluster). std / sqrt(n) would treat 8 images of one
+    prompt as 8 prompts' worth of evidence. One cluster (a run on one prompt): its images are the draws, so
+    std / sqrt(n)."""
+    values = np.asarray(values, dtype=np.float64)
+    _, index = np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)
+    sums = np.bincount(index, weights=values - values.mean())
+    g = len(sums)
+    return math.sqrt(g / (g - 1) * float(np.sum(sums**2))) / len(values) if g > 1 else summarize(values)["sem"]
 
 
 def paired_gain(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
