@@ -471,8 +471,10 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
            "rewards": scores.scores.tolist()}  # fmt: skip
     base = [r for r in run.read_evaluations() if r["epoch"] == -1]
     if epoch >= 0 and base:
-        gain = paired_gain(np.asarray(base[0]["rewards"], dtype=np.float64), scores.scores.numpy().astype(np.float64))
-        row |= {"reward_gain": gain["mean"], "reward_gain_sem": gain["sem"]}
+        gain = paired_gain(np.asarray(base[0]["rewards"], dtype=np.float64), scores.scores.numpy().astype(np.float64),
+                           eval_prompts)
+        row |= {"reward_gain": gain["mean"], "reward_gain_sem": gain["sem"],
+                "reward_gain_sem_over_prompts": gain["sem_over_prompts"]}
     run.append_evaluation(row)
     first = list(range(0, len(eval_prompts), config.evaluation.num_seeds))[:16]  # each prompt's first image
     images = _grid_images(rollout, first, f"the held-out evaluation {when}")
@@ -558,9 +560,14 @@ def summarize(run: RunDirectory) -> str:
                      f"+- {before['reward_sem']:.4f} -> after epoch {after['epoch']} {after['reward_mean']:.4f} "
                      f"+- {after['reward_sem']:.4f} (evaluation.parquet)")
         if after.get("reward_gain") is not None:
-            lines.append(f"held-out gain, paired over the same prompts and seeds: {after['reward_gain']:+.4f} "
-                         f"+- {after['reward_gain_sem']:.4f} ({after['reward_gain'] / max(after['reward_gain_sem'], 1e-12):+.1f} "
+            gain = after["reward_gain"]
+            lines.append(f"held-out gain, paired over the same prompts and seeds: {gain:+.4f} "
+                         f"+- {after['reward_gain_sem']:.4f} ({gain / max(after['reward_gain_sem'], 1e-12):+.1f} "
                          f"standard errors)")
+            if after.get("reward_gain_sem_over_prompts") is not None:
+                sem = after["reward_gain_sem_over_prompts"]
+                lines.append(f"  counting the held-out prompts as a draw of prompts of their kind: +- {sem:.4f} "
+                             f"({gain / max(sem, 1e-12):+.1f} standard errors)")
     for label, path in [("final LoRA", run.final_lora / "pytorch_lora_weights.safetensors"),
                         ("metrics", run.metrics_path), ("reward curve", run.reward_curve),
                         ("image grids", run.grids), ("checkpoints", run.checkpoints),

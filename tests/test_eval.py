@@ -9,7 +9,7 @@ import torch
 from conftest import one_line_error
 from lora_fixtures import make_lora
 
-from tune.evaluate import EvalSettings, clustered_sem, evaluate, summarize
+from tune.evaluate import EvalSettings, clustered_sem, evaluate, paired_gain, summarize
 from tune.fusion import fuse_files, load_fused
 from tune.worker import LOADS, FusionJob, evaluate_alphas
 
@@ -53,6 +53,14 @@ def test_clustered_standard_error_counts_prompts_not_images():
     order = rng.permutation(80)  # which image comes first does not matter; a prompt drawn twice is one cluster
     assert math.isclose(clustered_sem(values[order], prompts[order]), clustered_sem(values, prompts))
     assert clustered_sem(values[:8], prompts[:8]) == summarize(values[:8])["sem"]  # one prompt: its images
+    # a paired gain: over these prompts' images, and over the prompts as a draw (non-finite pairs left out of both)
+    before, after = values.copy(), values + np.repeat(rng.normal(0.1, 0.2, size=10), 8)
+    before[3] = np.nan
+    gain = paired_gain(before, after, list(prompts))
+    kept = np.arange(80) != 3
+    assert math.isclose(gain["sem"], summarize((after - before)[kept])["sem"])
+    assert math.isclose(gain["sem_over_prompts"], clustered_sem((after - before)[kept], prompts[kept]))
+    assert "sem_over_prompts" not in paired_gain(before, after)
 
 
 def test_eval_cli_writes_scores_summary_and_grid(tiny_sd_dir, lora_pair, tmp_path, capsys):

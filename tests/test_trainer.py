@@ -33,7 +33,7 @@ from rl.outputs import EpochOutputs
 from rl.prompts import BUILTIN, epoch_prompts
 from rl.run_dir import RunDirectory
 from rl.sampling import Trajectories
-from tune.evaluate import EvalSettings, evaluate
+from tune.evaluate import EvalSettings, clustered_sem, eval_set, evaluate
 
 
 def _trainer_config(tiny_sd_dir, tmp_path, *overrides):
@@ -101,6 +101,9 @@ def test_end_to_end_ray_run(ray_session, tiny_sd_dir, tmp_path, capsys):
     change = final_scores - base_scores
     assert evaluations[1]["reward_gain"] == pytest.approx(change.mean(), abs=1e-6)
     assert evaluations[1]["reward_gain_sem"] == pytest.approx(change.std(ddof=1) / math.sqrt(len(change)), abs=1e-6)
+    eval_prompts, _ = eval_set(prompts, settings)  # and counting the 3 prompts, not the 6 images, as the draws
+    assert evaluations[1]["reward_gain_sem_over_prompts"] == pytest.approx(clustered_sem(change, eval_prompts), abs=1e-6)
+    assert "counting the held-out prompts as a draw of prompts of their kind: +- " in summarize(run)
     assert "reward_gain" not in evaluations[0] or evaluations[0]["reward_gain"] is None
     assert (run.grids / "eval_before_training.png").exists() and (run.grids / "eval_epoch_0001.png").exists()
     assert "held-out brightness (6 images): before training" in summarize(run)

@@ -91,11 +91,17 @@ def clustered_sem(values: np.ndarray, clusters: Sequence) -> float:
     return math.sqrt(g / (g - 1) * float(np.sum(sums**2))) / len(values) if g > 1 else summarize(values)["sem"]
 
 
-def paired_gain(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
+def paired_gain(before: np.ndarray, after: np.ndarray, prompts: Sequence[str] | None = None) -> dict[str, float]:
     """`summarize` of the change image by image, for two scorings of the same (prompt, seed) pairs:
-    the standard error is that of the paired differences (pairs with a non-finite score left out)."""
+    the standard error is that of the paired differences (pairs with a non-finite score left out). It holds
+    for these prompts; with `prompts` (one per image), `sem_over_prompts` is the standard error had the
+    prompts been drawn at random from prompts of their kind (`clustered_sem`): what a claim about unseen
+    prompts of that kind rests on."""
     finite = np.isfinite(before) & np.isfinite(after)
-    return summarize(after[finite] - before[finite])
+    gain = summarize(after[finite] - before[finite])
+    if prompts is not None:
+        gain["sem_over_prompts"] = clustered_sem(after[finite] - before[finite], np.asarray(prompts)[finite])
+    return gain
 
 
 def eval_set(prompts: list[str], settings: EvalSettings) -> tuple[list[str], list[int]]:
