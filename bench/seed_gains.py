@@ -3,7 +3,8 @@
 Each run's `evaluation.parquet` holds its held-out rewards image by image before training (epoch -1)
 and after its last evaluated epoch, over the same (prompt, seed) pairs, so a run's gain is paired
 over those images (`tune.evaluate.paired_gain`). Per group this prints each seed's gain +- its
-standard error, the mean +- std over seeds, how many seeds gain by more than 3 standard errors,
+standard error (over the images, and counting the held-out prompts as the draws: what a claim about unseen
+prompts of their kind rests on), the mean +- std over seeds, how many seeds gain by more than 3 standard errors,
 and how alike the seeds' per-prompt gains are (the mean correlation between two seeds' gains on
 each held-out prompt: do the same pairs move?), and, for a reward with parts (`object_alignment`: colour
 and shape right), how each part moved and how closely its change follows the seed's gain: which part
@@ -78,10 +79,11 @@ def group_epoch(name: str) -> int | None:
 
 def gain_of(run: dict) -> dict:
     """The paired gain over the run's images, and its mean gain per held-out prompt (rewards are prompt-major)."""
-    gain = paired_gain(run["before"], run["after"])
+    prompt_of_image = np.arange(len(run["before"])) // run["images_per_prompt"]
+    gain = paired_gain(run["before"], run["after"], prompt_of_image)
     per_prompt = (run["after"] - run["before"]).reshape(-1, run["images_per_prompt"]).mean(axis=1)
-    return {"gain": gain["mean"], "sem": gain["sem"], "images": gain["n"], "per_prompt": per_prompt.tolist(),
-            "parts": run["parts"]}
+    return {"gain": gain["mean"], "sem": gain["sem"], "sem_over_prompts": gain["sem_over_prompts"],
+            "images": gain["n"], "per_prompt": per_prompt.tolist(), "parts": run["parts"]}
 
 
 def check_same_images(runs: list[dict]) -> None:
@@ -119,10 +121,16 @@ def summarize_part(gains: np.ndarray, changes: np.ndarray) -> dict:
             "correlation": float(np.corrcoef(changes, gains)[0, 1]) if varies else float("nan")}
 
 
+def _ratio(gain: float, sem: float) -> str:
+    """The gain in standard errors ("n/a" where every image or prompt moved alike: no spread to measure it by)."""
+    return f"{gain / sem:+.1f}" if sem > 0 else "n/a"
+
+
 def table(rows: list[dict], groups: list[dict]) -> str:
-    lines = ["| group | seed | held-out gain, paired | standard errors |", "|---|---|---|---|"]
-    lines += [f"| {r['group']} | {r['seed']} | {r['gain']:+.4f} +- {r['sem']:.4f} | {r['gain'] / r['sem']:+.1f} |"
-              for r in rows]
+    lines = ["| group | seed | held-out gain, paired | standard errors | standard error counting the prompts as "
+             "the draws | standard errors |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['group']} | {r['seed']} | {r['gain']:+.4f} +- {r['sem']:.4f} | {_ratio(r['gain'], r['sem'])} | "
+              f"{r['sem_over_prompts']:.4f} | {_ratio(r['gain'], r['sem_over_prompts'])} |" for r in rows]
     lines += ["", (f"| group | seeds | mean +- std over seeds | above {MIN_STANDARD_ERRORS:g} SE | positive | "
                    "per-prompt correlation between seeds |"), "|---|---|---|---|---|---|"]
     lines += [f"| {g['group']} | {g['seeds']} | {g['mean']:+.4f} +- {g['std']:.4f} | {g['above']} of {g['seeds']} | "

@@ -42,6 +42,8 @@ def test_each_runs_gain_is_paired_over_its_last_evaluation_and_seeds_are_summari
     assert runs[("a", 0)]["gain"] == pytest.approx(differences.mean())
     assert runs[("a", 0)]["sem"] == pytest.approx(differences.std(ddof=1) / np.sqrt(6))
     assert runs[("a", 0)]["per_prompt"] == pytest.approx([0.5, 0.25, 0.25])
+    # the 3 prompts as the draws: the spread of the per-prompt gains, std / sqrt(3)
+    assert runs[("a", 0)]["sem_over_prompts"] == pytest.approx(np.std([0.5, 0.25, 0.25], ddof=1) / np.sqrt(3))
     assert runs[("a", 1)]["per_prompt"] == pytest.approx([0.0, 0.0, -0.25])
 
     groups = {g["group"]: g for g in result["groups"]}
