@@ -127,8 +127,9 @@ def _ratio(gain: float, sem: float) -> str:
 
 
 def table(rows: list[dict], groups: list[dict]) -> str:
-    lines = ["| group | seed | held-out gain, paired | standard errors | standard error counting the prompts as "
-             "the draws | standard errors |", "|---|---|---|---|---|---|"]
+    header = ("| group | seed | held-out gain, paired | standard errors | standard error counting the prompts as the "
+              "draws | standard errors |")
+    lines = [header, "|---|---|---|---|---|---|"]
     lines += [f"| {r['group']} | {r['seed']} | {r['gain']:+.4f} +- {r['sem']:.4f} | {_ratio(r['gain'], r['sem'])} | "
               f"{r['sem_over_prompts']:.4f} | {_ratio(r['gain'], r['sem_over_prompts'])} |" for r in rows]
     lines += ["", (f"| group | seeds | mean +- std over seeds | above {MIN_STANDARD_ERRORS:g} SE | positive | "
