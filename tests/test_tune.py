@@ -230,7 +230,7 @@ def test_tune_names_its_missing_options(tune_args, capsys):
 
 
 @pytest.mark.parametrize("case", ["no record", "another option", "lora changed", "lora gone", "no tune state",
-                                  "new sweep there"])
+                                  "new sweep there", "new sweep after a failed start"])
 def test_tune_resume_checks_the_sweep_before_ray_starts(tune_args, tiny_sd_dir, directed_loras, tmp_path, capsys, case):
     """`--resume` continues only the sweep its directory holds, with the options and LoRA files it started with;
     anything else is one line and exit code 2 before Ray starts (`tune_args` fails the test if it does)."""
@@ -246,6 +246,14 @@ def test_tune_resume_checks_the_sweep_before_ray_starts(tune_args, tiny_sd_dir, 
         write_sweep_record(FusionJob(model=tiny_sd_dir, loras=(str(lora), directed_loras[1]), prompts=PROMPTS,
                                      reward="color_alignment", settings=SETTINGS, device="cpu"),
                            SweepSettings(search="grid", grid=3), out)
+    if case == "new sweep there":  # Tune's state: what Tuner.can_restore looks for
+        (out / "ray_results" / "fusion_sweep").mkdir(parents=True)
+        (out / "ray_results" / "fusion_sweep" / "tuner.pkl").write_bytes(b"")
+    if case == "new sweep after a failed start":  # sweep.json written, Ray never started: a new start may reuse --out
+        with pytest.raises(AssertionError, match="Ray started"):  # `tune_args`: its checks passed
+            main(tune_args)
+        assert json.loads((out / "sweep.json").read_text())["job"]["loras"] == list(directed_loras)
+        return
     if case == "lora changed":
         lora.write_bytes(lora.read_bytes() + b" ")
     if case == "lora gone":
@@ -261,7 +269,8 @@ def test_tune_resume_checks_the_sweep_before_ray_starts(tune_args, tiny_sd_dir, 
                           f"({out / 'sweep.json'}); drop --grid: only --ray-address and --num-cpus go with --resume",
         "lora changed": f"texforce tune: --resume {out}: the sweep's LoRA {lora} has changed since the sweep started",
         "lora gone": f"texforce tune: --resume {out}: the sweep's LoRA {lora} is gone",
-        "no tune state": f"texforce tune: --resume {out}: Tune kept no state of this sweep",
+        "no tune state": f"texforce tune: --resume {out}: Tune kept no state of this sweep ({out / 'ray_results'}): it "
+                         "stopped before its first trial; start it again with the same --out",
         "new sweep there": f"texforce tune: {out} holds a sweep already; continue it with `texforce tune --resume {out}`",
     }[case] in err
 

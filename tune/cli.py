@@ -216,8 +216,8 @@ def _tune(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
         job, settings = read_sweep_record(out)
         _check_job(job, local_device=local_device)
         if not can_resume(out / "ray_results"):
-            raise ConfigError(f"--resume {out}: Tune kept no state of this sweep ({out / 'ray_results'}); "
-                              "start it again")
+            raise ConfigError(f"--resume {out}: Tune kept no state of this sweep ({out / 'ray_results'}): it stopped "
+                              "before its first trial; start it again with the same --out")
     else:
         missing = [f"--{name}" for name in ("model", "prompts", "lora", "objective") if getattr(args, name) is None]
         if missing:
@@ -233,7 +233,7 @@ def _tune(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
         )
         settings.check(len(args.lora))
         out = args.out
-        if record_path(out).exists():
+        if record_path(out).exists() and can_resume(out / "ray_results"):  # without Tune's state: a failed start
             raise ConfigError(f"{out} holds a sweep already; continue it with `texforce tune --resume {out}`, or "
                               "remove it or choose another --out")
         _refuse_existing(list(output_paths(out).values()))
