@@ -190,59 +190,16 @@ RESUME_OPTIONS = ("resume", "ray_address", "num_cpus")
 
 def _tune(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
     from rl.config import ConfigError
-    from tune.sweep import (
-        SweepSettings,
-        can_resume,
-        output_paths,
-        read_sweep_record,
-        record_path,
-        run_sweep,
-        write_sweep_outputs,
-        write_sweep_record,
-    )
+    from tune.sweep import run_sweep, write_sweep_outputs
 
     if args.num_cpus is not None and args.num_cpus < 1:
         raise ConfigError(f"--num-cpus must be >= 1, got {args.num_cpus}")
     address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     local_device = address == "local"  # trials run in this machine's Ray unless a cluster is joined
     if args.resume is not None:
-        given = [dest for dest, value in vars(args).items()
-                 if dest not in (*RESUME_OPTIONS, "command", "func") and value != parser.get_default(dest)]
-        if given:
-            raise ConfigError(f"--resume continues the sweep with the options it started with "
-                              f"({record_path(args.resume)}); drop --{given[0].replace('_', '-')}: only "
-                              "--ray-address and --num-cpus go with --resume")
-        out = args.resume
-        job, settings = read_sweep_record(out)
-        _check_job(job, local_device=local_device)
-        if not can_resume(out / "ray_results"):
-            raise ConfigError(f"--resume {out}: Tune kept no state of this sweep ({out / 'ray_results'}): it stopped "
-                              "before its first trial; start it again with the same --out")
+        out, job, settings = _resumed_sweep(args, parser, local_device=local_device)
     else:
-        missing = [f"--{name}" for name in ("model", "prompts", "lora", "objective") if getattr(args, name) is None]
-        if missing:
-            raise ConfigError(f"the following arguments are required: {', '.join(missing)}")
-        bad = [text for text in args.lora if _has_alpha(text)]
-        if bad:
-            raise ConfigError(f"--lora {bad[0]!r}: tune searches the alphas; pass the file without ':ALPHA'")
-        settings = SweepSettings(
-            num_samples=args.num_samples, alpha_max=args.alpha_max, normalize=args.normalize,
-            search="grid" if args.grid is not None else args.search, grid=args.grid if args.grid is not None else 5,
-            seed=args.search_seed, anchors=not args.no_anchors, cpus_per_trial=args.cpus_per_trial,
-            gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
-        )
-        settings.check(len(args.lora))
-        out = args.out
-        if record_path(out).exists() and can_resume(out / "ray_results"):  # without Tune's state: a failed start
-            raise ConfigError(f"{out} holds a sweep already; continue it with `texforce tune --resume {out}`, or "
-                              "remove it or choose another --out")
-        _refuse_existing(list(output_paths(out).values()))
-        if args.device.startswith("cuda") and settings.gpus_per_trial == 0:
-            raise ConfigError(
-                f"--device {args.device} needs --gpus-per-trial > 0: Ray hides the GPUs from a trial that requests none"
-            )
-        job = _job(args, args.lora, args.objective, local_device=local_device)
-        write_sweep_record(job, settings, out)
+        out, job, settings = _new_sweep(args, local_device=local_device)
 
     import ray
 
@@ -268,6 +225,59 @@ def _tune(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
               f"with `texforce tune --resume {out}`", file=sys.stderr)
         return 130
     return 0
+
+
+def _new_sweep(args: argparse.Namespace, *, local_device: bool):
+    """A new sweep's output directory, job and settings, checked, its record (sweep.json) written."""
+    from rl.config import ConfigError
+    from tune.sweep import SweepSettings, can_resume, output_paths, record_path, write_sweep_record
+
+    missing = [f"--{name}" for name in ("model", "prompts", "lora", "objective") if getattr(args, name) is None]
+    if missing:
+        raise ConfigError(f"the following arguments are required: {', '.join(missing)}")
+    bad = [text for text in args.lora if _has_alpha(text)]
+    if bad:
+        raise ConfigError(f"--lora {bad[0]!r}: tune searches the alphas; pass the file without ':ALPHA'")
+    settings = SweepSettings(
+        num_samples=args.num_samples, alpha_max=args.alpha_max, normalize=args.normalize,
+        search="grid" if args.grid is not None else args.search, grid=args.grid if args.grid is not None else 5,
+        seed=args.search_seed, anchors=not args.no_anchors, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
+    )
+    settings.check(len(args.lora))
+    out = args.out
+    if record_path(out).exists() and can_resume(out / "ray_results"):  # without Tune's state: a failed start
+        raise ConfigError(f"{out} holds a sweep already; continue it with `texforce tune --resume {out}`, or "
+                          "remove it or choose another --out")
+    _refuse_existing(list(output_paths(out).values()))
+    if args.device.startswith("cuda") and settings.gpus_per_trial == 0:
+        raise ConfigError(
+            f"--device {args.device} needs --gpus-per-trial > 0: Ray hides the GPUs from a trial that requests none"
+        )
+    job = _job(args, args.lora, args.objective, local_device=local_device)
+    write_sweep_record(job, settings, out)
+    return out, job, settings
+
+
+def _resumed_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser, *, local_device: bool):
+    """The interrupted sweep's directory, job and settings (its sweep.json), checked again; any option
+    besides RESUME_OPTIONS is refused, as the sweep goes on with the options it started with."""
+    from rl.config import ConfigError
+    from tune.sweep import can_resume, read_sweep_record, record_path
+
+    given = [dest for dest, value in vars(args).items()
+             if dest not in (*RESUME_OPTIONS, "command", "func") and value != parser.get_default(dest)]
+    if given:
+        raise ConfigError(f"--resume continues the sweep with the options it started with "
+                          f"({record_path(args.resume)}); drop --{given[0].replace('_', '-')}: only "
+                          "--ray-address and --num-cpus go with --resume")
+    out = args.resume
+    job, settings = read_sweep_record(out)
+    _check_job(job, local_device=local_device)
+    if not can_resume(out / "ray_results"):
+        raise ConfigError(f"--resume {out}: Tune kept no state of this sweep ({out / 'ray_results'}): it stopped "
+                          "before its first trial; start it again with the same --out")
+    return out, job, settings
 
 
 def _has_alpha(text: str) -> bool:
