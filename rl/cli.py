@@ -1,7 +1,7 @@
 """The `texforce` command line: one entry, one subcommand per job.
 
 Heavy imports (diffusers, ray, reward models) happen inside each subcommand, so `texforce --help`
-loads torch only (the rewards and the toy model's builder import it; ~2 s) and `rl` stays importable
+loads torch only (the rewards and the toy model's builder import it; ~1.5 s) and `rl` stays importable
 without Ray.
 
 A user error is one line on stderr and exit code 2, before any work starts; a traceback is

@@ -179,7 +179,7 @@ def can_resume(storage: str | Path) -> bool:
     """Whether Tune left a sweep's state under `storage` that `run_sweep(..., resume=True)` can continue."""
     from ray import tune as ray_tune
 
-    return _tune_state(storage).is_dir() and ray_tune.Tuner.can_restore(str(_tune_state(storage)))
+    return ray_tune.Tuner.can_restore(str(_tune_state(storage)))  # Tune's tuner.pkl is there
 
 
 def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path, *, resume: bool = False) -> list[dict]:
@@ -190,13 +190,13 @@ def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path, *, r
 
     n = len(job.loras)
     names = alpha_names(n)
+    state = _tune_state(storage)
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(_trial, job=job, normalize=settings.normalize),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
     if resume:
-        tuner = ray_tune.Tuner.restore(str(_tune_state(storage)), trainable, resume_unfinished=True,
-                                       restart_errored=True)
+        tuner = ray_tune.Tuner.restore(str(state), trainable, resume_unfinished=True, restart_errored=True)
     else:
         space, search_alg, num_samples = _search_space(settings, n)
         tuner = ray_tune.Tuner(
@@ -206,8 +206,8 @@ def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path, *, r
                 metric="objective", mode="max", search_alg=search_alg, num_samples=num_samples, reuse_actors=True
             ),
             run_config=ray_tune.RunConfig(
-                name=_tune_state(storage).name,
-                storage_path=str(Path(storage).resolve()),
+                name=state.name,
+                storage_path=str(state.parent),
                 verbose=0,
                 callbacks=[_one_line_per_trial(names)],
             ),
