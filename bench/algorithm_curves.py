@@ -114,19 +114,21 @@ def score_final_loras(loras: dict[tuple[str, int], Path], *, base_config: Path, 
     """Score the base model and each (algorithm, seed)'s final LoRA on the config's held-out prompts
     (`eval_seeds` seeds each, the same images for all): `evidence.rows_for`'s rows, the base's first
     (method "base", seed -1), each with the paired gain over the base."""
+    from tune.evaluate import eval_set
     from tune.worker import FusionJob
 
     config = load_config(base_config, overrides)
     if config.evaluation.prompts_file is None:
         raise SystemExit("algorithm_curves.py: the config names no evaluation.prompts_file to score the runs on")
     held_out, settings = held_out_set(config, eval_seeds)
+    image_prompts = eval_set(held_out, settings)[0]
 
     def job(lora: Path | None) -> FusionJob:
         return FusionJob(model=str(config.model.pretrained), loras=(str(lora),) if lora else (), prompts=tuple(held_out),
                          reward=reward, settings=settings, device=config.model.device)
 
     def row(name: str, seed: int, scores: dict[str, np.ndarray]) -> dict:
-        unfused = {key: value for key, value in rows_for(name, seed, scores, base).items() if not key.startswith("over_")}
+        unfused = {key: value for key, value in rows_for(name, seed, scores, base, image_prompts).items() if not key.startswith("over_")}
         return {**unfused, "num_images": len(scores["reward"])}
 
     base = score_model(job(None), out / "scores" / "base.parquet")

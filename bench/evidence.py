@@ -33,8 +33,10 @@ trained for different rewards combines their gains (`--methods texforce_color te
 A fused row also reports its paired difference to each of its parts alone.
 
 Writes into --out: `evidence.parquet` (one row per method and seed: held-out reward, colour and
-shape parts, and the paired gains with their standard errors), `evidence.md` (mean +- std over
-seeds) and `evidence.png`. A finished (method, seed) run is reused and an interrupted one
+shape parts, and the paired gains with two standard errors: over the images, which holds for these
+held-out pairs, and over the held-out pairs as the draws, `*_sem_over_prompts`, which a claim about
+unseen pairs rests on), `evidence.md` (mean +- std over seeds, and the seeds' mean gain image by image
+with its standard error over the held-out pairs) and `evidence.png`. A finished (method, seed) run is reused and an interrupted one
 resumed, and every model's per-image scores are kept (`scores/`), so an interrupted sweep goes on
 where it stopped and a later call with other methods scores only what is new. The objective is
 the config's `reward.spec` (`object_alignment`); `reward.spec=object_alignment_soft` scores the same
@@ -240,21 +242,42 @@ def attribute_accuracy(scores: dict[str, np.ndarray], attribute: str) -> float:
 
 
 def rows_for(method: str, seed: int, scores: dict[str, np.ndarray], base: dict[str, np.ndarray],
-             parts: Iterable[dict[str, np.ndarray]] = ()) -> dict:
+             prompts: list[str], parts: Iterable[dict[str, np.ndarray]] = ()) -> dict:
     """One table row: held-out reward, per-attribute parts, the paired gain over the base and, for
-    a fused model, over each of its parts alone (NaN otherwise)."""
+    a fused model, over each of its parts alone (NaN otherwise). `prompts`: each image's prompt; every
+    paired difference also gets its standard error counting the held-out prompts as the draws
+    (`*_sem_over_prompts`), the one a claim about unseen pairs rests on."""
     from tune.evaluate import paired_gain, summarize
 
-    gain = paired_gain(base["reward"], scores["reward"])
+    gain = paired_gain(base["reward"], scores["reward"], prompts)
     row = {"method": method, "seed": seed, "reward": float(scores["reward"].mean()),
-           "reward_sem": summarize(scores["reward"])["sem"], "gain": gain["mean"], "gain_sem": gain["sem"]}
+           "reward_sem": summarize(scores["reward"])["sem"], "gain": gain["mean"], "gain_sem": gain["sem"],
+           "gain_sem_over_prompts": gain["sem_over_prompts"]}
     for attribute in ("color", "shape"):
         row[attribute] = attribute_accuracy(scores, attribute)
     parts = list(parts)
     for i, which in enumerate(("first", "second")):
-        over = paired_gain(parts[i]["reward"], scores["reward"]) if i < len(parts) else {"mean": np.nan, "sem": np.nan}
+        over = (paired_gain(parts[i]["reward"], scores["reward"], prompts) if i < len(parts)
+                else {"mean": np.nan, "sem": np.nan, "sem_over_prompts": np.nan})
         row[f"over_{which}_part"], row[f"over_{which}_part_sem"] = over["mean"], over["sem"]
+        row[f"over_{which}_part_sem_over_prompts"] = over["sem_over_prompts"]
     return row
+
+
+def seeds_mean_gain(per_seed: list[dict[str, np.ndarray]], base: dict[str, np.ndarray], prompts: list[str]) -> dict:
+    """The seeds' mean gain over the base, image by image, with its standard error over the held-out prompts:
+    whether a method helps unseen pairs in general, counting both the seeds and the pairs. (A std over 3 seeds
+    says how training varies, not whether these 20 pairs stand for other pairs.)"""
+    from tune.evaluate import paired_gain
+
+    mean_after = np.mean([scores["reward"] for scores in per_seed], axis=0)
+    gain = paired_gain(base["reward"], mean_after, prompts)
+    by_prompt = {p: [] for p in prompts}
+    for p, g in zip(prompts, mean_after - base["reward"]):
+        by_prompt[p].append(g)
+    rising = int(sum(np.nanmean(g) > 0 for g in by_prompt.values()))
+    return {"mean": gain["mean"], "sem_over_prompts": gain["sem_over_prompts"], "prompts_rising": rising,
+            "prompts": len(by_prompt)}
 
 
 def _mean_std(rows: list[dict], key: str) -> str:
@@ -263,26 +286,36 @@ def _mean_std(rows: list[dict], key: str) -> str:
 
 
 def _per_seed(rows: list[dict], key: str) -> str:
-    return ", ".join(f"{r[key]:+.3f} +- {r[key + '_sem']:.3f}" for r in rows)
+    """Each seed's paired difference +- its standard error over the images [over the held-out prompts]."""
+    return ", ".join(f"{r[key]:+.3f} +- {r[key + '_sem']:.3f} [{r[key + '_sem_over_prompts']:.3f}]" for r in rows)
 
 
-def table(rows: list[dict], methods: list[str]) -> str:
+def table(rows: list[dict], methods: list[str], pooled: dict[str, dict] | None = None) -> str:
     """Markdown: per method, mean +- std over seeds of the held-out reward, colour, shape and the
-    paired gains (per seed: gain +- its standard error)."""
-    lines = [("| method | seeds | held-out object_alignment | colour right | shape right | gain over base (paired) "
-              "| fused minus each part alone (paired) |"),
-             "|---|---|---|---|---|---|---|"]
+    paired gains (per seed: gain +- its standard error over the images [over the held-out prompts]), and
+    `pooled[method]` (`seeds_mean_gain`): the seeds' mean gain with its standard error over the prompts."""
+    pooled = pooled or {}
+    lines = [("| method | seeds | held-out object_alignment | colour right | shape right | gain over base (paired; "
+              "per seed +- SE over images [SE over held-out prompts]) | the seeds' mean gain, SE over held-out "
+              "prompts | fused minus each part alone (paired) |"),
+             "|---|---|---|---|---|---|---|---|"]
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         if not mine:
             continue
         gain = "-" if method == "base" else f"{_mean_std(mine, 'gain')} (per seed: {_per_seed(mine, 'gain')})"
+        mean_gain = "-"
+        if method in pooled:
+            p = pooled[method]
+            ratio = f"{p['mean'] / p['sem_over_prompts']:+.1f} SE; " if p["sem_over_prompts"] > 0 else ""
+            mean_gain = (f"{p['mean']:+.3f} +- {p['sem_over_prompts']:.3f} ({ratio}"
+                         f"{p['prompts_rising']} of {p['prompts']} prompts rise)")
         over = "-"
         if method in FUSED:
             over = "; ".join(f"{part}: {_mean_std(mine, f'over_{which}_part')} ({_per_seed(mine, f'over_{which}_part')})"
                              for part, which in zip(FUSED[method], ("first", "second")))
         lines.append(f"| {method} | {len(mine)} | {_mean_std(mine, 'reward')} | {_mean_std(mine, 'color')} "
-                     f"| {_mean_std(mine, 'shape')} | {gain} | {over} |")
+                     f"| {_mean_std(mine, 'shape')} | {gain} | {mean_gain} | {over} |")
     return "\n".join(lines)
 
 
@@ -338,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
+    from tune.evaluate import eval_set
     from tune.worker import FusionJob
 
     out = Path(args.out)
@@ -385,20 +419,23 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
 
     base = scores["base", -1]
-    rows = [rows_for("base", -1, base, base)]
+    image_prompts = eval_set(held_out, settings)[0]  # the order every model's scores are in
+    rows = [rows_for("base", -1, base, base, image_prompts)]
     for seed in args.seeds:
         for method in args.methods:
             parts = [scores[p, seed] for p in FUSED.get(method, ())]
-            rows.append(rows_for(method, seed, scores[method, seed], base, parts))
+            rows.append(rows_for(method, seed, scores[method, seed], base, image_prompts, parts))
             print(f"{method:16s} seed {seed}: held-out {rows[-1]['reward']:.3f}, gain {rows[-1]['gain']:+.3f} "
-                  f"+- {rows[-1]['gain_sem']:.3f}", flush=True)
+                  f"+- {rows[-1]['gain_sem']:.3f} [{rows[-1]['gain_sem_over_prompts']:.3f} over prompts]", flush=True)
+    pooled = {method: seeds_mean_gain([scores[method, seed] for seed in args.seeds], base, image_prompts)
+              for method in args.methods}
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(rows), out / "evidence.parquet")
     methods = ["base", *args.methods]
-    text = table(rows, methods)
+    text = table(rows, methods, pooled)
     (out / "evidence.md").write_text(
         f"{len(held_out)} held-out prompts x {args.eval_seeds} seeds = {len(held_out) * args.eval_seeds} images per "
         f"model, sampled with {settings.num_steps} steps, eta {settings.eta:g}, guidance {settings.guidance_scale:g}; seeds {args.seeds}.\n\n"

@@ -20,6 +20,33 @@ from rl.models import load_pipeline  # noqa: E402
 from tune.evaluate import EvalSettings, evaluate  # noqa: E402
 
 
+def test_gains_count_the_prompts_and_the_seeds():
+    """A row's standard error over the held-out prompts, and the seeds' mean gain per image with its own, on
+    scores whose answer is known: 3 prompts x 2 images each (prompt-major, as `eval_set` orders them)."""
+    prompts = ["a red ball"] * 2 + ["a blue cup"] * 2 + ["a green hat"] * 2
+    base = {"reward": np.array([0.5, 0.5, 0.0, 0.5, 1.0, 0.5])}
+    seed0 = {"reward": base["reward"] + np.array([0.5, 0.1, 0.0, 0.0, -0.1, -0.3])}  # per prompt +0.3, 0, -0.2
+    seed1 = {"reward": base["reward"] + np.array([0.1, 0.1, 0.5, 0.5, 0.0, 0.0])}  # per prompt +0.1, +0.5, 0
+    row = evidence.rows_for("texforce", 0, seed0, base, prompts)
+    assert row["gain"] == pytest.approx(0.1 / 3)
+    # equal images per prompt: the spread of the prompts' mean gains over sqrt(3), not the images' over sqrt(6)
+    assert row["gain_sem_over_prompts"] == pytest.approx(np.std([0.3, 0.0, -0.2], ddof=1) / np.sqrt(3))
+    assert row["gain_sem"] == pytest.approx(np.std(seed0["reward"] - base["reward"], ddof=1) / np.sqrt(6))
+    fused = evidence.rows_for("color + shape", 0, seed1, base, prompts, [seed0, base])
+    assert fused["over_first_part"] == pytest.approx(0.5 / 3)
+    assert fused["over_first_part_sem_over_prompts"] == pytest.approx(np.std([-0.2, 0.5, 0.2], ddof=1) / np.sqrt(3))
+    assert fused["over_second_part_sem_over_prompts"] == pytest.approx(np.std([0.1, 0.5, 0.0], ddof=1) / np.sqrt(3))
+    pooled = evidence.seeds_mean_gain([seed0, seed1], base, prompts)  # per prompt +0.2, +0.25, -0.1
+    assert pooled["mean"] == pytest.approx(0.35 / 3)
+    assert pooled["sem_over_prompts"] == pytest.approx(np.std([0.2, 0.25, -0.1], ddof=1) / np.sqrt(3))
+    assert (pooled["prompts_rising"], pooled["prompts"]) == (2, 3)
+    rows = [evidence.rows_for("base", -1, base, base, prompts), row, evidence.rows_for("texforce", 1, seed1, base, prompts)]
+    line = evidence.table(rows, ["base", "texforce"], {"texforce": pooled}).splitlines()[-1]
+    assert line.startswith("| texforce | 2 |")
+    assert f"[{row['gain_sem_over_prompts']:.3f}]" in line
+    assert f"| +0.117 +- {pooled['sem_over_prompts']:.3f} ({0.35 / 3 / pooled['sem_over_prompts']:+.1f} SE; 2 of 3 prompts rise) |" in line
+
+
 def test_evidence_trains_fuses_and_scores_every_method(tiny_sd_dir, tmp_path, capsys, one_torch_thread):
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("a purple hat\na white cup\n")
@@ -53,6 +80,7 @@ def test_evidence_trains_fuses_and_scores_every_method(tiny_sd_dir, tmp_path, ca
     row = rows[methods.index("refl + texforce") + 1]
     assert row["reward"] == pytest.approx(fused.mean(), abs=1e-5)
     assert row["gain"] == pytest.approx((fused - base).mean(), abs=1e-5)
+    assert np.isfinite(row["gain_sem_over_prompts"])  # its value: test_gains_count_the_prompts_and_the_seeds
     # a fused row's difference to each part alone is paired over the same images
     pipe.unload_lora_weights()
     pipe.load_lora_weights(str(out / "refl_seed0" / "final_lora"))
