@@ -264,20 +264,27 @@ def rows_for(method: str, seed: int, scores: dict[str, np.ndarray], base: dict[s
     return row
 
 
-def seeds_mean_gain(per_seed: list[dict[str, np.ndarray]], base: dict[str, np.ndarray], prompts: list[str]) -> dict:
-    """The seeds' mean gain over the base, image by image, with its standard error over the held-out prompts:
-    whether a method helps unseen pairs in general, counting both the seeds and the pairs. (A std over 3 seeds
-    says how training varies, not whether these 20 pairs stand for other pairs.)"""
+def seeds_mean_gain(after: list[dict[str, np.ndarray]], before: list[dict[str, np.ndarray]], prompts: list[str]) -> dict:
+    """The seeds' mean paired difference (after minus before, seed by seed, then averaged image by image) with its
+    standard error over the held-out prompts: whether a method helps unseen pairs in general, counting both the
+    seeds and the pairs. (A std over 3 seeds says how training varies, not whether these 20 pairs stand for
+    other pairs.) `before`: per seed, the base model's scores or a fused model's part's."""
     from tune.evaluate import paired_gain
 
-    mean_after = np.mean([scores["reward"] for scores in per_seed], axis=0)
-    gain = paired_gain(base["reward"], mean_after, prompts)
-    by_prompt = {p: [] for p in prompts}
-    for p, g in zip(prompts, mean_after - base["reward"]):
+    mean_after = np.mean([scores["reward"] for scores in after], axis=0)
+    mean_before = np.mean([scores["reward"] for scores in before], axis=0)
+    gain = paired_gain(mean_before, mean_after, prompts)
+    by_prompt: dict[str, list[float]] = {p: [] for p in prompts}
+    for p, g in zip(prompts, mean_after - mean_before):
         by_prompt[p].append(g)
     rising = int(sum(np.nanmean(g) > 0 for g in by_prompt.values()))
     return {"mean": gain["mean"], "sem_over_prompts": gain["sem_over_prompts"], "prompts_rising": rising,
             "prompts": len(by_prompt)}
+
+
+def _pooled_text(p: dict) -> str:
+    ratio = f"{p['mean'] / p['sem_over_prompts']:+.1f} SE; " if p["sem_over_prompts"] > 0 else ""
+    return f"{p['mean']:+.3f} +- {p['sem_over_prompts']:.3f} ({ratio}{p['prompts_rising']} of {p['prompts']} prompts rise)"
 
 
 def _mean_std(rows: list[dict], key: str) -> str:
@@ -293,27 +300,27 @@ def _per_seed(rows: list[dict], key: str) -> str:
 def table(rows: list[dict], methods: list[str], pooled: dict[str, dict] | None = None) -> str:
     """Markdown: per method, mean +- std over seeds of the held-out reward, colour, shape and the
     paired gains (per seed: gain +- its standard error over the images [over the held-out prompts]), and
-    `pooled[method]` (`seeds_mean_gain`): the seeds' mean gain with its standard error over the prompts."""
+    `pooled[method]` (`seeds_mean_gain` of "gain" and of a fused model's "over_first_part" /
+    "over_second_part"): the seeds' mean difference with its standard error over the prompts."""
     pooled = pooled or {}
     lines = [("| method | seeds | held-out object_alignment | colour right | shape right | gain over base (paired; "
               "per seed +- SE over images [SE over held-out prompts]) | the seeds' mean gain, SE over held-out "
-              "prompts | fused minus each part alone (paired) |"),
+              "prompts | fused minus each part alone (paired; the same, then the seeds' mean) |"),
              "|---|---|---|---|---|---|---|---|"]
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         if not mine:
             continue
+        mine_pooled = pooled.get(method, {})
         gain = "-" if method == "base" else f"{_mean_std(mine, 'gain')} (per seed: {_per_seed(mine, 'gain')})"
-        mean_gain = "-"
-        if method in pooled:
-            p = pooled[method]
-            ratio = f"{p['mean'] / p['sem_over_prompts']:+.1f} SE; " if p["sem_over_prompts"] > 0 else ""
-            mean_gain = (f"{p['mean']:+.3f} +- {p['sem_over_prompts']:.3f} ({ratio}"
-                         f"{p['prompts_rising']} of {p['prompts']} prompts rise)")
+        mean_gain = _pooled_text(mine_pooled["gain"]) if "gain" in mine_pooled else "-"
         over = "-"
         if method in FUSED:
-            over = "; ".join(f"{part}: {_mean_std(mine, f'over_{which}_part')} ({_per_seed(mine, f'over_{which}_part')})"
-                             for part, which in zip(FUSED[method], ("first", "second")))
+            over = "; ".join(
+                f"{part}: {_mean_std(mine, f'over_{which}_part')} ({_per_seed(mine, f'over_{which}_part')})"
+                + (f", seeds' mean {_pooled_text(mine_pooled[f'over_{which}_part'])}"
+                   if f"over_{which}_part" in mine_pooled else "")
+                for part, which in zip(FUSED[method], ("first", "second")))
         lines.append(f"| {method} | {len(mine)} | {_mean_std(mine, 'reward')} | {_mean_std(mine, 'color')} "
                      f"| {_mean_std(mine, 'shape')} | {gain} | {mean_gain} | {over} |")
     return "\n".join(lines)
@@ -427,8 +434,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(rows_for(method, seed, scores[method, seed], base, image_prompts, parts))
             print(f"{method:16s} seed {seed}: held-out {rows[-1]['reward']:.3f}, gain {rows[-1]['gain']:+.3f} "
                   f"+- {rows[-1]['gain_sem']:.3f} [{rows[-1]['gain_sem_over_prompts']:.3f} over prompts]", flush=True)
-    pooled = {method: seeds_mean_gain([scores[method, seed] for seed in args.seeds], base, image_prompts)
-              for method in args.methods}
+    pooled: dict[str, dict] = {}  # the seeds' mean differences, counting the held-out prompts as the draws
+    for method in args.methods:
+        after = [scores[method, seed] for seed in args.seeds]
+        pooled[method] = {"gain": seeds_mean_gain(after, [base] * len(after), image_prompts)}
+        for part, which in zip(FUSED.get(method, ()), ("first", "second")):
+            before = [scores[part, seed] for seed in args.seeds]
+            pooled[method][f"over_{which}_part"] = seeds_mean_gain(after, before, image_prompts)
 
     import pyarrow as pa
     import pyarrow.parquet as pq
