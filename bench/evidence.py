@@ -36,9 +36,9 @@ Writes into --out: `evidence.parquet` (one row per method and seed: held-out rew
 shape parts, and the paired gains with two standard errors: over the images, which holds for these
 held-out pairs, and over the held-out pairs as the draws, `*_sem_over_prompts`, which a claim about
 unseen pairs rests on), `evidence.md` (mean +- std over seeds, and the seeds' mean gain image by image
-with its standard error over the held-out pairs) and `evidence.png`. A finished (method, seed) run is reused and an interrupted one
-resumed, and every model's per-image scores are kept (`scores/`), so an interrupted sweep goes on
-where it stopped and a later call with other methods scores only what is new. The objective is
+with its standard error over the held-out pairs) and `evidence.png`. A finished (method, seed) run is
+reused and an interrupted one resumed, and every model's per-image scores are kept (`scores/`), so an
+interrupted sweep goes on where it stopped and a later call with other methods scores only what is new. The objective is
 the config's `reward.spec` (`object_alignment`); `reward.spec=object_alignment_soft` scores the same
 models on the soft reading into their own files. `--jobs 2` trains
 and scores two models at a time on one thread each: on 2 cores that is about 1.2x the
