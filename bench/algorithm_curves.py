@@ -128,7 +128,8 @@ def score_final_loras(loras: dict[tuple[str, int], Path], *, base_config: Path, 
                          reward=reward, settings=settings, device=config.model.device)
 
     def row(name: str, seed: int, scores: dict[str, np.ndarray]) -> dict:
-        unfused = {key: value for key, value in rows_for(name, seed, scores, base, image_prompts).items() if not key.startswith("over_")}
+        unfused = {key: value for key, value in rows_for(name, seed, scores, base, image_prompts).items()
+                   if not key.startswith("over_")}
         return {**unfused, "num_images": len(scores["reward"])}
 
     base = score_model(job(None), out / "scores" / "base.parquet")

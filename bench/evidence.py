@@ -274,12 +274,10 @@ def seeds_mean_gain(after: list[dict[str, np.ndarray]], before: list[dict[str, n
     mean_after = np.mean([scores["reward"] for scores in after], axis=0)
     mean_before = np.mean([scores["reward"] for scores in before], axis=0)
     gain = paired_gain(mean_before, mean_after, prompts)
-    by_prompt: dict[str, list[float]] = {p: [] for p in prompts}
-    for p, g in zip(prompts, mean_after - mean_before):
-        by_prompt[p].append(g)
-    rising = int(sum(np.nanmean(g) > 0 for g in by_prompt.values()))
-    return {"mean": gain["mean"], "sem_over_prompts": gain["sem_over_prompts"], "prompts_rising": rising,
-            "prompts": len(by_prompt)}
+    _, prompt_index = np.unique(np.asarray(prompts), return_inverse=True)
+    prompt_sums = np.bincount(prompt_index, weights=np.nan_to_num(mean_after - mean_before))
+    return {"mean": gain["mean"], "sem_over_prompts": gain["sem_over_prompts"],
+            "prompts_rising": int(np.sum(prompt_sums > 0)), "prompts": len(prompt_sums)}
 
 
 def _pooled_text(p: dict) -> str:
