@@ -41,7 +41,7 @@ from rl.outputs import EpochOutputs
 from rl.plots import save_image_grid
 from rl.preflight import preflight
 from rl.prompts import epoch_prompts, group_start_seeds, load_prompts, read_prompt_file
-from rl.run_dir import RunDirectory, epoch_reward_sem
+from rl.run_dir import RunDirectory, epoch_reward_sem, make_output_dir
 from tune.evaluate import clustered_sem
 
 log = logging.getLogger("texforce")
@@ -124,7 +124,7 @@ def train(
 
     preflight(config)  # every user error before the run directory exists
     if resume:
-        run = RunDirectory(resume)
+        run = RunDirectory(make_output_dir(resume, "--resume"))
         run.save_config(config)  # this resume's overrides (num_epochs=...) hold for the next one too
     else:
         run = RunDirectory.create(config)

@@ -174,6 +174,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from rewards.registry import build_reward, check_reward
+    from rl.run_dir import make_output_dir
 
     if args.batch_size < 1:
         raise RewardError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -186,9 +187,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     check_reward(args.reward, paths=paths)
     files = list_images(args.images)
     prompts = read_prompts(args.prompts, len(files))
+    make_output_dir(args.out.parent, "--out")
     reward = build_reward(args.reward, device=args.device, paths=paths)
     rows = score_directory(reward, files, prompts, batch_size=args.batch_size, device=args.device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), args.out)
     bad = [r["file"] for r in rows if not math.isfinite(r["score"])]
     finite = [r["score"] for r in rows if math.isfinite(r["score"])]

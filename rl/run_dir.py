@@ -22,11 +22,12 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
-from rl.config import TexForceConfig, load_config, save_config
+from rl.config import ConfigError, TexForceConfig, load_config, save_config
 from rl.lora import PolicyWeights, save_lora
 
 log = logging.getLogger("texforce")
@@ -41,6 +42,22 @@ def pack_learner_state(state: dict) -> bytes:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getvalue()
+
+
+def make_output_dir(path: str | Path, option: str) -> Path:
+    """Create the directory `path` (and its parents) and write a scratch file in it, before the work whose
+    outputs go there: a path under a file, on a read-only disk or without permission is then a ConfigError
+    naming `option`, not a traceback after the sampling or pretraining it would have kept."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(f"{option}: cannot write to {path} ({reason}); choose a directory this user can write to") \
+            from error
+    return path
 
 
 class RunExistsError(FileExistsError):
@@ -66,7 +83,7 @@ class RunDirectory:
         ended is reused, so the same command works once the problem is fixed."""
         run = cls(Path(config.output_dir) / config.run_name)
         run.refuse_if_taken()
-        run.path.mkdir(parents=True, exist_ok=True)
+        make_output_dir(run.path, "output_dir")
         run.save_config(config)
         return run
 

@@ -117,6 +117,60 @@ def test_resume_refuses_fewer_epochs_than_the_run_has_finished(tiny_sd_dir, tmp_
     assert [row["epoch"] for row in run.read_metrics()] == [0, 1]
 
 
+# Each command's work (the driver's actors, sampling, scoring, the sweep, the pretraining), stubbed to fail:
+# an output that cannot be written must stop the command before it.
+WORK = ("actors.driver.make_workers", "tune.worker.evaluate_alphas", "rewards.registry.build_reward",
+        "tune.sweep.run_sweep", "toyworld.tiny.make_tiny")
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "score", "fuse", "tune", "make-tiny"])
+def test_an_output_that_cannot_be_written_fails_before_any_work(command, tiny_sd_dir, tmp_path, capsys, monkeypatch):
+    from lora_fixtures import make_lora
+    from PIL import Image
+
+    for target in WORK:
+        monkeypatch.setattr(target, lambda *a, _target=target, **k: pytest.fail(f"{_target} ran before the check"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "out"  # under a regular file: no directory can be made there, whoever runs the test
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\n")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "0.png")
+    loras = [item for seed in (1, 2) for item in
+             ("--lora", str(make_lora(tiny_sd_dir, tmp_path / f"lora{seed}", rank=2, alpha=2, seed=seed)))]
+    argv, option, path = {
+        "train": (tiny_args(tiny_sd_dir, out), "output_dir", out / "r"),
+        "eval": (["eval", "--model", tiny_sd_dir, "--prompts", str(prompts), "--reward", "brightness", "--out",
+                  str(out)], "--out", out),
+        "score": (["score", "--reward", "brightness", "--images", str(tmp_path / "images"), "--prompts", str(prompts),
+                   "--out", str(out / "s.parquet")], "--out", out),
+        "fuse": (["fuse", *loras, "--out", str(out / "f.safetensors")], "--out", out),
+        "tune": (["tune", "--model", tiny_sd_dir, "--prompts", str(prompts), *loras, "--objective", "brightness",
+                  "--out", str(out)], "--out", out),
+        "make-tiny": (["make-tiny", str(out)], "directory", out),
+    }[command]
+    line = one_line_error(capsys, cli.main(argv))
+    assert line == (f"texforce {command}: {option}: cannot write to {path} (Not a directory); choose a directory "
+                    "this user can write to")
+    assert blocker.is_file() and blocker.read_text() == ""
+
+
+def test_make_tiny_does_not_overwrite_a_model(tiny_sd_dir, capsys, monkeypatch):
+    monkeypatch.setattr("toyworld.tiny.make_tiny", lambda *a, **k: pytest.fail("built over an existing model"))
+    line = one_line_error(capsys, cli.main(["make-tiny", tiny_sd_dir]))
+    assert line == (f"texforce make-tiny: {tiny_sd_dir} holds a diffusers model already; remove it or choose "
+                    "another directory")
+
+
+def test_make_output_dir_makes_the_parents_and_returns_the_directory(tmp_path):
+    from rl.run_dir import make_output_dir
+
+    assert make_output_dir(tmp_path / "a" / "b", "--out") == tmp_path / "a" / "b"
+    assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "a" / "b").iterdir()) == []  # no scratch file left
+    assert make_output_dir(tmp_path / "a" / "b", "--out") == tmp_path / "a" / "b"  # an existing directory is fine
+
+
 def test_existing_run_directory_is_not_overwritten(tiny_sd_dir, tmp_path, capsys):
     from rl.config import load_config
     from rl.run_dir import RunDirectory

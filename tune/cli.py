@@ -150,6 +150,7 @@ def _refuse_existing(paths: list[Path]) -> None:
 
 
 def _fuse(args: argparse.Namespace) -> int:
+    from rl.run_dir import make_output_dir
     from tune.fusion import fuse, parse_lora_arg
     from tune.lora_io import lora_output_path, read_lora
 
@@ -157,6 +158,7 @@ def _fuse(args: argparse.Namespace) -> int:
     alphas = [1.0 if item.alpha is None else item.alpha for item in items]
     _refuse_existing([lora_output_path(args.out)])
     fused = fuse([read_lora(item.path) for item in items], alphas)
+    make_output_dir(lora_output_path(args.out).parent, "--out")  # after the LoRAs' checks: a bad one leaves no folder
     path = fused.save(args.out)
     ranks = sorted({down.shape[0] for down, _ in fused.modules.values()})
     print(f"fused {len(items)} LoRAs (alphas {alphas}) into {path}: {len(fused.modules)} modules, rank {ranks}")
@@ -164,6 +166,7 @@ def _fuse(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from rl.run_dir import make_output_dir
     from tune.evaluate import output_paths, save_images, write_outputs
     from tune.fusion import parse_lora_arg
     from tune.worker import evaluate_alphas
@@ -173,6 +176,7 @@ def _eval(args: argparse.Namespace) -> int:
     images_dir = args.out / "images"
     _refuse_existing([*output_paths(args.out).values(), *([images_dir] if args.save_images else [])])
     job = _job(args, [item.path for item in items], args.reward, local_device=True)
+    make_output_dir(args.out, "--out")  # after the checks (a bad command leaves no folder), before the sampling
     result = evaluate_alphas(job, alphas, progress=True)
     extra = {"model": job.model, "loras": list(job.loras), "alphas": alphas, "reward": job.reward, "eval": vars(job.settings)}
     paths = write_outputs(result, args.out, extra=extra)
@@ -230,6 +234,7 @@ def _tune(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
 def _new_sweep(args: argparse.Namespace, *, local_device: bool):
     """A new sweep's output directory, job and settings, checked, its record (sweep.json) written."""
     from rl.config import ConfigError
+    from rl.run_dir import make_output_dir
     from tune.sweep import SweepSettings, can_resume, output_paths, record_path, write_sweep_record
 
     missing = [f"--{name}" for name in ("model", "prompts", "lora", "objective") if getattr(args, name) is None]
@@ -255,6 +260,7 @@ def _new_sweep(args: argparse.Namespace, *, local_device: bool):
             f"--device {args.device} needs --gpus-per-trial > 0: Ray hides the GPUs from a trial that requests none"
         )
     job = _job(args, args.lora, args.objective, local_device=local_device)
+    make_output_dir(out, "--out")
     write_sweep_record(job, settings, out)
     return out, job, settings
 
