@@ -16,6 +16,7 @@ the per-prompt reward statistics, so L learners see the advantages one learner w
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -107,6 +108,10 @@ def drop_non_finite(rollout: Rollout, config: TexForceConfig) -> tuple[Rollout, 
     return kept, kept.scores.scores.numpy().astype(np.float64), dropped
 
 
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+"""A disk that fills up or turns read-only under a run: it stops with one line and how to resume, not a traceback."""
+
+
 def train(
     config: TexForceConfig,
     *,
@@ -116,10 +121,25 @@ def train(
     """Run (or resume) a training run of `train.algorithm` (PPO or a gradient learner); returns its run directory.
 
     A learner that dies is replaced and the run goes on from the last checkpoint, up to
-    resources.max_restarts times; then TrainingStopped says how to resume. `on_epoch_end(epoch,
-    metrics_row)` returning True ends the run after that epoch as if it were the last (held-out
-    evaluation, final LoRA): a caller's own stopping rule, such as a time budget.
+    resources.max_restarts times; then TrainingStopped says how to resume, as it does when the run's disk
+    is full or read-only (STORAGE_ERRNOS). `on_epoch_end(epoch, metrics_row)` returning True ends the run
+    after that epoch as if it were the last (held-out evaluation, final LoRA): a caller's own stopping rule,
+    such as a time budget.
     """
+    try:
+        return _train(config, resume=resume, on_epoch_end=on_epoch_end)
+    except OSError as error:
+        if error.errno not in STORAGE_ERRNOS:
+            raise
+        run = RunDirectory(resume or Path(config.output_dir) / config.run_name)
+        latest = run.latest_checkpoint()
+        kept = f"the last checkpoint, {latest.name}, is kept" if latest else "no checkpoint was written yet"
+        raise TrainingStopped(f"{error.strerror}: {error.filename or run.path}; {kept}: free space there and "
+                              f"continue with `texforce train --resume {run.path}`") from error
+
+
+def _train(config: TexForceConfig, *, resume: str | Path | None,
+           on_epoch_end: Callable[[int, dict], bool | None] | None) -> RunDirectory:
     from tqdm.auto import tqdm
 
     preflight(config)  # every user error before the run directory exists

@@ -285,6 +285,9 @@ class TexForceConfig:
     """Sample/update rounds."""
     save_every: int = 1
     """Checkpoint every N epochs."""
+    keep_checkpoints: int | None = None
+    """Keep the newest N checkpoints, deleting older ones after each save (null: keep every one; DDPO's code keeps
+    5). Resume and learner recovery fall back to an older one when the newest cannot be read: keep 2 or more."""
     plot_every: int | Literal["auto"] = "auto"
     """Write the epoch's image grid and redraw the reward curve every N epochs (and after the last, or when a run
     stops); metrics.parquet and TensorBoard get every epoch. `auto`: the first epoch, the last, and between them
@@ -315,6 +318,8 @@ class TexForceConfig:
              "a folder name without '/' or '\\' (not '', '.' or '..')", "the run directory is output_dir/run_name"),
             (self.num_epochs >= 1, "num_epochs", self.num_epochs, positive_int, ""),
             (self.save_every >= 1, "save_every", self.save_every, positive_int, "checkpoint every N epochs"),
+            (self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints,
+             f"{positive_int} or null (keep every checkpoint)", ""),
             (self.plot_every == "auto" or self.plot_every >= 1, "plot_every", self.plot_every, f"{positive_int} or auto",
              "image grid and reward curve every N epochs"),
             (s.num_steps >= 1, "sample.num_steps", s.num_steps, positive_int, ""),

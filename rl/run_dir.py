@@ -131,12 +131,19 @@ class RunDirectory:
         final = self.checkpoints / f"epoch_{epoch:04d}"
         tmp = self.checkpoints / f".tmp_epoch_{epoch:04d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_lora(weights, config.lora, tmp / "lora")
-        (tmp / "learner.pt").write_bytes(learner_state)
-        (tmp / "driver.json").write_text(json.dumps({"epoch": epoch, **driver_state}))
+        try:
+            tmp.mkdir(parents=True)
+            save_lora(weights, config.lora, tmp / "lora")
+            (tmp / "learner.pt").write_bytes(learner_state)
+            (tmp / "driver.json").write_text(json.dumps({"epoch": epoch, **driver_state}))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # half a checkpoint is never read: it would only hold the space
+            raise
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        if config.keep_checkpoints is not None:  # the oldest go only once the new one is complete
+            for old in self.complete_checkpoints()[:-config.keep_checkpoints]:
+                shutil.rmtree(old)
         return final
 
     def latest_checkpoint(self) -> Path | None:

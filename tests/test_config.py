@@ -53,6 +53,7 @@ def test_an_override_of_a_text_setting_is_taken_as_written():
         ("train.clip_range=yes", "train.clip_range: expected a float"),
         ("sample.eta=0", "sample.eta must be in (0, 1], got 0.0 (eta=0 is deterministic"),
         ("num_epochs", "not of the form"),
+        ("keep_checkpoints=0", "keep_checkpoints must be an integer >= 1 or null (keep every checkpoint), got 0"),
     ],
 )
 def test_errors_name_the_bad_key(override, message):

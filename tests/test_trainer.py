@@ -783,3 +783,63 @@ def test_non_finite_rewards_stop_after_a_checkpoint(tiny_sd_dir, tmp_path, nan_r
     assert state["epoch"] == 1
     assert (run_dir / "checkpoints" / "epoch_0000" / "learner.pt").exists()  # epoch 0's work is kept
     assert (run_dir / "grids" / "epoch_0001_non_finite.png").exists()
+
+
+def _disk_full(path) -> OSError:
+    import errno
+
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def test_a_full_disk_while_checkpointing_stops_with_how_to_resume_and_the_resume_finishes(
+        tiny_sd_dir, tmp_path, monkeypatch):
+    import rl.run_dir
+
+    save_lora = rl.run_dir.save_lora
+
+    def fills_the_disk_at_epoch_1(weights, settings, directory):
+        save_lora(weights, settings, directory)
+        if "epoch_0001" in str(directory):
+            raise _disk_full(directory / "pytorch_lora_weights.safetensors")
+
+    monkeypatch.setattr(rl.run_dir, "save_lora", fills_the_disk_at_epoch_1)
+    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=full", "resources.mode=inline", "num_epochs=3",
+                             "sample.num_steps=4")
+    run_dir = tmp_path / "full"
+    with pytest.raises(TrainingStopped, match=(
+            r"^No space left on device: .*\.tmp_epoch_0001/lora/pytorch_lora_weights\.safetensors; the last "
+            rf"checkpoint, epoch_0000, is kept: free space there and continue with `texforce train --resume {run_dir}`$")):
+        train(config)
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["epoch_0000"]  # the half-written one removed
+    monkeypatch.setattr(rl.run_dir, "save_lora", save_lora)
+    run = train(load_config(run_dir / "config.yaml"), resume=run_dir)
+    assert [r["epoch"] for r in run.read_metrics()] == [0, 1, 2]
+    assert (run.final_lora / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_a_full_disk_under_the_background_writer_stops_the_run_the_same_way(tiny_sd_dir, tmp_path, monkeypatch):
+    append_metrics = RunDirectory.append_metrics
+
+    def fills_the_disk_at_epoch_1(self, row):
+        if row["epoch"] == 1:
+            raise _disk_full(self.metrics_path)
+        return append_metrics(self, row)
+
+    monkeypatch.setattr(RunDirectory, "append_metrics", fills_the_disk_at_epoch_1)
+    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=full", "resources.mode=inline", "num_epochs=3",
+                             "sample.num_steps=4")
+    with pytest.raises(TrainingStopped, match=r"^No space left on device: .*metrics\.parquet; the last checkpoint, "
+                                              r"epoch_000[12], is kept: .*--resume"):
+        train(config)
+    assert [r["epoch"] for r in RunDirectory(tmp_path / "full").read_metrics()] == [0]
+
+
+def test_keep_checkpoints_deletes_all_but_the_newest_and_a_resume_goes_on_from_them(tiny_sd_dir, tmp_path):
+    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=kept", "resources.mode=inline", "num_epochs=3",
+                             "sample.num_steps=4", "keep_checkpoints=2")
+    run = train(config)
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["epoch_0001", "epoch_0002"]
+    more = load_config(run.config_path, ["num_epochs=4"])
+    train(more, resume=run.path)
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["epoch_0002", "epoch_0003"]
+    assert [r["epoch"] for r in run.read_metrics()] == [0, 1, 2, 3]
