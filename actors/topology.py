@@ -158,6 +158,15 @@ class InlineWorkers:
         pass
 
 
+def fits_a_node(cpus: float, gpus: float) -> bool:
+    """Whether one alive node of the connected Ray cluster has `cpus` CPUs and `gpus` GPUs in all: an actor or a
+    Tune trial that asks for more than any node has is never scheduled, and Ray waits for it without a word."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in nodes)
+
+
 def check_resources(config: TexForceConfig) -> None:
     """Fail fast, naming the shortfall, when the cluster cannot host the requested actors."""
     import ray
@@ -178,11 +187,10 @@ def check_resources(config: TexForceConfig) -> None:
     while True:
         have = ray.cluster_resources()
         short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         unplaceable = [
             f"one {role} needs {c:g} CPU / {g:g} GPU but no node has that much"
             for role, (_, c, g) in roles.items()
-            if not any(node.get("CPU", 0) >= c and node.get("GPU", 0) >= g for node in nodes)
+            if not fits_a_node(c, g)
         ]
         if not short and not unplaceable:
             return

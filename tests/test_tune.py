@@ -229,6 +229,29 @@ def test_tune_names_its_missing_options(tune_args, capsys):
         "texforce tune: the following arguments are required: --prompts, --lora, --objective")
 
 
+def test_a_trial_no_node_can_host_is_an_error_on_a_local_ray_and_a_warning_on_a_cluster(
+        ray_session, tiny_sd_dir, directed_loras, tmp_path, monkeypatch, capsys):
+    from rl.cli import main
+    from tune.cli import _check_trial_fits
+    from tune.sweep import SweepSettings
+
+    monkeypatch.setattr("tune.sweep.run_sweep", lambda *a, **k: pytest.fail("Tune would wait for the trials forever"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\n")
+    args = ["tune", "--model", tiny_sd_dir, "--lora", directed_loras[0], "--lora", directed_loras[1], "--prompts",
+            str(prompts), "--objective", "color_alignment", "--device", "cpu", "--out", str(tmp_path / "sweep")]
+    cpus = ray_session.cluster_resources()["CPU"]
+    for extra, asked in ((["--cpus-per-trial", "64"], "64 CPU and 0 GPU"), (["--gpus-per-trial", "1"], "1 CPU and 1 GPU")):
+        assert main(args + extra) == 2
+        err = capsys.readouterr().err
+        assert err == (f"texforce tune: a trial asks for {asked} (--cpus-per-trial, --gpus-per-trial) but no node of "
+                       f"the Ray cluster has that much (it has {cpus:g} CPU and 0 GPU in all); lower them, or give a "
+                       "local Ray more with --num-cpus\n")
+    _check_trial_fits(SweepSettings(cpus_per_trial=64), local=False)  # a cluster may grow: Tune waits for a node
+    assert "warning: a trial asks for 64 CPU" in capsys.readouterr().err and ray_session.is_initialized()
+    _check_trial_fits(SweepSettings(cpus_per_trial=cpus), local=True)  # one node holds it all: fits
+
+
 @pytest.mark.parametrize("case", ["no record", "another option", "lora changed", "lora gone", "no tune state",
                                   "new sweep there", "new sweep after a failed start"])
 def test_tune_resume_checks_the_sweep_before_ray_starts(tune_args, tiny_sd_dir, directed_loras, tmp_path, capsys, case):

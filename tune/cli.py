@@ -211,6 +211,7 @@ def _tune(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
     if started:
         ray.init(address=address, num_cpus=args.num_cpus if address == "local" else None, include_dashboard=False)
     try:
+        _check_trial_fits(settings, local=local_device)
         rows = run_sweep(job, settings, out / "ray_results", resume=args.resume is not None)
     finally:
         if started:
@@ -229,6 +230,25 @@ def _tune(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
               f"with `texforce tune --resume {out}`", file=sys.stderr)
         return 130
     return 0
+
+
+def _check_trial_fits(settings, *, local: bool) -> None:
+    """A trial that no node can host would leave Tune waiting forever: on this machine's Ray (which does not grow)
+    that is a user error; on a cluster, which may be autoscaling, a warning."""
+    from actors.topology import InsufficientResourcesError, fits_a_node
+
+    if fits_a_node(settings.cpus_per_trial, settings.gpus_per_trial):
+        return
+    import ray
+
+    have = ray.cluster_resources()
+    message = (f"a trial asks for {settings.cpus_per_trial:g} CPU and {settings.gpus_per_trial:g} GPU "
+               f"(--cpus-per-trial, --gpus-per-trial) but no node of the Ray cluster has that much (it has "
+               f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU in all)")
+    if local:
+        raise InsufficientResourcesError(f"{message}; lower them, or give a local Ray more with --num-cpus")
+    print(f"texforce tune: warning: {message}; the trials wait until a node that fits joins (an autoscaling "
+          "cluster), else stop with Ctrl-C and lower them", file=sys.stderr)
 
 
 def _new_sweep(args: argparse.Namespace, *, local_device: bool):
