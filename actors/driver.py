@@ -36,7 +36,7 @@ from actors.rollout import Rollout, TrajectoriesLostError, is_lost
 from actors.topology import ActorsLostError, InlineWorkers, LearnerFailedError, RayWorkers
 from rl.advantages import PerPromptStatTracker, compute_advantages
 from rl.algorithms import get_algorithm
-from rl.config import TexForceConfig
+from rl.config import ConfigError, TexForceConfig
 from rl.lora import PolicyWeights
 from rl.outputs import EpochOutputs
 from rl.plots import save_image_grid
@@ -76,7 +76,11 @@ def connect_ray(config: TexForceConfig) -> None:
 
         ray_constants.ENABLE_RAY_CLUSTER = False
     if address:
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as error:  # `auto` without a running cluster (preflight probed HOST:PORT)
+            option = "resources.address" if config.resources.address else "RAY_ADDRESS"
+            raise ConfigError(f"{option}={address}: {error}") from None
     else:
         ray.init(address="local", include_dashboard=False, log_to_driver=True)
     if threading.current_thread() is threading.main_thread():

@@ -8,6 +8,8 @@ prompts, safetensors headers, the tokenizer and the scheduler config; no weights
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from pathlib import Path
 
 from rl.algorithms import get_algorithm
@@ -18,6 +20,10 @@ from rl.prompts import load_prompts, read_prompt_file, warn_long_prompts, warn_t
 
 log = logging.getLogger("texforce")
 
+# How long a Ray head's port may take to accept a connection before the address is taken for a wrong one
+# (ray.init itself retries a silent address for minutes).
+RAY_HEAD_TIMEOUT_S = 10.0
+
 
 def preflight(config: TexForceConfig) -> None:
     """Raise the first user error of `config`; warn (once) about prompts that will be truncated."""
@@ -26,6 +32,9 @@ def preflight(config: TexForceConfig) -> None:
     config.validate()
     check_device(config.model.device, option="model.device", local=config.resources.mode == "inline")
     check_gpu_requests(config)
+    if config.resources.mode == "ray":
+        check_ray_address(config.resources.address or os.environ.get("RAY_ADDRESS"),
+                          "resources.address" if config.resources.address else "RAY_ADDRESS")
     describe_step_rows(config)
     prompts = load_prompts(config.prompts)
     if config.evaluation.prompts_file is not None:
@@ -82,6 +91,28 @@ def describe_step_rows(config: TexForceConfig) -> None:
     log.info("%d learner ranks x train.batch_size=%d%s: %d rows per optimizer step (train.batch_size is per "
              "rank; divide it by %d for one learner's steps)", learners, t.batch_size, accumulate, learners * rows,
              learners)
+
+
+def check_ray_address(address: str | None, option: str) -> None:
+    """The Ray cluster to join answers at `address` (HOST:PORT or ray://HOST:PORT): a wrong address fails here in
+    seconds, naming `option`, where ray.init would retry it for minutes. None, `local` and `auto` are Ray's to
+    resolve (`auto` fails at once without a cluster)."""
+    if not address or address in ("local", "auto"):
+        return
+    scheme, sep, rest = address.rpartition("://")
+    if sep and scheme != "ray":
+        raise ConfigError(f"{option}={address} is a {scheme} URL: Ray joins a cluster at its GCS address HOST:PORT "
+                          "(port 6379 unless `ray start --head --port` said otherwise) or at ray://HOST:10001; the "
+                          "dashboard's http://HOST:8265 is the address for `ray job submit`")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"{option}={address} is not HOST:PORT (e.g. 10.0.0.1:6379), ray://HOST:PORT, auto or local")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_HEAD_TIMEOUT_S).close()
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise ConfigError(f"{option}={address}: no Ray head answers there ({reason}); start one there with "
+                          f"`ray start --head --port={port}`, or correct the address") from None
 
 
 def check_gpu_requests(config: TexForceConfig) -> None:

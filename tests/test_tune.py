@@ -211,6 +211,20 @@ def test_tune_checks_its_input_before_ray_starts(tune_args, capsys, extra, messa
     assert message in err
 
 
+def test_tune_refuses_a_ray_address_nothing_answers_at_before_ray_starts(tune_args, capsys):
+    import socket
+
+    from rl.cli import main
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed once the block ends: connections are refused
+    assert main(tune_args + ["--ray-address", f"127.0.0.1:{port}"]) == 2
+    assert capsys.readouterr().err == (f"texforce tune: --ray-address=127.0.0.1:{port}: no Ray head answers there "
+                                       f"(Connection refused); start one there with `ray start --head --port={port}`, "
+                                       "or correct the address\n")
+
+
 def test_tune_refuses_an_existing_sweep(tune_args, tmp_path, capsys):
     from tune.cli import main
 

@@ -256,3 +256,70 @@ def test_device_names_and_gpu_requests(tiny_sd_dir):
     with pytest.raises(ConfigError, match=r"resources\.gpus_per_sampler=0: Ray hides the GPUs from an actor that "
                                           r"requests none; set resources\.gpus_per_sampler"):
         preflight(tiny_config(tiny_sd_dir, "model.device=cuda"))
+
+
+# --- the Ray cluster to join ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def closed_port():
+    """A local port nothing listens on (connections to it are refused at once)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_ray_address_nothing_answers_at_fails_in_preflight_naming_where_it_came_from(
+        tiny_sd_dir, closed_port, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    address = f"127.0.0.1:{closed_port}"
+    with pytest.raises(ConfigError, match=re.escape(
+            f"resources.address={address}: no Ray head answers there (Connection refused); start one there with "
+            f"`ray start --head --port={closed_port}`, or correct the address")):
+        preflight(tiny_config(tiny_sd_dir, "resources.mode=ray", f"resources.address={address}"))
+    monkeypatch.setenv("RAY_ADDRESS", f"ray://{address}")
+    with pytest.raises(ConfigError, match=re.escape(f"RAY_ADDRESS=ray://{address}: no Ray head answers there")):
+        preflight(tiny_config(tiny_sd_dir, "resources.mode=ray"))
+    preflight(tiny_config(tiny_sd_dir, "resources.mode=inline"))  # inline joins no cluster
+
+
+def test_ray_addresses_that_are_urls_or_malformed_say_what_ray_takes():
+    from rl.preflight import check_ray_address
+
+    with pytest.raises(ConfigError, match=r"--ray-address=http://head:8265 is a http URL: .* is the address for `ray "
+                                          r"job submit`$"):
+        check_ray_address("http://head:8265", "--ray-address")
+    for bad in ("head", "head:port", ":6379"):
+        with pytest.raises(ConfigError, match=re.escape(f"x={bad} is not HOST:PORT (e.g. 10.0.0.1:6379)")):
+            check_ray_address(bad, "x")
+    for resolved_by_ray in (None, "", "local", "auto"):
+        check_ray_address(resolved_by_ray, "x")
+
+
+def test_a_ray_address_that_answers_passes():
+    import socket
+
+    from rl.preflight import check_ray_address
+
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        check_ray_address(f"127.0.0.1:{head.getsockname()[1]}", "resources.address")
+        check_ray_address(f"ray://127.0.0.1:{head.getsockname()[1]}", "resources.address")
+
+
+def test_auto_without_a_running_cluster_is_a_user_error(monkeypatch):
+    import ray
+
+    from actors.driver import connect_ray
+    from rl.config import load_config
+
+    def no_cluster(**kwargs):  # what ray.init(address="auto") raises at once when no cluster runs here
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(ConfigError, match=r"^resources\.address=auto: Could not find any running Ray instance"):
+        connect_ray(load_config(None, ["resources.address=auto"]))

@@ -194,6 +194,7 @@ RESUME_OPTIONS = ("resume", "ray_address", "num_cpus")
 
 def _tune(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
     from rl.config import ConfigError
+    from rl.preflight import check_ray_address
     from tune.sweep import run_sweep, write_sweep_outputs
 
     if args.num_cpus is not None and args.num_cpus < 1:
@@ -207,9 +208,14 @@ def _tune(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
 
     import ray
 
+    option = "--ray-address" if args.ray_address else "RAY_ADDRESS"
+    check_ray_address(address, option)
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, num_cpus=args.num_cpus if address == "local" else None, include_dashboard=False)
+        try:
+            ray.init(address=address, num_cpus=args.num_cpus if address == "local" else None, include_dashboard=False)
+        except ConnectionError as error:  # `auto` without a running cluster
+            raise ConfigError(f"{option}={address}: {error}") from None
     try:
         _check_trial_fits(settings, local=local_device)
         rows = run_sweep(job, settings, out / "ray_results", resume=args.resume is not None)
