@@ -140,12 +140,16 @@ def load_image(path: Path):
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def score_directory(reward, files: list[Path], prompts: list[str], *, batch_size: int, device: str):
-    """Score images in batches of equal size; returns the rows written to parquet."""
+def score_directory(reward, files: list[Path], prompts: list[str], *, batch_size: int, device: str,
+                    progress: bool = False):
+    """Score images in batches of equal size; returns the rows written to parquet. `progress` shows a bar on
+    stderr (a reward model on a CPU takes about a second an image)."""
     import torch
+    from tqdm.auto import tqdm
 
     rows = []
     start = 0
+    bar = tqdm(total=len(files), desc=f"scoring with {reward.name}", unit="image", disable=not progress, leave=False)
     while start < len(files):
         first = load_image(files[start])
         batch = [first]
@@ -163,6 +167,8 @@ def score_directory(reward, files: list[Path], prompts: list[str], *, batch_size
             row.update({part: float(values[i]) for part, values in output.parts.items()})
             rows.append(row)
         start += len(batch)
+        bar.update(len(batch))
+    bar.close()
     return rows
 
 
@@ -189,7 +195,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts, len(files))
     make_output_dir(args.out.parent, "--out")
     reward = build_reward(args.reward, device=args.device, paths=paths)
-    rows = score_directory(reward, files, prompts, batch_size=args.batch_size, device=args.device)
+    rows = score_directory(reward, files, prompts, batch_size=args.batch_size, device=args.device, progress=True)
     pq.write_table(pa.Table.from_pylist(rows), args.out)
     bad = [r["file"] for r in rows if not math.isfinite(r["score"])]
     finite = [r["score"] for r in rows if math.isfinite(r["score"])]

@@ -54,7 +54,9 @@ def test_score_writes_per_image_parquet(image_dir, tmp_path, capsys):
     out = tmp_path / "out" / "scores.parquet"
     code = run(["score", "--reward", "color_alignment:1,jpeg_compressibility:0.1", "--images", str(image_dir),
                 "--prompts", str(prompts), "--out", str(out), "--batch-size", "2"])
-    assert code == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "scoring with color_alignment" in captured.err and "0/3" in captured.err  # a progress bar over the images
     table = pq.read_table(out).to_pylist()
     assert [r["file"] for r in table] == ["a_blue.png", "b_red.png", "c_noise.png"]
     assert [r["prompt"] for r in table] == ["a photo of a blue car", "a red ball", "a gray wall"]
@@ -62,7 +64,7 @@ def test_score_writes_per_image_parquet(image_dir, tmp_path, capsys):
     assert table[1]["color_alignment"] == pytest.approx(1.0, abs=1e-3)
     for row in table:
         assert row["score"] == pytest.approx(row["color_alignment"] + 0.1 * row["jpeg_compressibility"], abs=1e-5)
-    assert "scored 3 images" in capsys.readouterr().out
+    assert "scored 3 images" in captured.out
 
 
 def test_score_single_prompt_for_all_and_model_paths(image_dir, tmp_path, tiny_reward_files: TinyRewardFiles):
