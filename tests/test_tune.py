@@ -147,6 +147,28 @@ def test_ctrl_c_keeps_the_finished_trials_and_resume_runs_the_rest(tiny_sd_dir, 
     assert best["objective"] == max(r["objective"] for r in rows) and best["num_trials"] == 16
 
 
+def test_each_trial_gets_its_own_number_out_of_the_total_and_a_resumed_sweep_counts_on(capsys):
+    from types import SimpleNamespace
+
+    from tune.sweep import _one_line_per_trial
+
+    def trial(status):
+        return SimpleNamespace(status=status, TERMINATED="TERMINATED")
+
+    result = {"used_alpha_1": 0.5, "used_alpha_2": 0.25, "objective": 0.75}
+    printer = _one_line_per_trial(["alpha_1", "alpha_2"], 16)
+    running = [trial("RUNNING"), trial("RUNNING")]
+    for reporting in running:  # both report before Tune marks either ended
+        printer.on_trial_result(0, running, reporting, result)
+    assert capsys.readouterr().out.splitlines() == [
+        "trial   1/16  alpha_1=0.500 alpha_2=0.250  objective=0.75000",
+        "trial   2/16  alpha_1=0.500 alpha_2=0.250  objective=0.75000"]
+    resumed = _one_line_per_trial(["alpha_1", "alpha_2"], 16)
+    trials = [trial("TERMINATED"), trial("TERMINATED"), trial("RUNNING")]
+    resumed.on_trial_result(0, trials, trials[2], result)
+    assert capsys.readouterr().out.startswith("trial   3/16  ")
+
+
 def test_search_space_helpers():
     assert anchor_points(2, 2.0) == [
         {"alpha_1": 0.0, "alpha_2": 0.0}, {"alpha_1": 2.0, "alpha_2": 0.0},

@@ -209,7 +209,7 @@ def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path, *, r
                 name=state.name,
                 storage_path=str(state.parent),
                 verbose=0,
-                callbacks=[_one_line_per_trial(names)],
+                callbacks=[_one_line_per_trial(names, settings.num_trials(n))],
             ),
         )
     grid = tuner.fit()  # on Ctrl-C Tune stops the trials and returns; those cut short have no objective
@@ -231,15 +231,23 @@ def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path, *, r
     return sorted(rows, key=lambda r: -r["objective"])
 
 
-def _one_line_per_trial(names: list[str]):
-    """A Tune callback printing `trial 3/16  alpha_1=0.52 alpha_2=0.10  objective=0.4699` (no TTY needed)."""
+def _one_line_per_trial(names: list[str], total: int):
+    """A Tune callback printing `trial   3/16  alpha_1=0.520 alpha_2=0.100  objective=0.46990` (no TTY needed).
+
+    It counts the results it prints: counting the trials Tune has marked ended gave two trials one number when
+    both reported before either was marked. A resumed sweep counts on from the trials it kept."""
     from ray.tune import Callback
 
     class _Printer(Callback):
+        def __init__(self):
+            self.shown: int | None = None
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            done = 1 + sum(t.status == t.TERMINATED for t in trials)  # a resumed sweep counts on
+            if self.shown is None:  # this session's first result: the trials ended before it are a resumed sweep's
+                self.shown = sum(t.status == t.TERMINATED for t in trials)
+            self.shown += 1
             alphas = " ".join(f"{name}={result[f'used_{name}']:.3f}" for name in names)
-            print(f"trial {done:3d}  {alphas}  objective={result['objective']:.5f}", flush=True)
+            print(f"trial {self.shown:3d}/{total}  {alphas}  objective={result['objective']:.5f}", flush=True)
 
     return _Printer()
 
