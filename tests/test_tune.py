@@ -92,7 +92,12 @@ def test_sweep_finds_alphas_near_the_best_of_a_dense_grid(ray_session, job, tiny
     assert len({r["worker_pid"] for r in rows}) < len(rows)
     assert (out / "best_lora" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "objective.png").stat().st_size > 5000
-    assert best["at_alpha_max"] == [] and "top of the box" not in capsys.readouterr().out  # best at alpha_1 ~1.6
+    printed = capsys.readouterr().out
+    assert best["at_alpha_max"] == [] and "top of the box" not in printed  # best at alpha_1 ~1.6
+    # one line per trial, numbered 1-14 of 14, and none of Tune's own console output
+    numbers = [line.split()[1] for line in printed.splitlines() if line.startswith("trial ")]
+    assert sorted(numbers, key=lambda n: int(n.split("/")[0])) == [f"{i}/14" for i in range(1, 15)]
+    assert "Configuration for experiment" not in printed and "tensorboard --logdir" not in printed
 
     # in a box too small for it, the LoRA that raises the reward is best at the top face: the sweep says so
     small = ["--alpha-max", "0.5", "--grid", "2", "--out", str(tmp_path / "small")]

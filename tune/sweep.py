@@ -212,7 +212,16 @@ def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path, *, r
                 callbacks=[_one_line_per_trial(names, settings.num_trials(n))],
             ),
         )
-    grid = tuner.fit()  # on Ctrl-C Tune stops the trials and returns; those cut short have no objective
+    # Tune's console engine prints a configuration box and a TensorBoard path in Ray's temporary session folder even
+    # at verbose=0; its legacy engine prints nothing there, leaving `_one_line_per_trial`. A user's own setting wins.
+    quiet = "RAY_AIR_NEW_OUTPUT" not in os.environ
+    if quiet:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        grid = tuner.fit()  # on Ctrl-C Tune stops the trials and returns; those cut short have no objective
+    finally:
+        if quiet:
+            del os.environ["RAY_AIR_NEW_OUTPUT"]
     errors = [str(r.error) for r in grid if r.error is not None]
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(grid)} trials failed; first error: {errors[0]}")
