@@ -33,14 +33,14 @@ import torch
 
 from actors.reward import RewardScores
 from actors.rollout import Rollout, TrajectoriesLostError, is_lost
-from actors.topology import ActorsLostError, InlineWorkers, LearnerFailedError, RayWorkers
+from actors.topology import ActorsLostError, InlineWorkers, LearnerFailedError, RayWorkers, init_ray
 from rl.advantages import PerPromptStatTracker, compute_advantages
 from rl.algorithms import get_algorithm
-from rl.config import ConfigError, TexForceConfig
+from rl.config import TexForceConfig
 from rl.lora import PolicyWeights
 from rl.outputs import EpochOutputs
 from rl.plots import save_image_grid
-from rl.preflight import preflight
+from rl.preflight import preflight, ray_address
 from rl.prompts import epoch_prompts, group_start_seeds, load_prompts, read_prompt_file
 from rl.run_dir import RunDirectory, epoch_reward_sem, make_output_dir
 from tune.evaluate import clustered_sem
@@ -69,18 +69,14 @@ def connect_ray(config: TexForceConfig) -> None:
 
     if ray.is_initialized():
         return
-    address = config.resources.address or os.environ.get("RAY_ADDRESS")
+    address, option = ray_address(config)
     if not address and os.environ.setdefault(LOOPBACK_ONLY_ENV, "0") == "0":
         # the processes Ray starts read the variable; this one read it when ray was imported
         from ray._private import ray_constants
 
         ray_constants.ENABLE_RAY_CLUSTER = False
     if address:
-        try:
-            ray.init(address=address, log_to_driver=True)
-        except ConnectionError as error:  # `auto` without a running cluster (preflight probed HOST:PORT)
-            option = "resources.address" if config.resources.address else "RAY_ADDRESS"
-            raise ConfigError(f"{option}={address}: {error}") from None
+        init_ray(address, option, log_to_driver=True)
     else:
         ray.init(address="local", include_dashboard=False, log_to_driver=True)
     if threading.current_thread() is threading.main_thread():
@@ -135,7 +131,7 @@ def train(
     except OSError as error:
         if error.errno not in STORAGE_ERRNOS:
             raise
-        run = RunDirectory(resume or Path(config.output_dir) / config.run_name)
+        run = RunDirectory(resume) if resume else RunDirectory.for_config(config)
         latest = run.latest_checkpoint()
         kept = f"the last checkpoint, {latest.name}, is kept" if latest else "no checkpoint was written yet"
         raise TrainingStopped(f"{error.strerror}: {error.filename or run.path}; {kept}: free space there and "

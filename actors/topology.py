@@ -23,7 +23,7 @@ from actors.reward import RewardActor, RewardScores
 from actors.rollout import Rollout, TrajectoriesLostError, TrajectoryShards, is_lost
 from actors.sampler import SamplerWorker
 from rl.algorithms import get_algorithm
-from rl.config import TexForceConfig
+from rl.config import ConfigError, TexForceConfig
 from rl.gradient import ScoredSamples
 from rl.learner import combine_rank_metrics
 from rl.lora import PolicyWeights
@@ -156,6 +156,17 @@ class InlineWorkers:
 
     def shutdown(self) -> None:
         pass
+
+
+def init_ray(address: str, option: str, **kwargs) -> None:
+    """ray.init(address=address, ...): `auto` without a running cluster (Ray's ConnectionError, at once) becomes a
+    ConfigError naming `option`; a HOST:PORT nothing answers at was refused before (rl.preflight.check_ray_address)."""
+    import ray
+
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as error:
+        raise ConfigError(f"{option}={address}: {error}") from None
 
 
 def fits_a_node(cpus: float, gpus: float) -> bool:

@@ -33,8 +33,7 @@ def preflight(config: TexForceConfig) -> None:
     check_device(config.model.device, option="model.device", local=config.resources.mode == "inline")
     check_gpu_requests(config)
     if config.resources.mode == "ray":
-        check_ray_address(config.resources.address or os.environ.get("RAY_ADDRESS"),
-                          "resources.address" if config.resources.address else "RAY_ADDRESS")
+        check_ray_address(*ray_address(config))
     describe_step_rows(config)
     prompts = load_prompts(config.prompts)
     if config.evaluation.prompts_file is not None:
@@ -91,6 +90,14 @@ def describe_step_rows(config: TexForceConfig) -> None:
     log.info("%d learner ranks x train.batch_size=%d%s: %d rows per optimizer step (train.batch_size is per "
              "rank; divide it by %d for one learner's steps)", learners, t.batch_size, accumulate, learners * rows,
              learners)
+
+
+def ray_address(config: TexForceConfig) -> tuple[str | None, str]:
+    """The Ray cluster a run joins (resources.address, else RAY_ADDRESS; None: it starts a local one) and the
+    setting it came from, for the errors that name it."""
+    if config.resources.address:
+        return config.resources.address, "resources.address"
+    return os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS"
 
 
 def check_ray_address(address: str | None, option: str) -> None:

@@ -77,11 +77,16 @@ class RunDirectory:
         self.tensorboard = self.path / "tensorboard"
 
     @classmethod
+    def for_config(cls, config: TexForceConfig) -> "RunDirectory":
+        """The run directory of a new run of `config`: output_dir/run_name."""
+        return cls(Path(config.output_dir) / config.run_name)
+
+    @classmethod
     def create(cls, config: TexForceConfig) -> "RunDirectory":
         """A run directory at output_dir/run_name. A folder that already holds a run's progress
         (metrics or checkpoints) is refused; one left by a run that failed before its first epoch
         ended is reused, so the same command works once the problem is fixed."""
-        run = cls(Path(config.output_dir) / config.run_name)
+        run = cls.for_config(config)
         run.refuse_if_taken()
         make_output_dir(run.path, "output_dir")
         run.save_config(config)

@@ -14,7 +14,6 @@ import argparse
 import logging
 import signal
 import sys
-from pathlib import Path
 
 from rl.config import ConfigError, TexForceConfig, documented_yaml, load_config
 
@@ -44,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.resume:  # before any check that takes time
         from rl.run_dir import RunDirectory
 
-        RunDirectory(Path(config.output_dir) / config.run_name).refuse_if_taken()
+        RunDirectory.for_config(config).refuse_if_taken()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from actors.driver import summarize, train  # train() runs the preflight checks first
 

@@ -193,6 +193,7 @@ RESUME_OPTIONS = ("resume", "ray_address", "num_cpus")
 
 
 def _tune(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
+    from actors.topology import init_ray
     from rl.config import ConfigError
     from rl.preflight import check_ray_address
     from tune.sweep import run_sweep, write_sweep_outputs
@@ -212,10 +213,7 @@ def _tune(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
     check_ray_address(address, option)
     started = not ray.is_initialized()
     if started:
-        try:
-            ray.init(address=address, num_cpus=args.num_cpus if address == "local" else None, include_dashboard=False)
-        except ConnectionError as error:  # `auto` without a running cluster
-            raise ConfigError(f"{option}={address}: {error}") from None
+        init_ray(address, option, num_cpus=args.num_cpus if address == "local" else None, include_dashboard=False)
     try:
         _check_trial_fits(settings, local=local_device)
         rows = run_sweep(job, settings, out / "ray_results", resume=args.resume is not None)
