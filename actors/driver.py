@@ -16,7 +16,6 @@ the per-prompt reward statistics, so L learners see the advantages one learner w
 """
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -42,7 +41,7 @@ from rl.outputs import EpochOutputs
 from rl.plots import save_image_grid
 from rl.preflight import preflight, ray_address
 from rl.prompts import epoch_prompts, group_start_seeds, load_prompts, read_prompt_file
-from rl.run_dir import RunDirectory, epoch_reward_sem, make_output_dir
+from rl.run_dir import RunDirectory, epoch_reward_sem, make_output_dir, storage_problem
 from tune.evaluate import clustered_sem
 
 log = logging.getLogger("texforce")
@@ -108,10 +107,6 @@ def drop_non_finite(rollout: Rollout, config: TexForceConfig) -> tuple[Rollout, 
     return kept, kept.scores.scores.numpy().astype(np.float64), dropped
 
 
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
-"""A disk that fills up or turns read-only under a run: it stops with one line and how to resume, not a traceback."""
-
-
 def train(
     config: TexForceConfig,
     *,
@@ -129,13 +124,14 @@ def train(
     try:
         return _train(config, resume=resume, on_epoch_end=on_epoch_end)
     except OSError as error:
-        if error.errno not in STORAGE_ERRNOS:
-            raise
         run = RunDirectory(resume) if resume else RunDirectory.for_config(config)
+        problem = storage_problem(error, run.path)
+        if problem is None:
+            raise
         latest = run.latest_checkpoint()
         kept = f"the last checkpoint, {latest.name}, is kept" if latest else "no checkpoint was written yet"
-        raise TrainingStopped(f"{error.strerror}: {error.filename or run.path}; {kept}: free space there and "
-                              f"continue with `texforce train --resume {run.path}`") from error
+        raise TrainingStopped(f"{problem}, then continue with `texforce train --resume {run.path}` ({kept})") \
+            from error
 
 
 def _train(config: TexForceConfig, *, resume: str | Path | None,

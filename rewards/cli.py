@@ -196,11 +196,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     make_output_dir(args.out.parent, "--out")
     reward = build_reward(args.reward, device=args.device, paths=paths)
     rows = score_directory(reward, files, prompts, batch_size=args.batch_size, device=args.device, progress=True)
-    pq.write_table(pa.Table.from_pylist(rows), args.out)
     bad = [r["file"] for r in rows if not math.isfinite(r["score"])]
     finite = [r["score"] for r in rows if math.isfinite(r["score"])]
     mean = sum(finite) / len(finite) if finite else float("nan")
-    print(f"scored {len(rows)} images with {reward.name}: mean {mean:.4f}; wrote {args.out}")
+    print(f"scored {len(rows)} images with {reward.name}: mean {mean:.4f}", flush=True)  # shown if the writing fails
     if bad:
         print(f"warning: non-finite scores for {len(bad)} images: {', '.join(bad[:10])}", file=sys.stderr)
+    pq.write_table(pa.Table.from_pylist(rows), args.out)
+    print(f"wrote {args.out}")
     return 0

@@ -54,10 +54,16 @@ def _loaded_types(names: tuple[str, ...]) -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def _storage_problem(error: OSError) -> str | None:
+    from rl.run_dir import storage_problem  # only once an OSError is here: `--help` stays light
+
+    return storage_problem(error, "the command's outputs")
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run a parsed subcommand (`args.func`). A user error becomes one line on stderr and exit
     code 2; a run that stops (RUN_STOPS) one line and exit code 1; Ctrl-C one line and 130 (the shell's
-    128 + SIGINT); anything else propagates."""
+    128 + SIGINT); a full or read-only disk one line and 1; anything else propagates."""
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a bug: what was kept is logged where it is known
@@ -65,12 +71,14 @@ def run_command(args: argparse.Namespace) -> int:
         return 130
     except Exception as error:
         if isinstance(error, _loaded_types(USER_ERRORS)):
-            code = 2
+            code, message = 2, str(error)
         elif isinstance(error, _loaded_types(RUN_STOPS)):
-            code = 1
+            code, message = 1, str(error)
+        elif isinstance(error, OSError) and (problem := _storage_problem(error)):
+            code, message = 1, f"{problem}, then run the command again"
         else:
             raise
-        message = " ".join(str(error).split())  # one line, whatever the message held
+        message = " ".join(message.split())  # one line, whatever the message held
         print(f"texforce {args.command}: {message}", file=sys.stderr)
         return code
 

@@ -16,6 +16,7 @@ read with `torch.load(..., weights_only=True)`.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -42,6 +43,21 @@ def pack_learner_state(state: dict) -> bytes:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getvalue()
+
+
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+"""A disk that fills up or turns read-only under a command: it stops with one line saying so (and, for a training
+run, how to resume), not a traceback."""
+
+
+def storage_problem(error: BaseException, where: str | Path) -> str | None:
+    """What a full or read-only disk (STORAGE_ERRNOS) did and what to do about it, for a one-line message ("No space
+    left on device: runs/x/metrics.parquet; free space there"); None for any other error. `where` names the place when
+    the error does not (pyarrow's carries no file name)."""
+    if not isinstance(error, OSError) or error.errno not in STORAGE_ERRNOS:
+        return None
+    fix = "make it writable or write elsewhere" if error.errno == errno.EROFS else "free space there"
+    return f"{os.strerror(error.errno)}: {error.filename or where}; {fix}"
 
 
 def make_output_dir(path: str | Path, option: str) -> Path:

@@ -4,6 +4,7 @@ A user error is one line on stderr and exit code 2, before any work: no run dire
 behind, so the same command, corrected, starts cleanly. A bug still raises (a traceback).
 """
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,6 +155,64 @@ def test_an_output_that_cannot_be_written_fails_before_any_work(command, tiny_sd
     assert line == (f"texforce {command}: {option}: cannot write to {path} (Not a directory); choose a directory "
                     "this user can write to")
     assert blocker.is_file() and blocker.read_text() == ""
+
+
+@pytest.mark.parametrize("command", ["eval", "score"])
+def test_a_disk_that_fills_up_while_writing_is_one_line_after_the_results_are_shown(
+        command, tiny_sd_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    def disk_full(*args, **kwargs):  # as pyarrow raises it: an errno, no file name
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\n")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(tmp_path / "images" / "0.png")
+    argv = {
+        "eval": ["eval", "--model", tiny_sd_dir, "--prompts", str(prompts), "--reward", "brightness", "--device", "cpu",
+                 "--steps", "2", "--seeds", "2", "--out", str(tmp_path / "out")],
+        "score": ["score", "--reward", "brightness", "--images", str(tmp_path / "images"), "--prompts", str(prompts),
+                  "--out", str(tmp_path / "out" / "s.parquet")],
+    }[command]
+    monkeypatch.setattr(pq, "write_table", disk_full)
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    assert code == 1 and "Traceback" not in captured.err
+    assert captured.err.strip().splitlines()[-1] == (  # after the progress bar
+        f"texforce {command}: No space left on device: the command's outputs; free space there, then run the command "
+        "again")
+    shown = {"eval": r"brightness: 0\.\d{4} \+- 0\.\d{4} \(std 0\.\d{4}, n 2\)",
+             "score": r"^scored 1 images with brightness:1: mean 1\.0000$"}[command]
+    assert re.search(shown, captured.out, re.MULTILINE), captured.out  # the scores computed before the disk filled up
+    assert "wrote" not in captured.out
+
+
+def test_a_read_only_disk_says_so_and_names_the_file(monkeypatch, capsys):
+    import argparse
+    import errno
+
+    def read_only(args):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/mnt/ro/out.safetensors")
+
+    code = cli.run_command(argparse.Namespace(command="fuse", func=read_only))
+    assert code == 1
+    assert capsys.readouterr().err.strip() == ("texforce fuse: Read-only file system: /mnt/ro/out.safetensors; make it "
+                                               "writable or write elsewhere, then run the command again")
+
+
+def test_other_os_errors_are_still_bugs():
+    import argparse
+    import errno
+
+    def bug(args):
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    with pytest.raises(OSError):
+        cli.run_command(argparse.Namespace(command="eval", func=bug))
 
 
 def test_make_tiny_does_not_overwrite_a_model(tiny_sd_dir, capsys, monkeypatch):

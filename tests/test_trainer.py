@@ -807,8 +807,8 @@ def test_a_full_disk_while_checkpointing_stops_with_how_to_resume_and_the_resume
                              "sample.num_steps=4")
     run_dir = tmp_path / "full"
     with pytest.raises(TrainingStopped, match=(
-            r"^No space left on device: .*\.tmp_epoch_0001/lora/pytorch_lora_weights\.safetensors; the last "
-            rf"checkpoint, epoch_0000, is kept: free space there and continue with `texforce train --resume {run_dir}`$")):
+            r"^No space left on device: .*\.tmp_epoch_0001/lora/pytorch_lora_weights\.safetensors; free space there, "
+            rf"then continue with `texforce train --resume {run_dir}` \(the last checkpoint, epoch_0000, is kept\)$")):
         train(config)
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["epoch_0000"]  # the half-written one removed
     monkeypatch.setattr(rl.run_dir, "save_lora", save_lora)
@@ -828,8 +828,9 @@ def test_a_full_disk_under_the_background_writer_stops_the_run_the_same_way(tiny
     monkeypatch.setattr(RunDirectory, "append_metrics", fills_the_disk_at_epoch_1)
     config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=full", "resources.mode=inline", "num_epochs=3",
                              "sample.num_steps=4")
-    with pytest.raises(TrainingStopped, match=r"^No space left on device: .*metrics\.parquet; the last checkpoint, "
-                                              r"epoch_000[12], is kept: .*--resume"):
+    with pytest.raises(TrainingStopped, match=r"^No space left on device: .*metrics\.parquet; free space there, then "
+                                              r"continue with `texforce train --resume .*` \(the last checkpoint, "
+                                              r"epoch_000[12], is kept\)$"):
         train(config)
     assert [r["epoch"] for r in RunDirectory(tmp_path / "full").read_metrics()] == [0]
 

@@ -178,12 +178,12 @@ def _eval(args: argparse.Namespace) -> int:
     job = _job(args, [item.path for item in items], args.reward, local_device=True)
     make_output_dir(args.out, "--out")  # after the checks (a bad command leaves no folder), before the sampling
     result = evaluate_alphas(job, alphas, progress=True)
+    for name, s in result.summary().items():  # before the writing: a disk that fills up then leaves the scores shown
+        print(f"{name:>24s}: {s['mean']:.4f} +- {s['sem']:.4f} (std {s['std']:.4f}, n {s['n']})", flush=True)
     extra = {"model": job.model, "loras": list(job.loras), "alphas": alphas, "reward": job.reward, "eval": vars(job.settings)}
     paths = write_outputs(result, args.out, extra=extra)
     if args.save_images:
         paths["images"] = save_images(result.images, result.prompts, images_dir)
-    for name, s in result.summary().items():
-        print(f"{name:>24s}: {s['mean']:.4f} +- {s['sem']:.4f} (std {s['std']:.4f}, n {s['n']})")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 
