@@ -33,7 +33,7 @@ import torch
 from actors.reward import RewardScores
 from actors.rollout import Rollout, TrajectoriesLostError, is_lost
 from actors.topology import ActorsLostError, InlineWorkers, LearnerFailedError, RayWorkers, init_ray
-from rl.advantages import PerPromptStatTracker, compute_advantages
+from rl.advantages import PerPromptStatTracker, compute_advantages, group_keys
 from rl.algorithms import get_algorithm
 from rl.config import TexForceConfig
 from rl.lora import PolicyWeights
@@ -354,10 +354,12 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config
         _checkpoint_last_finished_epoch(run, config, workers, tracker, weights, epoch)
         raise NonFiniteRewardError(f"{error}; fix the reward, then `texforce train --resume {run.path}`") from None
     # 3. advantages
+    rows = range(len(kept)) if kept.keep is None else kept.keep.tolist()  # epoch positions: which group is whose
+    groups = group_keys(kept.prompts, rows, config.advantage.group_size, shared_start=config.sample.shared_start_noise)
     advantages = torch.from_numpy(
         compute_advantages(
             kept.prompts, rewards, mode=config.advantage.mode,
-            adv_clip_max=config.train.adv_clip_max, tracker=tracker,
+            adv_clip_max=config.train.adv_clip_max, tracker=tracker, groups=groups,
         )
     )
     # 4. PPO update (the learners fetch the trajectories from the samplers' shards), and meanwhile

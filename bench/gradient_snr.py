@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import rewards
-from rl.advantages import compute_advantages
+from rl.advantages import compute_advantages, group_keys
 from rl.config import LoraSettings, PromptConfig
 from rl.ddim import DDIMSchedule, ddim_sigma, ddim_step_gain
 from rl.learner import trainable_steps
@@ -190,8 +190,9 @@ def main() -> None:
              for i in range(0, n, args.chunk)]
     trajectories = Trajectories.cat(parts)
     scores = reward(trajectories.images_float(), trajectories.prompts).scores.numpy()
+    groups = group_keys(trajectories.prompts, range(n), args.group_size, shared_start=args.shared_start)
     advantages = torch.from_numpy(compute_advantages(trajectories.prompts, scores, mode="group", adv_clip_max=5.0,
-                                                       tracker=None))
+                                                       tracker=None, groups=groups))
     per_chunk_step = torch.zeros(n // args.chunk, args.num_steps, g_direct.numel())
     for c, batch in enumerate(parts):
         rows = slice(c * args.chunk, (c + 1) * args.chunk)

@@ -6,6 +6,7 @@ clipped to [-adv_clip_max, adv_clip_max].
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 
@@ -49,22 +50,35 @@ class PerPromptStatTracker:
                 "history": {p: list(h) for p, h in self.history.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.buffer_size, self.min_count = state["buffer_size"], state["min_count"]
+        """The saved histories, under this tracker's buffer_size and min_count (a resume's config, which may have
+        changed them): a shorter buffer keeps each prompt's newest rewards."""
         self.history = {p: deque(h, maxlen=self.buffer_size) for p, h in state["history"].items()}
 
 
-def group_advantages(prompts: list[str], rewards: np.ndarray) -> np.ndarray:
-    """GRPO-style: normalise each reward within the samples of the same prompt in this batch.
-
-    A prompt left with a single sample (its group-mates dropped) gets advantage 0.
+def group_advantages(groups: Sequence[Hashable], rewards: np.ndarray) -> np.ndarray:
+    """GRPO-style: normalise each reward within the samples of its group in this batch (`groups[i]`, sample i's
+    group: its prompt, or `group_keys`'). A group left with a single sample (its mates dropped) gets advantage 0.
     """
     rewards = np.asarray(rewards, dtype=np.float64)
     advantages = np.zeros_like(rewards)
-    prompts_arr = np.asarray(prompts, dtype=object)
-    for prompt in dict.fromkeys(prompts):
-        mask = prompts_arr == prompt
-        advantages[mask] = normalize(rewards[mask], rewards[mask].mean(), rewards[mask].std())
+    members: dict[Hashable, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    for rows in members.values():
+        advantages[rows] = normalize(rewards[rows], rewards[rows].mean(), rewards[rows].std())
     return advantages
+
+
+def group_keys(prompts: Sequence[str], rows: Sequence[int], group_size: int, *, shared_start: bool) -> list:
+    """The group each sample's advantage is normalised within (advantage.mode=group), for the samples at epoch
+    positions `rows` (groups are `group_size` consecutive positions, as `epoch_prompts` lays them out).
+
+    Independent starts: the prompt, so two groups that drew one prompt pool into one (their rewards come from the
+    same distribution). Shared starts (sample.shared_start_noise): the prompt's group itself, since each group
+    started from its own x_T and its mean is what removes that start's share of the reward's spread."""
+    if not shared_start:
+        return list(prompts)
+    return [(prompt, row // group_size) for prompt, row in zip(prompts, rows)]
 
 
 def batch_advantages(rewards: np.ndarray) -> np.ndarray:
@@ -73,15 +87,17 @@ def batch_advantages(rewards: np.ndarray) -> np.ndarray:
 
 
 def compute_advantages(
-    prompts: list[str], rewards: np.ndarray, *, mode: str, adv_clip_max: float, tracker: PerPromptStatTracker | None
+    prompts: list[str], rewards: np.ndarray, *, mode: str, adv_clip_max: float, tracker: PerPromptStatTracker | None,
+    groups: Sequence[Hashable] | None = None,
 ) -> np.ndarray:
-    """Dispatch on `mode` (per_prompt | group | batch), then clip."""
+    """Dispatch on `mode` (per_prompt | group | batch), then clip. `groups`: each sample's group in group mode
+    (`group_keys`; default its prompt)."""
     if mode == "per_prompt":
         if tracker is None:
             raise ValueError("per_prompt advantages need a PerPromptStatTracker")
         advantages = tracker.update(prompts, rewards)
     elif mode == "group":
-        advantages = group_advantages(prompts, rewards)
+        advantages = group_advantages(prompts if groups is None else groups, rewards)
     elif mode == "batch":
         advantages = batch_advantages(rewards)
     else:

@@ -235,7 +235,7 @@ class GradientLearner(LoraLearner):
 
     def loss(self, prompts: list[str], seeds: list[int], window: Window) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """(-reward, averaged over the minibatch [summed over LV copies]; its metrics; the final
-        sample x_0 [B, 4, h, w], detached). Non-finite rewards leave the loss."""
+        sample x_0 [B, 4, h, w], detached). Non-finite rewards leave the loss and the gradient."""
         cond, uncond = self.embeddings(prompts)
         early = self.embeddings(prompts, base=True) if self.algorithm.original_encoder_early else (cond, uncond)
         run = dict(guidance_scale=self.sample.guidance_scale, eta=0.0, height=self.height, width=self.width)
@@ -278,6 +278,11 @@ class GradientLearner(LoraLearner):
             images = _decode(self.pipe.vae, latent, self.gradient.checkpointing)
             output = self.reward(images, prompts)
             finite = torch.isfinite(output.scores)
+            if images.requires_grad and not finite.all():
+                # the loss takes 0 of a non-finite score, but the reward's backward still gives its image 0 x NaN:
+                # zero those rows, or that NaN reaches every LoRA weight
+                keep = finite.view(-1, *([1] * (images.dim() - 1)))
+                images.register_hook(lambda grad, keep=keep: torch.where(keep, grad, torch.zeros_like(grad)))
             terms.append(-torch.where(finite, output.scores, torch.zeros_like(output.scores)).sum() / len(prompts))
         metrics["reward_trained"] = float(sum(-t.item() for t in terms) / len(terms))
         loss = sum(terms)

@@ -18,6 +18,7 @@ gradients of the dimension-averaged log-prob do not underflow in the fp16 backwa
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ from rl.lora import (
 )
 from rl.ppo import clipped_surrogate_loss, gaussian_kl
 from rl.sampling import Trajectories, encode, recomputed_log_probs, step_distribution
+
+log = logging.getLogger("texforce")
 
 
 MISMATCH_PROBE_ROWS = 8
@@ -274,8 +277,8 @@ class LoraLearner:
 
         The ranks' gradients are already weighted by their rows' share (`accumulation_plan`), so
         they are summed, not averaged. In fp16 they are summed while still scaled (an inf on
-        any rank reaches all, so all ranks skip together), then unscaled in float32; a step with
-        inf/NaN gradients is skipped, LR schedule included, and the scale backs off.
+        any rank reaches all, so all ranks skip together), then unscaled in float32. A step with
+        inf/NaN gradients is skipped in every dtype, LR schedule included (in fp16 the scale backs off).
         """
         world, _ = _world_and_rank()
         for p in self.params:
@@ -290,7 +293,10 @@ class LoraLearner:
                 p.grad.div_(scale)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        skipped = self.scaler.enabled and not bool(torch.isfinite(grad_norm))
+        skipped = not bool(torch.isfinite(grad_norm))  # one NaN would make every weight and Adam moment NaN
+        if skipped and not self.scaler.enabled:  # fp16's loss scale overflows by design; elsewhere it is news
+            log.warning("an optimizer step's gradients are not finite (grad_norm %s); skipped it, the LoRA unchanged "
+                        "(`skipped_steps` counts them)", float(grad_norm))
         if not skipped:
             self.optimizer.step()
             self.lr_scheduler.step()
@@ -320,10 +326,21 @@ class LoraLearner:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """The checkpoint's LoRA, Adam moments, step count, loss scale and generator, under this learner's config:
+        a resume's overrides of the optimizer's settings (`train.learning_rate`, `weight_decay`, Adam's betas and
+        epsilon) and of the schedule's length (`num_epochs`) take effect from its first step (torch's
+        `load_state_dict` would bring back the checkpoint's)."""
         lora = state["lora"]
         set_policy_weights(self.pipe, PolicyWeights(state["version"], lora["text_encoder"], lora["unet"]))
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        t, step = self.train, self.lr_scheduler.last_epoch
+        self.lr_scheduler.base_lrs = [t.learning_rate] * len(self.optimizer.param_groups)
+        lr = t.learning_rate * self.lr_scheduler.lr_lambdas[0](step)  # the schedule at the restored step
+        for group in self.optimizer.param_groups:
+            group.update(lr=lr, initial_lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                         weight_decay=t.weight_decay)
+        self.lr_scheduler._last_lr = [lr] * len(self.optimizer.param_groups)
         if "loss_scaler" in state:  # checkpoints from before fp16 loss scaling have none
             self.scaler.load_state_dict(state["loss_scaler"])
         self.generator.set_state(state["generator"])
@@ -412,7 +429,7 @@ class PPOLearner(LoraLearner):
         says which rows of each optimizer step this rank trains and with what weight, so the summed
         gradient is the mean gradient over the step's rows. `trajectories` holds every row of the
         batch (`advantages` has one per row), or only `draws.rows`, in that order: what a rank fetched.
-        `skipped_steps` counts fp16 steps skipped for inf/NaN gradients, `loss_scale` is the scale
+        `skipped_steps` counts steps skipped for inf/NaN gradients, `loss_scale` is the scale
         after this update. `staleness` is how many versions behind the learner the sampling LoRA was
         (train.async_staleness); the stored log-probs are the old policy's either way, so the PPO
         ratio stays correct. `logprob_mismatch` compares them with the learner's recomputation under

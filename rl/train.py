@@ -62,6 +62,22 @@ def _exit_on_sigterm(signum: int, frame) -> None:
     sys.exit(128 + signum)
 
 
+WEIGHT_DEFINING_KEYS = ("train.algorithm", "lora.policy", "lora.rank", "lora.alpha", "lora.text_encoder_targets",
+                        "lora.unet_targets")
+"""What the checkpoints' LoRA and optimizer state were built for: a resume cannot change them. (`model.pretrained`
+may: the same model can sit at another path on a cluster's nodes.)"""
+
+
+def check_resume_keeps_the_weights(saved: TexForceConfig, resumed: TexForceConfig, run_path) -> None:
+    """An override of WEIGHT_DEFINING_KEYS is a user error before any work (else: a shape mismatch deep in loading)."""
+    for key in WEIGHT_DEFINING_KEYS:
+        section, name = key.split(".")
+        before, after = getattr(getattr(saved, section), name), getattr(getattr(resumed, section), name)
+        if before != after:
+            raise ConfigError(f"--resume {run_path}: {key} cannot change in a resume (its checkpoints' LoRA was "
+                              f"trained with {key}={before!r}, not {after!r}); start a new run for that")
+
+
 def load_run_config(args: argparse.Namespace) -> TexForceConfig:
     """The config of a new run (`--config` + overrides) or of the run `--resume` continues
     (its config.yaml + overrides)."""
@@ -77,6 +93,7 @@ def load_run_config(args: argparse.Namespace) -> TexForceConfig:
                 "folder that `texforce train` created"
             )
         config = load_config(run.config_path, args.overrides)
+        check_resume_keeps_the_weights(load_config(run.config_path), config, run.path)
         finished = run.checkpointed_epochs()
         if config.num_epochs < finished:
             raise ConfigError(f"--resume {run.path} has finished {finished} epochs (its last checkpoint is "

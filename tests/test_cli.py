@@ -118,6 +118,20 @@ def test_resume_refuses_fewer_epochs_than_the_run_has_finished(tiny_sd_dir, tmp_
     assert [row["epoch"] for row in run.read_metrics()] == [0, 1]
 
 
+def test_resume_refuses_overrides_the_checkpoints_lora_was_not_trained_with(tiny_sd_dir, tmp_path, capsys):
+    assert cli.main(tiny_args(tiny_sd_dir, tmp_path)) == 0  # lora.rank 16, text-encoder LoRA, PPO (the defaults)
+    capsys.readouterr()
+    run = RunDirectory(tmp_path / "r")
+    config_text = run.config_path.read_text()
+    for override, was in [("lora.rank=4", "16"), ("lora.policy=unet", "'text_encoder'"),
+                          ("train.algorithm=refl", "'ppo'"), ("lora.text_encoder_targets=[q_proj]", "['q_proj', ")]:
+        line = one_line_error(capsys, cli.main(["train", "--resume", str(run.path), "num_epochs=2", override]))
+        key = override.split("=")[0]
+        assert line.startswith(f"texforce train: --resume {run.path}: {key} cannot change in a resume (its "
+                               f"checkpoints' LoRA was trained with {key}={was}"), line  # not a traceback
+    assert run.config_path.read_text() == config_text  # nothing refused was saved
+
+
 # Each command's work (the driver's actors, sampling, scoring, the sweep, the pretraining), stubbed to fail:
 # an output that cannot be written must stop the command before it.
 WORK = ("actors.driver.make_workers", "tune.worker.evaluate_alphas", "rewards.registry.build_reward",

@@ -90,6 +90,8 @@ def test_errors_name_the_bad_key(override, message):
         ("sample.eta.low=1", "override 'sample.eta.low=1': sample.eta is a value, not a section"),
         (".eta=1", "override '.eta=1' has an empty key part"),
         ("sample.eta=[1", "override 'sample.eta=[1': the value is not valid YAML"),
+        ("advantage.buffer_size=8", "advantage.min_count must be <= advantage.buffer_size=8 in per_prompt mode, got "
+                                    "16 (a prompt's history holds buffer_size rewards at most"),
     ],
 )
 def test_values_that_were_accepted_or_crashed_are_errors(override, message):

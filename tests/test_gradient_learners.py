@@ -294,3 +294,31 @@ def test_gradient_variance_bench_runs_on_the_tiny_model(tiny_sd_dir, one_torch_t
     assert [r["estimator"] for r in rows] == ["DRaFT-1", "DRaFT-LV (n=2)"]
     assert all(r["variance"] > 0 and r["mean_norm"] > 0 for r in rows)
     assert "| DRaFT-LV (n=2) |" in capsys.readouterr().out
+
+
+def test_a_non_finite_reward_leaves_the_gradient_and_the_other_samples_train(tiny_sd_dir, one_torch_thread):
+    """A score that is NaN (a reward model's bad sample) takes no part in the loss, and no part in the
+    gradient either: the reward's backward would give its image 0 x NaN, and that NaN every LoRA weight."""
+    from rewards.base import RewardOutput
+
+    learner = _learner(tiny_sd_dir, "draft_k", "gradient.truncation_k=2", "train.warmup_steps=0")
+    perturb_lora(learner.params, scale=0.1)
+    reward = learner.reward
+
+    def first_sample_nan(images, prompts):
+        output = reward(images, prompts)  # a square root of a negative number: NaN, and a NaN derivative
+        scores = torch.cat([(output.scores[:1] - 10).sqrt(), output.scores[1:]])
+        return RewardOutput(scores=scores, parts=output.parts)
+
+    learner.reward = first_sample_nan
+    steps = learner.schedule.num_steps
+    learner.minibatch_backward(PROMPTS, SEEDS, Window(steps - 2, steps))
+    grads = [p.grad for p in learner.params]
+    assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    # the gradient is the second sample's alone
+    learner.optimizer.zero_grad(set_to_none=True)
+    learner.reward = reward
+    learner.minibatch_backward(PROMPTS[1:], SEEDS[1:], Window(steps - 2, steps))
+    alone = [p.grad.clone() for p in learner.params]
+    for g, a in zip(grads, alone):
+        torch.testing.assert_close(g, a / 2, rtol=1e-4, atol=1e-7)  # the loss averages over the minibatch of 2

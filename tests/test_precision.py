@@ -2,6 +2,7 @@
 on the CPU, half-precision attention runs in float32."""
 import dataclasses
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import perturb_lora, tiny_config
@@ -39,6 +40,24 @@ def test_overflowing_fp16_step_is_skipped_and_the_scale_backs_off(tiny_sd_dir, o
     assert all(torch.isfinite(p).all() for p in learner.params)
     assert any(not torch.equal(p, b) for p, b in zip(learner.params, before))
     assert learner.lr_scheduler.last_epoch == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # no loss scaler: the skip is the only guard
+def test_a_step_with_non_finite_gradients_is_skipped_in_every_dtype(tiny_sd_dir, one_torch_thread, caplog, dtype):
+    pipe = load_pipeline(tiny_sd_dir, dtype=dtype, device="cpu")
+    learner = PPOLearner(pipe, tiny_config(tiny_sd_dir, f"model.dtype={dtype}", "train.warmup_steps=0",
+                                           "train.learning_rate=1e-2", "lora.policy=both"))
+    batch = sample_trajectories(learner.pipe, ["a red ball", "a cat"], [0, 1], num_steps=6, guidance_scale=5.0, eta=1.0)
+    before = [p.detach().clone() for p in learner.params]
+    with caplog.at_level("WARNING", logger="texforce"):
+        metrics = learner.update(batch, torch.tensor([float("nan"), -1.0]))  # a NaN in the loss: NaN gradients
+    assert metrics["skipped_steps"] == 1 and "gradients are not finite" in caplog.text
+    assert all(torch.equal(p, b) for p, b in zip(learner.params, before))  # one NaN step made every weight NaN
+    assert learner.lr_scheduler.last_epoch == 0 and not learner.optimizer.state
+    metrics = learner.update(batch, torch.tensor([1.0, -1.0]))
+    assert metrics["skipped_steps"] == 0 and learner.lr_scheduler.last_epoch == 1
+    assert all(torch.isfinite(p).all() for p in learner.params)
+    assert any(not torch.equal(p, b) for p, b in zip(learner.params, before))
 
 
 def test_loss_scale_survives_a_checkpoint(tiny_sd_dir, tmp_path):
