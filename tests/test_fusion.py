@@ -237,3 +237,25 @@ def test_a_lora_that_does_not_fit_the_model_is_named(tiny_sd_dir, tmp_path):
     with pytest.raises(LoraFormatError, match=r"sdxl\.safetensors adapts text_encoder_2\..*q_proj, which the model .* "
                                               r"does not have: the LoRA was trained on another base model"):
         check_base_model(other, model)
+
+
+@pytest.mark.parametrize("patterns, scales", [
+    ({"to_q": 2, "attn1.to_q": 16}, {2 / 4, 8 / 4}),  # two patterns match attn1.to_q: peft takes the first
+    ({"attn1.to_q|attn2.to_k": 16}, {16 / 4, 8 / 4}),  # an alternation: peft matches `(.*\.)?(pattern)$`
+])
+def test_a_peft_alpha_pattern_scales_each_module_as_diffusers_loads_it(loras, tiny_sd_dir, tmp_path, patterns,
+                                                                       scales):
+    from safetensors.torch import save_file
+
+    with safe_open(str(loras[0]), "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        metadata = handle.metadata()
+    config = json.loads(metadata["lora_adapter_metadata"])
+    config["unet.alpha_pattern"] = patterns
+    path = tmp_path / "patterned.safetensors"
+    save_file(tensors, str(path), metadata={**metadata, "lora_adapter_metadata": json.dumps(config)})
+    ours, loaded = read_lora(path), merged_deltas(tiny_sd_dir, path)
+    # rank 4: the patterned modules' alpha, and the others' lora_alpha 8
+    assert {module.scale for name, module in ours.modules.items() if name.startswith("unet.")} == scales
+    for name, module in ours.modules.items():
+        torch.testing.assert_close(module.delta(), loaded[name], rtol=1e-4, atol=1e-6)

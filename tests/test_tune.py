@@ -22,7 +22,7 @@ from lora_fixtures import make_lora
 from rl.config import ConfigError
 from tune.evaluate import EvalSettings
 from tune.fusion import fuse_files
-from tune.sweep import SweepSettings, alphas_at_alpha_max, anchor_points, config_alphas, resolve_search
+from tune.sweep import SweepSettings, alphas_at_alpha_max, anchor_points, best_first, config_alphas, resolve_search
 from tune.worker import FusionJob, evaluate_alphas
 
 PROMPTS = ("a red ball", "a blue car", "a green tree", "a yellow house")
@@ -179,6 +179,10 @@ def test_search_space_helpers():
         {"alpha_1": 0.0, "alpha_2": 0.0}, {"alpha_1": 2.0, "alpha_2": 0.0},
         {"alpha_1": 0.0, "alpha_2": 2.0}, {"alpha_1": 2.0, "alpha_2": 2.0},
     ]
+    # normalized, the base model is no candidate and all zeros would evaluate what all at alpha_max does
+    normalized = anchor_points(2, 2.0, normalize=True)
+    assert normalized == anchor_points(2, 2.0)[1:]
+    assert [config_alphas(point, 2, normalize=True) for point in normalized] == [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]
     assert config_alphas({"alpha_1": 1.0, "alpha_2": 3.0}, 2, normalize=True) == [0.25, 0.75]
     assert config_alphas({"alpha_1": 0.0, "alpha_2": 0.0}, 2, normalize=True) == [0.5, 0.5]
     assert config_alphas({"alpha_1": 1.0, "alpha_2": 3.0}, 2, normalize=False) == [1.0, 3.0]
@@ -190,6 +194,9 @@ def test_search_space_helpers():
     assert alphas_at_alpha_max([1.96, 0.5, 2.0], SweepSettings(alpha_max=2.0)) == ["alpha_1", "alpha_3"]
     assert alphas_at_alpha_max([1.8, 0.0], SweepSettings(alpha_max=2.0)) == []
     assert alphas_at_alpha_max([1.0, 1.0], SweepSettings(alpha_max=1.0, normalize=True)) == []
+    # a NaN objective (a non-finite score) ranks last, not wherever the sort leaves it
+    rows = [{"objective": value} for value in (0.3, float("nan"), 0.9, 0.5)]
+    assert [row["objective"] for row in best_first(rows)][:3] == [0.9, 0.5, 0.3]
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

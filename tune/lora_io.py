@@ -215,9 +215,11 @@ def _scale(module: str, rank: int, alphas: dict[str, float], config: dict) -> fl
     if f"{component}.lora_alpha" not in config:
         return 1.0
     alpha = float(config[f"{component}.lora_alpha"])
-    for pattern, value in (config.get(f"{component}.alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", name):
-            alpha = float(value)
+    patterns = config.get(f"{component}.alpha_pattern") or {}
+    # peft's rule (`get_pattern_key`), as diffusers loads the file: the first pattern that matches the name's end
+    matched = next((pattern for pattern in patterns if re.match(rf"(.*\.)?({pattern})$", name)), None)
+    if matched is not None:
+        alpha = float(patterns[matched])
     if config.get(f"{component}.use_rslora"):
         return alpha / math.sqrt(rank)
     return alpha / rank

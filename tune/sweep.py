@@ -83,14 +83,15 @@ def config_alphas(config: dict, n: int, *, normalize: bool) -> list[float]:
     return [a / total for a in raw] if total > 0 else [1.0 / n] * n
 
 
-def anchor_points(n: int, alpha_max: float) -> list[dict[str, float]]:
+def anchor_points(n: int, alpha_max: float, *, normalize: bool = False) -> list[dict[str, float]]:
     """The base model, each LoRA alone at alpha_max, all at alpha_max (for N = 2: the four corners).
 
     An unhelpful LoRA's best alpha is 0, a point random draws never hit; trying the corners
-    first makes "use only LoRA i" and "use all of them" candidates in every sweep.
+    first makes "use only LoRA i" and "use all of them" candidates in every sweep. With `normalize` the alphas
+    sum to 1, so the base model is not a candidate (all zeros would be all equal, as all at alpha_max are).
     """
     names = alpha_names(n)
-    points = [dict.fromkeys(names, 0.0)]
+    points = [] if normalize else [dict.fromkeys(names, 0.0)]
     points += [{name: (alpha_max if j == i else 0.0) for j, name in enumerate(names)} for i in range(n)]
     if n > 1:
         points.append(dict.fromkeys(names, alpha_max))
@@ -155,7 +156,8 @@ def _search_space(settings: SweepSettings, n: int):
         space = {name: ray_tune.grid_search(values) for name in names}
         return space, BasicVariantGenerator(max_concurrent=settings.max_concurrent), 1
     space = {name: ray_tune.uniform(0.0, settings.alpha_max) for name in names}
-    anchors = anchor_points(n, settings.alpha_max)[: settings.num_samples] if settings.anchors else None
+    anchors = (anchor_points(n, settings.alpha_max, normalize=settings.normalize)[: settings.num_samples]
+               if settings.anchors else None)
     if search == "optuna":
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
@@ -237,7 +239,13 @@ def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path, *, r
         row.update({k: float(v) for k, v in m.items() if k == "objective" or k.startswith(("objective_", "reward/"))})
         row.update({k: int(m[k]) for k in ("worker_pid", "pipeline_loads", "reward_loads")})
         rows.append(row)
-    return sorted(rows, key=lambda r: -r["objective"])
+    return best_first(rows)
+
+
+def best_first(rows: list[dict]) -> list[dict]:
+    """Trial rows by objective, highest first; a NaN objective (a non-finite score in its evaluation set) last:
+    compared as a number it would leave the order undefined, and a worse trial first."""
+    return sorted(rows, key=lambda r: (bool(np.isnan(r["objective"])), -r["objective"]))
 
 
 def _one_line_per_trial(names: list[str], total: int):
