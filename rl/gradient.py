@@ -80,7 +80,8 @@ class Window:
 
     @property
     def num_grad_steps(self) -> int:
-        return self.end - self.first
+        """The U-Net steps with grad on each path to a scored latent (DRaFT-LV: each copy's one step)."""
+        return 1 if self.copies else self.end - self.first
 
 
 def draw_window(algorithm: Algorithm, config: TexForceConfig, generator: torch.Generator) -> Window:

@@ -149,7 +149,8 @@ def test_draft_lv_sums_the_rewards_of_its_copies(tiny_sd_dir, one_torch_thread):
     learner = _learner(tiny_sd_dir, "draft_lv", "gradient.lv_copies=3")
     perturb_lora(learner.params, scale=0.1)
     window = draw_window(learner.algorithm, learner.config, learner.generator)
-    assert (window.first, window.end, window.copies) == (4, 4, 3)  # the loop itself carries no grad
+    assert (window.first, window.end, window.copies) == (4, 4, 3)  # the loop itself carries no grad ...
+    assert window.num_grad_steps == 1  # ... each copy's one step does (the logged `grad_steps`)
     loss, metrics, _ = learner.loss(PROMPTS, SEEDS, window)
     assert loss.item() == pytest.approx(-3 * metrics["reward_trained"], rel=1e-5)
     loss.backward()
