@@ -16,6 +16,7 @@ the per-prompt reward statistics, so L learners see the advantages one learner w
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -354,6 +355,7 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config
         _checkpoint_last_finished_epoch(run, config, workers, tracker, weights, epoch)
         raise NonFiniteRewardError(f"{error}; fix the reward, then `texforce train --resume {run.path}`") from None
     # 3. advantages
+    finished = copy.deepcopy(tracker)  # the statistics as the last finished epoch left them, for a checkpoint of it
     rows = range(len(kept)) if kept.keep is None else kept.keep.tolist()  # epoch positions: which group is whose
     groups = group_keys(kept.prompts, rows, config.advantage.group_size, shared_start=config.sample.shared_start_noise)
     advantages = torch.from_numpy(
@@ -374,7 +376,7 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config
         finally:
             sample_seconds += time.perf_counter() - t_next
     metrics, kept = _finish_update(pending, kept, advantages, epoch, weights, config=config, run=run, workers=workers,
-                                   tracker=tracker)
+                                   tracker=finished)
     shown = list(range(min(8, len(kept))))  # the epoch's image grid
     grid_images = partial(_grid_images, kept, shown, f"epoch {epoch}'s grid")
     return _Experience(metrics, list(kept.prompts), grid_images, rollout.scores, rewards, dropped,
@@ -387,7 +389,8 @@ def _finish_update(pending, kept: Rollout, advantages: torch.Tensor, epoch: int,
     """The learners' metrics of the update in flight, and the rollout they trained on. If a sampler's
     node died before the learners fetched its shards, none of them stepped: the lost shards are sampled
     again (the rollout returned holds the new ones) and the update sent again, up to
-    resources.max_restarts times; then the run stops with its checkpoints kept."""
+    resources.max_restarts times; then the run stops with its checkpoints kept, the last finished epoch's with
+    `tracker`, the reward statistics before this epoch's rewards joined them."""
     losses = 0
     while True:
         try:

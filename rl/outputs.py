@@ -1,8 +1,8 @@
 """An epoch's outputs (metrics row in parquet and TensorBoard, image grid, reward curve), written
-off the training loop's critical path.
+off the training loop's critical path but for the metrics row.
 
-One background thread writes them in epoch order, so the driver starts the next update as soon
-as an epoch's update is back instead of waiting on parquet, PNG encoding and matplotlib. A
+One background thread writes TensorBoard, the grid and the curve in epoch order, so the driver starts the next
+update as soon as an epoch's update is back instead of waiting on PNG encoding and matplotlib. A
 failed write is raised in the driver at the next epoch's `write` or at `close`, which waits for
 everything queued (the run's files are complete when `train` returns or stops).
 """
@@ -46,13 +46,17 @@ class EpochOutputs:
         self.curve_behind = False  # the last epoch written skipped the curve
 
     def write(self, row: dict, images: torch.Tensor | None, captions: list[str], *, plots: bool = True) -> None:
-        """Queue epoch `row["epoch"]`'s outputs: images [N, 3, H, W] uint8 with their captions go to the grid
-        (None: no grid). plots=False: the metrics row only (parquet, TensorBoard), no grid and no curve (`plot_every`)."""
+        """Write epoch `row["epoch"]`'s metrics row, and queue its other outputs: images [N, 3, H, W] uint8 with their
+        captions go to the grid (None: no grid). plots=False: TensorBoard only, no grid and no curve (`plot_every`).
+
+        The row is written here, not in the background (a few ms): the driver checkpoints the epoch next, and a run
+        resumed from a checkpoint whose row a full disk had lost would never write that row."""
         self._raise_failed()
+        rows = self.run.append_metrics(row)
         self.curve_behind = not plots
         self.queued_drawings += plots
         images = images.clone() if plots and images is not None else None
-        self.pending.append(self.executor.submit(self._write, dict(row), images, list(captions), plots))
+        self.pending.append(self.executor.submit(self._write, dict(row), rows, images, list(captions), plots))
 
     def plots_due(self) -> bool:
         """`plot_every: auto`: no drawing is still underway, and one more keeps drawing within PLOT_TIME_SHARE
@@ -60,9 +64,9 @@ class EpochOutputs:
         return self.drawings == self.queued_drawings and plots_due(
             self.drawing_seconds, self.drawings, time.perf_counter() - self.started)
 
-    def _write(self, row: dict, images: torch.Tensor | None, captions: list[str], plots: bool) -> None:
+    def _write(self, row: dict, rows: list[dict], images: torch.Tensor | None, captions: list[str],
+               plots: bool) -> None:
         epoch = row["epoch"]
-        rows = self.run.append_metrics(row)
         self._add_scalars(row, epoch)
         if plots:
             t0 = time.perf_counter()

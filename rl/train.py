@@ -67,15 +67,35 @@ WEIGHT_DEFINING_KEYS = ("train.algorithm", "lora.policy", "lora.rank", "lora.alp
 """What the checkpoints' LoRA and optimizer state were built for: a resume cannot change them. (`model.pretrained`
 may: the same model can sit at another path on a cluster's nodes.)"""
 
+HELD_OUT_KEYS = ("evaluation.prompts_file", "evaluation.num_seeds", "evaluation.seed_base", "evaluation.eta",
+                 "evaluation.reward", "reward.spec", "sample.eta", "sample.num_steps", "sample.guidance_scale",
+                 "sample.negative_prompt", "sample.height", "sample.width")
+"""What decides the held-out images and their scores (evaluation.eta defaults to sample.eta, evaluation.reward to
+reward.spec): a run's later evaluations are paired image by image with its base model's, so a resume of a run with
+held-out prompts cannot change them."""
 
-def check_resume_keeps_the_weights(saved: TexForceConfig, resumed: TexForceConfig, run_path) -> None:
-    """An override of WEIGHT_DEFINING_KEYS is a user error before any work (else: a shape mismatch deep in loading)."""
+
+def _value(config: TexForceConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def check_resume_overrides(saved: TexForceConfig, resumed: TexForceConfig, run_path) -> None:
+    """An override that the run's checkpoints or its held-out evaluations cannot follow is a user error before any
+    work (else: a shape mismatch deep in loading, or a held-out gain against other images or another reward)."""
     for key in WEIGHT_DEFINING_KEYS:
-        section, name = key.split(".")
-        before, after = getattr(getattr(saved, section), name), getattr(getattr(resumed, section), name)
-        if before != after:
+        if _value(saved, key) != _value(resumed, key):
             raise ConfigError(f"--resume {run_path}: {key} cannot change in a resume (its checkpoints' LoRA was "
-                              f"trained with {key}={before!r}, not {after!r}); start a new run for that")
+                              f"trained with {key}={_value(saved, key)!r}, not {_value(resumed, key)!r}); start a new "
+                              "run for that")
+    if saved.evaluation.prompts_file is None:
+        return
+    for key in HELD_OUT_KEYS:
+        if _value(saved, key) != _value(resumed, key):
+            raise ConfigError(f"--resume {run_path}: {key} cannot change in a resume (the held-out gains are paired "
+                              f"with the base model's images and scores at {key}={_value(saved, key)!r}, not "
+                              f"{_value(resumed, key)!r}); evaluate the final LoRA under other settings with "
+                              "`texforce eval`")
 
 
 def load_run_config(args: argparse.Namespace) -> TexForceConfig:
@@ -93,7 +113,7 @@ def load_run_config(args: argparse.Namespace) -> TexForceConfig:
                 "folder that `texforce train` created"
             )
         config = load_config(run.config_path, args.overrides)
-        check_resume_keeps_the_weights(load_config(run.config_path), config, run.path)
+        check_resume_overrides(load_config(run.config_path), config, run.path)
         finished = run.checkpointed_epochs()
         if config.num_epochs < finished:
             raise ConfigError(f"--resume {run.path} has finished {finished} epochs (its last checkpoint is "

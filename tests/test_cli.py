@@ -3,6 +3,7 @@
 A user error is one line on stderr and exit code 2, before any work: no run directory is left
 behind, so the same command, corrected, starts cleanly. A bug still raises (a traceback).
 """
+import argparse
 import os
 import re
 import signal
@@ -365,6 +366,28 @@ def test_resume_checks_the_run_config_with_its_overrides(capsys, tiny_sd_dir, tm
     assert line.startswith("texforce train: unknown reward 'nope'; valid rewards:")
     line = one_line_error(capsys, cli.main(["train", "--resume", str(run.path), "sample.eta=2"]))
     assert line.startswith("texforce train: sample.eta must be in (0, 1], got 2.0")
+
+
+def test_resume_refuses_overrides_that_unpair_the_held_out_gains(capsys, tiny_sd_dir, tmp_path):
+    from rl.config import load_config
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a purple hat\n")
+    args = tiny_args(tiny_sd_dir, tmp_path, f"evaluation.prompts_file={held_out}", "evaluation.num_seeds=2")
+    run = RunDirectory.create(load_config(None, args[1:]))
+    for override, key, was in [("evaluation.num_seeds=8", "evaluation.num_seeds", "2"),
+                               ("sample.guidance_scale=7.5", "sample.guidance_scale", "5.0"),
+                               ("evaluation.reward=brightness", "evaluation.reward", "None"),
+                               ("sample.eta=0.5", "sample.eta", "1.0")]:  # evaluation.eta's default
+        line = one_line_error(capsys, cli.main(["train", "--resume", str(run.path), override]))
+        assert line.startswith(f"texforce train: --resume {run.path}: {key} cannot change in a resume (the held-out "
+                               f"gains are paired with the base model's images and scores at {key}={was}, not "), line
+    # what the evaluations do not depend on may change: how often they run, the training's step size
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    config = train.load_run_config(parser.parse_args(["--resume", str(run.path), "evaluation.every=1",
+                                                      "train.learning_rate=1e-4"]))
+    assert (config.evaluation.every, config.train.learning_rate) == (1, 1e-4)
 
 
 def test_insufficient_resources_is_one_line_from_both_entries(capsys, tiny_sd_dir, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """The trainer end to end: Ray actors, data-parallel learners, faults, resume, bad input."""
+import json
 import math
 import os
 import shutil
@@ -248,14 +249,19 @@ def test_trajectories_lost_before_the_update_are_sampled_again_by_the_lora_that_
 
 def test_trajectories_lost_more_than_max_restarts_times_stop_the_run_with_how_to_resume(
         ray_session, tiny_sd_dir, tmp_path, monkeypatch):
+    # save_every=2: epoch 0's checkpoint is written by the stop, with epoch 0's reward statistics (per_prompt),
+    # not with epoch 1's rewards already in them (a resume would count them twice)
     config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=lost_twice", "num_epochs=2", "resources.num_samplers=1",
-                             "sample.num_steps=4", "resources.max_restarts=1")
+                             "sample.num_steps=4", "resources.max_restarts=1", "save_every=2",
+                             "advantage.mode=per_prompt")
     _lose_shard_0_at_epoch_1(monkeypatch, _a_lost_object(ray_session), times=2)
     with pytest.raises(TrainingStopped, match=r"shard\(s\) \[0\] were lost .*, 2 times in epoch 1 "
                                               r"\(resources.max_restarts=1\).*resume with `texforce train --resume "):
         train(config)
     checkpoints = tmp_path / "lost_twice" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == ["epoch_0000"] and (checkpoints / "epoch_0000" / "learner.pt").exists()
+    history = json.loads((checkpoints / "epoch_0000" / "driver.json").read_text())["tracker"]["history"]
+    assert sum(len(rewards) for rewards in history.values()) == config.samples_per_epoch  # epoch 0's 8, not 16
     assert _learner_pids(ray_session) == []
 
 
@@ -817,7 +823,8 @@ def test_a_full_disk_while_checkpointing_stops_with_how_to_resume_and_the_resume
     assert (run.final_lora / "pytorch_lora_weights.safetensors").exists()
 
 
-def test_a_full_disk_under_the_background_writer_stops_the_run_the_same_way(tiny_sd_dir, tmp_path, monkeypatch):
+def test_a_full_disk_writing_an_epochs_row_stops_before_its_checkpoint_and_the_resume_writes_every_row(
+        tiny_sd_dir, tmp_path, monkeypatch):
     append_metrics = RunDirectory.append_metrics
 
     def fills_the_disk_at_epoch_1(self, row):
@@ -830,9 +837,37 @@ def test_a_full_disk_under_the_background_writer_stops_the_run_the_same_way(tiny
                              "sample.num_steps=4")
     with pytest.raises(TrainingStopped, match=r"^No space left on device: .*metrics\.parquet; free space there, then "
                                               r"continue with `texforce train --resume .*` \(the last checkpoint, "
-                                              r"epoch_000[12], is kept\)$"):
+                                              r"epoch_0000, is kept\)$"):
         train(config)
-    assert [r["epoch"] for r in RunDirectory(tmp_path / "full").read_metrics()] == [0]
+    run_dir = tmp_path / "full"
+    assert [r["epoch"] for r in RunDirectory(run_dir).read_metrics()] == [0]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["epoch_0000"]  # no checkpoint without its row
+    monkeypatch.setattr(RunDirectory, "append_metrics", append_metrics)
+    assert [r["epoch"] for r in train(load_config(run_dir / "config.yaml"), resume=run_dir).read_metrics()] == [0, 1, 2]
+
+
+def test_a_full_disk_under_the_background_writer_stops_the_run_the_same_way(tiny_sd_dir, tmp_path, monkeypatch):
+    import rl.outputs
+
+    save_image_grid = rl.outputs.save_image_grid
+
+    def fills_the_disk_at_epoch_1(images, captions, path, **kwargs):
+        if "epoch_0001" in str(path):
+            raise _disk_full(path)
+        return save_image_grid(images, captions, path, **kwargs)
+
+    monkeypatch.setattr(rl.outputs, "save_image_grid", fills_the_disk_at_epoch_1)
+    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=full", "resources.mode=inline", "num_epochs=3",
+                             "sample.num_steps=4", "plot_every=1")
+    with pytest.raises(TrainingStopped, match=r"^No space left on device: .*grids/epoch_0001\.png; free space there, "
+                                              r"then continue with `texforce train --resume .*` \(the last "
+                                              r"checkpoint, epoch_000[12], is kept\)$"):
+        train(config)
+    run = RunDirectory(tmp_path / "full")
+    # raised at a later epoch's write: every checkpoint kept has its metrics row
+    assert {r["epoch"] for r in run.read_metrics()} >= {int(p.name[-4:]) for p in run.checkpoints.iterdir()}
+    monkeypatch.setattr(rl.outputs, "save_image_grid", save_image_grid)
+    assert [r["epoch"] for r in train(load_config(run.path / "config.yaml"), resume=run.path).read_metrics()] == [0, 1, 2]
 
 
 def test_keep_checkpoints_deletes_all_but_the_newest_and_a_resume_goes_on_from_them(tiny_sd_dir, tmp_path):
