@@ -157,9 +157,14 @@ def _train(config: TexForceConfig, *, resume: str | Path | None,
                      config.num_epochs)
         weights = workers.get_weights()
         batches = _Batches(config, prompts, _sampling_weights(config, workers, weights))
+        done = {row["epoch"] for row in run.read_evaluations()}
+        unfinished = start - 1 if start > 0 and _evaluation_due(start - 1, config) and start - 1 not in done else None
         base = None
-        if start == 0 and not any(row["epoch"] == -1 for row in run.read_evaluations()):
+        if start == 0 and -1 not in done:
             base = evaluate_held_out(-1, weights, eval_prompts, config=config, run=run, workers=workers)
+        elif unfinished is not None:  # resumed after an epoch whose held-out evaluation was cut short (stopped, lost)
+            base = _evaluate_after(unfinished, weights, eval_prompts, config=config, run=run, workers=workers,
+                                   tracker=tracker)
         outputs = EpochOutputs(run, title=f"{config.run_name}: {config.reward.spec}")
         outputs.write_evaluation(base)
         bar = tqdm(total=config.num_epochs, initial=start, desc="epochs")
@@ -191,10 +196,10 @@ def _train(config: TexForceConfig, *, resume: str | Path | None,
                 bar.refresh()
                 continue
             stop = bool(on_epoch_end(epoch, row)) if on_epoch_end is not None else False
-            every = config.evaluation.every
-            if stop or epoch == config.num_epochs - 1 or (every and (epoch + 1) % every == 0):
+            if stop or _evaluation_due(epoch, config):
                 outputs.write_evaluation(  # TensorBoard, and the curve with the new held-out point
-                    evaluate_held_out(epoch, weights, eval_prompts, config=config, run=run, workers=workers))
+                    _evaluate_after(epoch, weights, eval_prompts, config=config, run=run, workers=workers,
+                                    tracker=tracker))
             bar.update(1)
             progress = {"kl": f"{row['approx_kl']:.1e}"} if "approx_kl" in row else {"loss": f"{row['loss']:.4f}"}
             bar.set_postfix(reward=f"{row['reward_mean']:.4f}", **progress)
@@ -202,11 +207,6 @@ def _train(config: TexForceConfig, *, resume: str | Path | None,
             if stop:
                 break
         bar.close()
-        last = config.num_epochs - 1
-        if epoch == config.num_epochs and not any(row["epoch"] == last for row in run.read_evaluations()):
-            # resumed after the last epoch's checkpoint, its held-out evaluation unfinished (interrupted, a learner lost)
-            outputs.write_evaluation(evaluate_held_out(last, weights, eval_prompts, config=config, run=run,
-                                                       workers=workers))
         run.save_final_lora(weights, config)
     except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C; SIGTERM (`ray job stop`, kill) exits through sys.exit
         if bar is not None:
@@ -403,7 +403,12 @@ def _finish_update(pending, kept: Rollout, advantages: torch.Tensor, epoch: int,
                                       f"{config.resources.max_restarts}); the checkpoints are kept: resume with "
                                       f"`texforce train --resume {run.path}`") from lost
             log.warning("%s; sampling them again", lost)
-            kept = workers.resample(kept, lost.shards)
+            try:
+                kept = workers.resample(kept, lost.shards)
+            except ActorsLostError as gone:  # no sampler left to draw them again
+                _checkpoint_last_finished_epoch(run, config, workers, tracker, weights, epoch)
+                raise TrainingStopped(f"{gone}; the checkpoints are kept: resume with "
+                                      f"`texforce train --resume {run.path}`") from gone
             pending = workers.start_update(kept.trajectories(), advantages)
 
 
@@ -504,6 +509,24 @@ def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *,
                         run.grids / ("eval_before_training.png" if epoch < 0 else f"eval_epoch_{epoch:04d}.png"))
     log.info("held-out reward %s: %.4f +- %.4f (%d images)", when, reward["mean"], reward["sem"], len(eval_prompts))
     return row
+
+
+def _evaluation_due(epoch: int, config: TexForceConfig) -> bool:
+    """Whether the held-out evaluation runs after `epoch`: the last one, and every evaluation.every-th."""
+    every = config.evaluation.every
+    return epoch == config.num_epochs - 1 or bool(every and (epoch + 1) % every == 0)
+
+
+def _evaluate_after(epoch: int, weights: PolicyWeights, prompts: list[str], *, config: TexForceConfig,
+                    run: RunDirectory, workers, tracker: PerPromptStatTracker) -> dict | None:
+    """`evaluate_held_out` after `epoch`; if the samplers or reward actors are gone for good, the run stops with
+    `epoch` checkpointed (save_every may have skipped it), and its resume runs the evaluation."""
+    try:
+        return evaluate_held_out(epoch, weights, prompts, config=config, run=run, workers=workers)
+    except ActorsLostError as error:
+        _checkpoint_last_finished_epoch(run, config, workers, tracker, weights, epoch + 1)
+        raise TrainingStopped(f"{error}; the checkpoints are kept: resume with `texforce train --resume {run.path}`, "
+                              "which finishes the evaluation") from error
 
 
 def _grid_images(rollout: Rollout, rows: list[int], what: str) -> torch.Tensor | None:

@@ -265,6 +265,24 @@ def test_trajectories_lost_more_than_max_restarts_times_stop_the_run_with_how_to
     assert _learner_pids(ray_session) == []
 
 
+def test_no_sampler_left_to_draw_lost_trajectories_again_stops_the_run_with_how_to_resume(
+        ray_session, tiny_sd_dir, tmp_path, monkeypatch):
+    from actors.topology import ActorsLostError
+
+    def every_sampler_gone(self, rollout, shards):
+        raise ActorsLostError("every sampler is gone (each used its resources.max_restarts=1)")
+
+    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=gone", "num_epochs=2", "resources.num_samplers=1",
+                             "sample.num_steps=4", "resources.max_restarts=1", "save_every=2")
+    _lose_shard_0_at_epoch_1(monkeypatch, _a_lost_object(ray_session), times=1)
+    monkeypatch.setattr(RayWorkers, "resample", every_sampler_gone)
+    with pytest.raises(TrainingStopped, match=r"^every sampler is gone .*; the checkpoints are kept: resume with "
+                                              r"`texforce train --resume .*gone`$"):
+        train(config)
+    assert [p.name for p in (tmp_path / "gone" / "checkpoints").iterdir()] == ["epoch_0000"]  # epoch 0 kept
+    assert _learner_pids(ray_session) == []
+
+
 def test_a_grid_whose_images_were_lost_is_skipped_and_the_epoch_written(ray_session, tmp_path, caplog):
     """A node that held an epoch's grid images died after they were scored: the epoch's outputs
     are written without the grid, with a warning, and the run goes on."""
@@ -623,6 +641,36 @@ def test_a_resume_finishes_the_last_epochs_interrupted_held_out_evaluation(tiny_
     evaluations = run.read_evaluations()
     assert [r["epoch"] for r in evaluations] == [-1, 1] and np.isfinite(evaluations[1]["reward_gain"])
     assert (run.final_lora / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_actors_lost_in_a_mid_run_evaluation_stop_with_the_epoch_kept_and_the_resume_evaluates_it(
+        tiny_sd_dir, tmp_path, monkeypatch):
+    import actors.driver
+    from actors.topology import ActorsLostError
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a purple hat\n")
+    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=lost", "resources.mode=inline", "sample.num_steps=4",
+                             "num_epochs=3", "save_every=3", f"evaluation.prompts_file={held_out}",
+                             "evaluation.num_seeds=1", "evaluation.every=1")
+    evaluate = actors.driver.evaluate_held_out
+
+    def samplers_gone_after_epoch_0(epoch, *args, **kwargs):
+        if epoch == 0:
+            raise ActorsLostError("every sampler is gone (each used its resources.max_restarts=3)")
+        return evaluate(epoch, *args, **kwargs)
+
+    monkeypatch.setattr(actors.driver, "evaluate_held_out", samplers_gone_after_epoch_0)
+    with pytest.raises(TrainingStopped, match=r"^every sampler is gone .*; the checkpoints are kept: resume with "
+                                              r"`texforce train --resume .*lost`, which finishes the evaluation$"):
+        train(config)
+    run = RunDirectory(tmp_path / "lost")
+    assert [p.name for p in run.checkpoints.iterdir()] == ["epoch_0000"]  # save_every=3 would have skipped it
+    assert [r["epoch"] for r in run.read_evaluations()] == [-1]
+    monkeypatch.setattr(actors.driver, "evaluate_held_out", evaluate)
+    run = train(load_config(run.path / "config.yaml"), resume=run.path)
+    assert [r["epoch"] for r in run.read_metrics()] == [0, 1, 2]
+    assert [r["epoch"] for r in run.read_evaluations()] == [-1, 0, 1, 2]  # epoch 0's evaluated by the resume
 
 
 def test_resource_check_fails_fast_with_the_shortfall(ray_session, tiny_sd_dir, tmp_path):
