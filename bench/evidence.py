@@ -35,8 +35,8 @@ A fused row also reports its paired difference to each of its parts alone.
 Writes into --out: `evidence.parquet` (one row per method and seed: held-out reward, colour and
 shape parts, and the paired gains with two standard errors: over the images, which holds for these
 held-out pairs, and over the held-out pairs as the draws, `*_sem_over_prompts`, which a claim about
-unseen pairs rests on), `evidence.md` (mean +- std over seeds, and the seeds' mean gain image by image
-with its standard error over the held-out pairs) and `evidence.png`. A finished (method, seed) run is
+unseen pairs rests on), `evidence.md` (mean +- std over seeds, and the seeds' mean gain with its standard
+error counting the seeds and the held-out pairs as draws) and `evidence.png`. A finished (method, seed) run is
 reused and an interrupted one resumed, and every model's per-image scores are kept (`scores/`), so an
 interrupted sweep goes on where it stopped and a later call with other methods scores only what is new. The objective is
 the config's `reward.spec` (`object_alignment`); `reward.spec=object_alignment_soft` scores the same
@@ -265,24 +265,29 @@ def rows_for(method: str, seed: int, scores: dict[str, np.ndarray], base: dict[s
 
 
 def seeds_mean_gain(after: list[dict[str, np.ndarray]], before: list[dict[str, np.ndarray]], prompts: list[str]) -> dict:
-    """The seeds' mean paired difference (after minus before, seed by seed, then averaged image by image) with its
-    standard error over the held-out prompts: whether a method helps unseen pairs in general, counting both the
-    seeds and the pairs. (A std over 3 seeds says how training varies, not whether these 20 pairs stand for
-    other pairs.) `before`: per seed, the base model's scores or a fused model's part's."""
-    from tune.evaluate import paired_gain
+    """The seeds' mean paired difference (after minus before, seed by seed) with its standard error counting both
+    the training seeds and the held-out prompts as draws (`seeds_and_prompts_sem` of each seed's mean difference
+    per prompt): whether a method helps unseen pairs in general, trained again. (A std over 3 seeds says how
+    training varies, not whether these 20 pairs stand for other pairs; the prompts' SE alone misses the seeds'
+    spread.) `before`: per seed, the base model's scores or a fused model's part's."""
+    from tune.evaluate import seeds_and_prompts_sem
 
-    mean_after = np.mean([scores["reward"] for scores in after], axis=0)
-    mean_before = np.mean([scores["reward"] for scores in before], axis=0)
-    gain = paired_gain(mean_before, mean_after, prompts)
-    _, prompt_index = np.unique(np.asarray(prompts), return_inverse=True)
-    prompt_sums = np.bincount(prompt_index, weights=np.nan_to_num(mean_after - mean_before))
-    return {"mean": gain["mean"], "sem_over_prompts": gain["sem_over_prompts"],
-            "prompts_rising": int(np.sum(prompt_sums > 0)), "prompts": len(prompt_sums)}
+    names, prompt_index = np.unique(np.asarray(prompts), return_inverse=True)
+    per_seed = []
+    for a, b in zip(after, before):
+        change = a["reward"] - b["reward"]
+        finite = np.isfinite(change)
+        sums = np.bincount(prompt_index[finite], weights=change[finite], minlength=len(names))
+        per_seed.append(sums / np.bincount(prompt_index[finite], minlength=len(names)))
+    gains = np.array(per_seed)  # [seeds, prompts]
+    rising = int(np.sum(gains.mean(axis=0).round(12) > 0))  # a tie is no rise, whatever the rounding
+    return {"mean": float(gains.mean()), "sem": seeds_and_prompts_sem(gains), "prompts_rising": rising,
+            "prompts": len(names), "seeds": len(gains)}
 
 
 def _pooled_text(p: dict) -> str:
-    ratio = f"{p['mean'] / p['sem_over_prompts']:+.1f} SE; " if p["sem_over_prompts"] > 0 else ""
-    return f"{p['mean']:+.3f} +- {p['sem_over_prompts']:.3f} ({ratio}{p['prompts_rising']} of {p['prompts']} prompts rise)"
+    ratio = f"{p['mean'] / p['sem']:+.1f} SE; " if p["sem"] > 0 else ""
+    return f"{p['mean']:+.3f} +- {p['sem']:.3f} ({ratio}{p['prompts_rising']} of {p['prompts']} prompts rise)"
 
 
 def _mean_std(rows: list[dict], key: str) -> str:
@@ -299,11 +304,11 @@ def table(rows: list[dict], methods: list[str], pooled: dict[str, dict] | None =
     """Markdown: per method, mean +- std over seeds of the held-out reward, colour, shape and the
     paired gains (per seed: gain +- its standard error over the images [over the held-out prompts]), and
     `pooled[method]` (`seeds_mean_gain` of "gain" and of a fused model's "over_first_part" /
-    "over_second_part"): the seeds' mean difference with its standard error over the prompts."""
+    "over_second_part"): the seeds' mean difference with its standard error over the seeds and the prompts."""
     pooled = pooled or {}
     lines = [("| method | seeds | held-out object_alignment | colour right | shape right | gain over base (paired; "
-              "per seed +- SE over images [SE over held-out prompts]) | the seeds' mean gain, SE over held-out "
-              "prompts | fused minus each part alone (paired; the same, then the seeds' mean) |"),
+              "per seed +- SE over images [SE over held-out prompts]) | the seeds' mean gain, SE over seeds and "
+              "held-out prompts | fused minus each part alone (paired; the same, then the seeds' mean) |"),
              "|---|---|---|---|---|---|---|---|"]
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
@@ -432,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(rows_for(method, seed, scores[method, seed], base, image_prompts, parts))
             print(f"{method:16s} seed {seed}: held-out {rows[-1]['reward']:.3f}, gain {rows[-1]['gain']:+.3f} "
                   f"+- {rows[-1]['gain_sem']:.3f} [{rows[-1]['gain_sem_over_prompts']:.3f} over prompts]", flush=True)
-    pooled: dict[str, dict] = {}  # the seeds' mean differences, counting the held-out prompts as the draws
+    pooled: dict[str, dict] = {}  # the seeds' mean differences, counting the seeds and the held-out prompts as draws
     for method in args.methods:
         after = [scores[method, seed] for seed in args.seeds]
         pooled[method] = {"gain": seeds_mean_gain(after, [base] * len(after), image_prompts)}

@@ -9,7 +9,7 @@ import torch
 from conftest import one_line_error
 from lora_fixtures import make_lora
 
-from tune.evaluate import EvalSettings, clustered_sem, evaluate, paired_gain, summarize
+from tune.evaluate import EvalSettings, clustered_sem, evaluate, paired_gain, seeds_and_prompts_sem, summarize
 from tune.fusion import fuse_files, load_fused
 from tune.worker import LOADS, FusionJob, evaluate_alphas
 
@@ -61,6 +61,25 @@ def test_clustered_standard_error_counts_prompts_not_images():
     assert math.isclose(gain["sem"], summarize((after - before)[kept])["sem"])
     assert math.isclose(gain["sem_over_prompts"], clustered_sem((after - before)[kept], prompts[kept]))
     assert "sem_over_prompts" not in paired_gain(before, after)
+
+
+def test_the_seeds_and_prompts_standard_error_counts_how_training_seeds_differ():
+    """3 training seeds x 20 held-out prompts, each seed with its own gain on every prompt: the standard error of the
+    grand mean counts the seeds' spread, which the prompts' spread alone cancels out."""
+    rng = np.random.default_rng(0)
+    one_seed = rng.normal(size=(1, 20))
+    assert math.isclose(seeds_and_prompts_sem(one_seed), one_seed.std(ddof=1) / math.sqrt(20))
+    one_prompt = rng.normal(size=(5, 1))
+    assert math.isclose(seeds_and_prompts_sem(one_prompt), one_prompt.std(ddof=1) / math.sqrt(5))
+    means, estimates, prompts_only = [], [], []
+    for _ in range(3000):  # seeds' sd 0.03, prompts' 0.05, the rest 0.02: the true SE is about 0.021
+        gains = rng.normal(0, 0.03, (3, 1)) + rng.normal(0, 0.05, (1, 20)) + rng.normal(0, 0.02, (3, 20))
+        means.append(gains.mean())
+        estimates.append(seeds_and_prompts_sem(gains))
+        prompts_only.append(gains.mean(axis=0).std(ddof=1) / math.sqrt(20))
+    true_se = float(np.std(means))
+    assert 0.9 < math.sqrt(np.mean(np.square(estimates))) / true_se < 1.1
+    assert math.sqrt(np.mean(np.square(prompts_only))) / true_se < 0.65  # what the prompts alone claimed
 
 
 def test_eval_cli_writes_scores_summary_and_grid(tiny_sd_dir, lora_pair, tmp_path, capsys):

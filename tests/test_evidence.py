@@ -17,7 +17,7 @@ import evidence  # noqa: E402
 
 import rewards  # noqa: E402
 from rl.models import load_pipeline  # noqa: E402
-from tune.evaluate import EvalSettings, evaluate  # noqa: E402
+from tune.evaluate import EvalSettings, evaluate, seeds_and_prompts_sem  # noqa: E402
 
 
 def test_gains_count_the_prompts_and_the_seeds():
@@ -38,19 +38,20 @@ def test_gains_count_the_prompts_and_the_seeds():
     assert fused["over_second_part_sem_over_prompts"] == pytest.approx(np.std([0.1, 0.5, 0.0], ddof=1) / np.sqrt(3))
     pooled = evidence.seeds_mean_gain([seed0, seed1], [base, base], prompts)  # per prompt +0.2, +0.25, -0.1
     assert pooled["mean"] == pytest.approx(0.35 / 3)
-    assert pooled["sem_over_prompts"] == pytest.approx(np.std([0.2, 0.25, -0.1], ddof=1) / np.sqrt(3))
-    assert (pooled["prompts_rising"], pooled["prompts"]) == (2, 3)
+    # seeds x prompts [[0.3, 0, -0.2], [0.1, 0.5, 0]]: the crossed two-way standard error
+    assert pooled["sem"] == pytest.approx(seeds_and_prompts_sem(np.array([[0.3, 0.0, -0.2], [0.1, 0.5, 0.0]])))
+    assert (pooled["prompts_rising"], pooled["prompts"], pooled["seeds"]) == (2, 3, 2)
     # a fused model against its part, seed by seed: (seed1 - seed0) on seed 0, (seed1 - base) on seed 1
     over = evidence.seeds_mean_gain([seed1, seed1], [seed0, base], prompts)  # per prompt -0.05, +0.5, +0.1
-    assert over["sem_over_prompts"] == pytest.approx(np.std([-0.05, 0.5, 0.1], ddof=1) / np.sqrt(3))
+    assert over["sem"] == pytest.approx(seeds_and_prompts_sem(np.array([[-0.2, 0.5, 0.2], [0.1, 0.5, 0.0]])))
     rows = [evidence.rows_for("base", -1, base, base, prompts), row, evidence.rows_for("texforce", 1, seed1, base, prompts)]
     line = evidence.table(rows, ["base", "texforce"], {"texforce": {"gain": pooled}}).splitlines()[-1]
     assert line.startswith("| texforce | 2 |")
     assert f"[{row['gain_sem_over_prompts']:.3f}]" in line
-    assert f"| +0.117 +- {pooled['sem_over_prompts']:.3f} ({0.35 / 3 / pooled['sem_over_prompts']:+.1f} SE; 2 of 3 prompts rise) |" in line
+    assert f"| +0.117 +- {pooled['sem']:.3f} ({0.35 / 3 / pooled['sem']:+.1f} SE; 2 of 3 prompts rise) |" in line
     fused_rows = [fused, {**fused, "seed": 1}]
     line = evidence.table(fused_rows, ["color + shape"], {"color + shape": {"over_first_part": over}}).splitlines()[-1]
-    assert f"seeds' mean {over['mean']:+.3f} +- {over['sem_over_prompts']:.3f}" in line
+    assert f"seeds' mean {over['mean']:+.3f} +- {over['sem']:.3f}" in line
 
 
 def test_evidence_trains_fuses_and_scores_every_method(tiny_sd_dir, tmp_path, capsys, one_torch_thread):

@@ -91,6 +91,22 @@ def clustered_sem(values: np.ndarray, clusters: Sequence) -> float:
     return math.sqrt(g / (g - 1) * float(np.sum(sums**2))) / len(values) if g > 1 else summarize(values)["sem"]
 
 
+def seeds_and_prompts_sem(gains: np.ndarray) -> float:
+    """The standard error of gains.mean() for gains [S, P], training seed s's mean gain on prompt p, when both the
+    seeds and the prompts are draws (crossed random effects): sqrt((MS_seeds + MS_prompts - MS_residual) / (S P)),
+    from the two-way ANOVA's mean squares, at least the larger of the one-way terms'. The prompts' SE alone misses
+    how the training seeds differ: a seed's gain that is the same on every prompt cancels out of the prompts'
+    spread. One seed: the prompts' SE; one prompt: the seeds'."""
+    gains = np.asarray(gains, dtype=np.float64)
+    s, p = gains.shape
+    seed_means, prompt_means, mean = gains.mean(axis=1), gains.mean(axis=0), gains.mean()
+    ms_seeds = p * float(np.sum((seed_means - mean) ** 2)) / (s - 1) if s > 1 else 0.0
+    ms_prompts = s * float(np.sum((prompt_means - mean) ** 2)) / (p - 1) if p > 1 else 0.0
+    residual = gains - seed_means[:, None] - prompt_means[None, :] + mean
+    ms_residual = float(np.sum(residual**2)) / ((s - 1) * (p - 1)) if s > 1 and p > 1 else 0.0
+    return math.sqrt(max(ms_seeds + ms_prompts - ms_residual, ms_seeds, ms_prompts) / (s * p))
+
+
 def paired_gain(before: np.ndarray, after: np.ndarray, prompts: Sequence[str] | None = None) -> dict[str, float]:
     """`summarize` of the change image by image, for two scorings of the same (prompt, seed) pairs:
     the standard error is that of the paired differences (pairs with a non-finite score left out). It holds
