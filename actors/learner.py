@@ -89,8 +89,8 @@ class LearnerWorker:
                               RewardActor(replace(c.reward, spec=spec), device=c.model.device, reward=trained))
         sampler, reward = self.evaluator
         sampler.version = self.learner.version  # the shared pipeline holds the current LoRA already
-        _, images = sampler.sample(self.learner.get_weights(), prompts, seeds, evaluation=True)
-        return images, reward.score(images, prompts)
+        drawn, images = sampler.sample(self.learner.get_weights(), prompts, seeds, evaluation=True)
+        return images, reward.score(images, prompts).with_broken_images(drawn.images_finite)
 
     def get_weights(self, version: int | None = None) -> PolicyWeights:
         """The current LoRA, or (PPO) the version before it, which async sampling draws with."""

@@ -27,6 +27,15 @@ class RewardScores:
     def finite_report(self) -> rewards.FiniteReport:
         return rewards.check_finite(rewards.RewardOutput(self.scores, self.parts))
 
+    def with_broken_images(self, finite: torch.Tensor | None) -> "RewardScores":
+        """These scores, NaN (every part) where the sampled image was not finite (`Trajectories.images_finite`):
+        its uint8 copy, which the reward read, is black; `reward.on_non_finite` then drops or stops on it."""
+        if finite is None or bool(finite.all()):
+            return self
+        broken = ~finite.to(self.scores.device)
+        return RewardScores(self.scores.masked_fill(broken, float("nan")),
+                            {k: v.masked_fill(broken.to(v.device), float("nan")) for k, v in self.parts.items()})
+
     @staticmethod
     def cat(parts: list["RewardScores"]) -> "RewardScores":
         return RewardScores(

@@ -104,11 +104,12 @@ class InlineWorkers:
         try:
             shards = _shards(prompts, seeds, start_seeds, self.config.sample.batch_size)
             for shard, (shard_prompts, shard_seeds, shard_start_seeds) in enumerate(shards):
-                _, shard_images, *samples = self.sampler.sample(weights, shard_prompts, shard_seeds, shard_start_seeds,
-                                                                evaluation=evaluation)
+                drawn, shard_images, *samples = self.sampler.sample(weights, shard_prompts, shard_seeds,
+                                                                    shard_start_seeds, evaluation=evaluation)
                 trajectories.append(samples)
                 images.append(shard_images)
-                scores.append(self.reward.score(shard_images, shard_prompts, evaluation))
+                scores.append(self.reward.score(shard_images, shard_prompts, evaluation)
+                              .with_broken_images(drawn.images_finite))
                 if on_shard_done is not None:
                     on_shard_done("score", shard)
         finally:
@@ -385,6 +386,7 @@ class RayWorkers:
         lost: dict[str, set[int]] = {"sampler": set(), "reward actor": set()}
         trajectory_refs: dict[int, list[ray.ObjectRef]] = {}
         image_refs: dict[int, ray.ObjectRef] = {}
+        images_finite: dict[int, torch.Tensor] = {}  # per shard, from its sample call
         scores: dict[int, RewardScores] = {}
         in_flight: dict[ray.ObjectRef, _Call] = {}
         failures: Counter = Counter()
@@ -464,9 +466,10 @@ class RayWorkers:
             elif call.kind == "sample":
                 idle_samplers.append(call.actor)
                 image_refs[call.shard] = call.images
+                images_finite[call.shard] = value.images_finite
                 to_score.append((call.shard, call.images))
             else:
-                scores[call.shard] = value
+                scores[call.shard] = value.with_broken_images(images_finite[call.shard])
             if on_shard_done is not None and call.kind != "revive":
                 on_shard_done(call.kind, call.shard)
         order = range(len(shards))

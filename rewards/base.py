@@ -140,6 +140,10 @@ class Reward:
             parts[scorer.name] = part
             term = self.weights[scorer.name] * part.to(images.device)
             total = term if total is None else total + term
+        broken = ~torch.isfinite(images.detach()).flatten(1).all(dim=1)
+        if bool(broken.any()):  # a scorer may read a NaN image as a plain picture (JPEG size, colours): it has no score
+            parts = {name: part.masked_fill(broken.to(part.device), float("nan")) for name, part in parts.items()}
+            total = total.masked_fill(broken, float("nan"))
         return RewardOutput(scores=total, parts=parts)
 
     def __repr__(self) -> str:

@@ -24,7 +24,9 @@ class Trajectories:
     with latents[:, j] = x_t and latents[:, j+1] = x_{t-1} for t = timesteps[:, j]; log_probs: [B, T]
     float32 (the sampler's, i.e. old, log-probs of the stored latents);
     images: [B, 3, H, W] uint8, or None where they travel apart (a sampler's shard: the learner does not
-    read them); seeds: [B] long; policy_version: the LoRA version that sampled.
+    read them); images_finite: [B] bool, whether each decoded image was finite before its rounding to uint8
+    (which makes NaN black, a picture a reward scores like any other), or None with the images;
+    seeds: [B] long; policy_version: the LoRA version that sampled.
     latent_positions: None when every latent is kept; else [B, S] long, sorted, with latents [B, S, ...]
     holding the chain's latents at those positions only (0 = x_T, j + 1 = after step j): a sampler keeps
     what the learner reads (`keep_latents`); read them with `latents_at`.
@@ -40,6 +42,7 @@ class Trajectories:
     seeds: torch.Tensor
     policy_version: int = 0
     latent_positions: torch.Tensor | None = None
+    images_finite: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -273,6 +276,7 @@ def sample_trajectories(
         latents=torch.stack(latents, dim=1).cpu(),
         log_probs=torch.stack(log_probs, dim=1).cpu(),
         images=images_to_uint8(images).cpu(),
+        images_finite=torch.isfinite(images).flatten(1).all(dim=1).cpu(),
         seeds=torch.as_tensor(seeds, dtype=torch.long),
         policy_version=policy_version,
     )

@@ -124,6 +124,17 @@ def test_non_finite_scores_are_kept_and_named():
     assert rewards.check_finite(RewardOutput(torch.ones(2), {"a": torch.ones(2)})).ok
 
 
+@pytest.mark.parametrize("spec", ["jpeg_compressibility", "object_alignment", "color_alignment", "brightness"])
+def test_a_non_finite_image_has_no_score(spec):
+    """A diverged sample's image (NaN out of the VAE) is no picture: JPEG size and the colour readers would score
+    what NaN turns into (black, or 0 weight) as one. Its score and every part are NaN, for on_non_finite to handle."""
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    images[1, :, 4:8, 4:8] = float("nan")
+    out = rewards.build_reward(spec)(images, ["a red ball"] * 3)
+    assert rewards.check_finite(out).mask.tolist() == [True, False, True]
+    assert all(bool(torch.isnan(part[1])) for part in out.parts.values())
+
+
 def test_input_checks():
     reward = rewards.build_reward("brightness")
     with pytest.raises(ValueError, match="2 images but 1 prompts"):

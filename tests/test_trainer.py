@@ -767,6 +767,32 @@ def test_shared_start_noise_gives_each_prompt_group_its_first_samples_x_T_on_ray
     assert passed == start_seeds
 
 
+def test_a_sample_whose_image_is_not_finite_gets_no_reward_instead_of_a_black_pictures(
+        tiny_sd_dir, tmp_path, caplog, monkeypatch):
+    """uint8 rounding makes a NaN image black, which `jpeg_compressibility` scores best of all: the sampler says
+    which images were finite, their rewards are NaN, and reward.on_non_finite drops them."""
+    import rl.sampling
+
+    decode = rl.sampling.decode_latents
+
+    def second_image_nan(vae, latents):
+        images = decode(vae, latents)
+        images[1] = float("nan")
+        return images
+
+    monkeypatch.setattr(rl.sampling, "decode_latents", second_image_nan)
+    config = _trainer_config(tiny_sd_dir, tmp_path, "resources.mode=inline", "num_epochs=1", "sample.num_steps=2",
+                             "reward.spec=jpeg_compressibility", "run_name=nan_image")
+    workers = InlineWorkers(config)
+    scores = workers.rollout(workers.get_weights(), ["a red ball"] * 4, [0, 1, 2, 3]).scores
+    assert torch.isnan(scores.scores[1]) and torch.isnan(scores.parts["jpeg_compressibility"][1])
+    assert torch.isfinite(scores.scores[[0, 2, 3]]).all()
+    with caplog.at_level("WARNING", logger="texforce"):
+        run = train(config)
+    assert run.read_metrics()[0]["num_dropped"] == 2  # row 1 of each of the epoch's two shards
+    assert "decoded to non-finite images" in caplog.text
+
+
 def test_non_finite_rewards_are_dropped_with_a_warning(tiny_sd_dir, tmp_path, nan_reward, caplog, monkeypatch):
     monkeypatch.setattr("rl.prompts.BUILTIN", {**BUILTIN, "colors": ["a red ball", "a blue ball"]})
     config = _trainer_config(tiny_sd_dir, tmp_path, "resources.mode=inline", "num_epochs=1",
