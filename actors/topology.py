@@ -179,6 +179,46 @@ def fits_a_node(cpus: float, gpus: float) -> bool:
     return any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in nodes)
 
 
+PLACEMENT_SEARCH_LIMIT = 20_000
+"""Partial placements `place_on_nodes` tries before it gives up deciding (None); a run's few actors need far fewer."""
+
+
+def place_on_nodes(actors: list[tuple[float, float]], nodes: list[tuple[float, float]]) -> bool | None:
+    """Whether every actor (CPU, GPU) can sit on one of the nodes (CPU, GPU) at once: Ray never moves an actor, so a
+    layout whose totals fit but whose actors do not pack (two 3-CPU learners and a 2-CPU sampler on two 4-CPU nodes)
+    waits for resources that never free. An exhaustive search, largest actors first, a node tried only once among
+    nodes with the same room left; None if it has not decided within PLACEMENT_SEARCH_LIMIT tries."""
+    actors = sorted(actors, key=lambda a: (a[1], a[0]), reverse=True)
+    room = [list(node) for node in nodes]
+    tries = 0
+
+    def place(i: int) -> bool | None:
+        nonlocal tries
+        if i == len(actors):
+            return True
+        cpus, gpus = actors[i]
+        seen = set()
+        undecided = False
+        for node in room:
+            if (node[0], node[1]) in seen or node[0] < cpus - 1e-9 or node[1] < gpus - 1e-9:
+                continue
+            seen.add((node[0], node[1]))
+            tries += 1
+            if tries > PLACEMENT_SEARCH_LIMIT:
+                return None
+            node[0] -= cpus
+            node[1] -= gpus
+            placed = place(i + 1)
+            node[0] += cpus
+            node[1] += gpus
+            if placed:
+                return True
+            undecided |= placed is None
+        return None if undecided else False
+
+    return place(0)
+
+
 def check_resources(config: TexForceConfig) -> None:
     """Fail fast, naming the shortfall, when the cluster cannot host the requested actors."""
     import ray
@@ -205,7 +245,13 @@ def check_resources(config: TexForceConfig) -> None:
             if not fits_a_node(c, g)
         ]
         if not short and not unplaceable:
-            return
+            nodes = [(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)) for n in ray.nodes()
+                     if n.get("Alive")]
+            actors = [(c, g) for n, c, g in roles.values() for _ in range(n)]
+            if place_on_nodes(actors, nodes) is not False:  # undecided: let Ray try
+                return
+            sizes = ", ".join(f"{c:g} CPU / {g:g} GPU" for c, g in nodes)
+            unplaceable = [f"the actors fit the cluster's totals but not its nodes together (nodes: {sizes})"]
         if time.monotonic() >= deadline:
             break
         time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))

@@ -25,6 +25,7 @@ from actors.rollout import Rollout
 from actors.sampler import SamplerWorker
 from actors.topology import (
     SAMPLER_INLINE_BYTES, ActorsLostError, InlineWorkers, InsufficientResourcesError, RayWorkers, _actor_info,
+    check_resources,
 )
 from conftest import tiny_config
 from rl.config import load_config
@@ -679,6 +680,33 @@ def test_resource_check_fails_fast_with_the_shortfall(ray_session, tiny_sd_dir, 
     with pytest.raises(InsufficientResourcesError, match=r"GPU: requested 2, the cluster has 0.*resources\."):
         RayWorkers(config)
     assert time.monotonic() - start < 10
+
+
+def test_placement_packs_the_actors_onto_the_nodes_not_their_totals():
+    from actors.topology import place_on_nodes
+
+    two_fours = [(4.0, 0.0), (4.0, 0.0)]
+    assert place_on_nodes([(3, 0), (3, 0), (2, 0)], two_fours) is False  # 8 <= 8 CPUs, yet a 3 and a 2 share no node
+    assert place_on_nodes([(2, 0), (2, 0), (2, 0), (2, 0)], two_fours) is True
+    assert place_on_nodes([(3, 0), (1, 0), (3, 0), (1, 0)], two_fours) is True  # first fit in this order would too
+    assert place_on_nodes([(1, 1), (1, 1)], [(8.0, 1.0), (8.0, 0.0)]) is False  # one GPU node
+    assert place_on_nodes([(0.5, 0.25)] * 8, [(4.0, 1.0), (2.0, 1.0)]) is True
+    assert place_on_nodes([], []) is True
+    many = [(1.0, 0.0)] * 40 + [(1.5, 0.0)]
+    assert place_on_nodes(many, [(41.5, 0.0)] + [(0.4, 0.0)] * 60) is True  # decided at once, not by trying 61 nodes
+
+
+def test_resource_check_names_actors_that_fit_the_totals_but_not_the_nodes(tiny_sd_dir, tmp_path, monkeypatch):
+    nodes = [{"Alive": True, "Resources": {"CPU": 4.0}}, {"Alive": True, "Resources": {"CPU": 4.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    config = _trainer_config(tiny_sd_dir, tmp_path, "resources.num_learners=2", "resources.cpus_per_learner=3",
+                             "resources.num_samplers=1", "resources.cpus_per_sampler=2",
+                             "resources.cpus_per_reward_actor=0")
+    with pytest.raises(InsufficientResourcesError, match=r"the actors fit the cluster's totals but not its nodes "
+                                                         r"together \(nodes: 4 CPU / 0 GPU, 4 CPU / 0 GPU\)"):
+        check_resources(config)
+    check_resources(replace(config, resources=replace(config.resources, cpus_per_sampler=1.0)))  # 3 + 1 on each
 
 
 class _NanForBlue:
