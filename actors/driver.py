@@ -159,14 +159,14 @@ def _train(config: TexForceConfig, *, resume: str | Path | None,
         batches = _Batches(config, prompts, _sampling_weights(config, workers, weights))
         done = {row["epoch"] for row in run.read_evaluations()}
         unfinished = start - 1 if start > 0 and _evaluation_due(start - 1, config) and start - 1 not in done else None
-        base = None
-        if start == 0 and -1 not in done:
-            base = evaluate_held_out(-1, weights, eval_prompts, config=config, run=run, workers=workers)
+        evaluation = None
+        if start == 0 and -1 not in done:  # the base model's
+            evaluation = evaluate_held_out(-1, weights, eval_prompts, config=config, run=run, workers=workers)
         elif unfinished is not None:  # resumed after an epoch whose held-out evaluation was cut short (stopped, lost)
-            base = _evaluate_after(unfinished, weights, eval_prompts, config=config, run=run, workers=workers,
-                                   tracker=tracker)
+            evaluation = _evaluate_after(unfinished, weights, eval_prompts, config=config, run=run, workers=workers,
+                                         tracker=tracker)
         outputs = EpochOutputs(run, title=f"{config.run_name}: {config.reward.spec}")
-        outputs.write_evaluation(base)
+        outputs.write_evaluation(evaluation)
         bar = tqdm(total=config.num_epochs, initial=start, desc="epochs")
         learner_failures = 0
         epoch = start

@@ -68,11 +68,17 @@ WEIGHT_DEFINING_KEYS = ("train.algorithm", "lora.policy", "lora.rank", "lora.alp
 may: the same model can sit at another path on a cluster's nodes.)"""
 
 HELD_OUT_KEYS = ("evaluation.prompts_file", "evaluation.num_seeds", "evaluation.seed_base", "evaluation.eta",
-                 "evaluation.reward", "reward.spec", "sample.eta", "sample.num_steps", "sample.guidance_scale",
-                 "sample.negative_prompt", "sample.height", "sample.width")
-"""What decides the held-out images and their scores (evaluation.eta defaults to sample.eta, evaluation.reward to
-reward.spec): a run's later evaluations are paired image by image with its base model's, so a resume of a run with
-held-out prompts cannot change them."""
+                 "evaluation.reward", "sample.num_steps", "sample.guidance_scale", "sample.negative_prompt",
+                 "sample.height", "sample.width")
+"""What decides the held-out images and their scores, with sample.eta where evaluation.eta is null and reward.spec
+where evaluation.reward is: a run's later evaluations are paired image by image with its base model's, so a resume
+of a run with held-out prompts cannot change them."""
+
+
+def held_out_keys(config: TexForceConfig) -> tuple[str, ...]:
+    """HELD_OUT_KEYS, and the settings the evaluation falls back to where it names none of its own."""
+    return (HELD_OUT_KEYS + (("sample.eta",) if config.evaluation.eta is None else ())
+            + (("reward.spec",) if config.evaluation.reward is None else ()))
 
 
 def _value(config: TexForceConfig, key: str):
@@ -90,7 +96,7 @@ def check_resume_overrides(saved: TexForceConfig, resumed: TexForceConfig, run_p
                               "run for that")
     if saved.evaluation.prompts_file is None:
         return
-    for key in HELD_OUT_KEYS:
+    for key in held_out_keys(saved):
         if _value(saved, key) != _value(resumed, key):
             raise ConfigError(f"--resume {run_path}: {key} cannot change in a resume (the held-out gains are paired "
                               f"with the base model's images and scores at {key}={_value(saved, key)!r}, not "

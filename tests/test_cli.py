@@ -388,6 +388,12 @@ def test_resume_refuses_overrides_that_unpair_the_held_out_gains(capsys, tiny_sd
     config = train.load_run_config(parser.parse_args(["--resume", str(run.path), "evaluation.every=1",
                                                       "train.learning_rate=1e-4"]))
     assert (config.evaluation.every, config.train.learning_rate) == (1, 1e-4)
+    # a run judged on its own evaluation reward and eta may change the ones it trains with
+    judged = RunDirectory.create(load_config(None, [*args[1:], "run_name=judged", "evaluation.reward=brightness",
+                                                    "evaluation.eta=0"]))
+    config = train.load_run_config(parser.parse_args(["--resume", str(judged.path), "reward.spec=brightness",
+                                                      "sample.eta=0.5"]))
+    assert (config.reward.spec, config.sample.eta) == ("brightness", 0.5)
 
 
 def test_insufficient_resources_is_one_line_from_both_entries(capsys, tiny_sd_dir, tmp_path, monkeypatch):
