@@ -241,6 +241,7 @@ class _Experience:
     dropped: int
     sample_seconds: float
     update_seconds: float
+    stop: TrainingStopped | None = None  # raised once this epoch is logged and checkpointed
 
 
 class _Batches:
@@ -303,13 +304,16 @@ def _run_epoch(
     t_updated = time.perf_counter()
     # 6. log
     rewards, scores = done.rewards, done.scores
+    some = len(rewards) > 0  # none: a gradient learner's epoch whose every reward was non-finite (it stops)
+    nan = float("nan")
     row = {
         "epoch": epoch,
-        "reward_mean": float(rewards.mean()),
-        "reward_std": float(rewards.std()),
+        "reward_mean": float(rewards.mean()) if some else nan,
+        "reward_std": float(rewards.std()) if some else nan,
         # of the mean, over the epoch's prompts: a prompt's images are alike, and the prompts are what is drawn
-        "reward_sem": clustered_sem(rewards, done.prompts),
-        **{f"reward_{k}_mean": float(v[torch.isfinite(v)].mean()) for k, v in scores.parts.items()},
+        "reward_sem": clustered_sem(rewards, done.prompts) if some else nan,
+        **{f"reward_{k}_mean": float(v[torch.isfinite(v)].mean()) if bool(torch.isfinite(v).any()) else nan
+           for k, v in scores.parts.items()},
         **done.metrics,
         "num_samples": len(rewards),
         "num_dropped": done.dropped,
@@ -323,12 +327,14 @@ def _run_epoch(
         plots = epoch == config.num_epochs - 1 or outputs.plots_due()
     else:
         plots = _due(epoch, config.plot_every, config)
-    shown = done.grid_images() if plots else None
+    shown = done.grid_images() if plots and len(done.prompts) else None
     outputs.write(row, shown, _captions(done.prompts[:8], torch.from_numpy(rewards[:8])),  # in the background
                   plots=plots)
     # 7. checkpoint
-    if _due(epoch, config.save_every, config):
+    if done.stop is not None or _due(epoch, config.save_every, config):
         _save_checkpoint(run, config, workers, tracker, weights, epoch)
+    if done.stop is not None:
+        raise done.stop
     return row, weights
 
 
@@ -340,8 +346,7 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config
     # 1-2. sample trajectories and score them (unless they were sampled during the last epoch)
     if batches.ready is None:
         sampling, batches.first_weights = batches.first_weights or weights, None
-        batches.ready = _rollout(epoch, epoch, sampling, batches, config=config, run=run, workers=workers,
-                                 tracker=tracker)
+        batches.ready = _rollout(epoch, sampling, batches, config=config, run=run, workers=workers, tracker=tracker)
     rollout, batches.ready = batches.ready, None
     sample_seconds = time.perf_counter() - t0
     try:
@@ -368,11 +373,15 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config
     #    (async) the next epoch's rollout with the LoRA this one starts from
     t_update = time.perf_counter()
     pending = workers.start_update(kept.trajectories(), advantages)
+    stop = None
     if config.train.async_staleness and epoch + 1 < config.num_epochs:
         t_next = time.perf_counter()
+        prompts, seeds = batches.prompts_and_seeds(epoch + 1)
         try:
-            batches.ready = _rollout(epoch + 1, epoch, weights, batches, config=config, run=run, workers=workers,
-                                     tracker=tracker, pending=pending)
+            batches.ready = workers.rollout(weights, prompts, seeds, start_seeds=batches.start_seeds(seeds))
+        except ActorsLostError as error:  # gone for good: this epoch's update still finishes, is logged and kept
+            stop = TrainingStopped(f"{error}; then `texforce train --resume {run.path}`")
+            stop.__cause__ = error
         finally:
             sample_seconds += time.perf_counter() - t_next
     metrics, kept = _finish_update(pending, kept, advantages, epoch, weights, config=config, run=run, workers=workers,
@@ -380,7 +389,7 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config
     shown = list(range(min(8, len(kept))))  # the epoch's image grid
     grid_images = partial(_grid_images, kept, shown, f"epoch {epoch}'s grid")
     return _Experience(metrics, list(kept.prompts), grid_images, rollout.scores, rewards, dropped,
-                       sample_seconds=sample_seconds, update_seconds=time.perf_counter() - t_update)
+                       sample_seconds=sample_seconds, update_seconds=time.perf_counter() - t_update, stop=stop)
 
 
 def _finish_update(pending, kept: Rollout, advantages: torch.Tensor, epoch: int, weights: PolicyWeights, *,
@@ -412,20 +421,16 @@ def _finish_update(pending, kept: Rollout, advantages: torch.Tensor, epoch: int,
             pending = workers.start_update(kept.trajectories(), advantages)
 
 
-def _rollout(batch_epoch: int, epoch: int, sampling: PolicyWeights, batches: _Batches, *, config: TexForceConfig,
-             run: RunDirectory, workers, tracker: PerPromptStatTracker, pending=None) -> Rollout:
-    """Sample and score epoch `batch_epoch`'s batch with the LoRA `sampling` during `epoch`. If the samplers or reward
-    actors are gone for good, stop with the finished work checkpointed: the update in flight
-    (`pending`) is finished and saved as this epoch's, else the last finished epoch is."""
-    prompts, seeds = batches.prompts_and_seeds(batch_epoch)
+def _rollout(epoch: int, sampling: PolicyWeights, batches: _Batches, *, config: TexForceConfig,
+             run: RunDirectory, workers, tracker: PerPromptStatTracker) -> Rollout:
+    """Sample and score epoch `epoch`'s batch with the LoRA `sampling`. If the samplers or reward actors are gone for
+    good, stop with the last finished epoch checkpointed. (The next epoch's batch, drawn during this epoch's update
+    with async sampling, stops the run after this epoch instead: `_ppo_phases`.)"""
+    prompts, seeds = batches.prompts_and_seeds(epoch)
     try:
         return workers.rollout(sampling, prompts, seeds, start_seeds=batches.start_seeds(seeds))
     except ActorsLostError as error:
-        if pending is None:
-            _checkpoint_last_finished_epoch(run, config, workers, tracker, workers.get_weights(), epoch)
-        else:
-            workers.finish_update(pending)
-            _save_checkpoint(run, config, workers, tracker, workers.get_weights(), epoch)
+        _checkpoint_last_finished_epoch(run, config, workers, tracker, workers.get_weights(), epoch)
         raise TrainingStopped(f"{error}; then `texforce train --resume {run.path}`") from error
 
 
@@ -433,27 +438,28 @@ def _gradient_phases(epoch: int, weights: PolicyWeights, prompts: list[str], see
                      config: TexForceConfig, run: RunDirectory, workers, tracker: PerPromptStatTracker) -> _Experience:
     """The learner group samples with grad, scores with the differentiable reward and steps, in one pass.
 
-    Non-finite rewards were left out of the loss; in `stop` mode the run stops after a checkpoint
-    of this epoch (its update used only the finite ones)."""
+    Non-finite rewards were left out of the loss; in `stop` mode the run stops once this epoch is logged and
+    checkpointed (its update used only the finite ones)."""
     t0 = time.perf_counter()
     metrics, samples = workers.train_on_prompts(prompts, seeds)
     scores = RewardScores(samples.scores, samples.parts)
     finite = scores.finite_report.mask
     dropped = int((~finite).sum())
+    stop = None
     if dropped:
         message = f"{dropped} of {len(finite)} samples of the epoch have non-finite rewards ({scores.finite_report})"
         if config.reward.on_non_finite == "stop" or dropped == len(finite):
             save_image_grid(samples.images, _captions(samples.prompts, scores.scores),
                             run.grids / f"epoch_{epoch:04d}_non_finite.png")
-            _save_checkpoint(run, config, workers, tracker, workers.get_weights(), epoch)
-            raise NonFiniteRewardError(f"{message}; stopping after a checkpoint of this epoch (they were left out of "
-                                       f"its update); fix the reward, then `texforce train --resume {run.path}`")
-        log.warning("%s; they were left out of the update (reward.on_non_finite=drop)", message)
+            stop = NonFiniteRewardError(f"{message}; stopping after a checkpoint of this epoch (they were left out of "
+                                        f"its update); fix the reward, then `texforce train --resume {run.path}`")
+        else:
+            log.warning("%s; they were left out of the update (reward.on_non_finite=drop)", message)
     keep = torch.nonzero(finite).flatten()
     rewards = scores.scores[keep].numpy().astype(np.float64)
     return _Experience(metrics, [samples.prompts[i] for i in keep.tolist()], lambda: samples.images[keep[:8]], scores,
                        rewards, dropped,
-                       sample_seconds=0.0, update_seconds=time.perf_counter() - t0)
+                       sample_seconds=0.0, update_seconds=time.perf_counter() - t0, stop=stop)
 
 
 def evaluate_held_out(epoch: int, weights: PolicyWeights, prompts: list[str], *, config: TexForceConfig,

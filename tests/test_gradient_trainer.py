@@ -187,3 +187,43 @@ def test_refl_unet_lora_fuses_with_a_texforce_text_encoder_lora(tiny_sd_dir, tmp
     fused, unet_only, text_only = images(fused_file), images(unet_file), images(text_file)
     assert (fused - unet_only).abs().max() > 1e-3 and (fused - text_only).abs().max() > 1e-3
     assert any("ff.net" in key for key in load_file(str(fused_file)))  # attention and feed-forward LoRA
+
+
+class _DifferentiableNanForBlue:
+    """The images' mean brightness (differentiable), NaN for a prompt with "blue" in it."""
+
+    name = "brightness_nan_for_blue"
+    differentiable = True
+
+    def __call__(self, images, prompts):
+        blue = torch.tensor(["blue" in p for p in prompts], device=images.device)
+        return torch.where(blue, torch.full_like(images[:, 0, 0, 0], float("nan")), images.mean(dim=(1, 2, 3)))
+
+
+def test_a_gradient_learners_non_finite_stop_keeps_the_epoch_with_its_row_and_the_resume_goes_on(
+        tiny_sd_dir, tmp_path, monkeypatch):
+    import rewards
+    from actors.driver import NonFiniteRewardError
+    from rl.run_dir import RunDirectory
+
+    if _DifferentiableNanForBlue.name not in {e.name for e in rewards.list_entries()}:
+        rewards.register(rewards.RewardEntry(_DifferentiableNanForBlue.name, lambda **_: _DifferentiableNanForBlue(),
+                                             True, (), "test"))
+    blue_at = {1}
+
+    def prompts_per_epoch(prompts, *, seed, epoch, num_samples, group_size=1, order="random"):
+        word = "blue" if epoch in blue_at else "red"
+        return [f"a {word} ball"] * num_samples, list(range(num_samples))
+
+    monkeypatch.setattr("actors.driver.epoch_prompts", prompts_per_epoch)
+    config = _config(tiny_sd_dir, tmp_path, "run_name=stop", "resources.mode=inline", "save_every=5",
+                     f"reward.spec={_DifferentiableNanForBlue.name}", "reward.on_non_finite=stop")
+    with pytest.raises(NonFiniteRewardError, match=r"8 of 8 samples of the epoch have non-finite rewards .*stopping "
+                                                   r"after a checkpoint of this epoch"):
+        train(config)
+    run = RunDirectory(tmp_path / "stop")
+    assert [p.name for p in run.checkpoints.iterdir()] == ["epoch_0001"]  # this epoch's, as the message says ...
+    assert [r["epoch"] for r in run.read_metrics()] == [0, 1]  # ... with its row: the resume does not lose it
+    assert run.read_metrics()[1]["num_dropped"] == 8 and (run.grids / "epoch_0001_non_finite.png").exists()
+    blue_at.clear()
+    assert [r["epoch"] for r in train(load_config(run.path / "config.yaml"), resume=run.path).read_metrics()] == [0, 1, 2]

@@ -284,6 +284,32 @@ def test_no_sampler_left_to_draw_lost_trajectories_again_stops_the_run_with_how_
     assert _learner_pids(ray_session) == []
 
 
+def test_samplers_gone_while_drawing_the_next_batch_stop_after_this_epoch_is_logged_and_kept(
+        tiny_sd_dir, tmp_path, monkeypatch):
+    """Async sampling: epoch 1's batch is drawn during epoch 0's update; the samplers gone for good then, epoch 0's
+    update still finishes, its metrics row and checkpoint are written (save_every=5 would skip it), and the run
+    stops with how to resume, which goes on from epoch 1."""
+    rollout = InlineWorkers.rollout
+    calls = []
+
+    def gone_at_the_second_batch(self, *args, evaluation=False, **kwargs):
+        calls.append(evaluation)
+        if calls.count(False) == 2 and not evaluation:
+            raise ActorsLostError("every sampler died more than resources.max_restarts=3 times")
+        return rollout(self, *args, evaluation=evaluation, **kwargs)
+
+    monkeypatch.setattr(InlineWorkers, "rollout", gone_at_the_second_batch)
+    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=async_gone", "resources.mode=inline", "num_epochs=3",
+                             "sample.num_steps=4", "train.async_staleness=1", "save_every=5")
+    with pytest.raises(TrainingStopped, match=r"^every sampler died .*; then `texforce train --resume .*async_gone`$"):
+        train(config)
+    run = RunDirectory(tmp_path / "async_gone")
+    assert [p.name for p in run.checkpoints.iterdir()] == ["epoch_0000"]
+    assert [r["epoch"] for r in run.read_metrics()] == [0]
+    monkeypatch.setattr(InlineWorkers, "rollout", rollout)
+    assert [r["epoch"] for r in train(load_config(run.path / "config.yaml"), resume=run.path).read_metrics()] == [0, 1, 2]
+
+
 def test_a_grid_whose_images_were_lost_is_skipped_and_the_epoch_written(ray_session, tmp_path, caplog):
     """A node that held an epoch's grid images died after they were scored: the epoch's outputs
     are written without the grid, with a warning, and the run goes on."""
