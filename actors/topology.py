@@ -179,6 +179,9 @@ def fits_a_node(cpus: float, gpus: float) -> bool:
     return any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in nodes)
 
 
+SHUTDOWN_GRACE_S = 10.0
+"""How long the end of a run waits for the learners to close their process group before killing them."""
+
 PLACEMENT_SEARCH_LIMIT = 20_000
 """Partial placements `place_on_nodes` tries before it gives up deciding (None); a run's few actors need far fewer."""
 
@@ -664,13 +667,15 @@ class RayWorkers:
         self._learner_call([learner.load_state_dict.remote(state_ref) for learner in self.learners])
 
     def shutdown(self) -> None:
+        """Close the learners' process group, then kill every actor. The close waits SHUTDOWN_GRACE_S at most: it
+        queues behind an update in flight (Ctrl-C during one), which a kill cuts short anyway."""
         import ray
         from ray.exceptions import RayError
 
         try:
-            self._get([learner.shutdown.remote() for learner in self.learners])
+            ray.get([learner.shutdown.remote() for learner in self.learners], timeout=SHUTDOWN_GRACE_S)
         except RayError:
-            pass  # a dead rank has nothing to shut down
+            pass  # a dead rank has nothing to shut down; a busy one is killed below
         finally:
             for actor in self.samplers + self.reward_actors + self.learners:
                 ray.kill(actor)

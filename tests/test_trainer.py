@@ -708,6 +708,35 @@ def test_resource_check_fails_fast_with_the_shortfall(ray_session, tiny_sd_dir, 
     assert time.monotonic() - start < 10
 
 
+def test_the_end_of_a_run_does_not_wait_on_a_learner_busy_with_an_update(ray_session, monkeypatch):
+    """Ctrl-C during an update: the learner's shutdown call queues behind the update, so the run's end waits
+    SHUTDOWN_GRACE_S for it, not resources.call_timeout_s (30 min), then kills the actors."""
+    import threading
+
+    import actors.topology
+
+    @ray.remote(num_cpus=0)
+    class BusyLearner:
+        def update(self):
+            threading.Event().wait()  # an update that does not end before the kill
+
+        def shutdown(self):
+            return None
+
+        def ping(self):
+            return "alive"
+
+    learner = BusyLearner.remote()
+    assert ray.get(learner.ping.remote()) == "alive"
+    learner.update.remote()
+    workers = object.__new__(RayWorkers)
+    workers.learners, workers.samplers, workers.reward_actors, workers.timeout = [learner], [], [], 1800.0
+    monkeypatch.setattr(actors.topology, "SHUTDOWN_GRACE_S", 0.5)
+    workers.shutdown()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(learner.ping.remote(), timeout=60)
+
+
 def test_placement_packs_the_actors_onto_the_nodes_not_their_totals():
     from actors.topology import place_on_nodes
 
