@@ -4,7 +4,9 @@ Each run's `evaluation.parquet` holds its held-out rewards image by image before
 and after its last evaluated epoch, over the same (prompt, seed) pairs, so a run's gain is paired
 over those images (`tune.evaluate.paired_gain`). Per group this prints each seed's gain +- its
 standard error (over the images, and counting the held-out prompts as the draws: what a claim about unseen
-prompts of their kind rests on), the mean +- std over seeds, how many seeds gain by more than 3 standard errors,
+prompts of their kind rests on), the mean +- std over seeds, the mean gain per prompt with its standard error
+counting both the training seeds and the held-out prompts as draws (`tune.evaluate.seeds_and_prompts_sem`), how many
+seeds gain by more than 3 standard errors (over the images),
 and how alike the seeds' per-prompt gains are (the mean correlation between two seeds' gains on
 each held-out prompt: do the same pairs move?), and, for a reward with parts (`object_alignment`: colour
 and shape right), how each part moved and how closely its change follows the seed's gain: which part
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from rl.run_dir import RunDirectory
-from tune.evaluate import paired_gain, summarize
+from tune.evaluate import paired_gain, seeds_and_prompts_sem, summarize
 
 MIN_STANDARD_ERRORS = 3.0
 
@@ -104,7 +106,10 @@ def mean_correlation(per_prompt: list[list[float]]) -> float:
 def summarize_group(name: str, rows: list[dict]) -> dict:
     gains = np.array([r["gain"] for r in rows])
     summary = summarize(gains)
+    per_prompt = np.array([r["per_prompt"] for r in rows])  # [seeds, prompts]
     return {"group": name, "seeds": len(rows), "mean": summary["mean"], "std": summary["std"],
+            # the seeds' mean gain as a claim about another training seed on unseen prompts of their kind
+            "mean_per_prompt": float(per_prompt.mean()), "sem_over_seeds_and_prompts": seeds_and_prompts_sem(per_prompt),
             "above": sum(r["gain"] > MIN_STANDARD_ERRORS * r["sem"] for r in rows),
             "positive": sum(r["gain"] > 0 for r in rows),
             "correlation": mean_correlation([r["per_prompt"] for r in rows]),
@@ -132,10 +137,13 @@ def table(rows: list[dict], groups: list[dict]) -> str:
     lines = [header, "|---|---|---|---|---|---|"]
     lines += [f"| {r['group']} | {r['seed']} | {r['gain']:+.4f} +- {r['sem']:.4f} | {_ratio(r['gain'], r['sem'])} | "
               f"{r['sem_over_prompts']:.4f} | {_ratio(r['gain'], r['sem_over_prompts'])} |" for r in rows]
-    lines += ["", (f"| group | seeds | mean +- std over seeds | above {MIN_STANDARD_ERRORS:g} SE | positive | "
-                   "per-prompt correlation between seeds |"), "|---|---|---|---|---|---|"]
-    lines += [f"| {g['group']} | {g['seeds']} | {g['mean']:+.4f} +- {g['std']:.4f} | {g['above']} of {g['seeds']} | "
-              f"{g['positive']} of {g['seeds']} | {g['correlation']:.2f} |" for g in groups]
+    lines += ["", (f"| group | seeds | mean +- std over seeds | the mean gain per prompt, SE counting the seeds and the "
+                   f"prompts as draws | above {MIN_STANDARD_ERRORS:g} SE | positive | per-prompt correlation between "
+                   "seeds |"), "|---|---|---|---|---|---|---|"]
+    lines += [f"| {g['group']} | {g['seeds']} | {g['mean']:+.4f} +- {g['std']:.4f} | {g['mean_per_prompt']:+.4f} +- "
+              f"{g['sem_over_seeds_and_prompts']:.4f} ({_ratio(g['mean_per_prompt'], g['sem_over_seeds_and_prompts'])}) "
+              f"| {g['above']} of {g['seeds']} | {g['positive']} of {g['seeds']} | {g['correlation']:.2f} |"
+              for g in groups]
     parts = [(g, part, g["parts"][part]) for g in groups for part in sorted(g["parts"])]
     if parts:
         lines += ["", ("| group | reward part | change, mean +- std over seeds | rising | correlation of its "

@@ -13,6 +13,7 @@ import seed_gains  # noqa: E402
 
 from rl.config import load_config  # noqa: E402
 from rl.run_dir import RunDirectory  # noqa: E402
+from tune.evaluate import seeds_and_prompts_sem  # noqa: E402
 
 BEFORE = [0.0, 0.5, 1.0, 0.5, 0.0, 1.0]  # 3 held-out prompts x 2 images each, prompt-major
 
@@ -54,6 +55,10 @@ def test_each_runs_gain_is_paired_over_its_last_evaluation_and_seeds_are_summari
     assert groups["a"]["correlation"] == pytest.approx(0.5)
     assert groups["b"]["positive"] == 1 and groups["b"]["above"] == 0  # +0.25 is 2.2 standard errors
     assert groups["b"]["seeds"] == 1 and groups["b"]["std"] == 0.0 and np.isnan(groups["b"]["correlation"])
+    # the seeds' mean gain per prompt, its standard error counting both seeds and prompts as draws
+    assert groups["a"]["mean_per_prompt"] == pytest.approx(np.mean([0.5, 0.25, 0.25, 0.0, 0.0, -0.25]))
+    assert groups["a"]["sem_over_seeds_and_prompts"] == pytest.approx(
+        seeds_and_prompts_sem(np.array([[0.5, 0.25, 0.25], [0.0, 0.0, -0.25]])))
     assert (out / "seed_gains.png").stat().st_size > 0
     assert (out / "seed_gains.md").read_text().strip() in capsys.readouterr().out
 
