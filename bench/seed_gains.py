@@ -109,7 +109,8 @@ def summarize_group(name: str, rows: list[dict]) -> dict:
     per_prompt = np.array([r["per_prompt"] for r in rows])  # [seeds, prompts]
     return {"group": name, "seeds": len(rows), "mean": summary["mean"], "std": summary["std"],
             # the seeds' mean gain as a claim about another training seed on unseen prompts of their kind
-            "mean_per_prompt": float(per_prompt.mean()), "sem_over_seeds_and_prompts": seeds_and_prompts_sem(per_prompt),
+            "mean_per_prompt": float(per_prompt.mean()),
+            "sem_over_seeds_and_prompts": seeds_and_prompts_sem(per_prompt),
             "above": sum(r["gain"] > MIN_STANDARD_ERRORS * r["sem"] for r in rows),
             "positive": sum(r["gain"] > 0 for r in rows),
             "correlation": mean_correlation([r["per_prompt"] for r in rows]),
@@ -137,13 +138,14 @@ def table(rows: list[dict], groups: list[dict]) -> str:
     lines = [header, "|---|---|---|---|---|---|"]
     lines += [f"| {r['group']} | {r['seed']} | {r['gain']:+.4f} +- {r['sem']:.4f} | {_ratio(r['gain'], r['sem'])} | "
               f"{r['sem_over_prompts']:.4f} | {_ratio(r['gain'], r['sem_over_prompts'])} |" for r in rows]
-    lines += ["", (f"| group | seeds | mean +- std over seeds | the mean gain per prompt, SE counting the seeds and the "
-                   f"prompts as draws | above {MIN_STANDARD_ERRORS:g} SE | positive | per-prompt correlation between "
-                   "seeds |"), "|---|---|---|---|---|---|---|"]
-    lines += [f"| {g['group']} | {g['seeds']} | {g['mean']:+.4f} +- {g['std']:.4f} | {g['mean_per_prompt']:+.4f} +- "
-              f"{g['sem_over_seeds_and_prompts']:.4f} ({_ratio(g['mean_per_prompt'], g['sem_over_seeds_and_prompts'])}) "
-              f"| {g['above']} of {g['seeds']} | {g['positive']} of {g['seeds']} | {g['correlation']:.2f} |"
-              for g in groups]
+    lines += ["", (f"| group | seeds | mean +- std over seeds | the mean gain per prompt, SE counting the seeds "
+                   f"and the prompts as draws | above {MIN_STANDARD_ERRORS:g} SE | positive | per-prompt correlation "
+                   "between seeds |"), "|---|---|---|---|---|---|---|"]
+    for g in groups:
+        pooled, sem = g["mean_per_prompt"], g["sem_over_seeds_and_prompts"]
+        lines.append(f"| {g['group']} | {g['seeds']} | {g['mean']:+.4f} +- {g['std']:.4f} | {pooled:+.4f} +- {sem:.4f} "
+                     f"({_ratio(pooled, sem)}) | {g['above']} of {g['seeds']} | {g['positive']} of {g['seeds']} | "
+                     f"{g['correlation']:.2f} |")
     parts = [(g, part, g["parts"][part]) for g in groups for part in sorted(g["parts"])]
     if parts:
         lines += ["", ("| group | reward part | change, mean +- std over seeds | rising | correlation of its "
