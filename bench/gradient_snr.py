@@ -19,7 +19,8 @@ policy gradient by sampling step, and prints
 and saves a PNG of the per-step figures. `--shared-start` draws the policy-gradient samples as
 `sample.shared_start_noise` does (one x_T per group), `--first-seed` another set of noise seeds: at 1024
 samples the "samples for SNR 1" of the demo's steps came out 9953 and 9663 on two draws with independent
-starts, 5081 and none measurable with shared ones (docs/demo.md, "Less noise in each step's gradient").
+starts, 2886 and 12798 with shared ones, each group normalised alone (5081 and none measurable when a prompt's
+groups were pooled, before d041016; docs/demo.md, "Less noise in each step's gradient").
 Run on the demo's model (docs/demo.md, "Why `min_sigma`"):
 
     python bench/gradient_snr.py models/toy-sd --prompts configs/prompts_toy_train.txt \
