@@ -49,9 +49,9 @@ class SamplerWorker:
                evaluation: bool = False) -> tuple:
         """(SampledShard, images, *trajectories) for `prompts` with per-sample `seeds` (x_T from `start_seeds`
         if given) under `weights`: the version of the LoRA that drew them and which images were finite, a few
-        bytes for the driver to wait on; the uint8 images, which the reward actors read; and each sample's trajectory as its
-        own object, without its image, so that on Ray a learner rank fetches only the samples it trains
-        on (call with num_returns=2 + len(prompts); 2 with evaluation). On Ray the images and
+        bytes for the driver to wait on; the uint8 images, which the reward actors read; and each sample's
+        trajectory as its own object, without its image, so that on Ray a learner rank fetches only the samples it
+        trains on (call with num_returns=2 + len(prompts); 2 with evaluation). On Ray the images and
         trajectories stay in the object store until the reward actors and learners read them.
 
         The weights travel with every call, so a restarted worker re-run on the same shard gives

@@ -362,7 +362,8 @@ class TexForceConfig:
             (a.min_count >= 0, "advantage.min_count", a.min_count, ">= 0", ""),
             (a.mode != "per_prompt" or a.min_count <= a.buffer_size, "advantage.min_count", a.min_count,
              f"<= advantage.buffer_size={a.buffer_size} in per_prompt mode",
-             "a prompt's history holds buffer_size rewards at most: a larger min_count means batch statistics for ever"),
+             "a prompt's history holds buffer_size rewards at most: a larger min_count means batch statistics "
+             "for ever"),
             (a.group_size >= 2, "advantage.group_size", a.group_size, "an integer >= 2", ""),
             (r.num_samplers >= 1, "resources.num_samplers", r.num_samplers, positive_int, ""),
             (r.num_reward_actors >= 1, "resources.num_reward_actors", r.num_reward_actors, positive_int, ""),

@@ -226,4 +226,5 @@ def test_a_gradient_learners_non_finite_stop_keeps_the_epoch_with_its_row_and_th
     assert [r["epoch"] for r in run.read_metrics()] == [0, 1]  # ... with its row: the resume does not lose it
     assert run.read_metrics()[1]["num_dropped"] == 8 and (run.grids / "epoch_0001_non_finite.png").exists()
     blue_at.clear()
-    assert [r["epoch"] for r in train(load_config(run.path / "config.yaml"), resume=run.path).read_metrics()] == [0, 1, 2]
+    resumed = train(load_config(run.path / "config.yaml"), resume=run.path)
+    assert [r["epoch"] for r in resumed.read_metrics()] == [0, 1, 2]

@@ -307,7 +307,8 @@ def test_samplers_gone_while_drawing_the_next_batch_stop_after_this_epoch_is_log
     assert [p.name for p in run.checkpoints.iterdir()] == ["epoch_0000"]
     assert [r["epoch"] for r in run.read_metrics()] == [0]
     monkeypatch.setattr(InlineWorkers, "rollout", rollout)
-    assert [r["epoch"] for r in train(load_config(run.path / "config.yaml"), resume=run.path).read_metrics()] == [0, 1, 2]
+    resumed = train(load_config(run.path / "config.yaml"), resume=run.path)
+    assert [r["epoch"] for r in resumed.read_metrics()] == [0, 1, 2]
 
 
 def test_a_grid_whose_images_were_lost_is_skipped_and_the_epoch_written(ray_session, tmp_path, caplog):
@@ -1024,7 +1025,8 @@ def test_a_full_disk_under_the_background_writer_stops_the_run_the_same_way(tiny
     # raised at a later epoch's write: every checkpoint kept has its metrics row
     assert {r["epoch"] for r in run.read_metrics()} >= {int(p.name[-4:]) for p in run.checkpoints.iterdir()}
     monkeypatch.setattr(rl.outputs, "save_image_grid", save_image_grid)
-    assert [r["epoch"] for r in train(load_config(run.path / "config.yaml"), resume=run.path).read_metrics()] == [0, 1, 2]
+    resumed = train(load_config(run.path / "config.yaml"), resume=run.path)
+    assert [r["epoch"] for r in resumed.read_metrics()] == [0, 1, 2]
 
 
 def test_keep_checkpoints_deletes_all_but_the_newest_and_a_resume_goes_on_from_them(tiny_sd_dir, tmp_path):
