@@ -83,7 +83,8 @@ def gain_of(run: dict) -> dict:
     """The paired gain over the run's images, and its mean gain per held-out prompt (rewards are prompt-major)."""
     prompt_of_image = np.arange(len(run["before"])) // run["images_per_prompt"]
     gain = paired_gain(run["before"], run["after"], prompt_of_image)
-    per_prompt = (run["after"] - run["before"]).reshape(-1, run["images_per_prompt"]).mean(axis=1)
+    # over each prompt's finite pairs, as the paired gain leaves a non-finite score out
+    per_prompt = np.nanmean((run["after"] - run["before"]).reshape(-1, run["images_per_prompt"]), axis=1)
     return {"gain": gain["mean"], "sem": gain["sem"], "sem_over_prompts": gain["sem_over_prompts"],
             "images": gain["n"], "per_prompt": per_prompt.tolist(), "parts": run["parts"]}
 
@@ -92,7 +93,7 @@ def check_same_images(runs: list[dict]) -> None:
     """Refuse runs whose base scores differ: they were evaluated on different images or models."""
     first = runs[0]
     for run in runs[1:]:
-        if not np.array_equal(run["before"], first["before"]):  # False for other shapes too
+        if not np.array_equal(run["before"], first["before"], equal_nan=True):  # False for other shapes too
             raise RunError(f"{run['path']} was evaluated on other images than {first['path']} (its scores before "
                            "training differ): compare runs with the same base model and evaluation settings")
 

@@ -73,6 +73,17 @@ def test_runs_scored_on_other_images_are_one_line_and_exit_2(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_non_finite_score_is_left_out_and_does_not_part_identical_runs(tmp_path):
+    before = [float("nan")] + BEFORE[1:]  # the base model's first image had no score
+    a0 = make_run(tmp_path, "a0", 0, [0.5, 1.0, 1.0, 1.0, 0.5, 1.0], before=before)
+    a1 = make_run(tmp_path, "a1", 1, [0.5, 1.0, 1.0, 1.0, 0.5, 1.0], before=before)
+    out = tmp_path / "out"
+    assert seed_gains.main(["--group", "a", str(a0), str(a1), "--out", str(out)]) == 0
+    runs = json.loads((out / "seed_gains.json").read_text())["runs"]
+    assert runs[0]["per_prompt"] == pytest.approx([0.5, 0.25, 0.25])  # prompt 0 over its one finite pair
+    assert runs[0]["gain"] == pytest.approx(np.mean([0.5, 0.0, 0.5, 0.5, 0.0]))
+
+
 def test_a_folder_without_evaluations_is_named(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert seed_gains.main(["--group", "a", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
