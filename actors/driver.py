@@ -264,6 +264,11 @@ class _Batches:
             order=c.prompts.order,
         )
 
+    def rollout(self, epoch: int, sampling: PolicyWeights, workers) -> Rollout:
+        """Sample and score epoch `epoch`'s batch with the LoRA `sampling`."""
+        prompts, seeds = self.prompts_and_seeds(epoch)
+        return workers.rollout(sampling, prompts, seeds, start_seeds=self.start_seeds(seeds))
+
     def start_seeds(self, seeds: list[int]) -> list[int] | None:
         """The x_T seed of each sample when the groups share their start (sample.shared_start_noise), else None."""
         c = self.config
@@ -376,9 +381,8 @@ def _ppo_phases(epoch: int, weights: PolicyWeights, batches: _Batches, *, config
     stop = None
     if config.train.async_staleness and epoch + 1 < config.num_epochs:
         t_next = time.perf_counter()
-        prompts, seeds = batches.prompts_and_seeds(epoch + 1)
         try:
-            batches.ready = workers.rollout(weights, prompts, seeds, start_seeds=batches.start_seeds(seeds))
+            batches.ready = batches.rollout(epoch + 1, weights, workers)
         except ActorsLostError as error:  # gone for good: this epoch's update still finishes, is logged and kept
             stop = TrainingStopped(f"{error}; then `texforce train --resume {run.path}`")
             stop.__cause__ = error
@@ -426,9 +430,8 @@ def _rollout(epoch: int, sampling: PolicyWeights, batches: _Batches, *, config: 
     """Sample and score epoch `epoch`'s batch with the LoRA `sampling`. If the samplers or reward actors are gone for
     good, stop with the last finished epoch checkpointed. (The next epoch's batch, drawn during this epoch's update
     with async sampling, stops the run after this epoch instead: `_ppo_phases`.)"""
-    prompts, seeds = batches.prompts_and_seeds(epoch)
     try:
-        return workers.rollout(sampling, prompts, seeds, start_seeds=batches.start_seeds(seeds))
+        return batches.rollout(epoch, sampling, workers)
     except ActorsLostError as error:
         _checkpoint_last_finished_epoch(run, config, workers, tracker, workers.get_weights(), epoch)
         raise TrainingStopped(f"{error}; then `texforce train --resume {run.path}`") from error

@@ -90,7 +90,7 @@ class LearnerWorker:
         sampler, reward = self.evaluator
         sampler.version = self.learner.version  # the shared pipeline holds the current LoRA already
         drawn, images = sampler.sample(self.learner.get_weights(), prompts, seeds, evaluation=True)
-        return images, reward.score(images, prompts).with_broken_images(drawn.images_finite)
+        return images, reward.score(images, prompts, images_finite=drawn.images_finite)
 
     def get_weights(self, version: int | None = None) -> PolicyWeights:
         """The current LoRA, or (PPO) the version before it, which async sampling draws with."""

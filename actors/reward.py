@@ -27,15 +27,6 @@ class RewardScores:
     def finite_report(self) -> rewards.FiniteReport:
         return rewards.check_finite(rewards.RewardOutput(self.scores, self.parts))
 
-    def with_broken_images(self, finite: torch.Tensor | None) -> "RewardScores":
-        """These scores, NaN (every part) where the sampled image was not finite (`Trajectories.images_finite`):
-        its uint8 copy, which the reward read, is black; `reward.on_non_finite` then drops or stops on it."""
-        if finite is None or bool(finite.all()):
-            return self
-        broken = ~finite.to(self.scores.device)
-        return RewardScores(self.scores.masked_fill(broken, float("nan")),
-                            {k: v.masked_fill(broken.to(v.device), float("nan")) for k, v in self.parts.items()})
-
     @staticmethod
     def cat(parts: list["RewardScores"]) -> "RewardScores":
         return RewardScores(
@@ -61,10 +52,16 @@ class RewardActor:
             lower_cpu_priority()  # once loaded, so a (re)start on a busy node is not starved
 
     @torch.no_grad()
-    def score(self, images: torch.Tensor, prompts: list[str], evaluation: bool = False) -> RewardScores:
-        """images: [B, 3, H, W] uint8; evaluation: score with the held-out evaluation's reward."""
+    def score(self, images: torch.Tensor, prompts: list[str], evaluation: bool = False,
+              images_finite: torch.Tensor | None = None) -> RewardScores:
+        """images: [B, 3, H, W] uint8; evaluation: score with the held-out evaluation's reward; images_finite: [B]
+        bool, whether the sampler's image was finite before its uint8 rounding made NaN black (`SampledShard`): a
+        non-finite one is given to the reward as NaN, which scores it NaN (`rewards.Reward`) for on_non_finite."""
         reward = self.evaluation_reward if evaluation else self.reward
-        output = reward(images_to_float(images.to(self.device)), prompts)
+        pixels = images_to_float(images.to(self.device))
+        if images_finite is not None:
+            pixels[~images_finite.to(self.device)] = float("nan")
+        output = reward(pixels, prompts)
         return RewardScores(
             scores=output.scores.float().cpu(), parts={k: v.float().cpu() for k, v in output.parts.items()}
         )

@@ -108,8 +108,7 @@ class InlineWorkers:
                                                                     shard_start_seeds, evaluation=evaluation)
                 trajectories.append(samples)
                 images.append(shard_images)
-                scores.append(self.reward.score(shard_images, shard_prompts, evaluation)
-                              .with_broken_images(drawn.images_finite))
+                scores.append(self.reward.score(shard_images, shard_prompts, evaluation, drawn.images_finite))
                 if on_shard_done is not None:
                     on_shard_done("score", shard)
         finally:
@@ -170,13 +169,17 @@ def init_ray(address: str, option: str, **kwargs) -> None:
         raise ConfigError(f"{option}={address}: {error}") from None
 
 
+def alive_nodes() -> list[tuple[float, float]]:
+    """(CPU, GPU) of each alive node of the connected Ray cluster."""
+    import ray
+
+    return [(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+
+
 def fits_a_node(cpus: float, gpus: float) -> bool:
     """Whether one alive node of the connected Ray cluster has `cpus` CPUs and `gpus` GPUs in all: an actor or a
     Tune trial that asks for more than any node has is never scheduled, and Ray waits for it without a word."""
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    return any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in nodes)
+    return bool(place_on_nodes([(cpus, gpus)], alive_nodes()))
 
 
 SHUTDOWN_GRACE_S = 10.0
@@ -240,16 +243,14 @@ def check_resources(config: TexForceConfig) -> None:
     }
     deadline = time.monotonic() + r.resource_wait_s
     while True:
-        have = ray.cluster_resources()
+        have, nodes = ray.cluster_resources(), alive_nodes()
         short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
         unplaceable = [
             f"one {role} needs {c:g} CPU / {g:g} GPU but no node has that much"
             for role, (_, c, g) in roles.items()
-            if not fits_a_node(c, g)
+            if not place_on_nodes([(c, g)], nodes)
         ]
         if not short and not unplaceable:
-            nodes = [(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)) for n in ray.nodes()
-                     if n.get("Alive")]
             actors = [(c, g) for n, c, g in roles.values() for _ in range(n)]
             if place_on_nodes(actors, nodes) is not False:  # undecided: let Ray try
                 return
@@ -463,7 +464,8 @@ class RayWorkers:
                 shard, images_ref = to_score.popleft()
                 actor = scorers[next_scorer % len(scorers)]
                 next_scorer += 1
-                ref = self.reward_actors[actor].score.remote(images_ref, shards[shard][0], evaluation)
+                ref = self.reward_actors[actor].score.remote(images_ref, shards[shard][0], evaluation,
+                                                             images_finite[shard])
                 in_flight[ref] = _Call("score", "reward actor", actor, shard, images_ref)
             for role, group in actors.items():
                 if len(lost[role]) == len(group):
@@ -518,7 +520,7 @@ class RayWorkers:
                 images_finite[call.shard] = value.images_finite
                 to_score.append((call.shard, call.images))
             else:
-                scores[call.shard] = value.with_broken_images(images_finite[call.shard])
+                scores[call.shard] = value
             if on_shard_done is not None and call.kind != "revive":
                 on_shard_done(call.kind, call.shard)
         order = range(len(shards))

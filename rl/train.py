@@ -89,19 +89,18 @@ def _value(config: TexForceConfig, key: str):
 def check_resume_overrides(saved: TexForceConfig, resumed: TexForceConfig, run_path) -> None:
     """An override that the run's checkpoints or its held-out evaluations cannot follow is a user error before any
     work (else: a shape mismatch deep in loading, or a held-out gain against other images or another reward)."""
-    for key in WEIGHT_DEFINING_KEYS:
-        if _value(saved, key) != _value(resumed, key):
-            raise ConfigError(f"--resume {run_path}: {key} cannot change in a resume (its checkpoints' LoRA was "
-                              f"trained with {key}={_value(saved, key)!r}, not {_value(resumed, key)!r}); start a new "
-                              "run for that")
-    if saved.evaluation.prompts_file is None:
-        return
-    for key in held_out_keys(saved):
-        if _value(saved, key) != _value(resumed, key):
-            raise ConfigError(f"--resume {run_path}: {key} cannot change in a resume (the held-out gains are paired "
-                              f"with the base model's images and scores at {key}={_value(saved, key)!r}, not "
-                              f"{_value(resumed, key)!r}); evaluate the final LoRA under other settings with "
-                              "`texforce eval`")
+    held_out = held_out_keys(saved) if saved.evaluation.prompts_file is not None else ()
+    for key in (*WEIGHT_DEFINING_KEYS, *held_out):
+        before, after = _value(saved, key), _value(resumed, key)
+        if before == after:
+            continue
+        if key in WEIGHT_DEFINING_KEYS:
+            why, fix = "its checkpoints' LoRA was trained with", "start a new run for that"
+        else:
+            why = "the held-out gains are paired with the base model's images and scores at"
+            fix = "evaluate the final LoRA under other settings with `texforce eval`"
+        raise ConfigError(f"--resume {run_path}: {key} cannot change in a resume ({why} {key}={before!r}, not "
+                          f"{after!r}); {fix}")
 
 
 def load_run_config(args: argparse.Namespace) -> TexForceConfig:

@@ -437,13 +437,13 @@ class _ScoresLostImages:
 
     def __init__(self, actor, lost, prompts: list[str]):
         self.actor, self.lost, self.prompts, self.calls = actor, lost, prompts, 0
-        self.score = self  # the rollout calls .score.remote(images, prompts, evaluation)
+        self.score = self  # the rollout calls .score.remote(images, prompts, evaluation, images_finite)
 
-    def remote(self, images, prompts, evaluation):
+    def remote(self, images, prompts, evaluation, images_finite):
         if list(prompts) == self.prompts:
             images, self.calls = self.lost, self.calls + 1
             assert self.calls <= 5, "the rollout samples a shard whose images are lost again and again"
-        return self.actor.score.remote(images, prompts, evaluation)
+        return self.actor.score.remote(images, prompts, evaluation, images_finite)
 
     def __getattr__(self, name):
         return getattr(self.actor, name)
