@@ -22,7 +22,15 @@ from lora_fixtures import make_lora
 from rl.config import ConfigError
 from tune.evaluate import EvalSettings
 from tune.fusion import fuse_files
-from tune.sweep import SweepSettings, alphas_at_alpha_max, anchor_points, best_first, config_alphas, resolve_search
+from tune.sweep import (
+    SweepSettings,
+    alphas_at_alpha_max,
+    anchor_points,
+    best_first,
+    config_alphas,
+    resolve_search,
+    simplex_grid,
+)
 from tune.worker import FusionJob, evaluate_alphas
 
 PROMPTS = ("a red ball", "a blue car", "a green tree", "a yellow house")
@@ -105,6 +113,13 @@ def test_sweep_finds_alphas_near_the_best_of_a_dense_grid(ray_session, job, tiny
     assert json.loads((tmp_path / "small" / "best.json").read_text())["at_alpha_max"] == ["alpha_1"]
     assert "note: the best trial has alpha_1 at the top of the box (--alpha-max 0.5)" in capsys.readouterr().out
 
+    # a normalized grid runs each direction once: 3 points, not the 9 of the box (3 of them (0.5, 0.5))
+    normalized = ["--grid", "3", "--normalize", "--out", str(tmp_path / "normalized")]
+    assert main([*argv, *normalized]) == 0  # --grid overrides --search random
+    rows = pq.read_table(tmp_path / "normalized" / "results.parquet").to_pylist()
+    assert sorted((r["alpha_1"], r["alpha_2"]) for r in rows) == [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]
+    assert "trial   3/3  " in capsys.readouterr().out
+
 
 def test_ctrl_c_keeps_the_finished_trials_and_resume_runs_the_rest(tiny_sd_dir, directed_loras, tmp_path):
     """Tune catches SIGINT and stops its trials; `texforce tune` writes what the finished ones found, says how many of
@@ -186,6 +201,12 @@ def test_search_space_helpers():
     assert config_alphas({"alpha_1": 1.0, "alpha_2": 3.0}, 2, normalize=True) == [0.25, 0.75]
     assert config_alphas({"alpha_1": 0.0, "alpha_2": 0.0}, 2, normalize=True) == [0.5, 0.5]
     assert config_alphas({"alpha_1": 1.0, "alpha_2": 3.0}, 2, normalize=False) == [1.0, 3.0]
+    # a normalized grid: the K-point grid's points that sum to 1, each direction once
+    assert simplex_grid(2, 3) == [{"alpha_1": 0.0, "alpha_2": 1.0}, {"alpha_1": 0.5, "alpha_2": 0.5},
+                                  {"alpha_1": 1.0, "alpha_2": 0.0}]
+    assert len(simplex_grid(3, 5)) == SweepSettings(search="grid", grid=5, normalize=True).num_trials(3) == 15
+    assert all(abs(sum(point.values()) - 1.0) < 1e-12 for point in simplex_grid(3, 5))
+    assert SweepSettings(search="grid", grid=5).num_trials(3) == 125
     assert resolve_search("grid") == "grid" and resolve_search("auto") in ("optuna", "random")
     with pytest.raises(ConfigError, match="choose one of"):
         resolve_search("bayes")

@@ -54,7 +54,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     tu.add_argument("--normalize", action="store_true", help="rescale each trial's alphas to sum to 1")
     tu.add_argument("--search", default="auto", choices=["auto", "random", "grid", "optuna"],
                     help="auto: Optuna TPE if installed, else random")
-    tu.add_argument("--grid", type=int, default=None, metavar="K", help="grid search with K points per alpha")
+    tu.add_argument("--grid", type=int, default=None, metavar="K",
+                    help="grid search with K points per alpha (with --normalize: those that sum to 1)")
     tu.add_argument("--search-seed", type=int, default=0, help="seed of the search")
     tu.add_argument("--no-anchors", action="store_true",
                     help="skip the anchor trials (base model, each LoRA alone at ALPHA_MAX, all at ALPHA_MAX)")

@@ -7,7 +7,9 @@ installed. Ray is imported inside the functions that run Tune, so `import tune.s
 """
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +37,8 @@ class SweepSettings:
     search: str = "auto"
     """"auto" (Optuna TPE if installed, else random), "random", "grid", "optuna"."""
     grid: int = 5
-    """Grid points per alpha when search is "grid" (linspace(0, alpha_max, grid))."""
+    """Grid points per alpha when search is "grid" (linspace(0, alpha_max, grid); with normalize, the points
+    i/(grid-1) that sum to 1: `simplex_grid`)."""
     seed: int = 0
     """Seed of the search (random draws, TPE)."""
     cpus_per_trial: float = 1.0
@@ -66,8 +69,13 @@ class SweepSettings:
         return resolve_search(self.search)
 
     def num_trials(self, num_loras: int) -> int:
-        """How many trials the sweep runs: K^N on a grid, else num_samples."""
-        return self.grid ** num_loras if self.search == "grid" else self.num_samples
+        """How many trials the sweep runs: K^N on a grid (with normalize, the grid's points on the simplex),
+        else num_samples."""
+        if self.search != "grid":
+            return self.num_samples
+        if self.normalize:
+            return math.comb(self.grid - 1 + num_loras - 1, num_loras - 1)
+        return self.grid ** num_loras
 
 
 def alpha_names(n: int) -> list[str]:
@@ -96,6 +104,15 @@ def anchor_points(n: int, alpha_max: float, *, normalize: bool = False) -> list[
     if n > 1:
         points.append(dict.fromkeys(names, alpha_max))
     return points
+
+
+def simplex_grid(n: int, k: int) -> list[dict[str, float]]:
+    """The grid a normalized sweep runs: alphas i/(k-1) that sum to 1. Normalizing the K^N box grid instead
+    evaluates each direction several times ((1, 1), (0.5, 0.5) and (0, 0) are all (0.5, 0.5))."""
+    steps = k - 1
+    names = alpha_names(n)
+    return [{name: i / steps for name, i in zip(names, point)}
+            for point in itertools.product(range(k), repeat=n) if sum(point) == steps]
 
 
 def alphas_at_alpha_max(alphas: list[float], settings: SweepSettings) -> list[str]:
@@ -151,6 +168,10 @@ def _search_space(settings: SweepSettings, n: int):
 
     search = settings.check(n)
     names = alpha_names(n)
+    if search == "grid" and settings.normalize:
+        points = simplex_grid(n, settings.grid)  # given in full, so the uniform space is never drawn from
+        space = {name: ray_tune.uniform(0.0, 1.0) for name in names}
+        return space, BasicVariantGenerator(points_to_evaluate=points, max_concurrent=settings.max_concurrent), len(points)
     if search == "grid":
         values = [float(v) for v in np.linspace(0.0, settings.alpha_max, settings.grid)]
         space = {name: ray_tune.grid_search(values) for name in names}
