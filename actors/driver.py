@@ -36,7 +36,7 @@ from actors.rollout import Rollout, TrajectoriesLostError, is_lost
 from actors.topology import ActorsLostError, InlineWorkers, LearnerFailedError, RayWorkers, init_ray
 from rl.advantages import PerPromptStatTracker, compute_advantages, group_keys
 from rl.algorithms import get_algorithm
-from rl.config import TexForceConfig
+from rl.config import ConfigError, TexForceConfig
 from rl.lora import PolicyWeights
 from rl.outputs import EpochOutputs
 from rl.plots import save_image_grid
@@ -139,7 +139,9 @@ def _train(config: TexForceConfig, *, resume: str | Path | None,
            on_epoch_end: Callable[[int, dict], bool | None] | None) -> RunDirectory:
     from tqdm.auto import tqdm
 
-    preflight(config)  # every user error before the run directory exists
+    preflight(config, resume=resume)  # every user error before the run directory exists
+    if config.resources.mode != "inline":
+        connect_ray(config)  # so does a cluster that refuses the connection (token authentication)
     if resume:
         run = RunDirectory(make_output_dir(resume, "--resume"))
         run.save_config(config)  # this resume's overrides (num_epochs=...) hold for the next one too
@@ -559,6 +561,9 @@ def _restore(run: RunDirectory, config: TexForceConfig, workers) -> tuple[PerPro
     the epoch to go on from (0, with fresh statistics, when there is no checkpoint)."""
     tracker = _new_tracker(config)
     loaded = run.load_latest_checkpoint()
+    if loaded is None and run.has_progress():  # every checkpoint damaged: starting over would overwrite the run
+        raise ConfigError(f"--resume {run.path}: none of its checkpoints reads back (the warnings above name them), "
+                          "and a resume from epoch 0 would overwrite its metrics; start a new run (another run_name)")
     if loaded is None:
         return tracker, 0
     path, learner_state, driver_state = loaded
@@ -597,7 +602,7 @@ def summarize(run: RunDirectory) -> str:
     """Where the outputs are; the training reward of the first and last (up to 5) epochs, as one epoch's
     batch is too noisy to compare with another's; the held-out evaluations before and after training."""
     rows = run.read_metrics()
-    lines = [f"run directory: {run.path}"]
+    lines = [f"run directory: {run.path.resolve()}"]
     if rows:
         k = max(1, min(5, len(rows) // 2))
         parts = []

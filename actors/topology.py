@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, replace
@@ -166,7 +167,37 @@ def init_ray(address: str, option: str, **kwargs) -> None:
     try:
         ray.init(address=address, **kwargs)
     except ConnectionError as error:
-        raise ConfigError(f"{option}={address}: {error}") from None
+        hint = ("; if the cluster uses token authentication (`ray start` with RAY_AUTH_MODE=token), set "
+                "RAY_AUTH_MODE=token here too" if os.environ.get("RAY_AUTH_MODE", "disabled") != "token" else "")
+        raise ConfigError(f"{option}={address}: {error}{hint}") from None
+
+
+def constructor_user_error(error: BaseException) -> Exception | None:
+    """The user error (rl.cli.USER_ERRORS: a model or reward file that does not load) an actor's constructor raised,
+    rebuilt from Ray's report: Ray keeps only its text, a traceback whose last `module.Class: message` line is the
+    error's, so it would reach the user as a traceback where inline mode gives one line. None for anything else."""
+    from ray.exceptions import RayActorError
+
+    from rl.cli import USER_ERRORS, loaded_types
+
+    if not isinstance(error, RayActorError) or not error.actor_init_failed:
+        return None
+    text, found = str(error), None
+    classes = list(loaded_types(USER_ERRORS))
+    while classes:  # the user error types and their subclasses (RewardFileError is a RewardError)
+        cls = classes.pop()
+        classes += cls.__subclasses__()
+        at = text.rfind(f"\n{cls.__module__}.{cls.__qualname__}: ")
+        if at >= 0 and (found is None or at > found[0]):
+            found = (at, cls)
+    if found is None:
+        return None
+    at, cls = found
+    message = text[at + len(f"\n{cls.__module__}.{cls.__qualname__}: "):]
+    try:
+        return cls(message)
+    except TypeError:  # a constructor that takes more than a message
+        return None
 
 
 def alive_nodes() -> list[tuple[float, float]]:
@@ -344,9 +375,15 @@ class RayWorkers:
                               low_priority=r.rollout_low_priority, evaluation_spec=config.evaluation.reward)
             for _ in range(r.num_reward_actors)
         ] if rollout_roles else []
-        self.learners = self._start_learners()
         # surface construction errors (missing model, bad reward files) now, not mid-epoch
-        self._get([a.ping.remote() for a in self.samplers + self.reward_actors])
+        try:
+            self.learners = self._start_learners()
+            self._get([a.ping.remote() for a in self.samplers + self.reward_actors])
+        except Exception as error:
+            user_error = constructor_user_error(error)
+            if user_error is None:
+                raise
+            raise user_error from None  # one line, as inline mode gives it
         self.learner_restarts = 0
         log.info(describe_layout(self.layout))
 

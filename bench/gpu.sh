@@ -42,6 +42,10 @@ step learner 200 "$python" bench/learner_overhead.py "$model" --batch $((batch /
   --out "$out/learner_overhead.json" model.dtype=bfloat16 "sample.num_steps=$steps" train.min_sigma=0  # every step
 step half_precision 200 "$python" bench/half_precision_gradients.py "$model" --device "$device" \
   --size $((sample_size * 8)) --num-steps "$steps" --trained $((steps / 2))
+# PPO's log-ratio after one step in bfloat16 and float16 against float32, at SD 1.5's shapes (docs/half_precision.md)
+step ppo_ratio 200 "$python" bench/ppo_ratio_precision.py --size $((sample_size * 8)) --rows 4 --clip-ranges 1e-4 1e-2 \
+  --out "$out/ppo_ratio_precision.json" "model.pretrained=$model" "model.device=$device" train.warmup_steps=0 \
+  train.learning_rate=3e-4 train.min_sigma=0 sample.num_steps=10
 # the demo (configs/tiny.yaml: toy model, 20 epochs, 1920 held-out images before and after), one process per seed
 # of DEMO_SEEDS (default 0), side by side on the one GPU; each one's held-out gain goes to the log
 demo_seeds=${DEMO_SEEDS:-0}

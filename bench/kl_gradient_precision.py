@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     learners = {}
     for dtype in ("float32", args.dtype):
-        config = load_config(run.config_path, [f"model.dtype={dtype}", "model.device=cpu"])
+        # no clipping: the minibatch is sampled in float32, so a half dtype's ratio is 1 only up to its rounding, which
+        # a small clip_range would turn into clipped terms (bench/ppo_ratio_precision.py)
+        config = load_config(run.config_path, [f"model.dtype={dtype}", "model.device=cpu", "train.clip_range=10"])
         learner = PPOLearner(load_pipeline_from_config(config.model), config)
         learner.load_state_dict(state)  # the run's LoRA (and its optimizer state, unused here)
         learners[dtype] = learner

@@ -14,8 +14,8 @@ import torch
 
 
 class RewardError(ValueError):
-    """A user error about rewards: a bad spec, a missing or unusable model file, unreadable
-    input. Command lines print it as one line and exit with code 2."""
+    """A user error about rewards: a bad spec, a model file key no reward reads, a missing or unusable
+    model file, unreadable input. Command lines print it as one line and exit with code 2."""
 
 
 class RewardSpecError(RewardError):

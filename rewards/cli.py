@@ -180,7 +180,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from rewards.registry import build_reward, check_reward
-    from rl.run_dir import make_output_dir
+    from rl.run_dir import make_output_dir, refuse_existing
 
     if args.batch_size < 1:
         raise RewardError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -188,9 +188,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise RewardError(
             f"--out {args.out} is a directory; give the parquet file to write, e.g. {args.out / 'scores.parquet'}"
         )
+    refuse_existing([args.out])
     check_device(args.device)
     paths = parse_paths(args.paths)
-    check_reward(args.reward, paths=paths)
+    check_reward(args.reward, paths=paths, path_keys="spec")
     files = list_images(args.images)
     prompts = read_prompts(args.prompts, len(files))
     make_output_dir(args.out.parent, "--out")

@@ -53,6 +53,23 @@ _READS = {"object_alignment": "the prompt's colour and shape read back from the 
           "object_shape": "the prompt's shape read back from the object's silhouette (exact 0/1)"}
 
 
+def names_an_attribute(name: str, prompt: str) -> bool:
+    """Whether `prompt` names a colour or shape the object reward `name` scores: it scores a prompt that names
+    none 0 whatever the image (the training checks refuse prompts that all do)."""
+    from toyworld.captions import ATTRIBUTES, parse_caption
+
+    named = dict(zip(ATTRIBUTES, parse_caption(prompt)))
+    return any(named[attribute] is not None for attribute in ATTRIBUTE_REWARDS[name.removesuffix(SOFT_SUFFIX)])
+
+
+def attribute_words(name: str) -> str:
+    """What a prompt must name for the object reward `name` to score it, for an error message."""
+    from toyworld.captions import COLORS, SHAPES
+
+    words = {"color": f"a colour ({', '.join(COLORS)})", "shape": f"a shape ({', '.join(SHAPES)})"}
+    return " or ".join(words[attribute] for attribute in ATTRIBUTE_REWARDS[name.removesuffix(SOFT_SUFFIX)])
+
+
 def object_reward_names() -> dict[str, str]:
     """Every object reward's registry name -> its one-line description (`texforce rewards list`)."""
     names = {}

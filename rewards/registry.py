@@ -6,9 +6,11 @@ Builders import their heavy dependencies (transformers, mediapipe) only when cal
 """
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -98,10 +100,21 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
     return parts
 
 
-def check_reward(spec: str, *, paths: Mapping[str, str] | None = None) -> list[tuple[str, float]]:
+def check_reward(
+    spec: str, *, paths: Mapping[str, str] | None = None, path_keys: Literal["any", "spec"] | None = "any"
+) -> list[tuple[str, float]]:
     """Parse `spec` and find every model file its rewards need, loading nothing: what a run
-    checks before it starts. Raises RewardSpecError or RewardFileError; returns the parsed spec."""
+    checks before it starts. Raises RewardSpecError or RewardFileError; returns the parsed spec.
+
+    A misspelt `paths` key would be ignored, and its reward load another file or fail on a missing one, so
+    a key no reward reads (`path_keys="any"`: a training config's reward.paths also serve evaluation.reward)
+    or no reward of `spec` reads ("spec": a command that takes one spec) is a RewardError naming the closest
+    valid key; None leaves the keys unchecked (a resumed sweep goes on with the paths it started with)."""
     parsed = parse_spec(spec)
+    if path_keys is not None:
+        entries = [get_entry(name) for name, _ in parsed] if path_keys == "spec" else list_entries()
+        _check_path_keys(paths or {}, sorted({file.key for entry in entries for file in entry.files}),
+                         spec if path_keys == "spec" else None)
     for name, _ in parsed:
         for file in get_entry(name).files:
             if file.optional and not file.is_given(paths):
@@ -111,6 +124,21 @@ def check_reward(spec: str, *, paths: Mapping[str, str] | None = None) -> list[t
             except RewardFileError as error:
                 raise RewardFileError(f"reward {name!r}: {error}") from None
     return parsed
+
+
+def _check_path_keys(paths: Mapping[str, str], valid: list[str], spec: str | None) -> None:
+    """Raise RewardError for the first key of `paths` not in `valid`, the keys of `spec`'s rewards (None: of
+    every reward)."""
+    for key in paths:
+        if key in valid:
+            continue
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        if spec is None:
+            raise RewardError(f"no reward reads a file under the key {key!r}{hint}; "
+                              "`texforce rewards list` shows each reward's keys")
+        raise RewardError(f"no reward of {spec!r} reads a file under the key {key!r}{hint}; "
+                          + (f"its keys are {', '.join(valid)}" if valid else "it reads no files: drop the key"))
 
 
 def build_reward(

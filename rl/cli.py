@@ -43,7 +43,26 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _loaded_types(names: tuple[str, ...]) -> tuple[type[BaseException], ...]:
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse's parser with a bad command line as one line and exit code 2, as every other user error (argparse
+    prints its usage first); its subcommands' parsers are of this class too (`add_subparsers` takes the parent's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, with config overrides taken wherever they stand: argparse reads a positional list
+    in one piece, so `train a=1 --config C b=2` left `b=2` unrecognized."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]  # in the order given: a later override wins
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def loaded_types(names: tuple[str, ...]) -> tuple[type[BaseException], ...]:
     """The classes named in `names` whose modules are imported in this process."""
     types = []
     for dotted in names:
@@ -70,9 +89,9 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"texforce {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:
-        if isinstance(error, _loaded_types(USER_ERRORS)):
+        if isinstance(error, loaded_types(USER_ERRORS)):
             code, message = 2, str(error)
-        elif isinstance(error, _loaded_types(RUN_STOPS)):
+        elif isinstance(error, loaded_types(RUN_STOPS)):
             code, message = 1, str(error)
         elif isinstance(error, OSError) and (problem := _storage_problem(error)):
             code, message = 1, f"{problem}, then run the command again"
@@ -84,7 +103,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="texforce",
         description="Reward fine-tuning of text-to-image diffusion models (TexForce, DDPO, LoRA fusion).",
     )
@@ -109,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser().parse_args(argv))
+    return run_command(parse_command_line(build_parser(), argv))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,15 @@ class ModelConfig:
     """`auto` picks cuda when available, else cpu."""
 
 
+SEED_LIMIT = 2**63
+"""Seeds are int64 (torch's generators and the stored `seeds`): one above the largest."""
+
+BFLOAT16_MIN_CLIP_RANGE = 1e-2
+"""The smallest train.clip_range PPO takes with bfloat16 frozen weights: above the log-ratio's rounding after one step
+(bench/ppo_ratio_precision.py on the toy model: 1e-4 to 2e-3 a step, as large as the published 1e-4; at 1e-2 bf16 clips
+the terms float32 clips in every setting measured; docs/half_precision.md)."""
+
+
 @dataclass
 class LoraSettings:
     policy: Literal["text_encoder", "unet", "both"] = "text_encoder"
@@ -138,7 +147,7 @@ class TrainConfig:
     """PPO only. 0: sample an epoch, then train on it (on-policy, as the papers). 1: the samplers
     draw epoch e+1 with the LoRA the learner starts epoch e from, while it trains on epoch e (one
     version stale; the stored old log-probs keep the PPO ratio correct); on Ray sampling and
-    learning then overlap (on 2 cores 1.06-1.08x the samples/s of a synchronous learner that uses
+    learning then overlap (on 2 cores 1.04-1.05x the samples/s of a synchronous learner that uses
     both cores while it updates; docs/performance.md); on the demo's 5 seeds its held-out gain
     was not distinguishable from the synchronous loop's (docs/demo.md). Inline mode computes the
     same run as Ray for either value."""
@@ -317,6 +326,11 @@ class TexForceConfig:
             (_is_folder_name(self.run_name), "run_name", self.run_name,
              "a folder name without '/' or '\\' (not '', '.' or '..')", "the run directory is output_dir/run_name"),
             (self.num_epochs >= 1, "num_epochs", self.num_epochs, positive_int, ""),
+            (0 <= self.seed < SEED_LIMIT, "seed", self.seed, "in [0, 2**63)", "torch's generators take int64 seeds"),
+            (self.lora.init_seed is None or 0 <= self.lora.init_seed < SEED_LIMIT, "lora.init_seed",
+             self.lora.init_seed, "in [0, 2**63) or null (from seed)", ""),
+            (0 <= self.evaluation.seed_base <= SEED_LIMIT - self.evaluation.num_seeds, "evaluation.seed_base",
+             self.evaluation.seed_base, "in [0, 2**63 - evaluation.num_seeds]", "image j's seed is seed_base + j"),
             (self.save_every >= 1, "save_every", self.save_every, positive_int, "checkpoint every N epochs"),
             (self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints,
              f"{positive_int} or null (keep every checkpoint)", ""),
@@ -404,6 +418,13 @@ class TexForceConfig:
             raise ConfigError(
                 "sample.shared_start_noise=true needs PPO's prompt groups (advantage.mode=group and train.algorithm=ppo), "
                 f"got advantage.mode={self.advantage.mode!r}, train.algorithm={self.train.algorithm!r}"
+            )
+        if (algorithm.learner == "ppo" and self.model.dtype == "bfloat16"
+                and self.train.clip_range < BFLOAT16_MIN_CLIP_RANGE):
+            raise ConfigError(
+                f"train.clip_range={self.train.clip_range:g} is below bfloat16's rounding of PPO's log-ratio (1e-4 to "
+                f"2e-3 a step once the LoRA has moved), so clipping would follow rounding: use model.dtype=float16 "
+                f"(loss-scaled, as configs/sd15.yaml) or float32, or train.clip_range >= {BFLOAT16_MIN_CLIP_RANGE:g}"
             )
         if algorithm.learner != "gradient":
             return

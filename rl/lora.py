@@ -6,6 +6,7 @@ Saved LoRAs are diffusers-format safetensors (`pytorch_lora_weights.safetensors`
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -198,4 +199,13 @@ def save_lora(weights: PolicyWeights, settings: LoraSettings, directory: str | P
     if not kwargs:
         raise ValueError("these PolicyWeights hold no LoRA tensors to save")
     StableDiffusionPipeline.save_lora_weights(directory, weight_name=LORA_WEIGHTS_NAME, **kwargs)
-    return directory / LORA_WEIGHTS_NAME
+    return follow_umask(directory / LORA_WEIGHTS_NAME)
+
+
+def follow_umask(path: Path) -> Path:
+    """Give a file the mode `open` gives new files (0o666 less the umask) and return it: safetensors writes
+    owner-only (0600) files, which the other users of a shared run or sweep folder could not read."""
+    umask = os.umask(0o077)  # reading it means setting it: meanwhile, other threads' new files are owner-only
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+    return path

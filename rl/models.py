@@ -84,7 +84,7 @@ def check_model(pretrained: str) -> Path | None:
     if _hub_offline():
         raise ModelNotFoundError(
             f"model '{pretrained}' is not a local directory and HF_HUB_OFFLINE is set, so the hub "
-            f"cannot be asked. Pass a local diffusers directory (model.pretrained=/path/to/sd) {_MAKE_TINY}."
+            f"cannot be asked. Pass a local diffusers directory (model.pretrained=... or --model ...), {_MAKE_TINY}."
         )
     return None
 
@@ -277,7 +277,8 @@ def load_pipeline(pretrained: str, *, dtype: str = "float32", device: str = "aut
         pipe.unet.set_attn_processor(
             {name: CpuFloat32AttentionProcessor(processor) for name, processor in pipe.unet.attn_processors.items()}
         )
-    return pipe.to(target)
+    # diffusers warns that a float16 pipeline "cannot run" on the CPU: it runs (tests/test_precision.py), slowly
+    return pipe.to(target, silence_dtype_warnings=True)
 
 
 class Float32CpuAttention(TorchFunctionMode):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from rl.algorithms import get_algorithm
@@ -25,21 +26,23 @@ log = logging.getLogger("texforce")
 RAY_HEAD_TIMEOUT_S = 10.0
 
 
-def preflight(config: TexForceConfig) -> None:
-    """Raise the first user error of `config`; warn (once) about prompts that will be truncated."""
+def preflight(config: TexForceConfig, *, resume: str | Path | None = None) -> None:
+    """Raise the first user error of `config` (`resume`: the run directory a resumed run goes on in); warn (once)
+    about prompts that will be truncated or that the reward reads nothing in."""
     import rewards
 
     config.validate()
+    check_run_location(config, resume)
     check_device(config.model.device, option="model.device", local=config.resources.mode == "inline")
     check_gpu_requests(config)
     if config.resources.mode == "ray":
         check_ray_address(*ray_address(config))
     describe_step_rows(config)
     prompts = load_prompts(config.prompts)
+    held_out: list[str] = []
     if config.evaluation.prompts_file is not None:
         held_out = read_prompt_file(config.evaluation.prompts_file, option="evaluation.prompts_file")
         warn_trained_evaluation_prompts(prompts, held_out)
-        prompts = prompts + held_out
     if get_algorithm(config.train.algorithm).learner == "gradient":
         from rl.gradient import check_differentiable, reward_spec
 
@@ -60,6 +63,12 @@ def preflight(config: TexForceConfig) -> None:
             rewards.check_reward(config.evaluation.reward, paths=config.reward.paths)
         except rewards.RewardError as error:
             raise type(error)(f"evaluation.reward: {error}") from error
+    trained = f"prompts.file={config.prompts.file}" if config.prompts.file else f"prompts.builtin={config.prompts.builtin}"
+    check_prompts_are_read(config.reward.spec, prompts, source=trained)
+    if held_out:
+        check_prompts_are_read(config.evaluation.reward or config.reward.spec, held_out,
+                               source=f"evaluation.prompts_file={config.evaluation.prompts_file}", held_out=True)
+        prompts = prompts + held_out
     model_dir = check_model(config.model.pretrained)
     if model_dir is None:
         log.info("model %s is a hub id: its files are checked when it loads", config.model.pretrained)
@@ -69,6 +78,75 @@ def preflight(config: TexForceConfig) -> None:
     check_lora_targets(config.lora, model_dir)
     source = config.prompts.file or f"the builtin '{config.prompts.builtin}' set"
     warn_long_prompts(prompts, load_tokenizer(model_dir), source=source)
+
+
+RAY_WORKING_DIR_COPY = ("runtime_resources", "working_dir_files")
+"""Where Ray unpacks a job's `--working-dir` (a `_ray_pkg_<hash>` folder under these, in the Ray session's folder):
+the job's driver runs there, and the copy is deleted with the session."""
+
+
+def ray_working_dir_copy(path: Path) -> Path | None:
+    """The Ray working_dir copy `path` lies in (RAY_WORKING_DIR_COPY), None when it is in none."""
+    parts = path.parts
+    for i in range(len(RAY_WORKING_DIR_COPY), len(parts)):
+        if parts[i].startswith("_ray_pkg_") and parts[i - len(RAY_WORKING_DIR_COPY):i] == RAY_WORKING_DIR_COPY:
+            return Path(*parts[:i + 1])
+    return None
+
+
+def check_run_location(config: TexForceConfig, resume: str | Path | None = None) -> None:
+    """Under `ray job submit --working-dir` the driver runs in Ray's temporary copy of that folder: a relative
+    output_dir (or --resume path) would put the run's checkpoints and LoRA in the copy, deleted with the Ray session."""
+    copy = ray_working_dir_copy(Path.cwd())
+    if copy is None:
+        return
+    if resume is not None:
+        if not Path(resume).is_absolute():
+            raise ConfigError(f"--resume {resume} is relative, and this job runs in Ray's temporary copy of its "
+                              f"--working-dir ({copy}), deleted with the Ray session: the run would go on in that "
+                              "copy; pass the run directory's absolute path (e.g. --resume /shared/runs/tiny)")
+        return
+    if not Path(config.output_dir).is_absolute():
+        raise ConfigError(f"output_dir={config.output_dir} is relative, and this job runs in Ray's temporary copy of "
+                          f"its --working-dir ({copy}), deleted with the Ray session with the run's checkpoints and "
+                          "LoRA; pass an absolute output_dir on storage that outlives the job (e.g. "
+                          "output_dir=/shared/runs)")
+
+
+def prompt_reader(name: str) -> tuple[Callable[[str], bool], str] | None:
+    """For a reward that scores what a prompt names (color_alignment: a colour word; the object rewards: the toy
+    world's colour and shape), whether a prompt names any of it, and what that is; None for any other reward."""
+    from rewards import color, objects
+
+    if name == color.ColorAlignment.name:
+        return (lambda prompt: color.find_color(prompt) is not None), f"a colour word ({', '.join(color.COLORS)})"
+    if name.removesuffix(objects.SOFT_SUFFIX) in objects.ATTRIBUTE_REWARDS:
+        return (lambda prompt: objects.names_an_attribute(name, prompt)), objects.attribute_words(name)
+    return None
+
+
+def check_prompts_are_read(spec: str, prompts: list[str], *, source: str, held_out: bool = False) -> None:
+    """A prompt-reading reward (`prompt_reader`) scores a prompt that names nothing it reads 0 whatever the image: on
+    such prompts only, the run sees a constant reward (zero advantages, no gradient) and learns nothing, or the
+    held-out evaluation measures nothing. ConfigError when no prompt of `source` names what a reward of `spec` reads;
+    a warning with the count when some do not."""
+    import rewards
+
+    distinct = list(dict.fromkeys(prompts))
+    for name, weight in rewards.parse_spec(spec):
+        reader = prompt_reader(name)
+        if reader is None or weight == 0:
+            continue
+        names, words = reader
+        unread = [prompt for prompt in distinct if not names(prompt)]
+        if len(unread) == len(distinct):
+            outcome = "the held-out evaluation would measure nothing" if held_out else "the run would learn nothing"
+            raise ConfigError(f"{source}: no prompt names what reward {name} reads (e.g. {unread[0][:80]!r}), so it "
+                              f"scores every image 0 and {outcome}; write prompts that name "
+                              f"{words}, e.g. 'a red ball', or use a reward that reads any prompt")
+        if unread:
+            log.warning("%d of %d prompts (%s) name nothing reward %s reads, e.g. %r: it scores their images 0 "
+                        "whatever they show", len(unread), len(distinct), source, name, unread[0][:80])
 
 
 def describe_step_rows(config: TexForceConfig) -> None:

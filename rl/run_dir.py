@@ -60,6 +60,13 @@ def storage_problem(error: BaseException, where: str | Path) -> str | None:
     return f"{os.strerror(error.errno)}: {error.filename or where}; {fix}"
 
 
+def refuse_existing(paths: list[Path]) -> None:
+    """Outputs are never overwritten (fuse, eval, tune, score): an existing one is refused before any work."""
+    existing = [p for p in paths if p.exists()]
+    if existing:
+        raise ConfigError(f"{existing[0]} already exists; remove it or choose another --out")
+
+
 def make_output_dir(path: str | Path, option: str) -> Path:
     """Create the directory `path` (and its parents) and write a scratch file in it, before the work whose
     outputs go there: a path under a file, on a read-only disk or without permission is then a ConfigError

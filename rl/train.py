@@ -81,19 +81,28 @@ def held_out_keys(config: TexForceConfig) -> tuple[str, ...]:
             + (("reward.spec",) if config.evaluation.reward is None else ()))
 
 
+RUN_LOCATION_KEYS = ("output_dir", "run_name")
+"""Where a new run's folder goes: a resume goes on in the folder it is given, whatever they say."""
+
+
 def _value(config: TexForceConfig, key: str):
-    section, name = key.split(".")
-    return getattr(getattr(config, section), name)
+    value = config
+    for name in key.split("."):
+        value = getattr(value, name)
+    return value
 
 
 def check_resume_overrides(saved: TexForceConfig, resumed: TexForceConfig, run_path) -> None:
     """An override that the run's checkpoints or its held-out evaluations cannot follow is a user error before any
     work (else: a shape mismatch deep in loading, or a held-out gain against other images or another reward)."""
     held_out = held_out_keys(saved) if saved.evaluation.prompts_file is not None else ()
-    for key in (*WEIGHT_DEFINING_KEYS, *held_out):
+    for key in (*RUN_LOCATION_KEYS, *WEIGHT_DEFINING_KEYS, *held_out):
         before, after = _value(saved, key), _value(resumed, key)
         if before == after:
             continue
+        if key in RUN_LOCATION_KEYS:  # the run would go on in place and its config.yaml say it is elsewhere
+            raise ConfigError(f"--resume {run_path}: {key} cannot change in a resume (the run goes on in "
+                              f"{run_path}); to continue it elsewhere, copy that folder and resume the copy")
         if key in WEIGHT_DEFINING_KEYS:
             why, fix = "its checkpoints' LoRA was trained with", "start a new run for that"
         else:
@@ -119,6 +128,9 @@ def load_run_config(args: argparse.Namespace) -> TexForceConfig:
             )
         config = load_config(run.config_path, args.overrides)
         check_resume_overrides(load_config(run.config_path), config, run.path)
+        if run.has_progress() and not run.complete_checkpoints():
+            raise ConfigError(f"--resume {run.path} has metrics but no complete checkpoint to go on from, and a "
+                              "resume from epoch 0 would overwrite them; start a new run (another run_name)")
         finished = run.checkpointed_epochs()
         if config.num_epochs < finished:
             raise ConfigError(f"--resume {run.path} has finished {finished} epochs (its last checkpoint is "
@@ -129,12 +141,12 @@ def load_run_config(args: argparse.Namespace) -> TexForceConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rl.cli import run_command
+    from rl.cli import CommandLineParser, parse_command_line, run_command
 
-    parser = argparse.ArgumentParser(prog="python -m rl.train", description="Train a LoRA on a reward.")
+    parser = CommandLineParser(prog="python -m rl.train", description="Train a LoRA on a reward.")
     add_arguments(parser)
     parser.set_defaults(func=run, command="train")
-    return run_command(parser.parse_args(argv))
+    return run_command(parse_command_line(parser, argv))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ behind, so the same command, corrected, starts cleanly. A bug still raises (a tr
 import argparse
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rl import cli, train
 from rl.run_dir import RunDirectory
@@ -131,6 +133,37 @@ def test_resume_refuses_overrides_the_checkpoints_lora_was_not_trained_with(tiny
         assert line.startswith(f"texforce train: --resume {run.path}: {key} cannot change in a resume (its "
                                f"checkpoints' LoRA was trained with {key}={was}"), line  # not a traceback
     assert run.config_path.read_text() == config_text  # nothing refused was saved
+    # a resume goes on in the folder it is given: another run_name or output_dir would leave the run there and its
+    # config.yaml saying it is elsewhere
+    for override in ("run_name=elsewhere", f"output_dir={tmp_path / 'other'}"):
+        line = one_line_error(capsys, cli.main(["train", "--resume", str(run.path), "num_epochs=2", override]))
+        key = override.split("=")[0]
+        assert line.startswith(f"texforce train: --resume {run.path}: {key} cannot change in a resume"), line
+    assert run.config_path.read_text() == config_text and not (tmp_path / "other").exists()
+
+
+def test_resume_without_a_checkpoint_to_go_on_from_keeps_the_runs_metrics(tiny_sd_dir, tmp_path, capsys, caplog):
+    """A resume that found no checkpoint trained again from epoch 0 and overwrote the run's metrics, final LoRA and
+    damaged checkpoint: where the run has progress and nothing to go on from, it is refused."""
+    assert cli.main(tiny_args(tiny_sd_dir, tmp_path, "keep_checkpoints=1")) == 0
+    capsys.readouterr()
+    run = RunDirectory(tmp_path / "r")
+    (only,) = run.complete_checkpoints()
+    learner = only / "learner.pt"
+    learner.write_bytes(learner.read_bytes()[: learner.stat().st_size // 2])  # damaged
+    metrics, lora = run.metrics_path.read_bytes(), (run.final_lora / "pytorch_lora_weights.safetensors").read_bytes()
+    code = cli.main(["train", "--resume", str(run.path), "num_epochs=2"])
+    assert code == 2 and "epoch_0000 cannot be read" in caplog.text
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"texforce train: --resume {run.path}: none of its checkpoints reads back (the warnings above name them), and "
+        "a resume from epoch 0 would overwrite its metrics; start a new run (another run_name)")
+    assert run.metrics_path.read_bytes() == metrics and learner.is_file()
+    assert (run.final_lora / "pytorch_lora_weights.safetensors").read_bytes() == lora
+    shutil.rmtree(run.checkpoints)  # no checkpoint at all: refused before any work
+    line = one_line_error(capsys, cli.main(["train", "--resume", str(run.path), "num_epochs=2"]))
+    assert line == (f"texforce train: --resume {run.path} has metrics but no complete checkpoint to go on from, and a "
+                    "resume from epoch 0 would overwrite them; start a new run (another run_name)")
+    assert run.metrics_path.read_bytes() == metrics
 
 
 # Each command's work (the driver's actors, sampling, scoring, the sweep, the pretraining), stubbed to fail:
@@ -281,6 +314,27 @@ def test_print_config_prints_the_runs_settings_and_starts_nothing(capsys, tmp_pa
         "texforce train: unknown config key 'train.lerning_rate'")
 
 
+def test_a_bad_command_line_is_one_line_and_overrides_may_follow_options(capsys):
+    """argparse printed its usage before the error (2-8 lines), and read `section.key=value` overrides only up to the
+    first option after them."""
+    for argv, line in [
+        ([], "texforce: the following arguments are required: COMMAND (see texforce --help)"),
+        (["eval", "--model", "m", "--prompts", "p", "--reward", "r", "--seeds", "two"],
+         "texforce eval: argument --seeds: invalid int value: 'two' (see texforce eval --help)"),
+        (["train", "--bogus"], "texforce: unrecognized arguments: --bogus (see texforce --help)"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        assert exited.value.code == 2 and capsys.readouterr().err == line + "\n"
+    assert cli.main(["train", "seed=1", "--config", TINY_YAML, "num_epochs=2", "--print-config", "seed=3"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["seed"], printed["num_epochs"]) == (3, 2)  # all three, the later seed winning
+    with pytest.raises(SystemExit):
+        train.main(["--config", TINY_YAML, "--bogus"])
+    assert capsys.readouterr().err == ("python -m rl.train: unrecognized arguments: --bogus "
+                                       "(see python -m rl.train --help)\n")
+
+
 def test_help_states_each_options_default_once(capsys):
     with pytest.raises(SystemExit):
         cli.main(["tune", "--help"])
@@ -426,7 +480,7 @@ def test_user_error_types_are_listed_once_for_every_entry():
     import tune.lora_io
     from rl.config import ConfigError
 
-    assert set(cli._loaded_types(cli.USER_ERRORS)) == {
+    assert set(cli.loaded_types(cli.USER_ERRORS)) == {
         ConfigError, rl.models.ModelNotFoundError, rl.prompts.PromptsError, rewards.RewardError,
         tune.lora_io.LoraFormatError, actors.topology.InsufficientResourcesError, rl.run_dir.RunExistsError,
     }

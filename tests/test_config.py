@@ -108,6 +108,29 @@ def test_shared_start_noise_needs_ppo_prompt_groups():
         load_config(None, ["sample.shared_start_noise=true", "advantage.mode=group", "train.algorithm=draft"])
 
 
+def test_seeds_are_int64():
+    """A negative or 2**64 seed failed after the model loaded (numpy's or torch's generator refusing it)."""
+    for override, rule in [("seed=-1", "seed must be in [0, 2**63)"), ("seed=18446744073709551616", "seed must be"),
+                           ("lora.init_seed=-5", "lora.init_seed must be in [0, 2**63) or null"),
+                           (f"evaluation.seed_base={2**63 - 10}", "evaluation.seed_base must be in [0, 2**63 - "
+                                                                   "evaluation.num_seeds]")]:
+        with pytest.raises(ConfigError, match=re.escape(rule)):
+            load_config(None, [override, "evaluation.num_seeds=16"])
+    assert load_config(None, [f"seed={2**63 - 1}", f"evaluation.seed_base={2**63 - 16}",
+                              "evaluation.num_seeds=16"]).seed == 2**63 - 1
+
+
+def test_bfloat16_ppo_needs_a_clip_range_above_its_rounding():
+    """bf16 rounds PPO's log-ratio by 1e-4 to 2e-3 once the LoRA has moved (tests/test_precision.py), so at the published
+    clip_range of 1e-4 clipping would follow rounding; float16, float32 and the gradient learners are unaffected."""
+    with pytest.raises(ConfigError, match=re.escape("train.clip_range=0.0001 is below bfloat16's rounding")) as error:
+        load_config(None, ["model.dtype=bfloat16"])
+    assert "use model.dtype=float16" in str(error.value) and "train.clip_range >= 0.01" in str(error.value)
+    assert load_config(None, ["model.dtype=bfloat16", "train.clip_range=0.01"]).train.clip_range == 0.01
+    assert load_config(None, ["model.dtype=float16"]).train.clip_range == 1e-4
+    assert load_config(None, ["model.dtype=bfloat16", "train.algorithm=draft"]).model.dtype == "bfloat16"
+
+
 def test_held_out_images_are_drawn_at_the_policy_eta_unless_evaluation_eta_is_set():
     assert load_config(None, ["sample.eta=0.7"]).evaluation_eta == 0.7
     assert load_config(None, ["sample.eta=0.7", "evaluation.eta=0"]).evaluation_eta == 0.0

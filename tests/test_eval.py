@@ -166,6 +166,7 @@ def eval_args(tiny_sd_dir, tmp_path, monkeypatch):
     ("--reward", "brightness:nan", "must be a finite number"),
     ("--reward", "aesthetic", "reward 'aesthetic': no path given for 'aesthetic'"),
     ("--model", "/nonexistent/sd", "texforce eval: model directory not found: /nonexistent/sd"),
+    ("--paths", "brightnes=/x", "no reward of 'brightness' reads a file under the key 'brightnes'; it reads no files"),
 ])
 def test_eval_bad_inputs_are_one_line(eval_args, capsys, monkeypatch, option, value, message):
     from rl.cli import main
@@ -199,6 +200,18 @@ def test_eval_names_a_lora_of_another_base_model(eval_args, tmp_path, capsys):
     line = one_line_error(capsys, main(eval_args + ["--lora", f"{lora}:0.5"]))
     assert line.startswith(f"texforce eval: {lora} adapts unet.conv_in as a (32, 8, 3, 3) weight but the model")
     assert "trained on another base model; pass that model with --model" in line
+
+
+def test_eval_refuses_a_lora_with_nan_weights(eval_args, tmp_path, capsys):
+    from rl.cli import main
+    from tune.lora_io import write_lora
+
+    down = torch.zeros(2, 8, 3, 3)
+    down[1, 0, 0, 0] = float("nan")
+    lora = write_lora({"unet.conv_in": (down, torch.zeros(32, 2, 1, 1))}, tmp_path / "nan.safetensors")
+    line = one_line_error(capsys, main(eval_args + ["--lora", str(lora)]))
+    assert line.startswith(f"texforce eval: {lora}: module unet.conv_in has NaN or inf values in its down matrix")
+    assert not (tmp_path / "eval").exists()
 
 
 def test_eval_refuses_existing_outputs_before_the_work(eval_args, tmp_path, capsys):

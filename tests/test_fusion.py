@@ -1,5 +1,6 @@
 """Exact LoRA fusion: the fused delta is sum_i alpha_i * deltaW_i for every adapted module."""
 import json
+import re
 
 import pytest
 import torch
@@ -193,6 +194,39 @@ def test_fuse_bad_inputs_are_one_line(loras, tmp_path, capsys):
     line = one_line_error(capsys, main(["fuse", "--lora", str(truncated), "--out", out]))
     assert line.startswith(f"texforce fuse: {truncated} is not a readable safetensors file")
     assert not (tmp_path / "F.safetensors").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_lora_with_non_finite_weights_is_named_with_its_module(loras, tmp_path, capsys, value):
+    from safetensors.torch import load_file, save_file
+
+    from rl.cli import main
+
+    tensors = load_file(loras[1])
+    key = next(k for k in sorted(tensors) if k.startswith("unet.") and k.endswith("lora.up.weight"))
+    tensors[key][0, 0] = value
+    broken = tmp_path / "broken.safetensors"
+    save_file(tensors, broken)
+    module = key.removesuffix(".lora.up.weight")
+    with pytest.raises(LoraFormatError, match=re.escape(f"{broken}: module {module} has NaN or inf values in its up")):
+        read_lora(broken)
+    out = tmp_path / "F.safetensors"
+    line = one_line_error(capsys, main(["fuse", "--lora", str(loras[0]), "--lora", str(broken), "--out", str(out)]))
+    assert line.startswith(f"texforce fuse: {broken}: module {module} has NaN or inf values") and not out.exists()
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o027])
+def test_saved_lora_files_follow_the_umask(tiny_sd_dir, tmp_path, umask):
+    """safetensors writes owner-only files; a LoRA gets the mode every other output gets."""
+    import os
+
+    previous = os.umask(umask)
+    try:
+        trained = make_lora(tiny_sd_dir, tmp_path / "trained", rank=2, alpha=2, seed=0, policy="unet")  # rl.lora
+        fused = fuse_files([trained], [0.5]).save(tmp_path / "fused.safetensors")  # tune.lora_io.write_lora
+    finally:
+        os.umask(previous)
+    assert [oct(path.stat().st_mode & 0o777) for path in (trained, fused)] == [oct(0o666 & ~umask)] * 2
 
 
 def test_fuse_refuses_an_existing_output_before_the_work(loras, tmp_path, capsys, monkeypatch):

@@ -71,7 +71,7 @@ def test_score_single_prompt_for_all_and_model_paths(image_dir, tmp_path, tiny_r
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red ball\n\n")
     out = tmp_path / "scores.parquet"
-    paths = [f"{k}={v}" for k, v in tiny_reward_files.paths.items() if k.startswith("hps")]
+    paths = [f"{k}={v}" for k, v in tiny_reward_files.paths.items() if k in ("hpsv2", "hps_tokenizer")]
     code = run(["score", "--reward", "hpsv2", "--images", str(image_dir), "--prompts", str(prompts),
                 "--out", str(out), "--paths", *paths])
     assert code == 0
@@ -129,6 +129,19 @@ def test_out_that_is_a_directory(image_dir, tmp_path, capsys):
     line = one_line_error(capsys, _score(image_dir, tmp_path, "--out", str(tmp_path)))
     assert line == (f"texforce score: --out {tmp_path} is a directory; give the parquet file to write, "
                     f"e.g. {tmp_path / 'scores.parquet'}")
+
+
+def test_score_refuses_an_existing_out_and_an_unknown_paths_key(image_dir, tmp_path, capsys):
+    out = tmp_path / "scores.parquet"
+    out.write_bytes(b"keep me")
+    line = one_line_error(capsys, _score(image_dir, tmp_path, "--out", str(out)))
+    assert line == f"texforce score: {out} already exists; remove it or choose another --out"
+    assert out.read_bytes() == b"keep me"
+    new = tmp_path / "new.parquet"
+    line = one_line_error(capsys, _score(image_dir, tmp_path, "--out", str(new), "--paths", "foo=/x"))
+    assert line == ("texforce score: no reward of 'brightness' reads a file under the key 'foo'; it reads no files: "
+                    "drop the key")
+    assert not new.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -76,6 +76,27 @@ def test_check_reward_finds_missing_files_without_building(tmp_path, monkeypatch
         rewards.check_reward("face_quality", paths={"face_quality_python": str(tmp_path / "python")})
 
 
+def test_a_paths_key_no_reward_reads_is_named_with_the_closest_one(tiny_sd_dir):
+    from conftest import tiny_config
+
+    from rl.preflight import preflight
+
+    with pytest.raises(rewards.RewardError, match=r"no reward reads a file under the key 'aestetic' \(did you mean "
+                                                  r"'aesthetic'\?\); `texforce rewards list` shows each reward's keys"):
+        rewards.check_reward("aesthetic", paths={"aestetic": "/x"})
+    # a training config's reward.paths also serve evaluation.reward: another reward's key is not an error there
+    assert rewards.check_reward("brightness", paths={"imagereward": "/x"}) == [("brightness", 1.0)]
+    with pytest.raises(rewards.RewardError, match=r"no reward of 'aesthetic' reads a file under the key 'imagereward';"
+                                                  r" its keys are aesthetic, aesthetic_clip$"):
+        rewards.check_reward("aesthetic", paths={"imagereward": "/x"}, path_keys="spec")
+    with pytest.raises(rewards.RewardError, match="no reward of 'brightness' reads a file under the key 'foo'; it "
+                                                  "reads no files: drop the key"):
+        rewards.check_reward("brightness", paths={"foo": "/x"}, path_keys="spec")
+    rewards.check_reward("brightness", paths={"foo": "/x"}, path_keys=None)
+    with pytest.raises(rewards.RewardError, match="the key 'aestetic'"):  # `texforce train` checks with preflight
+        preflight(tiny_config(tiny_sd_dir, "reward.spec=brightness", "reward.paths.aestetic=/x"))
+
+
 def test_import_is_cheap_and_ray_free():
     code = ("import sys, rewards; heavy = [m for m in ('ray', 'transformers', 'diffusers', 'mediapipe') "
             "if m in sys.modules]; print(heavy)")

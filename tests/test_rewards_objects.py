@@ -191,3 +191,37 @@ def test_soft_rewards_score_the_soft_reading_and_log_the_exact_parts(scenes):
     x = images.requires_grad_(True)
     (grad,) = torch.autograd.grad(rewards.build_reward("object_shape_soft")(x, captions).scores.sum(), x)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_non_square_images_read_like_the_square_scenes_they_extend():
+    """A sample of another height than width (sample.height=60) is read, not an IndexError in the reader."""
+    import torch.nn.functional as F
+
+    x, captions, masks = synthetic_scenes(160, size=64, generator=torch.Generator().manual_seed(3), return_masks=True)
+    clear = ~(masks[:, :4].any((1, 2)) | masks[:, -4:].any((1, 2)) | masks[:, :, :4].any((1, 2))
+              | masks[:, :, -4:].any((1, 2)))  # objects off the edges: a padded edge is background
+    x, captions = x[clear], [c for c, keep in zip(captions, clear.tolist()) if keep]
+    assert len(captions) >= 40
+    square = read_objects(x).names()
+    assert square == [parse_caption(c) for c in captions]
+    reward = rewards.build_reward("object_alignment").scorers[0]
+    for pad in ((8, 8, 0, 0), (0, 0, 12, 4), (0, 0, 0, 2)):  # 64 x 80, 80 x 64, 66 x 64
+        wide = F.pad(x, pad, mode="replicate")
+        assert read_objects(wide).names() == square
+        color_probs, shape_probs = soft_read(wide)
+        assert [(COLORS[c], SHAPES[s]) for c, s in zip(color_probs.argmax(1).tolist(), shape_probs.argmax(1).tolist())] \
+            == square
+        wide.requires_grad_(True)
+        scores = reward(wide, captions)
+        assert (scores == 1).all()
+        scores.sum().backward()
+        assert torch.isfinite(wide.grad).all() and wide.grad.abs().sum() > 0
+
+
+def test_a_prompt_names_what_an_object_reward_reads_when_it_names_one_of_its_attributes():
+    from rewards.objects import attribute_words, names_an_attribute
+
+    assert names_an_attribute("object_alignment", "a red cat") and names_an_attribute("object_alignment", "a cup")
+    assert names_an_attribute("object_color_soft", "a Red cat") and not names_an_attribute("object_shape", "a red cat")
+    assert not names_an_attribute("object_alignment", "a photo of a reddish balloon")
+    assert attribute_words("object_shape") == "a shape (ball, car, house, flower, apple, bird, cup, hat)"

@@ -108,3 +108,14 @@ def test_shape_moments_and_rendering_agree():
     index = torch.arange(len(SHAPES))
     masks = render_shapes(index, torch.full((8,), 0.5), torch.full((8,), 0.5), torch.full((8,), 0.2), 256)
     assert masks.float().mean((1, 2)) == pytest.approx((0.04 * area).tolist(), rel=0.02)
+
+
+def test_shapes_on_a_non_square_canvas_are_the_square_canvas_cut_to_size():
+    """Coordinates are fractions of the longer side: a shape keeps its proportions where H != W (the reader's
+    templates on a non-square sample), and a square canvas is drawn as before."""
+    index = torch.arange(len(SHAPES))
+    cx, cy, s = torch.linspace(0.3, 0.7, 8), torch.linspace(0.6, 0.2, 8), torch.full((8,), 0.15)
+    square = render_shapes(index, cx, cy, s, 64)
+    assert torch.equal(render_shapes(index, cx, cy, s, 48, 64), square[:, :48])
+    assert torch.equal(render_shapes(index, cx, cy, s, 64, 40), square[:, :, :40])
+    assert torch.equal(render_shapes(index, cx, cy, s, 64, 64), square)

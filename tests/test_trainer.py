@@ -709,6 +709,25 @@ def test_resource_check_fails_fast_with_the_shortfall(ray_session, tiny_sd_dir, 
     assert time.monotonic() - start < 10
 
 
+def test_a_model_the_actors_cannot_load_is_the_one_line_user_error_inline_mode_gives(ray_session, tiny_sd_dir,
+                                                                                       tmp_path):
+    """An actor's constructor that raises ModelNotFoundError reached the driver as Ray's ActorDiedError, whose text
+    holds the traceback: `texforce train` printed 166 lines and exit code 1 where inline mode prints one line."""
+    from rl.models import ModelNotFoundError
+
+    broken = Path(shutil.copytree(tiny_sd_dir, tmp_path / "model"))
+    unet_config = json.loads((broken / "unet" / "config.json").read_text())
+    unet_config["block_out_channels"] = [2 * c for c in unet_config["block_out_channels"]]  # not its weights' shapes
+    (broken / "unet" / "config.json").write_text(json.dumps(unet_config))
+    config = _trainer_config(str(broken), tmp_path, "resources.num_samplers=1")
+    with pytest.raises(ModelNotFoundError) as inline:
+        InlineWorkers(config)
+    with pytest.raises(ModelNotFoundError) as on_ray:
+        RayWorkers(config)
+    assert str(on_ray.value).startswith(f"could not load a Stable Diffusion pipeline from '{broken}'")
+    assert str(on_ray.value) == str(inline.value) and "Traceback" not in str(on_ray.value)
+
+
 def test_the_end_of_a_run_does_not_wait_on_a_learner_busy_with_an_update(ray_session, monkeypatch):
     """Ctrl-C during an update: the learner's shutdown call queues behind the update, so the run's end waits
     SHUTDOWN_GRACE_S for it, not resources.call_timeout_s (30 min), then kills the actors."""

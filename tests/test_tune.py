@@ -108,17 +108,24 @@ def test_sweep_finds_alphas_near_the_best_of_a_dense_grid(ray_session, job, tiny
     assert "Configuration for experiment" not in printed and "tensorboard --logdir" not in printed
 
     # in a box too small for it, the LoRA that raises the reward is best at the top face: the sweep says so
-    small = ["--alpha-max", "0.5", "--grid", "2", "--out", str(tmp_path / "small")]
-    assert main([*argv[:5], *argv[7:], *small]) == 0  # the raising LoRA alone; the last --alpha-max, --out win
+    small = ["--alpha-max", "0.5", "--search", "grid", "--grid", "2", "--out", str(tmp_path / "small")]
+    assert main([*argv[:5], *argv[7:], *small]) == 0  # the raising LoRA alone; the last --alpha-max, --search win
     assert json.loads((tmp_path / "small" / "best.json").read_text())["at_alpha_max"] == ["alpha_1"]
     assert "note: the best trial has alpha_1 at the top of the box (--alpha-max 0.5)" in capsys.readouterr().out
 
     # a normalized grid runs each direction once: 3 points, not the 9 of the box (3 of them (0.5, 0.5))
-    normalized = ["--grid", "3", "--normalize", "--out", str(tmp_path / "normalized")]
-    assert main([*argv, *normalized]) == 0  # --grid overrides --search random
+    normalized = ["--search", "grid", "--grid", "3", "--normalize", "--out", str(tmp_path / "normalized")]
+    assert main([*argv, *normalized]) == 0  # --grid with --search random is refused (test_tune_checks_its_input...)
     rows = pq.read_table(tmp_path / "normalized" / "results.parquet").to_pylist()
     assert sorted((r["alpha_1"], r["alpha_2"]) for r in rows) == [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]
     assert "trial   3/3  " in capsys.readouterr().out
+
+
+def _drivers_own(stderr: str) -> str:
+    """stderr without the lines Ray forwards from the trials' worker processes ("(_trial pid=N) ..."): when Ray shuts
+    down, a worker that its SIGTERM reaches inside a weakref callback prints Ray's SystemExit as "Exception ignored"
+    with a traceback (rarely: seen in this test in 2026-12 runs); what the trials did is read from the outputs."""
+    return "\n".join(line for line in stderr.splitlines() if "(_trial pid=" not in line)
 
 
 def test_ctrl_c_keeps_the_finished_trials_and_resume_runs_the_rest(tiny_sd_dir, directed_loras, tmp_path):
@@ -143,7 +150,7 @@ def test_ctrl_c_keeps_the_finished_trials_and_resume_runs_the_rest(tiny_sd_dir, 
         _, stderr = process.communicate(timeout=300)
     finally:
         process.kill()
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert process.returncode == 130 and "Traceback" not in _drivers_own(stderr), stderr
     first = pq.read_table(out / "results.parquet").to_pylist()
     assert 3 <= len(first) < 16 and all(np.isfinite(r["objective"]) for r in first)
     assert stderr.strip().splitlines()[-1] == (f"texforce tune: interrupted after {len(first)} of 16 trials; the "
@@ -153,7 +160,7 @@ def test_ctrl_c_keeps_the_finished_trials_and_resume_runs_the_rest(tiny_sd_dir, 
 
     resumed = subprocess.run([sys.executable, "-m", "tune.cli", "tune", "--resume", str(out), "--num-cpus", "1"],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr
+    assert resumed.returncode == 0 and "Traceback" not in _drivers_own(resumed.stderr), resumed.stderr
     rows = pq.read_table(out / "results.parquet").to_pylist()
     grid = {(a, b) for a in (0.0, 2 / 3, 4 / 3, 2.0) for b in (0.0, 2 / 3, 4 / 3, 2.0)}
     assert len(rows) == 16 and {(round(r["alpha_1"], 6), round(r["alpha_2"], 6)) for r in rows} == {
@@ -165,6 +172,26 @@ def test_ctrl_c_keeps_the_finished_trials_and_resume_runs_the_rest(tiny_sd_dir, 
     assert len(kept) >= 2 and len(ran) == 16 - len(kept) and ran[0].startswith(f"trial {len(kept) + 1:3d}"), ran
     best = json.loads((out / "best.json").read_text())
     assert best["objective"] == max(r["objective"] for r in rows) and best["num_trials"] == 16
+
+
+def test_trials_failing_on_a_user_error_raise_it_and_keep_no_state_that_would_block_a_new_start(
+        ray_session, tiny_sd_dir, directed_loras, tmp_path):
+    """A reward file that loads on the driver but not in the trials (another node's copy): the trials' one-line user
+    error, not a RuntimeError; no trial finished, so no Tune state is kept that only `--resume`, which would fail the
+    same way, could take: the corrected command starts again with the same --out."""
+    from rewards import RewardFileError
+    from tune.sweep import can_resume, run_sweep
+
+    head = tmp_path / "head.pth"
+    head.write_text("not a checkpoint")
+    (tmp_path / "clip").mkdir()
+    job = FusionJob(model=tiny_sd_dir, loras=directed_loras[:1], prompts=PROMPTS[:1], reward="aesthetic",
+                    settings=SETTINGS, device="cpu",
+                    reward_paths=(("aesthetic", str(head)), ("aesthetic_clip", str(tmp_path / "clip"))))
+    with pytest.raises(RewardFileError, match=r"^1 of 1 trials failed; first error: reward 'aesthetic': .* is not a "
+                                              r"PyTorch checkpoint"):
+        run_sweep(job, SweepSettings(num_samples=1, search="random", anchors=False), tmp_path / "ray_results")
+    assert not can_resume(tmp_path / "ray_results")
 
 
 def test_each_trial_gets_its_own_number_out_of_the_total_and_a_resumed_sweep_counts_on(capsys):
@@ -256,6 +283,9 @@ def tune_args(tiny_sd_dir, directed_loras, tmp_path, monkeypatch):
     (["--steps", "0"], "texforce tune: --steps must be at least 1, got 0"),
     (["--device", "cuda"], "texforce tune: --device cuda needs --gpus-per-trial > 0"),
     (["--lora", "A.safetensors:0.5"], "texforce tune: --lora 'A.safetensors:0.5': tune searches the alphas"),
+    (["--grid", "3", "--search", "random"],
+     "texforce tune: --grid 3 is a grid search, --search random is not; drop one of them"),
+    (["--paths", "color_alignmnt=/x"], "no reward of 'color_alignment' reads a file under the key 'color_alignmnt'"),
 ])
 def test_tune_checks_its_input_before_ray_starts(tune_args, capsys, extra, message):
     from rl.cli import main
@@ -264,6 +294,30 @@ def test_tune_checks_its_input_before_ray_starts(tune_args, capsys, extra, messa
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert message in err
+
+
+def test_tune_builds_its_reward_before_ray_starts_and_leaves_no_folder(tune_args, tmp_path, capsys):
+    """A reward file that exists but does not load fails here, as in `texforce eval`, not in every trial."""
+    from rl.cli import main
+
+    head = tmp_path / "head.pth"
+    head.write_text("not a checkpoint")
+    (tmp_path / "clip").mkdir()
+    paths = [f"aesthetic={head}", f"aesthetic_clip={tmp_path / 'clip'}"]
+    code = main(tune_args + ["--objective", "aesthetic", "--paths", *paths])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"texforce tune: reward 'aesthetic': {head} is not a PyTorch checkpoint")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_tune_help_says_how_many_points_a_grid_has_without_grid(capsys, monkeypatch):
+    from rl.cli import main
+
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps the help to the terminal's width
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    assert f"grid: {SweepSettings().grid} points per alpha unless --grid K" in capsys.readouterr().out
 
 
 def test_tune_refuses_a_ray_address_nothing_answers_at_before_ray_starts(tune_args, capsys):

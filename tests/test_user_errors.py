@@ -321,5 +321,97 @@ def test_auto_without_a_running_cluster_is_a_user_error(monkeypatch):
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", no_cluster)
-    with pytest.raises(ConfigError, match=r"^resources\.address=auto: Could not find any running Ray instance"):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(ConfigError, match=r"^resources\.address=auto: Could not find any running Ray instance") as error:
         connect_ray(load_config(None, ["resources.address=auto"]))
+    # Ray's clients do not turn token authentication on by themselves: a token cluster refuses them in these words
+    assert str(error.value).endswith("; if the cluster uses token authentication (`ray start` with "
+                                     "RAY_AUTH_MODE=token), set RAY_AUTH_MODE=token here too")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    with pytest.raises(ConfigError) as error:
+        connect_ray(load_config(None, ["resources.address=auto"]))
+    assert "token authentication" not in str(error.value)
+
+
+def test_a_cluster_that_refuses_the_connection_leaves_no_run_directory(tiny_sd_dir, tmp_path, monkeypatch):
+    """Ray was joined after the run directory was made: a refused connection left a folder with a config.yaml."""
+    import ray
+    from conftest import tiny_config
+
+    from actors.driver import train
+
+    def refused(**kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    config = tiny_config(tiny_sd_dir, "resources.mode=ray", "resources.address=auto", f"output_dir={tmp_path}",
+                         "run_name=r")
+    with pytest.raises(ConfigError, match="^resources.address=auto: Failed to connect"):
+        train(config)
+    assert not (tmp_path / "r").exists()
+
+
+# --- prompts the reward reads nothing in; run directories inside Ray's working_dir copy -------------------------
+
+
+@pytest.mark.parametrize("spec", ["object_alignment", "object_shape_soft", "color_alignment"])
+def test_training_prompts_a_prompt_aware_reward_reads_nothing_in_are_refused(tiny_sd_dir, tmp_path, spec):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a cat\na dog on the grass\n")
+    with pytest.raises(ConfigError, match=re.escape(
+            f"prompts.file={prompts}: no prompt names what reward {spec} reads (e.g. 'a photo of a cat'), so it "
+            "scores every image 0 and the run would learn nothing; write prompts that name a ")):
+        preflight(tiny_config(tiny_sd_dir, f"prompts.file={prompts}", f"reward.spec={spec}"))
+    with pytest.raises(ConfigError, match=r"^prompts\.builtin=animals: no prompt names what reward color_alignment"):
+        preflight(tiny_config(tiny_sd_dir, "prompts.builtin=animals", "reward.spec=color_alignment"))
+    preflight(tiny_config(tiny_sd_dir, f"prompts.file={prompts}", "reward.spec=brightness"))  # reads no prompt
+    preflight(tiny_config(tiny_sd_dir, f"prompts.file={prompts}", "reward.spec=brightness,color_alignment:0"))
+
+
+def test_training_prompts_the_reward_reads_nothing_in_warn_with_their_count(tiny_sd_dir, tmp_path, caplog):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a cat\na red ball\na blue car\na photo of a cat\na green hat\n")
+    with caplog.at_level(logging.WARNING, logger="texforce"):
+        preflight(tiny_config(tiny_sd_dir, f"prompts.file={prompts}", "reward.spec=object_alignment"))
+        preflight(tiny_config(tiny_sd_dir, "prompts.builtin=animals", "reward.spec=object_shape"))  # "a bird" only
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        (f"1 of 4 prompts (prompts.file={prompts}) name nothing reward object_alignment reads, e.g. 'a photo of a "
+         "cat': it scores their images 0 whatever they show"),
+        ("25 of 30 prompts (prompts.builtin=animals) name nothing reward object_shape reads, e.g. 'a photo of a cat "
+         "sitting in a field': it scores their images 0 whatever they show"),
+    ]
+
+
+def test_held_out_prompts_the_evaluation_reward_reads_nothing_in_are_refused(tiny_sd_dir, tmp_path):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a photo of a cat\n")
+    with pytest.raises(ConfigError, match=re.escape(
+            f"evaluation.prompts_file={held_out}: no prompt names what reward object_color reads (e.g. 'a photo of a "
+            "cat'), so it scores every image 0 and the held-out evaluation would measure nothing")):
+        preflight(tiny_config(tiny_sd_dir, f"evaluation.prompts_file={held_out}", "reward.spec=object_color"))
+    with pytest.raises(ConfigError, match=r"^evaluation\.prompts_file=.* reward color_alignment reads"):
+        preflight(tiny_config(tiny_sd_dir, f"evaluation.prompts_file={held_out}", "reward.spec=brightness",
+                              "evaluation.reward=color_alignment"))
+    preflight(tiny_config(tiny_sd_dir, f"evaluation.prompts_file={held_out}", "evaluation.reward=brightness"))
+
+
+def test_a_relative_output_dir_or_resume_inside_a_ray_working_dir_copy_is_refused(tiny_sd_dir, tmp_path, monkeypatch):
+    """`ray job submit --working-dir .` runs the driver in a temporary copy of the folder, deleted with the session."""
+    from rl.preflight import ray_working_dir_copy
+
+    copy = tmp_path / "session_1/runtime_resources/working_dir_files/_ray_pkg_abc"
+    (copy / "configs").mkdir(parents=True)
+    monkeypatch.chdir(copy / "configs")
+    with pytest.raises(ConfigError, match=re.escape(
+            f"output_dir=runs is relative, and this job runs in Ray's temporary copy of its --working-dir ({copy}), "
+            "deleted with the Ray session with the run's checkpoints and LoRA; pass an absolute output_dir on "
+            "storage that outlives the job (e.g. output_dir=/shared/runs)")):
+        preflight(tiny_config(tiny_sd_dir))
+    with pytest.raises(ConfigError, match=r"^--resume runs/tiny is relative, .* pass the run directory's absolute"):
+        preflight(tiny_config(tiny_sd_dir, f"output_dir={tmp_path / 'runs'}"), resume="runs/tiny")
+    preflight(tiny_config(tiny_sd_dir, f"output_dir={tmp_path / 'runs'}"))
+    preflight(tiny_config(tiny_sd_dir), resume=tmp_path / "runs" / "tiny")  # a resume goes on where it is told
+    monkeypatch.chdir(tmp_path)
+    preflight(tiny_config(tiny_sd_dir))  # a relative output_dir elsewhere is the user's choice
+    assert ray_working_dir_copy(tmp_path / "working_dir_files/_ray_pkg_abc") is None

@@ -101,17 +101,23 @@ def shape_moments() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(areas).float(), torch.stack(centroids).float()
 
 
-def render_shapes(shape_idx: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, s: torch.Tensor, size: int) -> torch.Tensor:
-    """Masks `[n, size, size]` (bool) of shapes `shape_idx [n]` with origin (cx, cy) `[n]` and scale s `[n]`.
+def render_shapes(
+    shape_idx: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, s: torch.Tensor, size: int, width: int | None = None
+) -> torch.Tensor:
+    """Masks `[n, size, width]` (bool; width defaults to size) of shapes `shape_idx [n]` with origin (cx, cy) `[n]`
+    and scale s `[n]`.
 
-    Coordinates are fractions of the image side; a pixel is inside when its centre is.
+    Coordinates are fractions of the image's longer side (so a shape keeps its proportions on a non-square image
+    the reader reads); a pixel is inside when its centre is.
     """
-    n = len(shape_idx)
-    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-    y, x = coords.view(1, size, 1), coords.view(1, 1, size)
+    n, height = len(shape_idx), size
+    width = size if width is None else width
+    side = max(height, width)
+    y = ((torch.arange(height, dtype=torch.float32) + 0.5) / side).view(1, height, 1)
+    x = ((torch.arange(width, dtype=torch.float32) + 0.5) / side).view(1, 1, width)
     u = (x - cx.view(n, 1, 1)) / s.view(n, 1, 1)
     v = (y - cy.view(n, 1, 1)) / s.view(n, 1, 1)
-    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    masks = torch.zeros(n, height, width, dtype=torch.bool)
     for k, mask_fn in enumerate(SHAPE_MASKS.values()):
         chosen = shape_idx == k
         if chosen.any():

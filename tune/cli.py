@@ -53,9 +53,10 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     tu.add_argument("--alpha-max", type=float, default=1.0, help="each alpha is searched in [0, ALPHA_MAX]")
     tu.add_argument("--normalize", action="store_true", help="rescale each trial's alphas to sum to 1")
     tu.add_argument("--search", default="auto", choices=["auto", "random", "grid", "optuna"],
-                    help="auto: Optuna TPE if installed, else random")
+                    help="auto: Optuna TPE if installed, else random; grid: 5 points per alpha unless --grid K")
     tu.add_argument("--grid", type=int, default=None, metavar="K",
-                    help="grid search with K points per alpha (with --normalize: those that sum to 1)")
+                    help="grid search with K points per alpha (with --normalize: those that sum to 1); implies "
+                         "--search grid")
     tu.add_argument("--search-seed", type=int, default=0, help="seed of the search")
     tu.add_argument("--no-anchors", action="store_true",
                     help="skip the anchor trials (base model, each LoRA alone at ALPHA_MAX, all at ALPHA_MAX)")
@@ -119,15 +120,16 @@ def _job(args: argparse.Namespace, loras: list[str], reward: str, *, local_devic
         dtype=args.dtype,
         reward_paths=tuple(sorted(parse_paths(args.paths).items())),
     )
-    _check_job(job, local_device=local_device)
+    _check_job(job, local_device=local_device, path_keys="spec")
     if model_dir is not None:
         warn_long_prompts(list(job.prompts), load_tokenizer(model_dir), source=str(args.prompts))
     return job
 
 
-def _check_job(job, *, local_device: bool) -> None:
+def _check_job(job, *, local_device: bool, path_keys: str | None) -> None:
     """Raise the user error for a job that cannot run: its device (`local_device`: in this process), model,
-    LoRA files and their fit to the model, reward spec and reward files."""
+    LoRA files and their fit to the model, reward spec, reward file keys (`path_keys`: `check_reward`'s) and
+    reward files."""
     from rewards import check_reward
     from rl.models import check_device, check_model
     from tune.fusion import check_base_model
@@ -138,26 +140,26 @@ def _check_job(job, *, local_device: bool) -> None:
     if model_dir is not None:
         for path in job.loras:
             check_base_model(cached_lora(path), model_dir)
-    check_reward(job.reward, paths=dict(job.reward_paths))
+    check_reward(job.reward, paths=dict(job.reward_paths), path_keys=path_keys)
 
 
-def _refuse_existing(paths: list[Path]) -> None:
-    """Outputs are never overwritten: an existing one is refused before any work."""
-    from rl.config import ConfigError
+def _check_reward_loads(job) -> None:
+    """Build the job's reward on the CPU and drop it, as `texforce eval` builds it before sampling: a reward
+    file that exists but does not load would otherwise fail every trial after Ray starts, and leave a sweep
+    folder that only `--resume`, with the same files, would take."""
+    from rewards import build_reward
 
-    existing = [p for p in paths if p.exists()]
-    if existing:
-        raise ConfigError(f"{existing[0]} already exists; remove it or choose another --out")
+    build_reward(job.reward, device="cpu", paths=dict(job.reward_paths) or None)
 
 
 def _fuse(args: argparse.Namespace) -> int:
-    from rl.run_dir import make_output_dir
+    from rl.run_dir import make_output_dir, refuse_existing
     from tune.fusion import fuse, parse_lora_arg
     from tune.lora_io import lora_output_path, read_lora
 
     items = [parse_lora_arg(text) for text in args.lora]
     alphas = [1.0 if item.alpha is None else item.alpha for item in items]
-    _refuse_existing([lora_output_path(args.out)])
+    refuse_existing([lora_output_path(args.out)])
     fused = fuse([read_lora(item.path) for item in items], alphas)
     make_output_dir(lora_output_path(args.out).parent, "--out")  # after the LoRAs' checks: a bad one leaves no folder
     path = fused.save(args.out)
@@ -167,7 +169,7 @@ def _fuse(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from rl.run_dir import make_output_dir
+    from rl.run_dir import make_output_dir, refuse_existing
     from tune.evaluate import output_paths, save_images, write_outputs
     from tune.fusion import parse_lora_arg
     from tune.worker import evaluate_alphas
@@ -175,7 +177,7 @@ def _eval(args: argparse.Namespace) -> int:
     items = [parse_lora_arg(text) for text in args.lora]
     alphas = [1.0 if item.alpha is None else item.alpha for item in items]
     images_dir = args.out / "images"
-    _refuse_existing([*output_paths(args.out).values(), *([images_dir] if args.save_images else [])])
+    refuse_existing([*output_paths(args.out).values(), *([images_dir] if args.save_images else [])])
     job = _job(args, [item.path for item in items], args.reward, local_device=True)
     make_output_dir(args.out, "--out")  # after the checks (a bad command leaves no folder), before the sampling
     result = evaluate_alphas(job, alphas, progress=True)
@@ -259,7 +261,7 @@ def _check_trial_fits(settings, *, local: bool) -> None:
 def _new_sweep(args: argparse.Namespace, *, local_device: bool):
     """A new sweep's output directory, job and settings, checked, its record (sweep.json) written."""
     from rl.config import ConfigError
-    from rl.run_dir import make_output_dir
+    from rl.run_dir import make_output_dir, refuse_existing
     from tune.sweep import SweepSettings, can_resume, output_paths, record_path, write_sweep_record
 
     missing = [f"--{name}" for name in ("model", "prompts", "lora", "objective") if getattr(args, name) is None]
@@ -268,6 +270,8 @@ def _new_sweep(args: argparse.Namespace, *, local_device: bool):
     bad = [text for text in args.lora if _has_alpha(text)]
     if bad:
         raise ConfigError(f"--lora {bad[0]!r}: tune searches the alphas; pass the file without ':ALPHA'")
+    if args.grid is not None and args.search not in ("auto", "grid"):
+        raise ConfigError(f"--grid {args.grid} is a grid search, --search {args.search} is not; drop one of them")
     settings = SweepSettings(
         num_samples=args.num_samples, alpha_max=args.alpha_max, normalize=args.normalize,
         search="grid" if args.grid is not None else args.search, grid=args.grid if args.grid is not None else 5,
@@ -279,12 +283,13 @@ def _new_sweep(args: argparse.Namespace, *, local_device: bool):
     if record_path(out).exists() and can_resume(out / "ray_results"):  # without Tune's state: a failed start
         raise ConfigError(f"{out} holds a sweep already; continue it with `texforce tune --resume {out}`, or "
                           "remove it or choose another --out")
-    _refuse_existing(list(output_paths(out).values()))
+    refuse_existing(list(output_paths(out).values()))
     if args.device.startswith("cuda") and settings.gpus_per_trial == 0:
         raise ConfigError(
             f"--device {args.device} needs --gpus-per-trial > 0: Ray hides the GPUs from a trial that requests none"
         )
     job = _job(args, args.lora, args.objective, local_device=local_device)
+    _check_reward_loads(job)
     make_output_dir(out, "--out")
     write_sweep_record(job, settings, out)
     return out, job, settings
@@ -304,10 +309,11 @@ def _resumed_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser, *,
                           "--ray-address and --num-cpus go with --resume")
     out = args.resume
     job, settings = read_sweep_record(out)
-    _check_job(job, local_device=local_device)
+    _check_job(job, local_device=local_device, path_keys=None)  # its trials ran with the paths it recorded
     if not can_resume(out / "ray_results"):
         raise ConfigError(f"--resume {out}: Tune kept no state of this sweep ({out / 'ray_results'}): it stopped "
                           "before its first trial; start it again with the same --out")
+    _check_reward_loads(job)
     return out, job, settings
 
 
@@ -323,11 +329,11 @@ def _has_alpha(text: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m tune.cli {fuse,eval,tune} ...`, the entry `ray job submit` runs."""
-    parser = argparse.ArgumentParser(prog="python -m tune.cli", description="LoRA fusion, evaluation and Tune sweeps")
-    add_subcommands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    from rl.cli import run_command
+    from rl.cli import CommandLineParser, parse_command_line, run_command
 
-    return run_command(parser.parse_args(argv))
+    parser = CommandLineParser(prog="python -m tune.cli", description="LoRA fusion, evaluation and Tune sweeps")
+    add_subcommands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return run_command(parse_command_line(parser, argv))
 
 
 if __name__ == "__main__":

@@ -168,7 +168,15 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
             raise LoraFormatError(
                 f"{source}: module {module} has down {tuple(down.shape)} and up {tuple(up.shape)} of different ranks"
             )
-        modules[module] = LoraModule(down=down, up=up, scale=_scale(module, down.shape[0], alphas, config))
+        # a NaN or inf weight would load and turn every image black: the file is broken (a diverged run's save)
+        broken = [name for name, factor in pair.items() if not bool(torch.isfinite(factor).all())]
+        if broken:
+            raise LoraFormatError(f"{source}: module {module} has NaN or inf values in its {broken[0]} matrix; "
+                                  "export it again, or use a checkpoint saved before its training diverged")
+        scale = _scale(module, down.shape[0], alphas, config)
+        if not math.isfinite(scale):
+            raise LoraFormatError(f"{source}: module {module} has a non-finite scale (its alpha / rank is {scale})")
+        modules[module] = LoraModule(down=down, up=up, scale=scale)
     return LoraFile(path=source, modules=modules)
 
 
@@ -270,10 +278,12 @@ def write_lora(
     """
     from safetensors.torch import save_file
 
+    from rl.lora import follow_umask
+
     path = lora_output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", METADATA_KEY: json.dumps(adapter_metadata(modules), sort_keys=True)}
     if provenance is not None:
         metadata[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)
     save_file({k: v.detach().float().cpu() for k, v in to_state_dict(modules).items()}, str(path), metadata=metadata)
-    return path
+    return follow_umask(path)

@@ -11,11 +11,13 @@ import itertools
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from rl.cli import USER_ERRORS, loaded_types
 from rl.config import ConfigError
 from tune.evaluate import EvalSettings
 from tune.lora_io import file_sha256
@@ -208,7 +210,11 @@ def can_resume(storage: str | Path) -> bool:
 def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path, *, resume: bool = False) -> list[dict]:
     """Run the Tune sweep (Ray must be initialised); return one row per trial, best first. `resume`
     continues the sweep whose Tune state is under `storage` (`can_resume`): its finished trials are kept,
-    those cut short or failed run again, and the search goes on from where it stopped."""
+    those cut short or failed run again, and the search goes on from where it stopped.
+
+    Failed trials raise their user error's type when every one failed with one (rl.cli.USER_ERRORS), else
+    RuntimeError; when no trial finished, Tune's state is removed first, so that a corrected command can
+    start the sweep again in the same place (its resume would repeat the failure)."""
     from ray import tune as ray_tune
 
     n = len(job.loras)
@@ -245,10 +251,15 @@ def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path, *, r
     finally:
         if quiet:
             del os.environ["RAY_AIR_NEW_OUTPUT"]
-    errors = [str(r.error) for r in grid if r.error is not None]
-    if errors:
-        raise RuntimeError(f"{len(errors)} of {len(grid)} trials failed; first error: {errors[0]}")
     finished = [result for result in grid if "objective" in result.metrics]
+    errors = [r.error for r in grid if r.error is not None]
+    if errors:
+        if not finished:  # nothing to keep: without Tune's state the same --out starts again, as after a failed start
+            shutil.rmtree(state, ignore_errors=True)
+        causes = [getattr(error, "cause", None) or error for error in errors]  # the trial's own, inside Ray's wrapper
+        if all(isinstance(cause, loaded_types(USER_ERRORS)) for cause in causes):  # one line, exit code 2
+            raise type(causes[0])(f"{len(errors)} of {len(grid)} trials failed; first error: {causes[0]}")
+        raise RuntimeError(f"{len(errors)} of {len(grid)} trials failed; first error: {errors[0]}")
     if not finished:
         raise KeyboardInterrupt  # the user's Ctrl-C, which Tune caught, before any trial finished
     rows = []
