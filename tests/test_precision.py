@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import perturb_lora, tiny_config
+from diffusers.models.attention_processor import AttnProcessor2_0
 from torch.overrides import TorchFunctionMode
 
 from rl.learner import PPOLearner
@@ -149,14 +150,20 @@ def test_half_precision_lora_gradients_match_float32_at_sd_latent_size(tiny_sd_d
         pipe = load_pipeline(tiny_sd_dir, dtype=dtype, device="cpu")
         return PPOLearner(pipe, tiny_config(tiny_sd_dir, *overrides, f"model.dtype={dtype}", *extra))
 
+    def with_half_attention(learner):
+        """The attention a GPU runs, in the half dtype (on the CPU `load_pipeline` computes it in float32)."""
+        learner.pipe.unet.set_attn_processor(AttnProcessor2_0())
+        return learner
+
     fp32 = step_gradient(reference)
     fp16_unscaled = step_gradient(half_learner("float16", "train.init_loss_scale=1"))
     fp16 = step_gradient(half_learner("float16"))
     bf16 = step_gradient(half_learner("bfloat16"))
+    bf16_attention = step_gradient(with_half_attention(half_learner("bfloat16")))  # measured 0.9965 and more
     for part in (0, 1):  # text-encoder LoRA, U-Net LoRA
         # without loss scaling the per-element gradients underflow fp16 and the direction is lost
         assert _cosine(fp16_unscaled[part], fp32[part]) < 0.8
-        for half in (fp16, bf16):
+        for half in (fp16, bf16, bf16_attention):
             assert _cosine(half[part], fp32[part]) > 0.99
             norm = torch.cat([g.flatten() for g in half[part]]).norm() / torch.cat([g.flatten() for g in fp32[part]]).norm()
             assert abs(float(norm) - 1) < 0.05  # back to the float32 magnitude (unscaled)

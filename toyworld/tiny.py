@@ -159,6 +159,9 @@ def make_tiny(directory: str | Path, seed: int = 0, *, pretrain_steps: int = 0, 
             pipe, vae_steps=vae_steps, unet_steps=pretrain_steps - vae_steps, seed=seed,
             combinations=SCENE_SETS[scenes](), progress=progress,
         )  # fmt: skip
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a "Writing model shards" bar for a 1-file, 5 MB text encoder
     pipe.save_pretrained(directory, safe_serialization=True)
     return directory
 
