@@ -40,6 +40,7 @@ from rewards.files import FileSpec
 from rewards.registry import (
     RewardEntry,
     build_reward,
+    check_path_keys,
     check_reward,
     get_entry,
     list_entries,
@@ -49,6 +50,6 @@ from rewards.registry import (
 
 __all__ = [
     "FileSpec", "FiniteReport", "Reward", "RewardDependencyError", "RewardEntry", "RewardError", "RewardFileError",
-    "RewardOutput", "RewardSpecError", "Scorer", "build_reward", "check_finite", "check_reward", "get_entry",
-    "list_entries", "parse_spec", "register",
+    "RewardOutput", "RewardSpecError", "Scorer", "build_reward", "check_finite", "check_path_keys", "check_reward",
+    "get_entry", "list_entries", "parse_spec", "register",
 ]

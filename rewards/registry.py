@@ -112,9 +112,7 @@ def check_reward(
     valid key; None leaves the keys unchecked (a resumed sweep goes on with the paths it started with)."""
     parsed = parse_spec(spec)
     if path_keys is not None:
-        entries = [get_entry(name) for name, _ in parsed] if path_keys == "spec" else list_entries()
-        _check_path_keys(paths or {}, sorted({file.key for entry in entries for file in entry.files}),
-                         spec if path_keys == "spec" else None)
+        check_path_keys(paths or {}, [spec] if path_keys == "spec" else None)
     for name, _ in parsed:
         for file in get_entry(name).files:
             if file.optional and not file.is_given(paths):
@@ -126,19 +124,23 @@ def check_reward(
     return parsed
 
 
-def _check_path_keys(paths: Mapping[str, str], valid: list[str], spec: str | None) -> None:
-    """Raise RewardError for the first key of `paths` not in `valid`, the keys of `spec`'s rewards (None: of
-    every reward)."""
+def check_path_keys(paths: Mapping[str, str], specs: list[str] | None) -> None:
+    """Raise RewardError for the first key of `paths` that no reward of `specs` reads (None: no reward at all),
+    naming the closest valid key."""
+    entries = list_entries() if specs is None else [get_entry(name) for spec in specs for name, _ in parse_spec(spec)]
+    valid = sorted({file.key for entry in entries for file in entry.files})
     for key in paths:
         if key in valid:
             continue
         close = difflib.get_close_matches(key, valid, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        if spec is None:
+        if specs is None:
             raise RewardError(f"no reward reads a file under the key {key!r}{hint}; "
                               "`texforce rewards list` shows each reward's keys")
-        raise RewardError(f"no reward of {spec!r} reads a file under the key {key!r}{hint}; "
-                          + (f"its keys are {', '.join(valid)}" if valid else "it reads no files: drop the key"))
+        named = " or ".join(repr(spec) for spec in specs)
+        its, it_reads = ("its", "it reads") if len(specs) == 1 else ("their", "they read")
+        raise RewardError(f"no reward of {named} reads a file under the key {key!r}{hint}; "
+                          + (f"{its} keys are {', '.join(valid)}" if valid else f"{it_reads} no files: drop the key"))
 
 
 def build_reward(

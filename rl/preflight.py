@@ -47,22 +47,27 @@ def preflight(config: TexForceConfig, *, resume: str | Path | None = None) -> No
         from rl.gradient import check_differentiable, reward_spec
 
         check_differentiable(config)
-        rewards.check_reward(reward_spec(config), paths=config.reward.paths)
+        trained_spec = reward_spec(config)
+        rewards.check_reward(trained_spec, paths=config.reward.paths, path_keys=None)
         if config.train.kl_coef > 0:  # a config written for PPO (configs/tiny.yaml) is often reused
             log.warning("train.kl_coef=%g is PPO's KL penalty; train.algorithm=%s does not use it (its own is "
                         "gradient.kl_coef, %g here)", config.train.kl_coef, config.train.algorithm,
                         config.gradient.kl_coef)
     else:
-        rewards.check_reward(config.reward.spec, paths=config.reward.paths)
+        trained_spec = config.reward.spec
+        rewards.check_reward(trained_spec, paths=config.reward.paths, path_keys=None)
         if config.gradient.kl_coef > 0:
             log.warning("gradient.kl_coef=%g is the gradient learners' KL regulariser; train.algorithm=%s does not "
                         "use it (its own is train.kl_coef, %g here)", config.gradient.kl_coef,
                         config.train.algorithm, config.train.kl_coef)
     if config.evaluation.reward is not None:
         try:
-            rewards.check_reward(config.evaluation.reward, paths=config.reward.paths)
+            rewards.check_reward(config.evaluation.reward, paths=config.reward.paths, path_keys=None)
         except rewards.RewardError as error:
             raise type(error)(f"evaluation.reward: {error}") from error
+    # a key none of the run's rewards reads is a misspelling or a file for another run: its reward would not get it
+    specs = [trained_spec, config.reward.spec, config.evaluation.reward]
+    rewards.check_path_keys(config.reward.paths, list(dict.fromkeys(s for s in specs if s is not None)))
     trained = f"prompts.file={config.prompts.file}" if config.prompts.file else f"prompts.builtin={config.prompts.builtin}"
     check_prompts_are_read(config.reward.spec, prompts, source=trained)
     if held_out:

@@ -76,7 +76,7 @@ def test_check_reward_finds_missing_files_without_building(tmp_path, monkeypatch
         rewards.check_reward("face_quality", paths={"face_quality_python": str(tmp_path / "python")})
 
 
-def test_a_paths_key_no_reward_reads_is_named_with_the_closest_one(tiny_sd_dir):
+def test_a_paths_key_no_reward_reads_is_named_with_the_closest_one(tiny_sd_dir, tmp_path):
     from conftest import tiny_config
 
     from rl.preflight import preflight
@@ -95,6 +95,13 @@ def test_a_paths_key_no_reward_reads_is_named_with_the_closest_one(tiny_sd_dir):
     rewards.check_reward("brightness", paths={"foo": "/x"}, path_keys=None)
     with pytest.raises(rewards.RewardError, match="the key 'aestetic'"):  # `texforce train` checks with preflight
         preflight(tiny_config(tiny_sd_dir, "reward.spec=brightness", "reward.paths.aestetic=/x"))
+    # train: a key read by neither reward.spec nor evaluation.reward is named; one the evaluation's reward reads is not
+    with pytest.raises(rewards.RewardError, match=r"^no reward of 'brightness' reads a file under the key "
+                                                  r"'aesthetic'; it reads no files: drop the key$"):
+        preflight(tiny_config(tiny_sd_dir, "reward.spec=brightness", f"reward.paths.aesthetic={tmp_path}"))
+    (tmp_path / "head.pth").write_bytes(b"")
+    preflight(tiny_config(tiny_sd_dir, "reward.spec=brightness", "evaluation.reward=aesthetic",
+                          f"reward.paths.aesthetic={tmp_path / 'head.pth'}", f"reward.paths.aesthetic_clip={tmp_path}"))
 
 
 def test_import_is_cheap_and_ray_free():
