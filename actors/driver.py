@@ -33,7 +33,14 @@ import torch
 
 from actors.reward import RewardScores
 from actors.rollout import Rollout, TrajectoriesLostError, is_lost
-from actors.topology import ActorsLostError, InlineWorkers, LearnerFailedError, RayWorkers, init_ray
+from actors.topology import (
+    ActorsLostError,
+    InlineWorkers,
+    LearnerFailedError,
+    RayWorkers,
+    check_fits_this_machine,
+    init_ray,
+)
 from rl.advantages import PerPromptStatTracker, compute_advantages, group_keys
 from rl.algorithms import get_algorithm
 from rl.config import ConfigError, TexForceConfig
@@ -78,6 +85,7 @@ def connect_ray(config: TexForceConfig) -> None:
     if address:
         init_ray(address, option, log_to_driver=True)
     else:
+        check_fits_this_machine(config)  # said before Ray's start-up lines
         ray.init(address="local", include_dashboard=False, log_to_driver=True)
     if threading.current_thread() is threading.main_thread():
         # ray.init makes SIGTERM a sys.exit, then its core worker puts a native handler in front that dumps a stack

@@ -256,10 +256,8 @@ def place_on_nodes(actors: list[tuple[float, float]], nodes: list[tuple[float, f
     return place(0)
 
 
-def check_resources(config: TexForceConfig) -> None:
-    """Fail fast, naming the shortfall, when the cluster cannot host the requested actors."""
-    import ray
-
+def _roles(config: TexForceConfig) -> dict[str, tuple[int, float, float]]:
+    """role -> (how many, CPUs each, GPUs each) of the run's actors."""
     r = config.resources
     roles = {
         "sampler": (r.num_samplers, r.cpus_per_sampler, r.gpus_per_sampler),
@@ -268,35 +266,54 @@ def check_resources(config: TexForceConfig) -> None:
     }
     if get_algorithm(config.train.algorithm).samples_in_learner:  # the learner group is the whole topology
         roles = {"learner": roles["learner"]}
-    need = {
-        "CPU": sum(n * c for n, c, _ in roles.values()),
-        "GPU": sum(n * g for n, _, g in roles.values()),
-    }
-    deadline = time.monotonic() + r.resource_wait_s
-    while True:
-        have, nodes = ray.cluster_resources(), alive_nodes()
-        short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
-        unplaceable = [
-            f"one {role} needs {c:g} CPU / {g:g} GPU but no node has that much"
-            for role, (_, c, g) in roles.items()
-            if not place_on_nodes([(c, g)], nodes)
-        ]
-        if not short and not unplaceable:
-            actors = [(c, g) for n, c, g in roles.values() for _ in range(n)]
-            if place_on_nodes(actors, nodes) is not False:  # undecided: let Ray try
-                return
-            sizes = ", ".join(f"{c:g} CPU / {g:g} GPU" for c, g in nodes)
-            unplaceable = [f"the actors fit the cluster's totals but not its nodes together (nodes: {sizes})"]
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
-    lines = [f"{k}: requested {want:g}, the cluster has {got:g}" for k, (want, got) in short.items()] + unplaceable
-    detail = "; ".join(f"{n} x {role} ({c:g} CPU, {g:g} GPU)" for role, (n, c, g) in roles.items())
-    raise InsufficientResourcesError(
+    return roles
+
+
+def resource_shortfall(config: TexForceConfig, nodes: list[tuple[float, float]]) -> list[str]:
+    """What `nodes` (CPU, GPU of each) lack to host the run's actors; [] when they fit, or when the placement search
+    has not decided (Ray tries then)."""
+    roles = _roles(config)
+    need = {"CPU": sum(n * c for n, c, _ in roles.values()), "GPU": sum(n * g for n, _, g in roles.values())}
+    have = {"CPU": sum(c for c, _ in nodes), "GPU": sum(g for _, g in nodes)}
+    lines = [f"{k}: requested {want:g}, the cluster has {have[k]:g}" for k, want in need.items() if want > have[k] + 1e-9]
+    lines += [f"one {role} needs {c:g} CPU / {g:g} GPU but no node has that much"
+              for role, (_, c, g) in roles.items() if not place_on_nodes([(c, g)], nodes)]
+    if lines:
+        return lines
+    if place_on_nodes([(c, g) for n, c, g in roles.values() for _ in range(n)], nodes) is not False:
+        return []
+    sizes = ", ".join(f"{c:g} CPU / {g:g} GPU" for c, g in nodes)
+    return [f"the actors fit the cluster's totals but not its nodes together (nodes: {sizes})"]
+
+
+def _insufficient(config: TexForceConfig, lines: list[str]) -> InsufficientResourcesError:
+    detail = "; ".join(f"{n} x {role} ({c:g} CPU, {g:g} GPU)" for role, (n, c, g) in _roles(config).items())
+    return InsufficientResourcesError(
         "the Ray cluster cannot host this run: " + "; ".join(lines) + f". Requested: {detail}. "
         "Lower resources.num_* or resources.*_per_* in the config, add nodes, or set "
         "resources.resource_wait_s for an autoscaling cluster."
     )
+
+
+def check_resources(config: TexForceConfig) -> None:
+    """Fail fast, naming the shortfall, when the cluster cannot host the requested actors."""
+    deadline = time.monotonic() + config.resources.resource_wait_s
+    while True:
+        lines = resource_shortfall(config, alive_nodes())
+        if not lines:
+            return
+        if time.monotonic() >= deadline:
+            raise _insufficient(config, lines)
+        time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+
+
+def check_fits_this_machine(config: TexForceConfig) -> None:
+    """Before a local Ray starts: it gets this machine's CPUs (at most `os.cpu_count()`), so a run that needs more
+    is the same InsufficientResourcesError without Ray's start-up lines before it. GPUs are left to `check_resources`
+    once Ray has counted them."""
+    lines = resource_shortfall(config, [(float(os.cpu_count() or 1), math.inf)])
+    if lines:
+        raise _insufficient(config, lines)
 
 
 class ActorsLostError(RuntimeError):

@@ -49,7 +49,10 @@ def token_env(tmp_path: Path) -> dict[str, str]:
 
 def start_node(args: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
     """`ray start --block ARGS` in its own process group (stop it with `stop_node`), its output to `log`."""
-    command = [str(RAY_BIN), "start", "--block", "--disable-usage-stats", *node_port_args(), *args]
+    # a head's Ray client server listens on 10001 by default: a fixed port another head (or one stopped a moment ago)
+    # may hold. test_job_submit's head once exited at start-up in a run after test_multinode's (cause not caught)
+    client_port = [f"--ray-client-server-port={free_port()}"] if "--head" in args else []
+    command = [str(RAY_BIN), "start", "--block", "--disable-usage-stats", *node_port_args(), *client_port, *args]
     if log is None:
         return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                 start_new_session=True)

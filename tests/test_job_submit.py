@@ -36,14 +36,15 @@ def ray_head(tmp_path):
     env = token_env(tmp_path)
     dashboard_port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths have a length limit
+    log = tmp_path / "head.log"  # what a head that exits at start-up said
     head = start_node(["--head", f"--port={free_port()}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                       f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}", "--num-cpus=2"], env)
+                       f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}", "--num-cpus=2"], env, log)
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.monotonic() + 60
         while subprocess.run([str(RAY_BIN), "job", "list", "--address", address], env=env,
                              capture_output=True, check=False).returncode != 0:
-            assert head.poll() is None, "ray start --head exited"
+            assert head.poll() is None, f"ray start --head exited: {log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "the head's job server did not come up in 60 s"
             time.sleep(1)
         # the job server answers before the node's job agent has registered with it; until then
@@ -54,7 +55,7 @@ def ray_head(tmp_path):
             if probe.returncode == 0:
                 break
             assert "No available agent" in probe.stdout + probe.stderr, probe.stdout[-2000:] + probe.stderr[-2000:]
-            assert head.poll() is None, "ray start --head exited"
+            assert head.poll() is None, f"ray start --head exited: {log.read_text()[-3000:]}"
             assert time.monotonic() < deadline + 240, "the head's job agent did not register in 300 s"
             time.sleep(1)
         yield RAY_BIN, address, env

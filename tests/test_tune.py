@@ -296,6 +296,22 @@ def test_tune_checks_its_input_before_ray_starts(tune_args, capsys, extra, messa
     assert message in err
 
 
+def test_a_trial_larger_than_this_machine_is_refused_before_a_local_ray_starts(tune_args, capsys, monkeypatch):
+    """It was refused once Ray had started, after Ray's start-up lines."""
+    import ray
+
+    from rl.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # whether this process runs the suite's Ray or not
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert main(tune_args + ["--cpus-per-trial", "3"]) == 2
+    assert capsys.readouterr().err == ("texforce tune: a trial asks for 3 CPU (--cpus-per-trial) but a local Ray has 2 "
+                                       "(--num-cpus, else this machine's CPUs); lower it\n")
+    assert main(tune_args + ["--cpus-per-trial", "3", "--num-cpus", "1"]) == 2
+    assert "but a local Ray has 1 (--num-cpus" in capsys.readouterr().err
+
+
 def test_tune_builds_its_reward_before_ray_starts_and_leaves_no_folder(tune_args, tmp_path, capsys):
     """A reward file that exists but does not load fails here, as in `texforce eval`, not in every trial."""
     from rl.cli import main

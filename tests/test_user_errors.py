@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import one_line_error, tiny_config
 
 from rl.config import ConfigError, PromptConfig
 from rl.models import ModelNotFoundError, check_device, check_model, safetensors_header
@@ -331,6 +331,31 @@ def test_auto_without_a_running_cluster_is_a_user_error(monkeypatch):
     with pytest.raises(ConfigError) as error:
         connect_ray(load_config(None, ["resources.address=auto"]))
     assert "token authentication" not in str(error.value)
+
+
+def test_a_run_larger_than_this_machine_is_refused_before_a_local_ray_starts(tiny_sd_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    """A local Ray has this machine's CPUs: asking for more was refused only once Ray had started, after its
+    start-up lines (three lines on stderr, and a run directory)."""
+    import os
+
+    import ray
+
+    from rl import cli
+
+    def started(**kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", started)
+    code = cli.main(["train", f"model.pretrained={tiny_sd_dir}", "model.device=cpu", f"output_dir={tmp_path}",
+                     "run_name=r", "resources.num_samplers=4", "resources.cpus_per_sampler=1"])
+    line = one_line_error(capsys, code)
+    assert line.startswith("texforce train: the Ray cluster cannot host this run: CPU: requested 6, the cluster "
+                           "has 2"), line  # 4 samplers, a reward actor and a learner at 1 CPU each
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_cluster_that_refuses_the_connection_leaves_no_run_directory(tiny_sd_dir, tmp_path, monkeypatch):

@@ -215,6 +215,14 @@ def _tune(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
     option = "--ray-address" if args.ray_address else "RAY_ADDRESS"
     check_ray_address(address, option)
     started = not ray.is_initialized()
+    if started and address == "local":  # it gets --num-cpus or this machine's CPUs: said before its start-up lines
+        cpus = args.num_cpus or os.cpu_count() or 1
+        if settings.cpus_per_trial > cpus:
+            from actors.topology import InsufficientResourcesError
+
+            raise InsufficientResourcesError(
+                f"a trial asks for {settings.cpus_per_trial:g} CPU (--cpus-per-trial) but a local Ray has {cpus:g} "
+                "(--num-cpus, else this machine's CPUs); lower it")
     if started:
         init_ray(address, option, num_cpus=args.num_cpus if address == "local" else None, include_dashboard=False)
     try:
