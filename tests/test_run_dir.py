@@ -46,7 +46,7 @@ def test_a_local_ray_listens_on_loopback_only():
 import psutil, ray
 from actors.driver import connect_ray
 from rl.config import load_config
-connect_ray(load_config(None, []))
+connect_ray(load_config("configs/tiny.yaml"))  # its actors fit 2 cores: a local Ray starts only for a run it fits
 listening = set()
 for process in [psutil.Process()] + psutil.Process().children(recursive=True):
     try:
