@@ -179,7 +179,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rewards.registry import build_reward, check_reward
+    from rewards.registry import build_reward, check_path_keys, check_reward
     from rl.run_dir import make_output_dir, refuse_existing
 
     if args.batch_size < 1:
@@ -191,7 +191,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     refuse_existing([args.out])
     check_device(args.device)
     paths = parse_paths(args.paths)
-    check_reward(args.reward, paths=paths, path_keys="spec")
+    check_reward(args.reward, paths=paths)
+    check_path_keys(paths, [args.reward])
     files = list_images(args.images)
     prompts = read_prompts(args.prompts, len(files))
     make_output_dir(args.out.parent, "--out")

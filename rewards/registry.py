@@ -10,7 +10,6 @@ import difflib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
@@ -100,19 +99,11 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
     return parts
 
 
-def check_reward(
-    spec: str, *, paths: Mapping[str, str] | None = None, path_keys: Literal["any", "spec"] | None = "any"
-) -> list[tuple[str, float]]:
+def check_reward(spec: str, *, paths: Mapping[str, str] | None = None) -> list[tuple[str, float]]:
     """Parse `spec` and find every model file its rewards need, loading nothing: what a run
-    checks before it starts. Raises RewardSpecError or RewardFileError; returns the parsed spec.
-
-    A misspelt `paths` key would be ignored, and its reward load another file or fail on a missing one, so
-    a key no reward reads (`path_keys="any"`: a training config's reward.paths also serve evaluation.reward)
-    or no reward of `spec` reads ("spec": a command that takes one spec) is a RewardError naming the closest
-    valid key; None leaves the keys unchecked (a resumed sweep goes on with the paths it started with)."""
+    checks before it starts. Raises RewardSpecError or RewardFileError; returns the parsed spec. The keys of
+    `paths` are `check_path_keys`'s to check: a run's paths may serve several specs."""
     parsed = parse_spec(spec)
-    if path_keys is not None:
-        check_path_keys(paths or {}, [spec] if path_keys == "spec" else None)
     for name, _ in parsed:
         for file in get_entry(name).files:
             if file.optional and not file.is_given(paths):
@@ -126,7 +117,8 @@ def check_reward(
 
 def check_path_keys(paths: Mapping[str, str], specs: list[str] | None) -> None:
     """Raise RewardError for the first key of `paths` that no reward of `specs` reads (None: no reward at all),
-    naming the closest valid key."""
+    naming the closest valid key: a misspelt key would be ignored, and its reward load another file or fail on a
+    missing one."""
     entries = list_entries() if specs is None else [get_entry(name) for spec in specs for name, _ in parse_spec(spec)]
     valid = sorted({file.key for entry in entries for file in entry.files})
     for key in paths:

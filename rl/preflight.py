@@ -48,21 +48,20 @@ def preflight(config: TexForceConfig, *, resume: str | Path | None = None) -> No
 
         check_differentiable(config)
         trained_spec = reward_spec(config)
-        rewards.check_reward(trained_spec, paths=config.reward.paths, path_keys=None)
         if config.train.kl_coef > 0:  # a config written for PPO (configs/tiny.yaml) is often reused
             log.warning("train.kl_coef=%g is PPO's KL penalty; train.algorithm=%s does not use it (its own is "
                         "gradient.kl_coef, %g here)", config.train.kl_coef, config.train.algorithm,
                         config.gradient.kl_coef)
     else:
         trained_spec = config.reward.spec
-        rewards.check_reward(trained_spec, paths=config.reward.paths, path_keys=None)
         if config.gradient.kl_coef > 0:
             log.warning("gradient.kl_coef=%g is the gradient learners' KL regulariser; train.algorithm=%s does not "
                         "use it (its own is train.kl_coef, %g here)", config.gradient.kl_coef,
                         config.train.algorithm, config.train.kl_coef)
+    rewards.check_reward(trained_spec, paths=config.reward.paths)
     if config.evaluation.reward is not None:
         try:
-            rewards.check_reward(config.evaluation.reward, paths=config.reward.paths, path_keys=None)
+            rewards.check_reward(config.evaluation.reward, paths=config.reward.paths)
         except rewards.RewardError as error:
             raise type(error)(f"evaluation.reward: {error}") from error
     # a key none of the run's rewards reads is a misspelling or a file for another run: its reward would not get it

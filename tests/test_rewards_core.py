@@ -83,16 +83,16 @@ def test_a_paths_key_no_reward_reads_is_named_with_the_closest_one(tiny_sd_dir, 
 
     with pytest.raises(rewards.RewardError, match=r"no reward reads a file under the key 'aestetic' \(did you mean "
                                                   r"'aesthetic'\?\); `texforce rewards list` shows each reward's keys"):
-        rewards.check_reward("aesthetic", paths={"aestetic": "/x"})
-    # a training config's reward.paths also serve evaluation.reward: another reward's key is not an error there
-    assert rewards.check_reward("brightness", paths={"imagereward": "/x"}) == [("brightness", 1.0)]
+        rewards.check_path_keys({"aestetic": "/x"}, None)
+    # the keys of every reward: another reward's key is not an error there
+    rewards.check_path_keys({"imagereward": "/x"}, None)
     with pytest.raises(rewards.RewardError, match=r"no reward of 'aesthetic' reads a file under the key 'imagereward';"
                                                   r" its keys are aesthetic, aesthetic_clip$"):
-        rewards.check_reward("aesthetic", paths={"imagereward": "/x"}, path_keys="spec")
+        rewards.check_path_keys({"imagereward": "/x"}, ["aesthetic"])
     with pytest.raises(rewards.RewardError, match="no reward of 'brightness' reads a file under the key 'foo'; it "
                                                   "reads no files: drop the key"):
-        rewards.check_reward("brightness", paths={"foo": "/x"}, path_keys="spec")
-    rewards.check_reward("brightness", paths={"foo": "/x"}, path_keys=None)
+        rewards.check_path_keys({"foo": "/x"}, ["brightness"])
+    assert rewards.check_reward("brightness", paths={"foo": "/x"}) == [("brightness", 1.0)]  # the keys: not its job
     with pytest.raises(rewards.RewardError, match="the key 'aestetic'"):  # `texforce train` checks with preflight
         preflight(tiny_config(tiny_sd_dir, "reward.spec=brightness", "reward.paths.aestetic=/x"))
     # train: a key read by neither reward.spec nor evaluation.reward is named; one the evaluation's reward reads is not

@@ -120,17 +120,17 @@ def _job(args: argparse.Namespace, loras: list[str], reward: str, *, local_devic
         dtype=args.dtype,
         reward_paths=tuple(sorted(parse_paths(args.paths).items())),
     )
-    _check_job(job, local_device=local_device, path_keys="spec")
+    _check_job(job, local_device=local_device, check_keys=True)
     if model_dir is not None:
         warn_long_prompts(list(job.prompts), load_tokenizer(model_dir), source=str(args.prompts))
     return job
 
 
-def _check_job(job, *, local_device: bool, path_keys: str | None) -> None:
+def _check_job(job, *, local_device: bool, check_keys: bool) -> None:
     """Raise the user error for a job that cannot run: its device (`local_device`: in this process), model,
-    LoRA files and their fit to the model, reward spec, reward file keys (`path_keys`: `check_reward`'s) and
+    LoRA files and their fit to the model, reward spec, reward file keys (`check_keys`) and
     reward files."""
-    from rewards import check_reward
+    from rewards import check_path_keys, check_reward
     from rl.models import check_device, check_model
     from tune.fusion import check_base_model
     from tune.worker import cached_lora
@@ -140,7 +140,9 @@ def _check_job(job, *, local_device: bool, path_keys: str | None) -> None:
     if model_dir is not None:
         for path in job.loras:
             check_base_model(cached_lora(path), model_dir)
-    check_reward(job.reward, paths=dict(job.reward_paths), path_keys=path_keys)
+    check_reward(job.reward, paths=dict(job.reward_paths))
+    if check_keys:
+        check_path_keys(dict(job.reward_paths), [job.reward])
 
 
 def _check_reward_loads(job) -> None:
@@ -317,7 +319,7 @@ def _resumed_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser, *,
                           "--ray-address and --num-cpus go with --resume")
     out = args.resume
     job, settings = read_sweep_record(out)
-    _check_job(job, local_device=local_device, path_keys=None)  # its trials ran with the paths it recorded
+    _check_job(job, local_device=local_device, check_keys=False)  # its trials ran with the paths it recorded
     if not can_resume(out / "ray_results"):
         raise ConfigError(f"--resume {out}: Tune kept no state of this sweep ({out / 'ray_results'}): it stopped "
                           "before its first trial; start it again with the same --out")
