@@ -354,6 +354,38 @@ class _Call:
     images: object = None  # the ref to the shard's images, which a score call reads
 
 
+class _ShardFailures:
+    """How many times each shard's sample or score call failed in a way that says something about the shard.
+
+    An actor that dies with its node fails whatever call it holds. Before the driver learns of the
+    death, a shard given back after one such failure can go to another actor of the same dead node
+    and fail again: that failure says nothing about the shard. So a failure counts against its shard
+    when it is the shard's first, or when the actor that failed had answered since the shard's last
+    counted failure (it was alive after that one, so it died on this input). A poisoned shard
+    still stops the rollout: a restarted actor answers before it gets the shard again, and each
+    actor fails it uncounted at most once between two counted failures."""
+
+    def __init__(self):
+        self.clock = 0
+        self.last_answer: dict[tuple[str, int], int] = {}  # (role, actor) -> clock
+        self.last_counted: dict[tuple[str, int], int] = {}  # (kind, shard) -> clock
+        self.counts: Counter = Counter()
+
+    def answered(self, role: str, actor: int) -> None:
+        self.clock += 1
+        self.last_answer[(role, actor)] = self.clock
+
+    def failed(self, kind: str, shard: int, role: str | None = None, actor: int = -1) -> int:
+        """Record a failure (role None: not an actor's, such as the shard's images lost with a node,
+        which always counts); the shard's count of failures of this kind."""
+        self.clock += 1
+        key = (kind, shard)
+        if role is None or key not in self.last_counted or self.last_answer.get((role, actor), 0) > self.last_counted[key]:
+            self.counts[key] += 1
+            self.last_counted[key] = self.clock
+        return self.counts[key]
+
+
 class RayWorkers:
     """Samplers, reward actors and L learner ranks as Ray actors (only the learner ranks for a
     gradient learner, which samples and scores itself).
@@ -363,6 +395,7 @@ class RayWorkers:
     - a sampler or reward actor that dies is restarted by Ray (resources.max_restarts); its
       work goes back to the queue and it gets no new work until it answers a ping that Ray
       holds until the restart is done, so one death costs one restart, however busy the node;
+      a shard that kills its actor again and again stops the rollout (`_ShardFailures`);
     - a learner rank that dies raises LearnerFailedError; `restart_learners` replaces the group.
     Every remote wait has a timeout (resources.call_timeout_s).
     """
@@ -493,7 +526,7 @@ class RayWorkers:
         images_finite: dict[int, torch.Tensor] = {}  # per shard, from its sample call
         scores: dict[int, RewardScores] = {}
         in_flight: dict[ray.ObjectRef, _Call] = {}
-        failures: Counter = Counter()
+        failures = _ShardFailures()
         max_restarts = self.config.resources.max_restarts
         next_scorer = 0
 
@@ -539,11 +572,11 @@ class RayWorkers:
                     lost[call.role].add(call.actor)
                     log.warning("%s %d is gone after %d restarts", call.role, call.actor, max_restarts)
                     continue
-                failures[(call.kind, call.shard)] += 1
-                if failures[(call.kind, call.shard)] > max(1, max_restarts):
+                count = failures.failed(call.kind, call.shard, call.role, call.actor)
+                if count > max(1, max_restarts):
                     raise ActorsLostError(
                         f"{call.kind} of shard {call.shard} (prompts {shards[call.shard][0]}) failed "
-                        f"{failures[(call.kind, call.shard)]} times: its actor dies on this input"
+                        f"{count} times: its actor dies on this input"
                     ) from error
                 log.warning("%s %d failed on shard %d (%s); waiting for its restart, re-issuing the shard",
                             call.role, call.actor, call.shard, type(error).__name__)
@@ -557,15 +590,15 @@ class RayWorkers:
                 if call.kind != "score" or not is_lost(error):
                     raise
                 # the only copy of the images was in the object store of a sampler's node that died
-                failures[("sample", call.shard)] += 1
-                if failures[("sample", call.shard)] > max(1, max_restarts):
+                count = failures.failed("sample", call.shard)
+                if count > max(1, max_restarts):
                     raise ActorsLostError(f"the images of shard {call.shard} were lost with their node "
-                                          f"{failures[('sample', call.shard)]} times (resources.max_restarts="
-                                          f"{max_restarts})") from error
+                                          f"{count} times (resources.max_restarts={max_restarts})") from error
                 log.warning("the images of shard %d were lost with the node that held them (%s); sampling the shard "
                             "again", call.shard, type(error).__name__)
                 to_sample.appendleft(call.shard)
                 continue
+            failures.answered(call.role, call.actor)
             if call.kind == "revive":
                 (idle_samplers.append if call.role == "sampler" else scorers.append)(call.actor)
             elif call.kind == "sample":

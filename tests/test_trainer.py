@@ -471,6 +471,99 @@ def test_a_shards_images_lost_more_than_max_restarts_times_stop_the_rollout(ray_
         workers.shutdown()
 
 
+class _OnADeadNode:
+    """Handles of actors that share a node which dies at the first call any of them gets for `method`: that call and
+    each later one to an actor of the node fail (ActorDiedError, from a killed stand-in) until the actor has answered
+    a ping, which Ray holds until its restart elsewhere is done. poisoned: prompts whose every call fails instead,
+    the actor dying on that input each time."""
+
+    def __init__(self, ray, actors: list, method: str, poisoned: list[str] | None = None):
+        @ray.remote(num_cpus=0)
+        class StandIn:
+            def call(self):
+                pass
+
+        self.dead = StandIn.remote()
+        ray.kill(self.dead, no_restart=True)
+        self.actors, self.poisoned, self.revived, self.failed = actors, poisoned, set(), []
+        self.handles = [_OnNodeHandle(self, i, method) for i in range(len(actors))]
+
+    def call(self, i: int, method: str, num_returns: int, args: tuple, kwargs: dict):
+        prompts = list(args[1])  # sample(weights, prompts, ...), score(images, prompts, ...)
+        if (prompts == self.poisoned) if self.poisoned is not None else (i not in self.revived):
+            self.failed.append(i)
+            return self.dead.call.options(num_returns=num_returns).remote()
+        return getattr(self.actors[i], method).options(num_returns=num_returns).remote(*args, **kwargs)
+
+
+class _OnNodeHandle:
+    def __init__(self, node: _OnADeadNode, i: int, method: str):
+        self.node, self.i, self.method, self.num_returns = node, i, method, 1
+        setattr(self, method, self)
+
+    def options(self, num_returns: int = 1, **_):
+        self.num_returns = num_returns
+        return self
+
+    def remote(self, *args, **kwargs):
+        num_returns, self.num_returns = self.num_returns, 1
+        return self.node.call(self.i, self.method, num_returns, args, kwargs)
+
+    @property
+    def ping(self):
+        self.node.revived.add(self.i)
+        return self.node.actors[self.i].ping
+
+    def __getattr__(self, name):
+        return getattr(self.node.actors[self.i], name)
+
+
+@pytest.mark.parametrize("role", ["sampler", "reward actor"])
+def test_a_shard_failed_again_by_an_actor_of_the_same_dead_node_is_not_taken_for_a_poisoned_input(
+        ray_session, tiny_sd_dir, tmp_path, caplog, role):
+    """Two samplers (or reward actors) on one node, which dies as the first of them gets the epoch's only shard.
+    The shard goes to the other, idle and not yet known dead, and fails again. Counting that as a second failure
+    of the shard would stop the rollout at resources.max_restarts=1 ("its actor dies on this input"); it says
+    nothing about the shard. Both actors answer once Ray restarted them, and the shard is sampled and scored."""
+    workers = RayWorkers(_fault_config(tiny_sd_dir, tmp_path, "resources.max_restarts=1", "resources.num_reward_actors=2"))
+    attribute, method = ("samplers", "sample") if role == "sampler" else ("reward_actors", "score")
+    actors = getattr(workers, attribute)
+    prompts, seeds = BUILTIN["colors"][:2], [0, 1]  # one shard
+    try:
+        weights = workers.get_weights()
+        reference = workers.rollout(weights, prompts, seeds)
+        node = _OnADeadNode(ray_session, actors, method)
+        setattr(workers, attribute, node.handles)
+        with caplog.at_level("WARNING", logger="texforce"):
+            rollout = workers.rollout(weights, prompts, seeds)
+    finally:
+        setattr(workers, attribute, actors)
+        workers.shutdown()
+    assert node.failed == [0, 1]
+    assert [f"{role} {i} failed on shard 0" in caplog.text for i in (0, 1)] == [True, True]
+    torch.testing.assert_close(rollout.scores.scores, reference.scores.scores)
+
+
+def test_a_shard_that_fails_on_an_actor_that_answered_since_its_last_failure_stops_the_rollout(
+        ray_session, tiny_sd_dir, tmp_path):
+    """A poisoned input: every sample call for the shard fails. The second actor's failure is not counted (it had
+    not answered since the first); once a restarted actor answered, its failure on the shard is the second, over
+    max(1, resources.max_restarts=1): the rollout stops naming the shard."""
+    workers = RayWorkers(_fault_config(tiny_sd_dir, tmp_path, "resources.max_restarts=1"))
+    samplers = workers.samplers
+    prompts = BUILTIN["colors"][:2]
+    node = _OnADeadNode(ray_session, samplers, "sample", poisoned=prompts)
+    workers.samplers = node.handles
+    try:
+        with pytest.raises(ActorsLostError, match=r"^sample of shard 0 \(prompts \[.*\]\) failed 2 times: its actor "
+                                                  r"dies on this input$"):
+            workers.rollout(workers.get_weights(), prompts, [0, 1])
+    finally:
+        workers.samplers = samplers
+        workers.shutdown()
+    assert len(node.failed) == 3 and node.failed[:2] == [0, 1]
+
+
 def _learner_pids(ray) -> list[int]:
     from ray._private import state
 
