@@ -30,8 +30,9 @@ from rewards.jpeg import to_uint8_hwc
 
 PYTHON = FileSpec(
     "face_quality_python", "file",
-    "a Python interpreter with mediapipe==0.10.21 and numpy<2 (python -m venv /venv-mp && "
-    "/venv-mp/bin/pip install mediapipe==0.10.21 'numpy<2'), unless mediapipe imports here",
+    "a Python interpreter with mediapipe==0.10.21 and numpy<2 (in a checkout, `make face-env` builds "
+    ".venv-face/bin/python; elsewhere python -m venv /venv-mp && /venv-mp/bin/pip install mediapipe==0.10.21 "
+    "'numpy<2'), unless mediapipe imports here",
     optional=True,
 )
 FILES = (PYTHON,)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ import torch
 from PIL import Image, ImageDraw
 
 import rewards
+from actors.reward import RewardActor
+from rl.config import RewardSettings
 
 HAVE_MEDIAPIPE = importlib.util.find_spec("mediapipe") is not None
 WORKER_PYTHON = os.environ.get("TEXFORCE_FACE_QUALITY_PYTHON")
@@ -69,3 +73,30 @@ def test_face_scores_higher_than_noise():
         assert again[0] == pytest.approx(scores[0].item(), abs=1e-6)
     finally:
         reward.scorers[0].close()
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (one that exited and waits for its parent to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_ray_reward_actor_scores_faces_on_the_detectors_interpreter_which_goes_with_the_actor(ray_session):
+    """As a run on Ray scores face_quality: the reward actor's process starts the detector's interpreter. An actor
+    killed (a stopped run, a restart) must not leave that interpreter behind: it exits when its stdin closes."""
+    if not WORKER_PYTHON:
+        pytest.skip("TEXFORCE_FACE_QUALITY_PYTHON names no interpreter with mediapipe (`make face-env` builds one)")
+    settings = RewardSettings(spec="face_quality", paths={"face_quality_python": WORKER_PYTHON})
+    actor = ray_session.remote(RewardActor).options(num_cpus=0).remote(settings, device="cpu")
+    images = (torch.stack([_cartoon_face(), torch.full((3, 256, 256), 0.5)]) * 255).round().to(torch.uint8)
+    scored = ray_session.get(actor.score.remote(images, ["a portrait"] * 2), timeout=300)
+    assert scored.scores[0] > 0.7 and scored.scores[1] == 0.0
+    detector = ray_session.get(actor.__ray_call__.remote(lambda self: self.reward.scorers[0].backend.proc.pid))
+    assert _running(detector)
+    ray_session.kill(actor)
+    deadline = time.monotonic() + 120
+    while _running(detector):
+        assert time.monotonic() < deadline, "the detector's interpreter outlived its reward actor"
+        time.sleep(0.05)
