@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup face-env demo evidence fusion toy-model test clean
+.PHONY: setup mediapipe-env demo evidence fusion toy-model test clean
 
 setup: $(VENV)/.installed
 
@@ -20,14 +20,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
-# face_quality's detector (mediapipe 0.10.21, the last release that ships it) needs numpy<2, which the
-# main stack cannot have: it runs in this interpreter of its own (TEXFORCE_FACE_QUALITY_PYTHON).
-FACE_VENV ?= .venv-face
-face-env: $(FACE_VENV)/.installed
+# face_quality's and hand_detection's detectors (mediapipe 0.10.21, the last release that ships them) need
+# numpy<2, which the main stack cannot have: they run in this interpreter of its own (TEXFORCE_MEDIAPIPE_PYTHON).
+MEDIAPIPE_VENV ?= .venv-mediapipe
+mediapipe-env: $(MEDIAPIPE_VENV)/.installed
 
-$(FACE_VENV)/.installed:
-	$(PYTHON) -m venv $(FACE_VENV)
-	$(FACE_VENV)/bin/pip install -q "mediapipe==0.10.21" "numpy<2"
+$(MEDIAPIPE_VENV)/.installed:
+	$(PYTHON) -m venv $(MEDIAPIPE_VENV)
+	$(MEDIAPIPE_VENV)/bin/pip install -q "mediapipe==0.10.21" "numpy<2"
 	touch $@
 
 # The demo trains on the committed toy-world model (models/toy-sd, sha256 in models/toy-sd/SHA256SUMS).
@@ -54,11 +54,11 @@ fusion: setup
 toy-model: setup
 	$(BIN)/texforce make-tiny runs/toy-sd-rebuilt --pretrain-steps 4000 --vae-steps 1000 --scenes train
 
-# face_quality's detector test runs on $(FACE_VENV) when `make face-env` built it (CI does), else it skips.
+# The detectors' tests run on $(MEDIAPIPE_VENV) when `make mediapipe-env` built it (CI does), else they skip.
 test: setup
-	if [ -z "$${TEXFORCE_FACE_QUALITY_PYTHON:-}" ] && [ -f $(FACE_VENV)/.installed ]; then \
-		export TEXFORCE_FACE_QUALITY_PYTHON="$(abspath $(FACE_VENV))/bin/python"; fi; \
+	if [ -z "$${TEXFORCE_MEDIAPIPE_PYTHON:-}" ] && [ -f $(MEDIAPIPE_VENV)/.installed ]; then \
+		export TEXFORCE_MEDIAPIPE_PYTHON="$(abspath $(MEDIAPIPE_VENV))/bin/python"; fi; \
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(FACE_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(MEDIAPIPE_VENV) runs .pytest_cache

@@ -22,7 +22,8 @@ Model files come from `paths` (or the environment variable `TEXFORCE_<KEY>`); no
 | pickscore               | pickscore (CLIPModel dir), pickscore_tokenizer (default: the model dir)  |
 | clip_score              | clip_score (CLIPModel dir), clip_score_tokenizer (default: the model dir)|
 | aesthetic               | aesthetic (sac+logos+ava1-l14-linearMSE.pth), aesthetic_clip (ViT-L/14)  |
-| face_quality            | face_quality_python (optional: a Python with mediapipe==0.10.21)         |
+| face_quality /          | mediapipe_python (optional: a Python with mediapipe==0.10.21)            |
+| hand_detection          |                                                                          |
 | color_alignment, brightness, jpeg_compressibility, jpeg_incompressibility | none           |
 """
 from rewards.base import (

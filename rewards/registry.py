@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rewards import aesthetic, clip_models, color, face, hps, imagereward, jpeg, objects
+from rewards import aesthetic, clip_models, color, detection, hps, imagereward, jpeg, objects
 from rewards.base import (
     Reward,
     RewardDependencyError,
@@ -187,8 +187,11 @@ def _register_builtins() -> None:
                     "100 * cosine of CLIP image and text embeddings"),
         RewardEntry("aesthetic", aesthetic.build_aesthetic, True, aesthetic.FILES,
                     "LAION aesthetic predictor v2 on CLIP ViT-L/14 image embeddings"),
-        RewardEntry("face_quality", face.build_face_quality, False, face.FILES,
+        RewardEntry("face_quality", detection.build_face_quality, False, detection.FILES,
                     "highest mediapipe face-detection confidence (needs mediapipe==0.10.21, numpy<2)"),
+        RewardEntry("hand_detection", detection.build_hand_detection, False, detection.FILES,
+                    "highest mediapipe palm-detection confidence, TexForce's hand reward (needs mediapipe==0.10.21, "
+                    "numpy<2)"),
     ):
         register(entry)
 

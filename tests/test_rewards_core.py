@@ -59,7 +59,7 @@ def test_bad_specs(spec, match):
 
 
 def test_check_reward_finds_missing_files_without_building(tmp_path, monkeypatch):
-    for key in ("AESTHETIC", "AESTHETIC_CLIP", "FACE_QUALITY_PYTHON"):
+    for key in ("AESTHETIC", "AESTHETIC_CLIP", "MEDIAPIPE_PYTHON"):
         monkeypatch.delenv(f"TEXFORCE_{key}", raising=False)
     assert rewards.check_reward("brightness:2,color_alignment") == [("brightness", 2.0), ("color_alignment", 1.0)]
     with pytest.raises(rewards.RewardFileError, match=r"reward 'aesthetic': no path given for 'aesthetic': provide .*; "
@@ -72,8 +72,8 @@ def test_check_reward_finds_missing_files_without_building(tmp_path, monkeypatch
     (tmp_path / "clip").mkdir()
     rewards.check_reward("aesthetic", paths={"aesthetic": str(head), "aesthetic_clip": str(tmp_path / "clip")})
     rewards.check_reward("face_quality")  # its interpreter is optional: mediapipe may import where it runs
-    with pytest.raises(rewards.RewardFileError, match="'face_quality_python' not found"):
-        rewards.check_reward("face_quality", paths={"face_quality_python": str(tmp_path / "python")})
+    with pytest.raises(rewards.RewardFileError, match="'mediapipe_python' not found"):
+        rewards.check_reward("face_quality", paths={"mediapipe_python": str(tmp_path / "python")})
 
 
 def test_a_paths_key_no_reward_reads_is_named_with_the_closest_one(tiny_sd_dir, tmp_path):
