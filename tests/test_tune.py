@@ -151,6 +151,7 @@ def test_ctrl_c_keeps_the_finished_trials_and_resume_runs_the_rest(tiny_sd_dir, 
     finally:
         process.kill()
     assert process.returncode == 130 and "Traceback" not in _drivers_own(stderr), stderr
+    assert "Tuner.restore" not in stderr  # Tune's own hint, for its Python API: texforce says `--resume`
     first = pq.read_table(out / "results.parquet").to_pylist()
     assert 3 <= len(first) < 16 and all(np.isfinite(r["objective"]) for r in first)
     assert stderr.strip().splitlines()[-1] == (f"texforce tune: interrupted after {len(first)} of 16 trials; the "

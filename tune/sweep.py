@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -163,6 +164,14 @@ def _trial(config: dict, *, job: FusionJob, normalize: bool) -> None:
     ray_tune.report(metrics)
 
 
+class _WithoutTunesResumeHint(logging.Filter):
+    """Drops Tune's "Resume experiment with: Tuner.restore(...)" after a Ctrl-C: that is its Python API's way;
+    `texforce tune` says its own (`--resume OUT`), which also writes the finished trials' outputs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Resume experiment with" not in record.getMessage()
+
+
 def _search_space(settings: SweepSettings, n: int):
     """Tune's param space, search algorithm and num_samples for `settings`' search over n alphas."""
     from ray import tune as ray_tune
@@ -246,9 +255,12 @@ def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path, *, r
     quiet = "RAY_AIR_NEW_OUTPUT" not in os.environ
     if quiet:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    tune_log, no_hint = logging.getLogger("ray.tune.tune"), _WithoutTunesResumeHint()
+    tune_log.addFilter(no_hint)
     try:
         grid = tuner.fit()  # on Ctrl-C Tune stops the trials and returns; those cut short have no objective
     finally:
+        tune_log.removeFilter(no_hint)
         if quiet:
             del os.environ["RAY_AIR_NEW_OUTPUT"]
     finished = [result for result in grid if "objective" in result.metrics]
