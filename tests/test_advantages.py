@@ -68,5 +68,8 @@ def test_advantages_are_clipped():
     rewards = np.array([0.0] * 99 + [1000.0])
     adv = compute_advantages(["p"] * 100, rewards, mode="batch", adv_clip_max=5.0, tracker=None)
     assert adv.max() == pytest.approx(5.0)
+    # and from below: one very bad sample's advantage (-9.95 unclipped) is held at -5 too
+    low = compute_advantages(["p"] * 100, -rewards, mode="batch", adv_clip_max=5.0, tracker=None)
+    assert low.min() == pytest.approx(-5.0)
     with pytest.raises(ValueError, match="unknown advantage mode"):
         compute_advantages(["p"], rewards[:1], mode="nope", adv_clip_max=5.0, tracker=None)

@@ -29,6 +29,24 @@ def test_step_matches_diffusers_ddim_step():
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_step_clips_x0_as_diffusers_does_when_the_scheduler_says_so():
+    """diffusers' DDIMScheduler defaults to clip_sample=True (x0_hat clamped to +-clip_sample_range): an
+    epsilon that puts x0_hat out of range must give diffusers' step, at either range."""
+    g = torch.Generator().manual_seed(3)
+    x_t, eps, noise = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    for clip_range in (1.0, 0.5):
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=True,
+                                  clip_sample_range=clip_range, set_alpha_to_one=False, steps_offset=1)
+        schedule = DDIMSchedule.from_scheduler(scheduler, 10)
+        t = schedule.timesteps[5]
+        expected = scheduler.step(3 * eps, t, x_t, eta=1.0, variance_noise=noise).prev_sample
+        got, _, _, _ = ddim_step_with_logprob(schedule, 3 * eps, torch.full((2,), int(t)), x_t, eta=1.0, noise=noise)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        unclipped = DDIMScheduler.from_config({**scheduler.config, "clip_sample": False})
+        unclipped.set_timesteps(10)  # the clamp changed this step: without it the step differs
+        assert not torch.allclose(unclipped.step(3 * eps, t, x_t, eta=1.0, variance_noise=noise).prev_sample, got)
+
+
 def test_log_prob_is_gaussian_density_averaged_over_dims():
     scheduler = _scheduler()
     schedule = DDIMSchedule.from_scheduler(scheduler, 10)

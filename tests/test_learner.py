@@ -470,3 +470,39 @@ def test_max_step_gain_drops_the_step_onto_t1_and_keeps_the_last(pipe, tiny_sd_d
 def test_max_step_gain_that_leaves_no_step_is_a_config_error(pipe, tiny_sd_dir):
     with pytest.raises(ConfigError, match=r"train.max_step_gain=0.5 leaves no step to train.*smallest gain .* is 0.965; raise train.max_step_gain"):
         PPOLearner(pipe, tiny_config(tiny_sd_dir, "sample.num_steps=10", "train.max_step_gain=0.5"))
+
+
+def test_optimizer_step_clips_the_lora_gradient_to_max_grad_norm(pipe, tiny_sd_dir):
+    """Adam is nearly scale-invariant, so only the step's own gradient shows whether max_grad_norm is applied."""
+    learner = PPOLearner(pipe, tiny_config(tiny_sd_dir, "train.max_grad_norm=0.01"))
+    for p in learner.params:
+        p.grad = torch.ones_like(p)
+    stepped_with = []
+    learner.optimizer.register_step_pre_hook(lambda *_: stepped_with.append(
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in learner.params])).item()))
+    metrics = learner.optimizer_step()
+    assert metrics["grad_norm"] == pytest.approx(math.sqrt(sum(p.numel() for p in learner.params)))  # before clipping
+    assert stepped_with == [pytest.approx(0.01, rel=1e-4)]
+
+
+def test_timestep_fraction_trains_that_share_of_each_samples_steps_drawn_at_random(pipe, tiny_sd_dir, monkeypatch):
+    """DDPO's timestep_fraction: each sample trains int(K * fraction) of its K trainable steps, a fresh random
+    subset per sample (not the first ones, which are the noisiest)."""
+    learner = PPOLearner(pipe, tiny_config(tiny_sd_dir, "train.timestep_fraction=0.5", "train.batch_size=4"))
+    steps = learner.trainable_steps.tolist()
+    trained = int(len(steps) * 0.5)
+    (step_index,) = learner.draw_update(64).step_indices
+    assert all(sorted(row) == sorted(steps) for row in step_index.tolist())  # each row a permutation
+    chosen = step_index[:, :trained]
+    assert all(16 <= int((chosen == s).sum()) <= 48 for s in steps)  # binomial(64, 1/2): 32 +- 4 each
+    widths = []
+    backward = learner.minibatch_backward
+
+    def recording(batch, advantages, step_index, *args, **kwargs):
+        widths.append(step_index.shape[1])
+        return backward(batch, advantages, step_index, *args, **kwargs)
+
+    monkeypatch.setattr(learner, "minibatch_backward", recording)
+    batch = sample_trajectories(pipe, ["a", "b", "c", "d"], [0, 1, 2, 3], num_steps=6, guidance_scale=5.0, eta=1.0)
+    learner.update(batch, torch.tensor([-1.5, -0.5, 0.5, 1.5]))
+    assert widths and set(widths) == {trained}

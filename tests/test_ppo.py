@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from rl.ppo import clipped_surrogate_loss
+from rl.ppo import clipped_surrogate_loss, gaussian_kl
 
 
 def test_loss_matches_formula_inside_and_outside_clip_range():
@@ -39,3 +39,17 @@ def test_on_policy_ratio_is_one():
     loss, metrics = clipped_surrogate_loss(lp, lp.clone(), torch.ones(8), 1e-4)
     assert metrics["ratio"].item() == 1.0 and metrics["clipfrac"].item() == 0.0
     assert math.isclose(loss.item(), -1.0)
+
+
+def test_gaussian_kl_is_the_closed_form_of_two_gaussians_with_one_sigma_averaged_over_dims():
+    """KL(N(m, s^2) || N(r, s^2)) = (m - r)^2 / (2 s^2) per dimension, averaged like the log-prob."""
+    g = torch.Generator().manual_seed(0)
+    mean, ref = torch.randn(2, 4, 2, 2, generator=g), torch.randn(2, 4, 2, 2, generator=g)
+    sigma = torch.tensor([0.5, 0.1])
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, sigma[:, None, None, None]),
+        torch.distributions.Normal(ref, sigma[:, None, None, None]),
+    ).mean((1, 2, 3))
+    torch.testing.assert_close(gaussian_kl(mean, ref, sigma), expected)
+    constant = gaussian_kl(torch.zeros(2, 4, 2, 2), torch.full((2, 4, 2, 2), 0.3), sigma)
+    torch.testing.assert_close(constant, torch.tensor([0.18, 4.5]))  # 0.09 / (2 sigma^2)
