@@ -100,6 +100,10 @@ def test_mismatched_shapes_name_the_module_and_both_files():
 
     with pytest.raises(LoraFormatError, match=r"unet\.mid\.to_q.*a\.safetensors.*b\.safetensors.*same base model"):
         fuse([lora("a.safetensors", 32), lora("b.safetensors", 64)], [1.0, 1.0])
+    # the same output width but another input width: the same one-line error, not torch's shape error
+    narrow = LoraFile("c.safetensors", {"unet.mid.to_q": LoraModule(torch.zeros(2, 16), torch.zeros(32, 2), 1.0)})
+    with pytest.raises(LoraFormatError, match=r"unet\.mid\.to_q.*a\.safetensors.*c\.safetensors.*same base model"):
+        fuse([lora("a.safetensors", 32), narrow], [1.0, 1.0])
 
 
 def test_missing_file_and_bad_alpha_are_clear_errors(tmp_path):
@@ -262,6 +266,12 @@ def test_a_lora_that_does_not_fit_the_model_is_named(tiny_sd_dir, tmp_path):
     model = Path(tiny_sd_dir)
     fits = LoraFile("fits.safetensors", {"unet.conv_in": LoraModule(torch.zeros(2, 4, 3, 3), torch.zeros(32, 2, 1, 1), 1.0)})
     check_base_model(fits, model)
+    # a 1x1 convolution adapted by linear factors (peft's shape for it, and what diffusers loads) fits too
+    proj_in = load_pipeline(tiny_sd_dir, device="cpu").unet.mid_block.attentions[0].proj_in.weight
+    assert proj_in.dim() == 4 and proj_in.shape[2:] == (1, 1)
+    linear = LoraFile("linear.safetensors", {"unet.mid_block.attentions.0.proj_in": LoraModule(
+        torch.zeros(2, proj_in.shape[1]), torch.zeros(proj_in.shape[0], 2), 1.0)})
+    check_base_model(linear, model)
     wider = LoraFile("wide.safetensors", {"unet.conv_in": LoraModule(torch.zeros(2, 8, 3, 3), torch.zeros(32, 2, 1, 1), 1.0)})
     with pytest.raises(LoraFormatError, match=r"wide\.safetensors adapts unet\.conv_in as a \(32, 8, 3, 3\) weight but "
                                               r"the model .* has \(32, 4, 3, 3\): the LoRA was trained on another base model"):
@@ -293,3 +303,46 @@ def test_a_peft_alpha_pattern_scales_each_module_as_diffusers_loads_it(loras, ti
     assert {module.scale for name, module in ours.modules.items() if name.startswith("unet.")} == scales
     for name, module in ours.modules.items():
         torch.testing.assert_close(module.delta(), loaded[name], rtol=1e-4, atol=1e-6)
+
+
+def _with_adapter_config(source, path, change, tensors_change=None):
+    """A copy of the LoRA file `source` at `path` with its adapter config (the safetensors metadata) edited."""
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open is not a dict
+        metadata = handle.metadata()
+    config = json.loads(metadata["lora_adapter_metadata"])
+    change(config)
+    if tensors_change is not None:
+        tensors_change(tensors)
+    save_file(tensors, str(path), metadata={**metadata, "lora_adapter_metadata": json.dumps(config)})
+    return path
+
+
+def _keep_rank_2_of_to_q(tensors):
+    for key in list(tensors):
+        if key.startswith("unet.") and ".to_q." in key:
+            down = "lora_A" in key or ".down." in key
+            tensors[key] = (tensors[key][:2] if down else tensors[key][:, :2]).contiguous()
+
+
+@pytest.mark.parametrize("change, tensors_change", [
+    (lambda c: c.update({"unet.alpha_pattern": {"attn1": 16}}), None),  # matches a whole name part only: not attn1.to_q
+    (lambda c: c.update({"unet.use_rslora": True, "text_encoder.use_rslora": True}), None),  # alpha / sqrt(r)
+    (lambda c: c.update({"text_encoder.alpha_pattern": {"q_proj": 16}}), None),  # the text encoder's own patterns
+    (lambda c: c.update({"unet.rank_pattern": {"to_q": 2}}), _keep_rank_2_of_to_q),  # alpha over each module's rank
+], ids=["anchored-pattern", "rslora", "text-encoder-pattern", "rank-pattern"])
+def test_peft_scale_options_give_the_deltas_diffusers_loads(loras, tiny_sd_dir, tmp_path, change, tensors_change):
+    path = _with_adapter_config(loras[0], tmp_path / "edited.safetensors", change, tensors_change)
+    ours, loaded = read_lora(path), merged_deltas(tiny_sd_dir, path)
+    assert set(ours.modules) == set(loaded)
+    for name, module in ours.modules.items():
+        torch.testing.assert_close(module.delta(), loaded[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_dora_adapter_is_refused_as_not_a_weight_delta():
+    tensors = {"unet.m.lora_A.weight": torch.zeros(2, 8), "unet.m.lora_B.weight": torch.zeros(8, 2)}
+    metadata = {"lora_adapter_metadata": json.dumps({"unet.use_dora": True, "unet.lora_alpha": 2})}
+    with pytest.raises(LoraFormatError, match=r"d\.safetensors is a DoRA adapter"):
+        parse_state_dict(tensors, metadata, source="d.safetensors")

@@ -2,15 +2,18 @@
 through the last K steps, the steps before them carry none, ReFL stops in its range, TextCraftor's
 early steps run on the base text encoder, the KL regulariser is DPOK's and pulls toward the base,
 and half precision gives the float32 gradient."""
+import re
+
 import pytest
 import torch
 from conftest import perturb_lora, tiny_config
 
 from rl.algorithms import get_algorithm
 from rl.gradient import GradientLearner, Window, _decode, _draw_steps, draw_window, refl_stop_range
-from rl.lora import set_policy_weights
+from rl.ddim import add_noise, predicted_x0
+from rl.lora import get_policy_weights, set_policy_weights
 from rl.models import load_pipeline
-from rl.sampling import denoise, encode, tokenize
+from rl.sampling import denoise, encode, guided_noise_prediction, tokenize
 
 PROMPTS, SEEDS = ["a red ball", "a blue car"], [1, 2]
 
@@ -114,6 +117,9 @@ def test_refl_stops_in_its_range():
     assert all(w.stop and w.end == w.first + 1 for w in windows)
     ks = {draw_window(get_algorithm("alignprop"), config, generator).num_grad_steps for _ in range(300)}
     assert ks == set(range(1, 11))  # AlignProp: K uniform in [1, T]
+    draft_k = tiny_config("unused", "train.algorithm=draft_k", "sample.num_steps=10", "gradient.truncation_k=3")
+    window = draw_window(get_algorithm("draft_k"), draft_k, generator)  # DRaFT-K: exactly the last K steps
+    assert (window.first, window.end, window.num_grad_steps) == (7, 10, 3)
 
 
 def test_refl_update_scores_its_stop_step(tiny_sd_dir, one_torch_thread):
@@ -151,10 +157,75 @@ def test_draft_lv_sums_the_rewards_of_its_copies(tiny_sd_dir, one_torch_thread):
     window = draw_window(learner.algorithm, learner.config, learner.generator)
     assert (window.first, window.end, window.copies) == (4, 4, 3)  # the loop itself carries no grad ...
     assert window.num_grad_steps == 1  # ... each copy's one step does (the logged `grad_steps`)
-    loss, metrics, _ = learner.loss(PROMPTS, SEEDS, window)
+    loss, metrics, x0 = learner.loss(PROMPTS, SEEDS, window)
     assert loss.item() == pytest.approx(-3 * metrics["reward_trained"], rel=1e-5)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in learner.params)
+    # each copy: the sample re-noised to the last step's timestep with its own noise, then that one step denoised
+    steps, run = learner.schedule.num_steps, _run(learner)
+    noises = learner.copy_noise(x0.detach(), SEEDS, 3)
+    assert not torch.equal(noises[0], noises[1]) and not torch.equal(noises[1], noises[2])
+    with torch.no_grad():
+        cond, uncond = learner.embeddings(PROMPTS)
+        t = torch.full((len(SEEDS),), int(learner.schedule.timesteps[-1]), dtype=torch.long)
+        rewards = []
+        for noise in noises:
+            start = add_noise(learner.schedule, x0.detach(), noise, t)
+            copy = denoise(learner.pipe, cond, uncond, SEEDS, learner.schedule, start=start,
+                           steps=range(steps - 1, steps), **run)[0][-1]
+            rewards.append(learner.reward(_decode(learner.pipe.vae, copy, False), PROMPTS).scores.mean().item())
+    assert metrics["reward_trained"] == pytest.approx(sum(rewards) / 3, abs=1e-5)
+
+
+def test_refl_scores_the_predicted_x0_at_its_stop_step_and_returns_the_finished_sample(tiny_sd_dir, one_torch_thread,
+                                                                                       monkeypatch):
+    """ReFL's reward is of x0_hat predicted from x_m at step m (one guided U-Net call); the sample it returns for
+    the logs and grids is the plain sampler's finished one, like every other algorithm's."""
+    import rl.gradient
+
+    learner = _learner(tiny_sd_dir, "refl")
+    perturb_lora(learner.params, scale=0.1)
+    decoded = []
+    decode = rl.gradient._decode
+    monkeypatch.setattr(rl.gradient, "_decode", lambda vae, latents, use_checkpoint: (
+        decoded.append(latents.detach().clone()), decode(vae, latents, use_checkpoint))[1])
+    m = 2
+    with torch.no_grad():
+        _, _, x0 = learner.loss(PROMPTS, SEEDS, Window(m, m + 1, stop=True))
+        cond, uncond = learner.embeddings(PROMPTS)
+        latents = denoise(learner.pipe, cond, uncond, SEEDS, learner.schedule, **_run(learner))[0]
+        t = torch.full((len(SEEDS),), int(learner.schedule.timesteps[m]), dtype=torch.long)
+        eps = guided_noise_prediction(learner.pipe.unet, latents[m], t, cond, uncond, learner.sample.guidance_scale)
+    torch.testing.assert_close(decoded[0], predicted_x0(learner.schedule, eps, t, latents[m]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x0, latents[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_the_kl_is_taken_at_the_drawn_steps_state_which_it_does_not_train(tiny_sd_dir, one_torch_thread):
+    """DPOK: the KL of the step at x_{kl_step} of the sample, x_t held fixed (no gradient reaches the states)."""
+    learner = _learner(tiny_sd_dir, "draft", "gradient.kl_coef=1")
+    perturb_lora(learner.params, scale=0.1)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    cond, uncond = learner.embeddings(PROMPTS)
+    learner.kl_to_base(PROMPTS, x * 1.0, 1, cond, uncond).backward()
+    assert x.grad is None
+    states = []
+    kl_to_base = learner.kl_to_base
+    learner.kl_to_base = lambda prompts, x_t, step, c, u: (states.append(x_t.detach().clone()),
+                                                            kl_to_base(prompts, x_t, step, c, u))[1]
+    learner.loss(PROMPTS, SEEDS, Window(0, 4, kl_step=2))
+    with torch.no_grad():
+        cond, uncond = learner.embeddings(PROMPTS)
+        latents = denoise(learner.pipe, cond, uncond, SEEDS, learner.schedule, **_run(learner))[0]
+    torch.testing.assert_close(states[0], latents[2], rtol=1e-5, atol=1e-5)
+
+
+def test_weights_missing_a_module_are_refused_by_name(tiny_sd_dir):
+    pipe, other = (_learner(tiny_sd_dir, "draft").pipe for _ in range(2))
+    weights = get_policy_weights(pipe, "both", 0)
+    missing = min(weights.unet)
+    del weights.unet[missing]
+    with pytest.raises(ValueError, match=rf"LoRA weights for unet do not match its adapter: missing \['{re.escape(missing)}'"):
+        set_policy_weights(other, weights)
 
 
 @pytest.mark.parametrize("algorithm", ["draft", "draft_k", "draft_lv", "refl", "alignprop", "textcraftor"])
@@ -249,9 +320,10 @@ def test_half_precision_gradient_learner_matches_float32(tiny_sd_dir, one_torch_
     cosine >= 0.9993 in bf16, >= 0.99999 in fp16)."""
     reference = _learner(tiny_sd_dir, algorithm, "train.max_grad_norm=1e6")
     perturb_lora(reference.params, scale=0.1)
+    weights = reference.get_weights()  # taken before the reference steps: every learner's gradient at these
 
     def step_gradient(learner) -> list[torch.Tensor]:
-        set_policy_weights(learner.pipe, reference.get_weights())
+        set_policy_weights(learner.pipe, weights)
         recorded = []
         learner.optimizer.register_step_pre_hook(lambda *_: recorded.append([p.grad.clone() for p in learner.params]))
         learner.minibatch_backward(PROMPTS[:1], SEEDS[:1], window)
