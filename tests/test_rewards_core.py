@@ -223,6 +223,36 @@ def test_brightness():
     torch.testing.assert_close(out.scores, torch.tensor([0.0, 1.0]))
 
 
+def test_color_alignment_gradient_is_finite_on_an_image_of_exactly_the_colour():
+    """The distance is sqrt(|p - c|^2 + eps): at |p - c| = 0 a bare sqrt has an infinite derivative, and a
+    solid image of the named colour (a converged sample) would get NaN gradients."""
+    images = _solid((1.0, 0.0, 0.0)).requires_grad_(True)
+    score = rewards.build_reward("color_alignment")(images, ["a red ball"]).scores
+    score.sum().backward()
+    assert score.item() == pytest.approx(1.0, abs=1e-3) and torch.isfinite(images.grad).all()
+
+
+def test_brightness_weighs_the_channels_in_rgb_order():
+    """Rec. 601 luma of [B, 3, H, W] images in RGB order: pure red 0.299, green 0.587, blue 0.114."""
+    primaries = torch.cat([_solid(rgb) for rgb in ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))])
+    out = rewards.build_reward("brightness")(primaries, ["a", "b", "c"])
+    torch.testing.assert_close(out.scores, torch.tensor([0.299, 0.587, 0.114]))
+
+
+def test_colour_words_have_their_hue():
+    """Each colour word's RGB is that colour (a typo in the table would reward the wrong colour, and the toy
+    world's palette is the same table): the hue in degrees of every chromatic colour, and greys are grey."""
+    import colorsys
+
+    hues = {"red": 0, "orange": 30, "yellow": 60, "green": 120, "cyan": 180, "blue": 240, "purple": 300,
+            "magenta": 300, "pink": 350, "brown": 20}
+    for name, hue in hues.items():
+        h, _, _ = colorsys.rgb_to_hsv(*color.COLORS[name])
+        assert min(abs(360 * h - hue), 360 - abs(360 * h - hue)) < 15, name
+    for name, value in (("white", 1.0), ("black", 0.0), ("gray", 0.5), ("grey", 0.5)):
+        assert color.COLORS[name] == (value, value, value), name
+
+
 # --- JPEG -------------------------------------------------------------------------------------
 
 def test_jpeg_size_matches_pil_at_quality_95():

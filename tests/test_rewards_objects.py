@@ -225,3 +225,101 @@ def test_a_prompt_names_what_an_object_reward_reads_when_it_names_one_of_its_att
     assert names_an_attribute("object_color_soft", "a Red cat") and not names_an_attribute("object_shape", "a red cat")
     assert not names_an_attribute("object_alignment", "a photo of a reddish balloon")
     assert attribute_words("object_shape") == "a shape (ball, car, house, flower, apple, bird, cup, hat)"
+
+
+def test_the_frame_is_not_read_by_either_reading(scenes):
+    """The outermost 2/64 of the side (where the tiny VAE paints a frame) is not read: painting it black changes
+    neither the exact reading nor the soft one's probabilities (the soft mask, too, is zero there)."""
+    images = scenes[0][::16].clone()
+    framed = images.clone()
+    framed[:, :, :2], framed[:, :, -2:], framed[:, :, :, :2], framed[:, :, :, -2:] = 0.0, 0.0, 0.0, 0.0
+    exact, exact_framed = read_objects(images), read_objects(framed)
+    assert exact_framed.names() == exact.names() and torch.equal(exact_framed.area, exact.area)
+    for probs, probs_framed in zip(soft_read(images), soft_read(framed)):
+        torch.testing.assert_close(probs_framed, probs, rtol=0, atol=1e-5)
+
+
+def test_pixels_just_inside_the_frame_are_read():
+    """The frame is exactly 2 pixels deep at 64x64: a red band over the top 10 rows is read from row 2 and
+    column 2 on (8 x 60 pixels), not from a frame a pixel deeper."""
+    image = torch.full((1, 3, 64, 64), 0.5)
+    image[:, :, :10] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    reading = read_objects(image)
+    assert reading.names()[0][0] == "red"
+    assert reading.area.item() == pytest.approx(8 * 60 / 64**2)
+
+
+def test_the_object_colour_is_the_median_of_its_pixels_not_the_mean():
+    """A red ball with a white highlight over 40% of it is red: the per-channel median ignores the minority of
+    pixels, where their mean, (1, 0.4, 0.4), is nearer orange than red."""
+    image, _, mask = synthetic_scenes(1, size=64, generator=torch.Generator().manual_seed(0),
+                                      combinations=[("red", "ball")], return_masks=True)
+    rows, cols = torch.nonzero(mask[0], as_tuple=True)  # row-major: the top of the ball first
+    highlight = slice(0, int(0.4 * len(rows)))
+    image[0, :, rows[highlight], cols[highlight]] = 1.0
+    assert read_objects(image).names() == [("red", "ball")]
+
+
+def test_the_background_colour_is_a_constant_of_the_soft_reading():
+    """`background_distance` takes the ring's median as a constant: a pixel's distance has a gradient in that
+    pixel only, none through the ring pixels the median picked (the soft reward would push the background)."""
+    from toyworld.reader import background_distance
+
+    image, _ = synthetic_scenes(1, size=32, generator=torch.Generator().manual_seed(1))
+    x = image.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(background_distance(x)[0, 16, 16], x)
+    assert grad[0, :, 16, 16].abs().sum() > 0
+    grad[0, :, 16, 16] = 0
+    assert grad.abs().sum() == 0
+
+
+def test_mask_centroids_are_pixel_centres_in_fractions_of_the_longer_side():
+    """Templates are placed at the mask's centroid: a pixel stands at its centre ((i + 0.5) / side), so a
+    mask symmetric about the image centre has its centroid there, on square and non-square images."""
+    from toyworld.reader import _moments
+
+    for height, width in ((64, 64), (48, 64), (64, 40)):
+        mask = torch.zeros(1, height, width)
+        mask[:, height // 4 : height - height // 4, width // 4 : width - width // 4] = 1
+        area, cx, cy = _moments(mask)
+        side = max(height, width)
+        assert cx.item() == pytest.approx(width / 2 / side, abs=1e-6)
+        assert cy.item() == pytest.approx(height / 2 / side, abs=1e-6)
+        assert area.item() == pytest.approx(mask.mean().item())
+
+
+def test_a_template_cut_by_the_frame_matches_its_mask_exactly():
+    """IoU is counted on the pixels that are read: an object running off the image, whose mask is its template
+    less the frame, has IoU 1 with that template (its pixels in the frame are not a mismatch)."""
+    from toyworld.reader import _bands, _iou
+    from toyworld.scenes import render_shapes
+
+    template = render_shapes(torch.tensor([0]), torch.tensor([0.1]), torch.tensor([0.5]), torch.tensor([0.3]), 64)
+    inside, _ = _bands(64, 64, torch.device("cpu"))
+    assert (template & ~inside).any()
+    iou = _iou((template & inside).float(), template[:, None])
+    assert iou.item() == pytest.approx(1.0)
+
+
+def _red_ball_and_grey() -> torch.Tensor:
+    """A red ball (index 0 of COLORS and SHAPES) on a muted background, and a plain grey image (no object)."""
+    ball, _ = synthetic_scenes(1, size=64, generator=torch.Generator().manual_seed(0), combinations=[("red", "ball")])
+    return torch.cat([ball, torch.full_like(ball, 0.5)])
+
+
+def test_a_prompt_naming_no_colour_or_shape_scores_zero_on_it_even_where_nothing_is_read():
+    """"Not named" and "not found" are both -1, yet never a match: a grey image for "a photo" scores 0, and a
+    red ball for "a ball" gets no colour credit (red is colour 0, which no unnamed colour may default to)."""
+    images = _red_ball_and_grey()
+    reward = rewards.build_reward("object_alignment").scorers[0]
+    parts = reward.parts(images, ["a ball", "a photo"])
+    assert parts["color"].tolist() == [0.0, 0.0] and parts["shape"].tolist() == [1.0, 0.0]
+    assert reward(images, ["a ball", "a photo"]).tolist() == [0.5, 0.0]
+
+
+def test_the_soft_reading_gives_no_credit_for_an_attribute_the_prompt_does_not_name():
+    """The soft parts score a prompt without a colour word 0 on colour, not the probability of the first colour."""
+    images = _red_ball_and_grey()
+    soft = rewards.build_reward("object_alignment").scorers[0].soft_parts(images, ["a ball", "a photo"])
+    assert soft["color"].tolist() == [0.0, 0.0] and soft["shape"][1].item() == 0.0
+    assert soft["shape"][0].item() > 0.5  # the ball is read (measured 0.74)

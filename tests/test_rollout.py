@@ -3,6 +3,7 @@ right shard rows, for the learner's batch and for the images the driver plots.""
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -64,3 +65,18 @@ def test_an_inline_rollout_is_read_without_ray(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_concatenated_shards_carry_the_oldest_policy_version():
+    """The learner's staleness check reads a batch's `policy_version`: shards sampled by different LoRA versions
+    make a batch as old as its oldest, never the newest (which would hide stale rows)."""
+    parts = [replace(_shard(0, 2), policy_version=5), replace(_shard(2, 2), policy_version=3),
+             replace(_shard(4, 1), policy_version=4)]
+    assert Trajectories.cat(parts).policy_version == 3
+
+
+def test_select_keeps_every_field_of_a_row_together_in_the_given_order():
+    """An unsorted index (a learner rank's rows, a shuffle) reorders prompts like the tensors."""
+    batch = _shard(0, 4).select(torch.tensor([3, 0, 2]))
+    assert batch.prompts == ["p3", "p0", "p2"] and batch.seeds.tolist() == [3, 0, 2]
+    assert batch.latents[:, 0, 0, 0, 0].tolist() == [3, 0, 2]

@@ -133,3 +133,53 @@ def test_select_and_cat_round_trip(pipe):
                        torch.stack([traj.latents[2, 2], traj.latents[0, 0], traj.latents[1, 2]]))
     with pytest.raises(ValueError, match="with and without latent_positions"):
         type(traj).cat([traj.select([0]), kept.select([1])])
+
+
+def test_guidance_scale_one_is_the_conditional_prediction_and_zero_the_unconditional(pipe):
+    """eps_hat = eps_u + w (eps_c - eps_u): the sampler and the learner share the formula, so a wrong one is
+    self-consistent and passes the log-prob checks; read it against the U-Net's own two predictions."""
+    from rl.sampling import guided_noise_prediction, tokenize
+
+    ids = tokenize(pipe.tokenizer, ["a red ball", ""])
+    with torch.no_grad():
+        cond, uncond = encode(pipe.text_encoder, ids).chunk(2)
+        x_t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([500])
+        eps_c = pipe.unet(x_t, t, encoder_hidden_states=cond).sample
+        eps_u = pipe.unet(x_t, t, encoder_hidden_states=uncond).sample
+        assert not torch.allclose(eps_c, eps_u, atol=1e-3)
+        for w, expected in [(1.0, eps_c), (0.0, eps_u), (3.0, eps_u + 3.0 * (eps_c - eps_u))]:
+            got = guided_noise_prediction(pipe.unet, x_t, t, cond, uncond, w)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_decoded_images_are_clamped_to_the_unit_range(pipe):
+    """Rewards take [0, 1] pixels, and the gradient learners score `decode_latents`' output directly (no uint8
+    round trip clamps it): latents far out of range must still decode into [0, 1]."""
+    from rl.sampling import decode_latents
+
+    latents = 50 * torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        images = decode_latents(pipe.vae, latents)
+    assert images.min() >= 0 and images.max() <= 1
+    assert ((images == 0) | (images == 1)).any()  # the clamp did bite
+
+
+def test_images_round_to_the_nearest_uint8_level():
+    """uint8 is how images travel to the rewards: rounding, not truncation, so a float image comes back within
+    half a level (truncation would darken every image by half a level on average)."""
+    from rl.sampling import images_to_float, images_to_uint8
+
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert images_to_uint8(torch.tensor([0.999, 0.5 / 255 + 1e-4, -0.2, 1.3])).tolist() == [255, 1, 0, 255]
+    assert (images_to_float(images_to_uint8(images)) - images).abs().max() <= 0.5 / 255 + 1e-6
+
+
+def test_an_image_with_some_non_finite_pixels_is_marked_not_finite(pipe):
+    """`images_finite` must hold for every pixel: one NaN channel (here from a NaN bias of the VAE's last conv)
+    rounds to black in uint8, which a reward would score like any picture."""
+    with torch.no_grad():
+        pipe.vae.decoder.conv_out.bias[0] = float("nan")
+    traj = sample_trajectories(pipe, ["a cat", "a dog"], [0, 1], num_steps=2, guidance_scale=5.0, eta=1.0)
+    assert traj.images_finite.tolist() == [False, False]
+    assert (traj.images[:, 1:] > 0).any()  # the other channels decoded as usual

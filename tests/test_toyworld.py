@@ -119,3 +119,30 @@ def test_shapes_on_a_non_square_canvas_are_the_square_canvas_cut_to_size():
     assert torch.equal(render_shapes(index, cx, cy, s, 48, 64), square[:, :48])
     assert torch.equal(render_shapes(index, cx, cy, s, 64, 40), square[:, :, :40])
     assert torch.equal(render_shapes(index, cx, cy, s, 64, 64), square)
+
+
+def _background_steps(images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean absolute change `[n]` of the background between horizontal and between vertical neighbours
+    (pairs of background pixels only)."""
+    background = ~masks
+    dx = (images[..., :, 1:] - images[..., :, :-1]).abs().sum(1) * (background[..., :, 1:] & background[..., :, :-1])
+    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().sum(1) * (background[..., 1:, :] & background[..., :-1, :])
+    return dx.flatten(1).mean(1), dy.flatten(1).mean(1)
+
+
+def test_backgrounds_are_flat_or_a_gradient_in_any_direction():
+    """About half the backgrounds are one flat colour, the others a blend of two colours along a random direction:
+    some run mostly left to right, some mostly top to bottom (not always along one diagonal)."""
+    images, _, masks = _scenes(3, n=128)
+    dx, dy = _background_steps(images, masks)
+    flat = (dx < 1e-6) & (dy < 1e-6)
+    assert 0.3 < flat.float().mean() < 0.7
+    assert (dx[~flat] > 3 * dy[~flat]).any() and (dy[~flat] > 3 * dx[~flat]).any()
+
+
+def test_a_shape_is_drawn_on_pixel_centres():
+    """A pixel is inside when its centre ((i + 0.5) / side) is: a ball centred on an even canvas is symmetric,
+    left to right and top to bottom (as the reader's centroids, also taken at pixel centres, assume)."""
+    ball = SHAPES.index("ball")
+    mask = render_shapes(torch.tensor([ball]), torch.tensor([0.5]), torch.tensor([0.5]), torch.tensor([0.3]), 16)[0]
+    assert mask.any() and torch.equal(mask, mask.flip(0)) and torch.equal(mask, mask.flip(1))
