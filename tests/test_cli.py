@@ -278,6 +278,18 @@ def test_make_output_dir_makes_the_parents_and_returns_the_directory(tmp_path):
     assert make_output_dir(tmp_path / "a" / "b", "--out") == tmp_path / "a" / "b"  # an existing directory is fine
 
 
+def test_make_output_dir_refuses_an_existing_directory_where_no_file_can_be_made():
+    """The directory exists, so making it finds nothing wrong: only writing a file in it finds out. procfs takes no
+    new file from anyone (a mode-0555 directory would not stop root, as CI runs)."""
+    from rl.config import ConfigError
+    from rl.run_dir import make_output_dir
+
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no procfs on this machine")
+    with pytest.raises(ConfigError, match=re.escape("--out: cannot write to /proc/self (")):
+        make_output_dir("/proc/self", "--out")
+
+
 def test_existing_run_directory_is_not_overwritten(tiny_sd_dir, tmp_path, capsys):
     from rl.config import load_config
     from rl.run_dir import RunDirectory

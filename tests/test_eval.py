@@ -1,6 +1,7 @@
 """`texforce eval`: a fixed, seeded evaluation set with per-image scores, a summary and a grid."""
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -9,7 +10,19 @@ import torch
 from conftest import one_line_error
 from lora_fixtures import make_lora
 
-from tune.evaluate import EvalSettings, clustered_sem, evaluate, paired_gain, seeds_and_prompts_sem, summarize
+from tune.evaluate import (
+    EvalResult,
+    EvalSettings,
+    clustered_sem,
+    eval_set,
+    evaluate,
+    generate,
+    paired_gain,
+    score,
+    seeds_and_prompts_sem,
+    summarize,
+    write_outputs,
+)
 from tune.fusion import fuse_files, load_fused
 from tune.worker import LOADS, FusionJob, evaluate_alphas
 
@@ -80,6 +93,50 @@ def test_the_seeds_and_prompts_standard_error_counts_how_training_seeds_differ()
     true_se = float(np.std(means))
     assert 0.9 < math.sqrt(np.mean(np.square(estimates))) / true_se < 1.1
     assert math.sqrt(np.mean(np.square(prompts_only))) / true_se < 0.65  # what the prompts alone claimed
+
+
+def test_a_pair_is_left_out_when_either_of_its_scores_is_not_finite():
+    """An image whose score after training is NaN or inf is as unusable as one whose score before is."""
+    before, after = np.array([0.0, 1.0, 2.0, np.nan]), np.array([0.5, np.inf, 2.5, 3.0])
+    gain = paired_gain(before, after, ["a", "a", "b", "b"])
+    assert (gain["n"], gain["mean"], gain["std"]) == (2, 0.5, 0.0) and math.isfinite(gain["sem_over_prompts"])
+
+
+def test_the_seeds_and_prompts_standard_error_is_at_least_either_ones_alone():
+    """Seeds whose mean gains agree, with a large seed-by-prompt interaction: the ANOVA sum goes negative, and the
+    estimate falls back to the prompts' standard error (1/3 here), not to zero; transposed, to the seeds'."""
+    gains = np.array([[1.0, -1.0, 1.0], [-1.0, 1.0, 1.0]])  # prompt means 0, 0, 1: their SE is 1/3
+    assert seeds_and_prompts_sem(gains) == pytest.approx(gains.mean(axis=0).std(ddof=1) / math.sqrt(3))
+    assert seeds_and_prompts_sem(gains.T) == pytest.approx(1 / 3)
+
+
+def test_the_batch_sizes_change_neither_the_images_nor_their_scores(tiny_sd_dir):
+    """Image j of a prompt is drawn from seed base_seed + j whatever batch it falls in, and is scored against its own
+    prompt: batches of 3 images (and scoring batches of 2) give what one batch gives."""
+    from rewards import build_reward
+    from rl.models import load_pipeline
+
+    pipe = load_pipeline(tiny_sd_dir, device="cpu")
+    prompts, seeds = eval_set(list(PROMPTS), SETTINGS)
+    images = generate(pipe, prompts, seeds, SETTINGS)  # batches of 3
+    assert torch.equal(images, generate(pipe, prompts, seeds, replace(SETTINGS, batch_size=len(prompts))))
+    reward = build_reward("color_alignment")
+    parts, objective = score(reward, images, prompts, batch_size=2)
+    one_parts, one_objective = score(reward, images, prompts)
+    np.testing.assert_allclose(objective, one_objective, rtol=1e-6)
+    np.testing.assert_allclose(parts["color_alignment"], one_parts["color_alignment"], rtol=1e-6)
+
+
+def test_the_written_summary_has_the_objective_beside_each_reward(tmp_path):
+    """summary.json summarises the weighted objective too: what a sweep ranks trials by."""
+    result = EvalResult(images=torch.zeros(4, 3, 8, 8, dtype=torch.uint8), prompts=["a", "a", "b", "b"],
+                        seeds=[0, 1, 0, 1], scores={"brightness": np.array([0.1, 0.2, 0.3, 0.4])},
+                        objective=np.array([0.2, 0.4, 0.6, 0.9]))
+    paths = write_outputs(result, tmp_path, extra={"alphas": [0.5]})
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["rewards"]["objective"] == pytest.approx(summarize(result.objective))
+    assert summary["rewards"]["brightness"] == pytest.approx(summarize(result.scores["brightness"]))
+    assert summary["alphas"] == [0.5]
 
 
 def test_eval_cli_writes_scores_summary_and_grid(tiny_sd_dir, lora_pair, tmp_path, capsys):
@@ -163,6 +220,8 @@ def eval_args(tiny_sd_dir, tmp_path, monkeypatch):
     ("--steps", "0", "texforce eval: --steps must be at least 1, got 0"),
     ("--seeds", "0", "texforce eval: --seeds must be at least 1, got 0"),
     ("--eta", "1.5", "texforce eval: --eta must be in [0, 1] (0: deterministic DDIM), got 1.5"),
+    ("--guidance", "inf", "texforce eval: --guidance must be >= 0 (1 = the conditional prediction alone), got inf"),
+    ("--batch-size", "0", "texforce eval: --batch-size must be at least 1, got 0"),
     ("--reward", "brightness:nan", "must be a finite number"),
     ("--reward", "aesthetic", "reward 'aesthetic': no path given for 'aesthetic'"),
     ("--model", "/nonexistent/sd", "texforce eval: model directory not found: /nonexistent/sd"),

@@ -289,6 +289,37 @@ def test_preprocess_shapes_grads_and_pil_agreement():
     assert (ours - ref).abs().mean() < 0.01
 
 
+def test_clip_normalisation_is_openai_clips_in_rgb_order():
+    """Every CLIP-family scorer normalises with OpenAI CLIP's statistics, in R, G, B order as transformers' CLIP image
+    processor has them: a pure red image comes out as CLIP's own preprocessing gives it."""
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    red = torch.zeros(1, 3, 32, 32)
+    red[:, 0] = 1.0
+    want = (red - torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(preprocess.clip_preprocess(red, 32), want)
+
+
+def test_center_crop_offsets_round_half_to_even_as_torchvision_and_refuse_a_small_image():
+    """torchvision's CenterCrop offset is round((side - size) / 2): 1.5 -> 2 rows, 3.5 -> 4 columns (not floor's 1
+    and 3). An image smaller than the crop on either side is an error, not a smaller crop."""
+    image = torch.arange(35 * 39, dtype=torch.float32).view(1, 1, 35, 39)
+    crop = preprocess.center_crop(image, 32)
+    assert crop.shape == (1, 1, 32, 32) and crop[0, 0, 0, 0] == 2 * 39 + 4
+    with pytest.raises(ValueError, match="cannot center-crop 32px from a 20x40 image"):
+        preprocess.center_crop(torch.zeros(1, 3, 20, 40), 32)
+
+
+def test_preprocess_resizes_in_float32_and_returns_the_dtype_asked_for():
+    """Half-precision images and scorers: the bicubic resize runs in float32 (torch has no antialiased bicubic in half
+    precision on the CPU), then the pixels take the scorer's dtype (by default the images')."""
+    images = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(0))
+    half = preprocess.clip_preprocess(images.half(), 32)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), preprocess.clip_preprocess(images, 32), atol=2e-2, rtol=0)
+    assert preprocess.clip_preprocess(images, 32, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
 def test_file_spec_errors_name_key_path_and_what(tmp_path, monkeypatch):
     spec = FileSpec("thing", "file", "thing.pt from somewhere", filename="thing.pt")
     with pytest.raises(FileNotFoundError, match=r"no path given for 'thing': provide thing.pt from somewhere; "
@@ -301,3 +332,28 @@ def test_file_spec_errors_name_key_path_and_what(tmp_path, monkeypatch):
     assert spec.resolve({"thing": str(tmp_path)}) == tmp_path / "thing.pt"
     monkeypatch.setenv("TEXFORCE_THING", str(tmp_path / "thing.pt"))
     assert spec.resolve(None) == tmp_path / "thing.pt"
+
+
+def test_file_spec_kinds_defaults_home_and_where_a_path_comes_from(tmp_path, monkeypatch):
+    """A file where a directory is wanted (and the reverse) is named; a tokenizer left out defaults to its model's
+    directory, given in `paths` or in the environment; `~` is the user's home; `paths` wins over the environment."""
+    model = FileSpec("model", "dir", "a model directory")
+    tokenizer = FileSpec("model_tokenizer", "dir", "its tokenizer", default_from="model")
+    weights = FileSpec("weights", "file", "weights.pt")
+    for key in ("MODEL", "MODEL_TOKENIZER", "WEIGHTS"):
+        monkeypatch.delenv(f"TEXFORCE_{key}", raising=False)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "weights.pt").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=f"'model' at {tmp_path}/weights.pt is not a directory"):
+        model.resolve({"model": str(tmp_path / "weights.pt")})
+    with pytest.raises(FileNotFoundError, match=f"'weights' at {tmp_path}/model is not a file"):
+        weights.resolve({"weights": str(tmp_path / "model")})
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert weights.resolve({"weights": "~/weights.pt"}) == tmp_path / "weights.pt"
+    monkeypatch.setenv("TEXFORCE_MODEL", str(tmp_path / "model"))
+    assert tokenizer.resolve({}) == tmp_path / "model"  # the model's directory, from the environment
+    assert model.is_given(None) and not tokenizer.is_given(None)
+    (tmp_path / "other").mkdir()
+    assert model.resolve({"model": str(tmp_path / "other")}) == tmp_path / "other"  # paths over the environment
+    assert tokenizer.describe() == "model_tokenizer: its tokenizer (default: the 'model' directory)"
+    assert FileSpec("python", "file", "an interpreter", optional=True).describe() == "python: an interpreter (optional)"

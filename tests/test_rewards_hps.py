@@ -30,6 +30,7 @@ GEOMETRY = [
     ((80, 48), 32, (32, 19), (0, 6)),
     ((45, 64), 32, (22, 32), (5, 0)),  # 22.5 -> 22 (half to even), pad 10 = 5 + 5
     ((512, 768), 224, (149, 224), (37, 0)),  # SD 2:3 at HPSv2's 224: 149.33 -> 149, pad 75 = 37 + 38
+    ((59, 80), 32, (24, 32), (4, 0)),  # 23.6 -> 24 (rounded, not truncated), pad 8 = 4 + 4
     ((20, 32), 32, (20, 32), (6, 0)),  # longer side already 32: not resized, still padded to a square
 ]
 

@@ -1,15 +1,18 @@
 """The run directory: what a failed start leaves, and how a local Ray listens."""
+import errno
 import itertools
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from rl.config import load_config
-from rl.run_dir import RunDirectory
+from rl.run_dir import RunDirectory, pack_learner_state, storage_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +24,47 @@ def test_a_run_directory_without_progress_is_reused_and_one_with_progress_refuse
     run.append_metrics({"epoch": 0, "reward_mean": 0.5})
     with pytest.raises(FileExistsError, match="--resume"):
         RunDirectory.create(config)
+
+
+def test_a_run_directory_holding_only_checkpoints_is_refused(tmp_path):
+    """Checkpoints are a run's progress too (its metrics file may be gone): a new run there would write over them."""
+    config = load_config(None, [f"output_dir={tmp_path}", "run_name=r"])
+    (tmp_path / "r" / "checkpoints" / "epoch_0000").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="--resume"):
+        RunDirectory.create(config)
+
+
+def test_a_resumed_epochs_row_replaces_that_epochs_row_and_every_later_one(tmp_path):
+    """A resume from epoch_0001's checkpoint writes epoch 2 again: the rows the stopped run wrote for epochs 2 and 3
+    go, and the rows stay in epoch order."""
+    run = RunDirectory(tmp_path)
+    for epoch in range(4):
+        run.append_metrics({"epoch": epoch, "reward_mean": 0.1 * epoch})
+    rows = run.append_metrics({"epoch": 2, "reward_mean": 0.9})
+    assert [(r["epoch"], r["reward_mean"]) for r in run.read_metrics()] == [(0, 0.0), (1, 0.1), (2, 0.9)]
+    assert rows == run.read_metrics()
+
+
+def test_a_checkpoint_folder_without_its_driver_json_is_not_a_checkpoint(tmp_path):
+    """driver.json is written last: a folder without it (a save or a copy cut short) is neither the latest checkpoint
+    nor counted in the epochs the run has finished."""
+    run = RunDirectory(tmp_path)
+    for epoch in (0, 1):
+        folder = run.checkpoints / f"epoch_{epoch:04d}"
+        folder.mkdir(parents=True)
+        (folder / "learner.pt").write_bytes(pack_learner_state({"version": epoch}))
+    (run.checkpoints / "epoch_0000" / "driver.json").write_text(json.dumps({"epoch": 0}))
+    assert run.complete_checkpoints() == [run.checkpoints / "epoch_0000"]
+    assert run.latest_checkpoint().name == "epoch_0000" and run.checkpointed_epochs() == 1
+
+
+@pytest.mark.parametrize("code, fix", [(errno.ENOSPC, "free space there"), (errno.EDQUOT, "free space there"),
+                                       (errno.EROFS, "make it writable or write elsewhere")])
+def test_a_full_disk_or_quota_asks_for_space_and_a_read_only_one_for_another_place(code: int, fix: str):
+    """A quota that is used up is fixed as a full disk is, by freeing space; only a read-only disk needs another place."""
+    error = OSError(code, os.strerror(code))
+    assert storage_problem(error, "runs/x/metrics.parquet") == f"{os.strerror(code)}: runs/x/metrics.parquet; {fix}"
+    assert storage_problem(OSError(errno.EBADF, os.strerror(errno.EBADF)), "runs/x") is None
 
 
 def test_the_newest_readable_checkpoint_is_loaded(tmp_path, caplog):
@@ -129,6 +173,29 @@ def test_epochs_written_without_plots_get_their_metrics_and_a_stopped_run_its_wh
     assert [r["epoch"] for r in run.read_metrics()] == [0, 1, 2] and any(run.tensorboard.iterdir())
     outputs.close()
     assert drawn == [1, 3]
+
+
+def test_auto_plots_wait_for_a_drawing_underway_but_not_for_epochs_written_without_one(tmp_path):
+    """plot_every: auto asks `plots_due` each epoch: no while a drawing is still queued (else drawings pile up behind
+    a slow one), and epochs written without plots leave nothing to wait for."""
+    from rl.outputs import EpochOutputs
+
+    run = RunDirectory(tmp_path / "run")
+    run.path.mkdir()
+    outputs = EpochOutputs(run, title="curve")
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    release = threading.Event()
+    try:
+        outputs.write({"epoch": 0, "reward_mean": 0.6, "reward_std": 0.3, "num_samples": 8}, images, ["a", "b"],
+                      plots=False)
+        outputs.flush()
+        assert outputs.plots_due()  # nothing drawn yet: the first drawing is due
+        outputs.executor.submit(release.wait)  # the drawing thread busy: epoch 1's drawing stays queued
+        outputs.write({"epoch": 1, "reward_mean": 0.6, "reward_std": 0.3, "num_samples": 8}, images, ["a", "b"])
+        assert not outputs.plots_due()
+    finally:
+        release.set()
+        outputs.close()
 
 
 def test_plot_every_auto_draws_while_drawing_stays_within_its_share_of_the_run():

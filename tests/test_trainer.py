@@ -32,7 +32,7 @@ from rl.config import load_config
 from rl.learner import PPOLearner, combine_rank_metrics
 from rl.models import load_pipeline
 from rl.outputs import EpochOutputs
-from rl.prompts import BUILTIN, epoch_prompts
+from rl.prompts import BUILTIN, cycled_indices, epoch_prompts
 from rl.run_dir import RunDirectory
 from rl.sampling import Trajectories
 from tune.evaluate import EvalSettings, clustered_sem, eval_set, evaluate
@@ -918,6 +918,15 @@ def test_cycle_prompt_order_trains_every_prompt_equally_often_with_the_same_nois
     assert other_seed != drawn[:64]
     with pytest.raises(ValueError, match="order"):
         epoch_prompts(prompts, seed=3, epoch=0, num_samples=8, order="shuffled")
+
+
+def test_each_pass_of_the_cycle_order_is_shuffled_anew_and_any_slice_is_the_same_sequences():
+    """A pass is a permutation of its own: one order repeated every pass would batch the same prompts together every
+    pass. A slice that starts mid-pass is the same stretch of the one sequence."""
+    sequence = cycled_indices(10, seed=3, start=0, count=30)
+    assert sorted(sequence[:10]) == sorted(sequence[10:20]) == sorted(sequence[20:]) == list(range(10))
+    assert sequence[:10] != sequence[10:20] and sequence[10:20] != sequence[20:]
+    assert cycled_indices(10, seed=3, start=7, count=15) == sequence[7:22]
 
 
 def test_the_run_draws_prompts_in_the_configured_order(tiny_sd_dir, tmp_path):

@@ -13,7 +13,7 @@ from conftest import one_line_error, tiny_config
 from rl.config import ConfigError, PromptConfig
 from rl.models import ModelNotFoundError, check_device, check_model, safetensors_header
 from rl.preflight import preflight
-from rl.prompts import PromptsError, load_prompts
+from rl.prompts import PromptsError, load_prompts, long_prompts
 
 WEIGHTS = {
     "unet": "unet/diffusion_pytorch_model.safetensors",
@@ -163,6 +163,16 @@ def test_long_prompts_warn_once_naming_how_many(tiny_sd_dir, tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert warnings[0].startswith(f"2 of 3 prompts in {path} are longer than the tokenizer's 77 tokens and will be truncated")
+
+
+def test_a_prompt_of_exactly_the_tokenizers_length_is_not_long():
+    """model_max_length counts the start and end tokens: a prompt that fills it is encoded whole, one token more is cut."""
+    from toyworld.tiny import toy_tokenizer
+
+    tokenizer = toy_tokenizer()
+    fits = " ".join(["ball"] * (tokenizer.model_max_length - 2))
+    assert len(tokenizer(fits).input_ids) == tokenizer.model_max_length
+    assert long_prompts([fits, fits + " ball"], tokenizer) == [fits + " ball"]
 
 
 def test_evaluation_prompts_that_are_also_trained_on_warn_once(tiny_sd_dir, tmp_path, caplog):
