@@ -235,3 +235,65 @@ def test_the_documented_config_loads_back_to_the_same_config(path, tmp_path):
     assert lines[at - 1] == "  # AdamW learning rate (peak, after warmup)."  # each setting under its doc
     assert "lora:" in lines and lines[lines.index("lora:") + 1].startswith("  # ")
     assert max(map(len, lines)) <= 120
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.adam_beta1=1"], "train.adam_beta1 must be in [0, 1), got 1.0"),
+        (["advantage.group_size=1"], "advantage.group_size must be an integer >= 2, got 1"),
+        (["train.async_staleness=2"], ("train.async_staleness must be 0 or 1, got 2 (0 = sample then train "
+                                       "on-policy, 1 = sample the next epoch while training this one)")),
+        (["resources.learner_threads=-1"], "resources.learner_threads must be >= 0, got -1"),
+        ([f"seed={2**63}"], f"seed must be in [0, 2**63), got {2**63} (torch's generators take int64 seeds)"),
+        (["train.algorithm=draft_lv", "gradient.lv_copies=0"],
+         "gradient.lv_copies must be an integer >= 1, got 0 (DRaFT-LV uses 2)"),
+        (["lora.alpha=0"], "lora.alpha must be > 0, got 0.0"),
+    ],
+)
+def test_a_value_just_past_its_bound_is_refused(overrides, message):
+    """Each bound at its edge, where an off-by-one or a dropped check would let the run start and fail or learn
+    nothing later: beta1=1 never moves Adam's first moment, a group of one sample has no spread to compare against,
+    staleness 2 is no schedule the loop has, -1 threads fails in the learner actor after Ray started, seed 2**63
+    overflows torch's int64 generators, 0 LV copies sum no reward, and alpha 0 scales the LoRA to nothing."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("resources.rollout_low_priority='false'", "resources.rollout_low_priority: expected bool, got str 'false'"),
+        ("sample.num_steps=true", "sample.num_steps: expected an int, got bool True"),
+        ("plot_every=null", "plot_every: expected int or 'auto', got NoneType None"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_not_coerced(override, message):
+    """A quoted 'false' is a string, which as a bool would be True; YAML's `true` is a bool, which as an int would
+    be 1; null is no value of plot_every (only the settings that take null may be null: it crashed validation)."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        load_config(None, [override])
+
+
+def test_a_list_override_drops_empty_items():
+    """A trailing comma or an empty item in `a,b,` must not add '' to a list of LoRA targets."""
+    assert load_config(None, ["lora.text_encoder_targets=q_proj, ,v_proj,"]).lora.text_encoder_targets == [
+        "q_proj", "v_proj"]
+
+
+def test_prompt_groups_may_span_sampling_calls():
+    """The epoch's prompts are laid out in groups over all its samples (rl.prompts.epoch_prompts gets
+    samples_per_epoch), so the epoch's total must be a multiple of advantage.group_size, not each call's batch."""
+    config = load_config(None, ["advantage.mode=group", "sample.batch_size=2", "sample.num_batches_per_epoch=2"])
+    assert (config.samples_per_epoch, config.advantage.group_size) == (4, 4)
+    with pytest.raises(ConfigError, match="^" + re.escape(
+            "samples per epoch (sample.batch_size * sample.num_batches_per_epoch = 6) must be a multiple of "
+            "advantage.group_size=4 in group mode") + "$"):
+        load_config(None, ["advantage.mode=group", "sample.batch_size=3", "sample.num_batches_per_epoch=2"])
+
+
+def test_optimizer_defaults_are_the_published_adamw_settings():
+    """TRL DDPOConfig's AdamW betas and epsilon, which TexForce trains with (the defaults test above pins the
+    learning rate and weight decay)."""
+    t = TexForceConfig().train
+    assert (t.adam_beta1, t.adam_beta2, t.adam_epsilon) == (0.9, 0.999, 1e-8)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,51 @@ def test_entries_carry_metadata():
 def test_bad_specs(spec, match):
     with pytest.raises(rewards.RewardSpecError, match=match):
         rewards.parse_spec(spec)
+
+
+def test_a_missing_weight_is_an_error_and_a_negative_one_keeps_its_sign():
+    """`brightness:` is a weight left out, not weight 1; a negative weight penalises its part (minus a JPEG size),
+    and spaces around a name or a weight are the writer's layout."""
+    with pytest.raises(rewards.RewardSpecError, match="^" + re.escape(
+            "weight '' of 'brightness' in spec 'brightness:' is not a number; write e.g. "
+            "'imagereward:1.0,aesthetic:0.5'") + "$"):
+        rewards.parse_spec("brightness:")
+    assert rewards.parse_spec("brightness:-0.5, color_alignment : 2") == [("brightness", -0.5), ("color_alignment", 2.0)]
+
+
+def test_a_reward_name_a_spec_cannot_spell_is_not_registered(monkeypatch):
+    """`a:b` or `a,b` would be split by parse_spec: such a reward could never be asked for."""
+    from rewards import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # a wrongly accepted entry stays here
+    entry = rewards.get_entry("brightness")
+    for name in ("bright:ness", "bright,ness", "bright ness"):
+        with pytest.raises(ValueError, match="^" + re.escape(
+                f"reward name {name!r} must be letters, digits and underscores") + "$"):
+            register(RewardEntry(name, entry.build, True, (), "a name no spec can spell"))
+
+
+def test_a_build_error_names_the_reward(monkeypatch):
+    """Built without a check first (the Python API, a reward actor), a missing file must still say which reward of a
+    composite spec needs it."""
+    monkeypatch.delenv("TEXFORCE_AESTHETIC", raising=False)
+    with pytest.raises(rewards.RewardFileError) as error:
+        rewards.build_reward("brightness,aesthetic", paths={})
+    assert str(error.value) == (
+        "reward 'aesthetic': no path given for 'aesthetic': provide sac+logos+ava1-l14-linearMSE.pth from "
+        "christophschuhmann/improved-aesthetic-predictor; set reward.paths.aesthetic=PATH in the training config "
+        "(--paths aesthetic=PATH for score, eval and tune) or TEXFORCE_AESTHETIC=PATH in the environment")
+
+
+def test_a_paths_key_no_reward_of_several_specs_reads_is_named_in_the_plural():
+    with pytest.raises(rewards.RewardError, match="^" + re.escape(
+            "no reward of 'brightness' or 'color_alignment' reads a file under the key 'foo'; they read no files: "
+            "drop the key") + "$"):
+        rewards.check_path_keys({"foo": "/x"}, ["brightness", "color_alignment"])
+    with pytest.raises(rewards.RewardError, match="^" + re.escape(
+            "no reward of 'brightness' or 'aesthetic' reads a file under the key 'foo'; their keys are aesthetic, "
+            "aesthetic_clip") + "$"):
+        rewards.check_path_keys({"foo": "/x"}, ["brightness", "aesthetic"])
 
 
 def test_check_reward_finds_missing_files_without_building(tmp_path, monkeypatch):

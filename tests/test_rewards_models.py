@@ -363,3 +363,16 @@ def test_not_a_clip_directory(tiny_reward_files, tmp_path):
     with pytest.raises(FileNotFoundError, match=f"{tmp_path} has no config.json: 'clip_score' must be a "
                                                 "transformers CLIPModel directory"):
         rewards.build_reward("clip_score", paths=_paths(tiny_reward_files, clip_score=tmp_path))
+
+
+def test_an_unusable_model_file_is_a_reward_file_error_naming_the_reward(tiny_reward_files, tmp_path):
+    """A builder's ValueError (a file of the wrong kind) becomes a RewardFileError, the user error the command
+    line prints as one line; left a ValueError, it is a traceback."""
+    fake = tmp_path / "HPS_v2_compressed.pt"
+    fake.write_text("<html>Not Found</html>")
+    with pytest.raises(rewards.RewardFileError) as error:
+        rewards.build_reward("hpsv2", paths=_paths(tiny_reward_files, hpsv2=fake))
+    assert str(error.value) == (
+        f"reward 'hpsv2': {fake} is not a PyTorch checkpoint (looks like HTML/XML text (a web page saved instead of the "
+        "file?)); expected an HPSv2 checkpoint (HPS_v2_compressed.pt from xswu/HPSv2 on the Hugging Face hub), a file "
+        "written by torch.save")

@@ -450,3 +450,121 @@ def test_a_relative_output_dir_or_resume_inside_a_ray_working_dir_copy_is_refuse
     monkeypatch.chdir(tmp_path)
     preflight(tiny_config(tiny_sd_dir))  # a relative output_dir elsewhere is the user's choice
     assert ray_working_dir_copy(tmp_path / "working_dir_files/_ray_pkg_abc") is None
+
+
+# --- gaps found by a mutation audit: checks whose removal no test noticed ----------------------------------------
+
+
+def test_a_component_model_index_json_does_not_list_is_missing(model_copy):
+    """diffusers builds the components model_index.json lists: a folder it does not list fails only when the
+    pipeline loads, after the run directory exists."""
+    index = json.loads((model_copy / "model_index.json").read_text())
+    del index["unet"]
+    (model_copy / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelNotFoundError, match="^" + re.escape(
+            f"{model_copy} is missing the 'unet' component folder ({model_copy / 'unet'}).") + "$"):
+        check_model(str(model_copy))
+
+
+def test_an_empty_bin_weights_file_is_named(model_copy):
+    (model_copy / WEIGHTS["vae"]).unlink()
+    weights = model_copy / "vae" / "diffusion_pytorch_model.bin"
+    weights.write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match="^" + re.escape(
+            f"{weights} is empty; copy it again from the model's snapshot") + "$"):
+        check_model(str(model_copy))
+
+
+def test_weights_with_bytes_after_their_tensors_are_refused(model_copy):
+    """safetensors refuses a file its header does not fully cover ("incomplete metadata, file not fully covered")
+    when the pipeline loads: preflight names it first."""
+    weights = model_copy / WEIGHTS["unet"]
+    size = weights.stat().st_size
+    with open(weights, "ab") as handle:
+        handle.write(b"\0" * 100)
+    with pytest.raises(ModelNotFoundError, match="^" + re.escape(
+            f"{weights} is truncated: its header describes {size} bytes but the file has {size + 100}; download or "
+            "copy it again") + "$"):
+        check_model(str(model_copy))
+
+
+def test_a_tokenizer_of_a_vocabulary_without_its_merges_is_named(model_copy):
+    """vocab.json is half of a BPE tokenizer: without merges.txt (or a tokenizer.json) there is none."""
+    (model_copy / "tokenizer" / "tokenizer.json").unlink()
+    (model_copy / "tokenizer" / "vocab.json").write_text('{"a</w>": 0}')
+    with pytest.raises(ModelNotFoundError, match="^" + re.escape(
+            f"{model_copy / 'tokenizer'} holds no tokenizer (tokenizer.json, or vocab.json + merges.txt); copy the "
+            "tokenizer/ folder of the same model's snapshot into it (for SD 1.x, the CLIP ViT-L/14 tokenizer)") + "$"):
+        check_model(str(model_copy))
+
+
+def test_a_scheduler_folder_without_its_config_is_named(model_copy):
+    """Without scheduler_config.json the scheduler's loader fails in preflight's min_sigma check with its own words."""
+    (model_copy / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(ModelNotFoundError, match="^" + re.escape(
+            f"{model_copy / 'scheduler'} has no scheduler_config.json; copy that folder from the model's snapshot "
+            "again") + "$"):
+        check_model(str(model_copy))
+
+
+def test_a_tokenizer_without_a_vocabulary_is_refused_before_the_model_loads(model_copy):
+    """A tokenizer folder of a few tokens loads (offline, a missing vocabulary gives such a tokenizer) and would
+    encode every prompt as unknown tokens."""
+    from transformers import CLIPTokenizer
+
+    shutil.rmtree(model_copy / "tokenizer")
+    CLIPTokenizer(vocab={"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "a": 3}, merges=[],
+                  model_max_length=77).save_pretrained(str(model_copy / "tokenizer"))
+    with pytest.raises(ModelNotFoundError, match="^" + re.escape(
+            f"the tokenizer in {model_copy / 'tokenizer'} has only 4 tokens; copy the tokenizer/ folder of the same "
+            "model's snapshot into it") + "$"):
+        preflight(tiny_config(str(model_copy), "resources.mode=inline"))
+
+
+def test_a_home_relative_model_path_is_a_path_not_a_hub_id(tmp_path, monkeypatch):
+    """`~/models/sd` has one slash, like a hub id `org/name`: it must still be looked up (and reported) as a path."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match="^" + re.escape(
+            f"model directory not found: {tmp_path / 'sd'}. Pass a local diffusers directory (model.pretrained=... or "
+            "--model ...), or build a tiny one with `texforce make-tiny DIR`.") + "$"):
+        check_model("~/sd")
+
+
+@pytest.mark.parametrize("value", ["1", "true", "ON"])
+def test_hf_hub_offline_is_read_as_the_hub_reads_it(monkeypatch, value):
+    """huggingface_hub takes 1, true, on or yes (any case) for offline: a hub id is then refused with the fix."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    with pytest.raises(ModelNotFoundError, match="^" + re.escape(
+            "model 'org/model' is not a local directory and HF_HUB_OFFLINE is set, so the hub cannot be asked. Pass "
+            "a local diffusers directory (model.pretrained=... or --model ...), or build a tiny one with "
+            "`texforce make-tiny DIR`.") + "$"):
+        check_model("org/model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert check_model("org/model") is None  # the hub is asked when the pipeline loads
+
+
+def test_a_cuda_run_on_ray_needs_a_gpu_request_for_the_reward_actors_too(tiny_sd_dir):
+    """The reward actors build their models on model.device (actors/topology.py): Ray hides the GPUs from them too."""
+    with pytest.raises(ConfigError, match="^" + re.escape(
+            "model.device=cuda but resources.gpus_per_reward_actor=0: Ray hides the GPUs from an actor that requests "
+            "none; set resources.gpus_per_reward_actor (fractions share a GPU) or model.device=cpu") + "$"):
+        preflight(tiny_config(tiny_sd_dir, "model.device=cuda", "resources.gpus_per_sampler=0.5",
+                              "resources.gpus_per_learner=1"))
+
+
+def test_min_sigma_is_checked_at_the_policys_eta(tiny_sd_dir):
+    """sigma_t scales with eta: at sample.eta=0.5 the 6-step schedule's largest sigma_t is 0.412, so min_sigma=0.6
+    leaves no step to train there though it would at eta 1 (0.823); the learner would fail after the first rollout."""
+    with pytest.raises(ConfigError, match="^" + re.escape(
+            "train.min_sigma=0.6 leaves no step to train: the largest sigma_t of this 6-step schedule at eta=0.5 is "
+            "0.412; lower train.min_sigma") + "$"):
+        preflight(tiny_config(tiny_sd_dir, "sample.eta=0.5", "train.min_sigma=0.6", "resources.mode=inline"))
+    preflight(tiny_config(tiny_sd_dir, "train.min_sigma=0.6", "resources.mode=inline"))
+
+
+def test_a_gradient_learners_clip_score_term_reads_its_paths_key(tiny_sd_dir, tmp_path):
+    """TextCraftor's clip_score regulariser is part of the reward it trains on (rl.gradient.reward_spec), though
+    not of reward.spec: its reward.paths key is read, not a stray one."""
+    preflight(tiny_config(tiny_sd_dir, "train.algorithm=textcraftor", "gradient.clip_score_weight=0.1",
+                          f"reward.paths.clip_score={tmp_path}", "resources.mode=inline"))
