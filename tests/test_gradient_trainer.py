@@ -228,3 +228,25 @@ def test_a_gradient_learners_non_finite_stop_keeps_the_epoch_with_its_row_and_th
     blue_at.clear()
     resumed = train(load_config(run.path / "config.yaml"), resume=run.path)
     assert [r["epoch"] for r in resumed.read_metrics()] == [0, 1, 2]
+
+
+def test_a_gradient_learners_non_finite_rewards_are_dropped_from_the_epochs_row(tiny_sd_dir, tmp_path, monkeypatch):
+    """reward.on_non_finite=drop (the default): the epoch's row is over the finite rewards only, as PPO's is, with the
+    dropped ones counted; a NaN kept in them would make the logged reward NaN."""
+    import rewards
+    from rl.run_dir import RunDirectory
+
+    if _DifferentiableNanForBlue.name not in {e.name for e in rewards.list_entries()}:
+        rewards.register(rewards.RewardEntry(_DifferentiableNanForBlue.name, lambda **_: _DifferentiableNanForBlue(),
+                                             True, (), "test"))
+
+    def prompts_per_epoch(prompts, *, seed, epoch, num_samples, group_size=1, order="random"):
+        return ["a blue ball", "a red ball"] * (num_samples // 2), list(range(num_samples))
+
+    monkeypatch.setattr("actors.driver.epoch_prompts", prompts_per_epoch)
+    config = _config(tiny_sd_dir, tmp_path, "run_name=drop", "resources.mode=inline", "num_epochs=1",
+                     f"reward.spec={_DifferentiableNanForBlue.name}")
+    assert config.reward.on_non_finite == "drop"
+    (row,) = RunDirectory(train(config).path).read_metrics()
+    assert row["num_dropped"] == 4 and row["num_samples"] == 4
+    assert np.isfinite(row["reward_mean"]) and np.isfinite(row["reward_sem"])

@@ -80,3 +80,15 @@ def test_select_keeps_every_field_of_a_row_together_in_the_given_order():
     batch = _shard(0, 4).select(torch.tensor([3, 0, 2]))
     assert batch.prompts == ["p3", "p0", "p2"] and batch.seeds.tolist() == [3, 0, 2]
     assert batch.latents[:, 0, 0, 0, 0].tolist() == [3, 0, 2]
+
+
+def test_a_selection_keeps_what_resampling_a_lost_shard_needs():
+    """`RayWorkers.resample` draws a lost shard again from the rollout's shard inputs with the LoRA that drew it:
+    a rollout whose non-finite rows were dropped must still carry both (else the shard is drawn by no LoRA)."""
+    from rl.lora import PolicyWeights
+
+    weights = PolicyWeights(version=3)
+    inputs = [(["p0", "p1", "p2"], [0, 1, 2], None), (["p3", "p4", "p5"], [3, 4, 5], None), (["p6", "p7"], [6, 7], None)]
+    rollout = replace(_rollout(), shard_inputs=inputs, weights=weights)
+    kept = rollout.select(torch.tensor([0, 2, 3]))
+    assert kept.weights is weights and kept.shard_inputs == inputs and kept.sizes == [3, 3, 2]

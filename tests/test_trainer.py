@@ -1,4 +1,5 @@
 """The trainer end to end: Ray actors, data-parallel learners, faults, resume, bad input."""
+import itertools
 import json
 import math
 import os
@@ -129,6 +130,30 @@ def test_summary_compares_the_first_and_last_five_epochs_training_reward(tmp_pat
     run.append_metrics({"epoch": 11, "reward_mean": 0.61, "reward_std": 0.2, "num_samples": 16, "reward_sem": 0.1})
     assert training_reward(run.read_metrics()[-1:]) == (0.61, 0.1)
     assert training_reward(run.read_metrics()[-2:])[1] == pytest.approx(math.sqrt(0.05**2 + 0.1**2) / 2)
+
+
+def test_the_held_out_evaluation_runs_after_every_nth_and_the_last_epoch():
+    """evaluation.every=N: after epochs N-1, 2N-1, ... (the N-th, 2N-th epoch) and the last; 0: the last only."""
+    from actors.driver import _evaluation_due
+
+    def due(*overrides):
+        config = load_config(None, ["num_epochs=7", *overrides])
+        return [epoch for epoch in range(config.num_epochs) if _evaluation_due(epoch, config)]
+
+    assert due("evaluation.every=3") == [2, 5, 6]
+    assert due("evaluation.every=2") == [1, 3, 5, 6]
+    assert due("evaluation.every=0") == [6]
+
+
+def test_summary_compares_the_last_held_out_evaluation_with_the_base_models(tmp_path):
+    """With evaluation.every, evaluation.parquet holds a row per evaluated epoch: "before training" is the base
+    model's (epoch -1), whatever was evaluated between it and the last."""
+    run = RunDirectory(tmp_path)
+    for epoch, mean in [(-1, 0.25), (0, 0.5), (1, 0.75)]:
+        run.append_evaluation({"epoch": epoch, "reward_mean": mean, "reward_sem": 0.01, "num_samples": 4,
+                               "rewards": [mean] * 4})
+    assert ("(4 images): before training 0.2500 +- 0.0100 -> after epoch 1 0.7500 +- 0.0100"
+            in summarize(run))
 
 
 def test_two_learners_match_one_learner_on_the_union_batch(ray_session, tiny_sd_dir, tmp_path):
@@ -304,6 +329,33 @@ def test_samplers_gone_while_drawing_the_next_batch_stop_after_this_epoch_is_log
     with pytest.raises(TrainingStopped, match=r"^every sampler died .*; then `texforce train --resume .*async_gone`$"):
         train(config)
     run = RunDirectory(tmp_path / "async_gone")
+    assert [p.name for p in run.checkpoints.iterdir()] == ["epoch_0000"]
+    assert [r["epoch"] for r in run.read_metrics()] == [0]
+    monkeypatch.setattr(InlineWorkers, "rollout", rollout)
+    resumed = train(load_config(run.path / "config.yaml"), resume=run.path)
+    assert [r["epoch"] for r in resumed.read_metrics()] == [0, 1, 2]
+
+
+def test_samplers_gone_while_drawing_an_epochs_batch_stop_with_the_last_finished_epoch_kept(
+        tiny_sd_dir, tmp_path, monkeypatch):
+    """Synchronous sampling: the samplers gone for good while drawing epoch 1's batch, the run stops with epoch 0
+    checkpointed (save_every=5 would skip it), not epoch 1, which trained nothing: a checkpoint named epoch_0001 would
+    make the resume skip that epoch."""
+    rollout = InlineWorkers.rollout
+    calls = []
+
+    def gone_at_the_second_batch(self, *args, evaluation=False, **kwargs):
+        calls.append(evaluation)
+        if calls.count(False) == 2 and not evaluation:
+            raise ActorsLostError("every sampler died more than resources.max_restarts=3 times")
+        return rollout(self, *args, evaluation=evaluation, **kwargs)
+
+    monkeypatch.setattr(InlineWorkers, "rollout", gone_at_the_second_batch)
+    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=sync_gone", "resources.mode=inline", "num_epochs=3",
+                             "sample.num_steps=4", "save_every=5")
+    with pytest.raises(TrainingStopped, match=r"^every sampler died .*; then `texforce train --resume .*sync_gone`$"):
+        train(config)
+    run = RunDirectory(tmp_path / "sync_gone")
     assert [p.name for p in run.checkpoints.iterdir()] == ["epoch_0000"]
     assert [r["epoch"] for r in run.read_metrics()] == [0]
     monkeypatch.setattr(InlineWorkers, "rollout", rollout)
@@ -579,8 +631,12 @@ def _kill_the_learner_after_epoch_0(ray):
     return on_epoch_end
 
 
-def test_a_dead_learner_is_replaced_and_the_run_goes_on_from_its_checkpoint(ray_session, tiny_sd_dir, tmp_path):
-    overrides = ("num_epochs=2", "resources.num_samplers=1", "sample.num_steps=4")
+@pytest.mark.parametrize("staleness", [0, 1], ids=["sync", "async"])
+def test_a_dead_learner_is_replaced_and_the_run_goes_on_from_its_checkpoint(ray_session, tiny_sd_dir, tmp_path,
+                                                                             staleness):
+    """Async: epoch 1's batch, drawn during epoch 0's update, is drawn again after the restore with the version
+    before the checkpoint's (a new `_Batches`), as the straight run drew it, not with the restored LoRA."""
+    overrides = ("num_epochs=2", "resources.num_samplers=1", "sample.num_steps=4", f"train.async_staleness={staleness}")
     straight = train(_trainer_config(tiny_sd_dir, tmp_path, "run_name=straight", *overrides))
     run = train(_trainer_config(tiny_sd_dir, tmp_path, "run_name=killed", *overrides),
                 on_epoch_end=_kill_the_learner_after_epoch_0(ray_session))
@@ -792,6 +848,49 @@ def test_actors_lost_in_a_mid_run_evaluation_stop_with_the_epoch_kept_and_the_re
     run = train(load_config(run.path / "config.yaml"), resume=run.path)
     assert [r["epoch"] for r in run.read_metrics()] == [0, 1, 2]
     assert [r["epoch"] for r in run.read_evaluations()] == [-1, 0, 1, 2]  # epoch 0's evaluated by the resume
+
+
+def test_each_held_out_gain_is_paired_with_the_base_model_and_a_resume_evaluates_each_epoch_once(
+        tiny_sd_dir, tmp_path, monkeypatch):
+    """evaluation.every=1: each evaluation's gain is against the base model's scores (epoch -1), not the evaluation
+    before it; a resume after an evaluated epoch does not evaluate it again (minutes at the demo's size)."""
+    import actors.driver
+    from tune.evaluate import paired_gain
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a purple hat\na white cup\n")
+    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=every", "resources.mode=inline", "sample.num_steps=4",
+                             "num_epochs=2", f"evaluation.prompts_file={held_out}", "evaluation.num_seeds=2",
+                             "evaluation.every=1")
+    run = train(config)
+    evaluate, evaluated = actors.driver.evaluate_held_out, []
+    monkeypatch.setattr(actors.driver, "evaluate_held_out",
+                        lambda epoch, *args, **kwargs: evaluated.append(epoch) or evaluate(epoch, *args, **kwargs))
+    train(load_config(run.config_path, ["num_epochs=3"]), resume=run.path)
+    assert evaluated == [2]
+    evaluations = run.read_evaluations()
+    assert [r["epoch"] for r in evaluations] == [-1, 0, 1, 2]
+    base = np.asarray(evaluations[0]["rewards"])
+    for before, row in itertools.pairwise(evaluations[1:]):
+        assert row["rewards"] != before["rewards"]  # the LoRA moved: pairing with the row before would differ
+    for row in evaluations[1:]:
+        gain = paired_gain(base, np.asarray(row["rewards"]))
+        assert row["reward_gain"] == pytest.approx(gain["mean"]) and row["reward_gain_sem"] == pytest.approx(gain["sem"])
+
+
+def test_a_held_out_file_added_in_a_resume_gets_no_before_training_row(tiny_sd_dir, tmp_path):
+    """The base model's evaluation runs before epoch 0 only: a resume that adds evaluation.prompts_file holds trained
+    weights, which must not be scored as "before training" (the gains would be paired with them); the epochs
+    evaluated after it have no gain."""
+    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=added", "resources.mode=inline", "sample.num_steps=4",
+                             "num_epochs=1")
+    run = train(config)
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a purple hat\n")
+    train(load_config(run.config_path, ["num_epochs=2", f"evaluation.prompts_file={held_out}", "evaluation.num_seeds=1"]),
+          resume=run.path)
+    evaluations = run.read_evaluations()
+    assert [r["epoch"] for r in evaluations] == [1] and evaluations[0].get("reward_gain") is None
 
 
 def test_resource_check_fails_fast_with_the_shortfall(ray_session, tiny_sd_dir, tmp_path):
@@ -1068,6 +1167,52 @@ def test_non_finite_rewards_stop_after_a_checkpoint(tiny_sd_dir, tmp_path, nan_r
     assert state["epoch"] == 1
     assert (run_dir / "checkpoints" / "epoch_0000" / "learner.pt").exists()  # epoch 0's work is kept
     assert (run_dir / "grids" / "epoch_0001_non_finite.png").exists()
+
+
+def test_every_reward_of_an_epoch_non_finite_stops_the_run_in_drop_mode_too(tiny_sd_dir, tmp_path, nan_reward,
+                                                                             monkeypatch):
+    """reward.on_non_finite=drop with no finite sample left has nothing to train on: the run stops as in `stop` mode,
+    with the last finished epoch checkpointed."""
+    def prompts_per_epoch(prompts, *, seed, epoch, num_samples, group_size=1, order="random"):
+        word = "red" if epoch == 0 else "blue"
+        return [f"a {word} ball"] * num_samples, list(range(num_samples))
+
+    monkeypatch.setattr("actors.driver.epoch_prompts", prompts_per_epoch)
+    config = _trainer_config(tiny_sd_dir, tmp_path, "resources.mode=inline", "num_epochs=3", "save_every=5",
+                             "sample.num_steps=4", f"reward.spec={nan_reward}", "run_name=all_nan")
+    assert config.reward.on_non_finite == "drop"
+    with pytest.raises(NonFiniteRewardError, match=r"8 of 8 samples .*no finite sample left"):
+        train(config)
+    run = RunDirectory(tmp_path / "all_nan")
+    assert [p.name for p in run.checkpoints.iterdir()] == ["epoch_0000"]
+    assert [r["epoch"] for r in run.read_metrics()] == [0]
+
+
+def test_non_finite_held_out_scores_are_left_out_of_the_mean_and_counted(tiny_sd_dir, tmp_path, nan_reward, monkeypatch):
+    """A held-out image whose score is NaN: the evaluation's mean is over the finite ones, num_dropped counts it, and
+    the grid shows each prompt's first image (evaluation.num_seeds=2: 3 of the 6)."""
+    import actors.driver
+
+    grids = {}
+    save = actors.driver.save_image_grid
+
+    def record(images, captions, path, **kwargs):
+        grids[Path(path).name] = captions
+        return save(images, captions, path, **kwargs)
+
+    monkeypatch.setattr(actors.driver, "save_image_grid", record)
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a blue cup\na red ball\na green hat\n")
+    config = _trainer_config(tiny_sd_dir, tmp_path, "resources.mode=inline", "num_epochs=1", "sample.num_steps=4",
+                             f"evaluation.prompts_file={held_out}", "evaluation.num_seeds=2",
+                             f"evaluation.reward={nan_reward}", "run_name=nan_held_out")
+    run = train(config)
+    # nan_for_blue scores by position in a shard of 4: the red ball's images 0.52 and 0.53, the green hat's 0.5, 0.51
+    for row in run.read_evaluations():
+        assert row["num_samples"] == 6 and row["num_dropped"] == 2
+        assert row["reward_mean"] == pytest.approx(0.515) and math.isnan(row["rewards"][0])
+    assert run.read_evaluations()[1]["reward_gain"] == pytest.approx(0.0)
+    assert grids["eval_before_training.png"] == ["a blue cup | r=nan", "a red ball | r=0.5200", "a green hat | r=0.5000"]
 
 
 def _disk_full(path) -> OSError:
