@@ -309,11 +309,13 @@ def test_no_sampler_left_to_draw_lost_trajectories_again_stops_the_run_with_how_
     assert _learner_pids(ray_session) == []
 
 
-def test_samplers_gone_while_drawing_the_next_batch_stop_after_this_epoch_is_logged_and_kept(
-        tiny_sd_dir, tmp_path, monkeypatch):
-    """Async sampling: epoch 1's batch is drawn during epoch 0's update; the samplers gone for good then, epoch 0's
-    update still finishes, its metrics row and checkpoint are written (save_every=5 would skip it), and the run
-    stops with how to resume, which goes on from epoch 1."""
+@pytest.mark.parametrize("staleness", [0, 1], ids=["sync", "async"])
+def test_samplers_gone_while_drawing_a_batch_stop_with_the_last_finished_epoch_logged_and_kept(
+        tiny_sd_dir, tmp_path, monkeypatch, staleness):
+    """The samplers gone for good while drawing epoch 1's batch: during epoch 0's update with async sampling (that
+    update still finishes), at the start of epoch 1 without. Either way epoch 0's metrics row and checkpoint are
+    written (save_every=5 would skip it), not epoch 1's, which trained nothing (a checkpoint named epoch_0001 would
+    make the resume skip it), and the run stops with how to resume, which goes on from epoch 1."""
     rollout = InlineWorkers.rollout
     calls = []
 
@@ -324,38 +326,11 @@ def test_samplers_gone_while_drawing_the_next_batch_stop_after_this_epoch_is_log
         return rollout(self, *args, evaluation=evaluation, **kwargs)
 
     monkeypatch.setattr(InlineWorkers, "rollout", gone_at_the_second_batch)
-    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=async_gone", "resources.mode=inline", "num_epochs=3",
-                             "sample.num_steps=4", "train.async_staleness=1", "save_every=5")
-    with pytest.raises(TrainingStopped, match=r"^every sampler died .*; then `texforce train --resume .*async_gone`$"):
+    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=gone", "resources.mode=inline", "num_epochs=3",
+                             "sample.num_steps=4", f"train.async_staleness={staleness}", "save_every=5")
+    with pytest.raises(TrainingStopped, match=r"^every sampler died .*; then `texforce train --resume .*gone`$"):
         train(config)
-    run = RunDirectory(tmp_path / "async_gone")
-    assert [p.name for p in run.checkpoints.iterdir()] == ["epoch_0000"]
-    assert [r["epoch"] for r in run.read_metrics()] == [0]
-    monkeypatch.setattr(InlineWorkers, "rollout", rollout)
-    resumed = train(load_config(run.path / "config.yaml"), resume=run.path)
-    assert [r["epoch"] for r in resumed.read_metrics()] == [0, 1, 2]
-
-
-def test_samplers_gone_while_drawing_an_epochs_batch_stop_with_the_last_finished_epoch_kept(
-        tiny_sd_dir, tmp_path, monkeypatch):
-    """Synchronous sampling: the samplers gone for good while drawing epoch 1's batch, the run stops with epoch 0
-    checkpointed (save_every=5 would skip it), not epoch 1, which trained nothing: a checkpoint named epoch_0001 would
-    make the resume skip that epoch."""
-    rollout = InlineWorkers.rollout
-    calls = []
-
-    def gone_at_the_second_batch(self, *args, evaluation=False, **kwargs):
-        calls.append(evaluation)
-        if calls.count(False) == 2 and not evaluation:
-            raise ActorsLostError("every sampler died more than resources.max_restarts=3 times")
-        return rollout(self, *args, evaluation=evaluation, **kwargs)
-
-    monkeypatch.setattr(InlineWorkers, "rollout", gone_at_the_second_batch)
-    config = _trainer_config(tiny_sd_dir, tmp_path, "run_name=sync_gone", "resources.mode=inline", "num_epochs=3",
-                             "sample.num_steps=4", "save_every=5")
-    with pytest.raises(TrainingStopped, match=r"^every sampler died .*; then `texforce train --resume .*sync_gone`$"):
-        train(config)
-    run = RunDirectory(tmp_path / "sync_gone")
+    run = RunDirectory(tmp_path / "gone")
     assert [p.name for p in run.checkpoints.iterdir()] == ["epoch_0000"]
     assert [r["epoch"] for r in run.read_metrics()] == [0]
     monkeypatch.setattr(InlineWorkers, "rollout", rollout)

@@ -455,55 +455,53 @@ def test_a_relative_output_dir_or_resume_inside_a_ray_working_dir_copy_is_refuse
 # --- gaps found by a mutation audit: checks whose removal no test noticed ----------------------------------------
 
 
-def test_a_component_model_index_json_does_not_list_is_missing(model_copy):
-    """diffusers builds the components model_index.json lists: a folder it does not list fails only when the
-    pipeline loads, after the run directory exists."""
-    index = json.loads((model_copy / "model_index.json").read_text())
+def _unlisted_component(model: Path) -> str:
+    """diffusers builds the components model_index.json lists: one it does not list fails only when the pipeline
+    loads, after the run directory exists."""
+    index = json.loads((model / "model_index.json").read_text())
     del index["unet"]
-    (model_copy / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelNotFoundError, match="^" + re.escape(
-            f"{model_copy} is missing the 'unet' component folder ({model_copy / 'unet'}).") + "$"):
-        check_model(str(model_copy))
+    (model / "model_index.json").write_text(json.dumps(index))
+    return f"{model} is missing the 'unet' component folder ({model / 'unet'})."
 
 
-def test_an_empty_bin_weights_file_is_named(model_copy):
-    (model_copy / WEIGHTS["vae"]).unlink()
-    weights = model_copy / "vae" / "diffusion_pytorch_model.bin"
+def _empty_bin_weights(model: Path) -> str:
+    (model / WEIGHTS["vae"]).unlink()
+    weights = model / "vae" / "diffusion_pytorch_model.bin"
     weights.write_bytes(b"")
-    with pytest.raises(ModelNotFoundError, match="^" + re.escape(
-            f"{weights} is empty; copy it again from the model's snapshot") + "$"):
-        check_model(str(model_copy))
+    return f"{weights} is empty; copy it again from the model's snapshot"
 
 
-def test_weights_with_bytes_after_their_tensors_are_refused(model_copy):
+def _bytes_after_the_tensors(model: Path) -> str:
     """safetensors refuses a file its header does not fully cover ("incomplete metadata, file not fully covered")
-    when the pipeline loads: preflight names it first."""
-    weights = model_copy / WEIGHTS["unet"]
+    when the pipeline loads."""
+    weights = model / WEIGHTS["unet"]
     size = weights.stat().st_size
     with open(weights, "ab") as handle:
         handle.write(b"\0" * 100)
-    with pytest.raises(ModelNotFoundError, match="^" + re.escape(
-            f"{weights} is truncated: its header describes {size} bytes but the file has {size + 100}; download or "
-            "copy it again") + "$"):
-        check_model(str(model_copy))
+    return (f"{weights} is truncated: its header describes {size} bytes but the file has {size + 100}; download or "
+            "copy it again")
 
 
-def test_a_tokenizer_of_a_vocabulary_without_its_merges_is_named(model_copy):
+def _vocabulary_without_merges(model: Path) -> str:
     """vocab.json is half of a BPE tokenizer: without merges.txt (or a tokenizer.json) there is none."""
-    (model_copy / "tokenizer" / "tokenizer.json").unlink()
-    (model_copy / "tokenizer" / "vocab.json").write_text('{"a</w>": 0}')
-    with pytest.raises(ModelNotFoundError, match="^" + re.escape(
-            f"{model_copy / 'tokenizer'} holds no tokenizer (tokenizer.json, or vocab.json + merges.txt); copy the "
-            "tokenizer/ folder of the same model's snapshot into it (for SD 1.x, the CLIP ViT-L/14 tokenizer)") + "$"):
-        check_model(str(model_copy))
+    (model / "tokenizer" / "tokenizer.json").unlink()
+    (model / "tokenizer" / "vocab.json").write_text('{"a</w>": 0}')
+    return (f"{model / 'tokenizer'} holds no tokenizer (tokenizer.json, or vocab.json + merges.txt); copy the "
+            "tokenizer/ folder of the same model's snapshot into it (for SD 1.x, the CLIP ViT-L/14 tokenizer)")
 
 
-def test_a_scheduler_folder_without_its_config_is_named(model_copy):
-    """Without scheduler_config.json the scheduler's loader fails in preflight's min_sigma check with its own words."""
-    (model_copy / "scheduler" / "scheduler_config.json").unlink()
-    with pytest.raises(ModelNotFoundError, match="^" + re.escape(
-            f"{model_copy / 'scheduler'} has no scheduler_config.json; copy that folder from the model's snapshot "
-            "again") + "$"):
+def _scheduler_without_config(model: Path) -> str:
+    """Without it the scheduler's loader fails in preflight's min_sigma check, in its own words."""
+    (model / "scheduler" / "scheduler_config.json").unlink()
+    return f"{model / 'scheduler'} has no scheduler_config.json; copy that folder from the model's snapshot again"
+
+
+@pytest.mark.parametrize("damage", [_unlisted_component, _empty_bin_weights, _bytes_after_the_tensors,
+                                    _vocabulary_without_merges, _scheduler_without_config])
+def test_a_damaged_model_folder_is_named_with_the_fix(model_copy, damage):
+    """Each damage (its docstring says why it matters) is one line naming the file, before the model loads."""
+    message = damage(model_copy)
+    with pytest.raises(ModelNotFoundError, match="^" + re.escape(message) + "$"):
         check_model(str(model_copy))
 
 
