@@ -76,6 +76,15 @@ def perturb_lora(params, scale: float = 0.05, seed: int = 0) -> None:
             p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
+def draw_epoch_prompts(monkeypatch, prompts_of_epoch) -> None:
+    """Make the driver's epoch `e` draw the prompts `prompts_of_epoch(e, num_samples)`, with seeds 0..num_samples-1
+    (a test that needs a reward to fail on one epoch's prompts)."""
+    def epoch_prompts(prompts, *, seed, epoch, num_samples, group_size=1, order="random"):
+        return prompts_of_epoch(epoch, num_samples), list(range(num_samples))
+
+    monkeypatch.setattr("actors.driver.epoch_prompts", epoch_prompts)
+
+
 def one_line_error(capsys, code: int) -> str:
     """The single stderr line of a user error (exit code 2, no traceback)."""
     err = capsys.readouterr().err

@@ -110,13 +110,11 @@ def test_the_seeds_and_prompts_standard_error_is_at_least_either_ones_alone():
     assert seeds_and_prompts_sem(gains.T) == pytest.approx(1 / 3)
 
 
-def test_the_batch_sizes_change_neither_the_images_nor_their_scores(tiny_sd_dir):
+def test_the_batch_sizes_change_neither_the_images_nor_their_scores(pipe):
     """Image j of a prompt is drawn from seed base_seed + j whatever batch it falls in, and is scored against its own
     prompt: batches of 3 images (and scoring batches of 2) give what one batch gives."""
     from rewards import build_reward
-    from rl.models import load_pipeline
 
-    pipe = load_pipeline(tiny_sd_dir, device="cpu")
     prompts, seeds = eval_set(list(PROMPTS), SETTINGS)
     images = generate(pipe, prompts, seeds, SETTINGS)  # batches of 3
     assert torch.equal(images, generate(pipe, prompts, seeds, replace(SETTINGS, batch_size=len(prompts))))

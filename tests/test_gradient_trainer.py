@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import draw_epoch_prompts, tiny_config
 from safetensors.torch import load_file
 
 from actors.driver import train
@@ -200,24 +200,25 @@ class _DifferentiableNanForBlue:
         return torch.where(blue, torch.full_like(images[:, 0, 0, 0], float("nan")), images.mean(dim=(1, 2, 3)))
 
 
-def test_a_gradient_learners_non_finite_stop_keeps_the_epoch_with_its_row_and_the_resume_goes_on(
-        tiny_sd_dir, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def nan_gradient_reward() -> str:
     import rewards
-    from actors.driver import NonFiniteRewardError
-    from rl.run_dir import RunDirectory
 
     if _DifferentiableNanForBlue.name not in {e.name for e in rewards.list_entries()}:
         rewards.register(rewards.RewardEntry(_DifferentiableNanForBlue.name, lambda **_: _DifferentiableNanForBlue(),
                                              True, (), "test"))
+    return _DifferentiableNanForBlue.name
+
+
+def test_a_gradient_learners_non_finite_stop_keeps_the_epoch_with_its_row_and_the_resume_goes_on(
+        tiny_sd_dir, tmp_path, monkeypatch, nan_gradient_reward):
+    from actors.driver import NonFiniteRewardError
+    from rl.run_dir import RunDirectory
+
     blue_at = {1}
-
-    def prompts_per_epoch(prompts, *, seed, epoch, num_samples, group_size=1, order="random"):
-        word = "blue" if epoch in blue_at else "red"
-        return [f"a {word} ball"] * num_samples, list(range(num_samples))
-
-    monkeypatch.setattr("actors.driver.epoch_prompts", prompts_per_epoch)
+    draw_epoch_prompts(monkeypatch, lambda epoch, n: [f"a {'blue' if epoch in blue_at else 'red'} ball"] * n)
     config = _config(tiny_sd_dir, tmp_path, "run_name=stop", "resources.mode=inline", "save_every=5",
-                     f"reward.spec={_DifferentiableNanForBlue.name}", "reward.on_non_finite=stop")
+                     f"reward.spec={nan_gradient_reward}", "reward.on_non_finite=stop")
     with pytest.raises(NonFiniteRewardError, match=r"8 of 8 samples of the epoch have non-finite rewards .*stopping "
                                                    r"after a checkpoint of this epoch"):
         train(config)
@@ -230,22 +231,15 @@ def test_a_gradient_learners_non_finite_stop_keeps_the_epoch_with_its_row_and_th
     assert [r["epoch"] for r in resumed.read_metrics()] == [0, 1, 2]
 
 
-def test_a_gradient_learners_non_finite_rewards_are_dropped_from_the_epochs_row(tiny_sd_dir, tmp_path, monkeypatch):
+def test_a_gradient_learners_non_finite_rewards_are_dropped_from_the_epochs_row(tiny_sd_dir, tmp_path, monkeypatch,
+                                                                                nan_gradient_reward):
     """reward.on_non_finite=drop (the default): the epoch's row is over the finite rewards only, as PPO's is, with the
     dropped ones counted; a NaN kept in them would make the logged reward NaN."""
-    import rewards
     from rl.run_dir import RunDirectory
 
-    if _DifferentiableNanForBlue.name not in {e.name for e in rewards.list_entries()}:
-        rewards.register(rewards.RewardEntry(_DifferentiableNanForBlue.name, lambda **_: _DifferentiableNanForBlue(),
-                                             True, (), "test"))
-
-    def prompts_per_epoch(prompts, *, seed, epoch, num_samples, group_size=1, order="random"):
-        return ["a blue ball", "a red ball"] * (num_samples // 2), list(range(num_samples))
-
-    monkeypatch.setattr("actors.driver.epoch_prompts", prompts_per_epoch)
+    draw_epoch_prompts(monkeypatch, lambda epoch, n: ["a blue ball", "a red ball"] * (n // 2))
     config = _config(tiny_sd_dir, tmp_path, "run_name=drop", "resources.mode=inline", "num_epochs=1",
-                     f"reward.spec={_DifferentiableNanForBlue.name}")
+                     f"reward.spec={nan_gradient_reward}")
     assert config.reward.on_non_finite == "drop"
     (row,) = RunDirectory(train(config).path).read_metrics()
     assert row["num_dropped"] == 4 and row["num_samples"] == 4

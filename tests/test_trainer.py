@@ -28,7 +28,7 @@ from actors.topology import (
     SAMPLER_INLINE_BYTES, ActorsLostError, InlineWorkers, InsufficientResourcesError, RayWorkers, _actor_info,
     check_resources,
 )
-from conftest import tiny_config
+from conftest import draw_epoch_prompts, tiny_config
 from rl.config import load_config
 from rl.learner import PPOLearner, combine_rank_metrics
 from rl.models import load_pipeline
@@ -1125,42 +1125,24 @@ def test_an_epoch_whose_grid_is_skipped_fetches_no_images(tiny_sd_dir, tmp_path,
     assert sorted(p.name for p in run.grids.iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
 
 
-def test_non_finite_rewards_stop_after_a_checkpoint(tiny_sd_dir, tmp_path, nan_reward, monkeypatch):
-    state = {"epoch": 0}
-
-    def prompts_per_epoch(prompts, *, seed, epoch, num_samples, group_size=1, order="random"):
-        state["epoch"] = epoch
-        word = "red" if epoch == 0 else "blue"
-        return [f"a {word} ball"] * num_samples, list(range(num_samples))
-
-    monkeypatch.setattr("actors.driver.epoch_prompts", prompts_per_epoch)
+@pytest.mark.parametrize("mode", ["stop", "drop"])
+def test_non_finite_rewards_stop_after_a_checkpoint(tiny_sd_dir, tmp_path, nan_reward, monkeypatch, mode):
+    """Epoch 1's every reward NaN: `stop` stops there, and so does `drop` (no finite sample left to train on), with
+    epoch 0's work checkpointed (save_every=5 would skip it) and a grid of the non-finite samples."""
+    drawn = []
+    draw_epoch_prompts(monkeypatch,
+                       lambda epoch, n: drawn.append(epoch) or [f"a {'red' if epoch == 0 else 'blue'} ball"] * n)
     config = _trainer_config(tiny_sd_dir, tmp_path, "resources.mode=inline", "num_epochs=3", "save_every=5",
-                             f"reward.spec={nan_reward}", "reward.on_non_finite=stop", "run_name=stop")
-    with pytest.raises(NonFiniteRewardError, match="non-finite"):
-        train(config)
-    run_dir = tmp_path / "stop"
-    assert state["epoch"] == 1
-    assert (run_dir / "checkpoints" / "epoch_0000" / "learner.pt").exists()  # epoch 0's work is kept
-    assert (run_dir / "grids" / "epoch_0001_non_finite.png").exists()
-
-
-def test_every_reward_of_an_epoch_non_finite_stops_the_run_in_drop_mode_too(tiny_sd_dir, tmp_path, nan_reward,
-                                                                             monkeypatch):
-    """reward.on_non_finite=drop with no finite sample left has nothing to train on: the run stops as in `stop` mode,
-    with the last finished epoch checkpointed."""
-    def prompts_per_epoch(prompts, *, seed, epoch, num_samples, group_size=1, order="random"):
-        word = "red" if epoch == 0 else "blue"
-        return [f"a {word} ball"] * num_samples, list(range(num_samples))
-
-    monkeypatch.setattr("actors.driver.epoch_prompts", prompts_per_epoch)
-    config = _trainer_config(tiny_sd_dir, tmp_path, "resources.mode=inline", "num_epochs=3", "save_every=5",
-                             "sample.num_steps=4", f"reward.spec={nan_reward}", "run_name=all_nan")
-    assert config.reward.on_non_finite == "drop"
+                             "sample.num_steps=4", f"reward.spec={nan_reward}", f"reward.on_non_finite={mode}",
+                             "run_name=stop")
     with pytest.raises(NonFiniteRewardError, match=r"8 of 8 samples .*no finite sample left"):
         train(config)
-    run = RunDirectory(tmp_path / "all_nan")
+    run = RunDirectory(tmp_path / "stop")
+    assert drawn[-1] == 1
+    assert (run.checkpoints / "epoch_0000" / "learner.pt").exists()  # epoch 0's work is kept
     assert [p.name for p in run.checkpoints.iterdir()] == ["epoch_0000"]
     assert [r["epoch"] for r in run.read_metrics()] == [0]
+    assert (run.grids / "epoch_0001_non_finite.png").exists()
 
 
 def test_non_finite_held_out_scores_are_left_out_of_the_mean_and_counted(tiny_sd_dir, tmp_path, nan_reward, monkeypatch):
