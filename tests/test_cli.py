@@ -354,8 +354,10 @@ def test_help_states_each_options_default_once(capsys):
     options = {part.split()[0]: part for part in ("--" + p for p in text.split(" --")[1:])}
     assert options["--num-samples"] == "--num-samples NUM_SAMPLES trials (random / Optuna search) (default: 16)"
     assert options["--dtype"].endswith("dtype the pipeline is loaded in (default: float32)")
+    assert options["--seeds"].endswith("(default: 2)") and options["--steps"].endswith("DDIM steps (default: 50)")
     assert options["--ray-address"].count("default") == 1  # its help says it already
     assert "default" not in options["--grid"] and "default" not in options["--normalize"]  # None, a flag
+    assert "default" not in options["--paths"]  # an empty list
 
 
 # --- one representative user error per category, through the real entry ----------------------

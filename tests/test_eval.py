@@ -193,10 +193,24 @@ def test_cached_pipeline_with_swapped_loras_matches_a_fresh_load(tiny_sd_dir, lo
     assert torch.equal(reused.images, fresh.images)
     np.testing.assert_array_equal(reused.objective, fresh.objective)
 
+    bare = evaluate_alphas(replace(job, loras=()), [])  # the base model (no --lora) after a LoRA: it is unloaded
     base = evaluate_alphas(job, [0.0, 0.0])
     plain = evaluate(load_pipeline(tiny_sd_dir, device="cpu"), build_reward("color_alignment"), list(PROMPTS), SETTINGS)
-    assert torch.equal(base.images, plain.images)
+    assert torch.equal(base.images, plain.images) and torch.equal(bare.images, plain.images)
     assert not torch.equal(base.images, reused.images)
+    # --device auto (the default) runs on the device it resolves to
+    assert evaluate_alphas(replace(job, device="auto"), [0.5, 0.8]).objective.shape == reused.objective.shape
+
+
+def test_a_worker_loads_a_pipeline_once_per_model_device_and_dtype(tiny_sd_dir, monkeypatch):
+    from tune import worker
+
+    monkeypatch.setattr(worker, "_PIPELINES", {})
+    monkeypatch.setitem(LOADS, "pipeline", 0)
+    pipe = worker.cached_pipeline(tiny_sd_dir, "cpu", "float32")
+    assert worker.cached_pipeline(tiny_sd_dir, "cpu", "float32") is pipe and LOADS["pipeline"] == 1
+    half = worker.cached_pipeline(tiny_sd_dir, "cpu", "bfloat16")
+    assert (pipe.unet.dtype, half.unet.dtype, LOADS["pipeline"]) == (torch.float32, torch.bfloat16, 2)
 
 
 # --- bad input: one line and exit code 2, before any model loads ---------------------------------
@@ -230,6 +244,26 @@ def test_eval_bad_inputs_are_one_line(eval_args, capsys, monkeypatch, option, va
 
     monkeypatch.delenv("TEXFORCE_AESTHETIC", raising=False)
     assert message in one_line_error(capsys, main(eval_args + [option, value]))  # the last value given wins
+
+
+def test_eval_weighs_a_lora_without_alpha_1_and_warns_of_long_prompts_before_sampling(
+        eval_args, lora_pair, tmp_path, caplog, monkeypatch):
+    from rl.cli import main
+
+    asked = []
+
+    def sample(job, alphas, **kwargs):
+        asked.append(list(alphas))
+        raise KeyboardInterrupt  # stop before the sampling
+
+    monkeypatch.setattr("tune.worker.evaluate_alphas", sample)
+    prompts = tmp_path / "long.txt"
+    prompts.write_text("a red ball on a green table " * 20 + "\n")
+    with caplog.at_level("WARNING"):
+        assert main(eval_args + ["--lora", str(lora_pair[0]), "--lora", f"{lora_pair[1]}:0.5",
+                                 "--prompts", str(prompts)]) == 130
+    assert asked == [[1.0, 0.5]]
+    assert f"1 of 1 prompts in {prompts} are longer than the tokenizer's" in caplog.text
 
 
 def test_eval_empty_prompt_file(eval_args, tmp_path, capsys):

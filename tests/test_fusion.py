@@ -169,7 +169,8 @@ def test_fuse_cli_writes_a_loadable_file_with_provenance(loras, tiny_sd_dir, tmp
     a, b = loras
     out = tmp_path / "F.safetensors"
     assert main(["fuse", "--lora", f"{a}:0.6", "--lora", f"{b}:0.4", "--out", str(out)]) == 0
-    assert "fused 2 LoRAs" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "fused 2 LoRAs" in printed and "rank [6]" in printed  # 4 + 2: both LoRAs' factors, stacked
     with safe_open(str(out), "pt") as f:
         record = json.loads(f.metadata()["texforce_fusion"])
     assert record["alphas"] == [0.6, 0.4]

@@ -110,6 +110,12 @@ def test_a_batch_one_version_stale_is_checked_under_the_lora_that_sampled_it(pip
     for key, value in learner.get_weights(0).text_encoder.items():  # kept, and in the checkpoint state
         assert torch.equal(value, v0.text_encoder[key])
         assert torch.equal(learner.state_dict()["previous_lora"]["text_encoder"][key], value)
+    # a sampler sharing the pipeline (inline mode) that is handed the older LoRA draws with it, then gives it back
+    sampler = SamplerWorker(cfg, pipe=pipe)
+    sampler.version = learner.version
+    _, images, *_ = sampler.sample(v0, prompts, [2, 3])
+    sampler.sample_with(v1)
+    assert torch.equal(images, stale.images)
     metrics = learner.update(stale, torch.tensor([1.0, -1.0]))
     assert metrics["staleness"] == 1
     assert metrics["logprob_mismatch"] < 1e-5  # under version 0's LoRA, not the learner's version 1

@@ -1,6 +1,7 @@
 """`texforce rewards list` and `texforce score`, through the `texforce` entry (rl.cli.main)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,9 +31,10 @@ def image_dir(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    colors = {"b_red.png": (255, 0, 0), "a_blue.png": (0, 0, 255), "c_noise.png": None}
+    colors = {"b_red.png": (255, 0, 0), "a_blue.png": (0, 0, 255), "c_noise.PNG": None}
     for name, rgb in colors.items():
-        array = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) if rgb is None else np.full((24, 32, 3), rgb, np.uint8)
+        shape = (20, 28, 3) if name == "a_blue.png" else (24, 32, 3)  # a batch holds images of one size
+        array = rng.integers(0, 256, shape, dtype=np.uint8) if rgb is None else np.full(shape, rgb, np.uint8)
         Image.fromarray(array).save(folder / name)
     (folder / "notes.txt").write_text("not an image")
     return folder
@@ -58,7 +60,7 @@ def test_score_writes_per_image_parquet(image_dir, tmp_path, capsys):
     assert code == 0, captured.err
     assert "scoring with color_alignment" in captured.err and "0/3" in captured.err  # a progress bar over the images
     table = pq.read_table(out).to_pylist()
-    assert [r["file"] for r in table] == ["a_blue.png", "b_red.png", "c_noise.png"]
+    assert [r["file"] for r in table] == ["a_blue.png", "b_red.png", "c_noise.PNG"]
     assert [r["prompt"] for r in table] == ["a photo of a blue car", "a red ball", "a gray wall"]
     assert table[0]["color_alignment"] == pytest.approx(1.0, abs=1e-3)
     assert table[1]["color_alignment"] == pytest.approx(1.0, abs=1e-3)
@@ -84,10 +86,14 @@ def test_score_single_prompt_for_all_and_model_paths(image_dir, tmp_path, tiny_r
     ("", "is empty"),
     ("\n \n", "is empty"),
     ("one\ntwo\n", "has 2 prompts for 3 images"),
+    (b"a red ball\n\xff a blue car\n", "line 2 is not UTF-8 text; save it as UTF-8"),
+    (None, "prompts file {prompts} not found"),
 ])
 def test_score_prompt_file_errors(image_dir, tmp_path, capsys, content, message):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text(content)
+    if content is not None:
+        prompts.write_bytes(content if isinstance(content, bytes) else content.encode())
+    message = message.format(prompts=prompts)
     assert message in one_line_error(capsys, run(["score", "--reward", "brightness", "--images", str(image_dir),
                                                  "--prompts", str(prompts), "--out", str(tmp_path / "s.parquet")]))
 
@@ -102,6 +108,54 @@ def test_score_reports_missing_model_files(image_dir, tmp_path, capsys, monkeypa
     assert "ImageReward.pt from THUDM/ImageReward" in line and "--paths imagereward=PATH" in line
     line = one_line_error(capsys, run(["score", "--reward", "nope", "--images", str(image_dir), "--prompts", str(prompts)]))
     assert "unknown reward 'nope'; valid rewards:" in line
+
+
+@pytest.mark.parametrize("images, extra, message", [
+    ("missing", [], "texforce score: image directory {images} not found"),
+    ("empty", [], "texforce score: no images (.png, .jpg, .jpeg, .webp, .bmp) in {images}"),
+    ("images", ["--batch-size", "0"], "texforce score: --batch-size must be at least 1, got 0"),
+])
+def test_score_bad_inputs_are_one_line(image_dir, tmp_path, capsys, images, extra, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\n")
+    folder = tmp_path / images
+    line = one_line_error(capsys, run(["score", "--reward", "brightness", "--images", str(folder), "--prompts",
+                                       str(prompts), "--out", str(tmp_path / "s.parquet"), *extra]))
+    assert line == message.format(images=folder)
+
+
+def test_score_warns_of_non_finite_scores_and_averages_the_others(image_dir, tmp_path, capsys, monkeypatch):
+    class GreenOrNaNForRed:  # a reward that fails on one image
+        name = "green"
+
+        def __call__(self, images, prompts):
+            scores = images[:, 1].mean((1, 2)).double()
+            return SimpleNamespace(scores=torch.where(images[:, 0].mean((1, 2)) == 1.0, float("nan"), scores), parts={})
+
+    monkeypatch.setattr("rewards.registry.build_reward", lambda *a, **k: GreenOrNaNForRed())
+    out = tmp_path / "s.parquet"
+    assert _score(image_dir, tmp_path, "--out", str(out)) == 0
+    scores = [row["score"] for row in pq.read_table(out).to_pylist()]  # a_blue, b_red, c_noise
+    assert scores[0] == 0.0 and np.isnan(scores[1])
+    captured = capsys.readouterr()
+    assert f"mean {scores[2] / 2:.4f}" in captured.out
+    assert "warning: non-finite scores for 1 images: b_red.png" in captured.err
+
+
+def test_paths_and_devices_are_checked(monkeypatch):
+    assert cli.parse_paths(["imagereward= /ckpt/ImageReward.pt"]) == {"imagereward": "/ckpt/ImageReward.pt"}
+    for item in ("imagereward=", "=/ckpt/ImageReward.pt", "/ckpt/ImageReward.pt"):
+        with pytest.raises(cli.RewardError, match="--paths takes KEY=PATH items"):
+            cli.parse_paths([item])
+    with pytest.raises(cli.RewardError, match="--device 'gpu' is not a torch device; use cpu, cuda or cuda:N"):
+        cli.check_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cli.check_device("cuda:0")
+    with pytest.raises(cli.RewardError, match=r"--device cuda:1: this machine has 1 CUDA device\(s\), cuda:0 to cuda:0"):
+        cli.check_device("cuda:1")
 
 
 def test_load_image_matches_tensor_convention(image_dir):

@@ -92,3 +92,30 @@ def test_a_selection_keeps_what_resampling_a_lost_shard_needs():
     rollout = replace(_rollout(), shard_inputs=inputs, weights=weights)
     kept = rollout.select(torch.tensor([0, 2, 3]))
     assert kept.weights is weights and kept.shard_inputs == inputs and kept.sizes == [3, 3, 2]
+
+
+def test_lost_shards_are_sampled_again_from_their_inputs_by_the_lora_that_drew_them_and_put_back_in_place():
+    """`RayWorkers.resample`: the lost shards (0 and 2 of 3) are drawn again in one rollout from their prompts, seeds
+    and start seeds (sample.shared_start_noise) with the rollout's LoRA; each goes back to its place, the rest stays."""
+    from actors.topology import RayWorkers
+    from rl.lora import PolicyWeights
+
+    weights = PolicyWeights(version=3)
+    inputs = [(["p0", "p1", "p2"], [0, 1, 2], [0, 0, 0]), (["p3", "p4", "p5"], [3, 4, 5], [3, 3, 3]),
+              (["p6", "p7"], [6, 7], [6, 6])]
+    rollout = replace(_rollout(), shard_inputs=inputs, weights=weights)
+    drawn = []
+
+    def rollout_again(lora, prompts, seeds, start_seeds=None):
+        drawn.append((lora, prompts, seeds, start_seeds))
+        return Rollout(prompts, RewardScores(torch.zeros(len(prompts)), {}), [3, 2], [["shard 0"] * 3, ["shard 2"] * 2],
+                       ["images 0", "images 2"])
+
+    workers = object.__new__(RayWorkers)
+    workers.rollout = rollout_again
+    again = workers.resample(rollout, [0, 2])
+    assert drawn == [(weights, ["p0", "p1", "p2", "p6", "p7"], [0, 1, 2, 6, 7], [0, 0, 0, 6, 6])]
+    assert again.trajectory_shards[0] == ["shard 0"] * 3 and again.trajectory_shards[2] == ["shard 2"] * 2
+    assert again.image_shards[::2] == ["images 0", "images 2"]
+    assert again.trajectory_shards[1] is rollout.trajectory_shards[1] and again.image_shards[1] is rollout.image_shards[1]
+    assert again.scores is rollout.scores

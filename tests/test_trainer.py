@@ -281,8 +281,10 @@ def test_trajectories_lost_more_than_max_restarts_times_stop_the_run_with_how_to
                              "sample.num_steps=4", "resources.max_restarts=1", "save_every=2",
                              "advantage.mode=per_prompt")
     _lose_shard_0_at_epoch_1(monkeypatch, _a_lost_object(ray_session), times=2)
-    with pytest.raises(TrainingStopped, match=r"shard\(s\) \[0\] were lost .*, 2 times in epoch 1 "
-                                              r"\(resources.max_restarts=1\).*resume with `texforce train --resume "):
+    # in its own words: the learners' error reaches the driver inside Ray's traceback of the rank's call
+    with pytest.raises(TrainingStopped, match=r"^the trajectories of shard\(s\) \[0\] were lost with the node that held "
+                                              r"them, 2 times in epoch 1 \(resources.max_restarts=1\).*resume with "
+                                              r"`texforce train --resume "):
         train(config)
     checkpoints = tmp_path / "lost_twice" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == ["epoch_0000"] and (checkpoints / "epoch_0000" / "learner.pt").exists()
@@ -361,6 +363,27 @@ def _fault_config(tiny_sd_dir, tmp_path, *overrides):
                            "sample.batch_size=2", "sample.num_batches_per_epoch=6", *overrides)
 
 
+class _SaysImage1NotFinite:
+    """A sampler's handle whose sample calls report their second image non-finite (`SampledShard.images_finite`), as
+    the sampler reports a NaN image that its uint8 rounding made black."""
+
+    def __init__(self, actor):
+        self.actor, self.num_returns = actor, 1
+        self.sample = self  # the rollout calls .sample.options(num_returns=...).remote(weights, prompts, ...)
+
+    def options(self, num_returns: int = 1, **_):
+        self.num_returns = num_returns
+        return self
+
+    def remote(self, *args, **kwargs):
+        drawn, *rest = self.actor.sample.options(num_returns=self.num_returns).remote(*args, **kwargs)
+        shard = ray.get(drawn)
+        return [ray.put(replace(shard, images_finite=torch.tensor([True, False]))), *rest]
+
+    def __getattr__(self, name):
+        return getattr(self.actor, name)
+
+
 def test_killed_sampler_and_reward_actor_cost_one_restart_each(ray_session, tiny_sd_dir, tmp_path):
     workers = RayWorkers(_fault_config(tiny_sd_dir, tmp_path, "resources.learner_threads=2"))
     try:
@@ -384,6 +407,14 @@ def test_killed_sampler_and_reward_actor_cost_one_restart_each(ray_session, tiny
         held_out = workers.rollout(weights, prompts[:4], seeds[:4], evaluation=True)
         assert held_out.trajectory_shards == [[], []] and len(held_out.scores.scores) == 4
         assert held_out.images([3]).shape[:2] == (1, 3)
+        # a sampler's word that an image was not finite before its uint8 rounding reaches the reward actor: NaN reward
+        samplers = workers.samplers
+        workers.samplers = [_SaysImage1NotFinite(s) for s in samplers]
+        try:
+            flagged = workers.rollout(weights, prompts[:2], seeds[:2]).scores.scores
+        finally:
+            workers.samplers = samplers
+        assert torch.isnan(flagged[1]) and float(flagged[0]) == pytest.approx(float(reference.scores.scores[0]))
         assert workers.restarts == 0
         killed = []
 
@@ -591,6 +622,21 @@ def test_a_shard_that_fails_on_an_actor_that_answered_since_its_last_failure_sto
     assert len(node.failed) == 3 and node.failed[:2] == [0, 1]
 
 
+def test_a_shards_failure_counts_once_per_death_of_an_actor_that_answered_since_the_shards_last_counted_one():
+    """`_ShardFailures` without Ray: two samplers that both answered earlier shards share a node that dies with the
+    shard on the first; the second fails it too before the driver knows, which says nothing about the shard."""
+    from actors.topology import _ShardFailures
+
+    failures = _ShardFailures()
+    failures.answered("sampler", 0)
+    failures.answered("sampler", 1)
+    assert failures.failed("sample", 3, "sampler", 0) == 1
+    assert failures.failed("sample", 3, "sampler", 1) == 1  # the same death, seen again
+    failures.answered("sampler", 1)  # restarted, it answered its ping
+    assert failures.failed("sample", 3, "sampler", 1) == 2  # and died on the shard again: it dies on this input
+    assert failures.failed("sample", 3) == 3  # the shard's images lost with a node: always counted
+
+
 def _learner_pids(ray) -> list[int]:
     from ray._private import state
 
@@ -685,6 +731,14 @@ def test_a_learner_out_of_restarts_stops_with_how_to_resume(ray_session, tiny_sd
     with pytest.raises(TrainingStopped, match=r"resume with `texforce train --resume .*stops`"):
         train(config, on_epoch_end=_kill_the_learner_after_epoch_0(ray_session))
     assert (tmp_path / "stops" / "checkpoints" / "epoch_0000" / "learner.pt").exists()
+
+
+def test_actor_restarts_count_each_learner_rank_a_group_restart_replaced():
+    """metrics.parquet's actor_restarts: Ray's restarts of the rollout roles, plus every rank of each learner group
+    the driver replaced (`restart_learners` starts all of them again)."""
+    workers = object.__new__(RayWorkers)
+    workers.samplers, workers.reward_actors, workers.learners, workers.learner_restarts = [], [], ["rank 0", "rank 1"], 2
+    assert workers.restarts == 4
 
 
 class _Interrupt(Exception):
@@ -897,7 +951,8 @@ def test_a_model_the_actors_cannot_load_is_the_one_line_user_error_inline_mode_g
 
 def test_the_end_of_a_run_does_not_wait_on_a_learner_busy_with_an_update(ray_session, monkeypatch):
     """Ctrl-C during an update: the learner's shutdown call queues behind the update, so the run's end waits
-    SHUTDOWN_GRACE_S for it, not resources.call_timeout_s (30 min), then kills the actors."""
+    SHUTDOWN_GRACE_S for it, not resources.call_timeout_s (30 min), then kills the actors: the samplers and reward
+    actors too, which would otherwise hold their CPUs in a cluster that outlives the run."""
     import threading
 
     import actors.topology
@@ -913,15 +968,16 @@ def test_the_end_of_a_run_does_not_wait_on_a_learner_busy_with_an_update(ray_ses
         def ping(self):
             return "alive"
 
-    learner = BusyLearner.remote()
-    assert ray.get(learner.ping.remote()) == "alive"
+    learner, sampler, reward_actor = (BusyLearner.remote() for _ in range(3))  # the other two as stand-ins
+    assert ray.get([a.ping.remote() for a in (learner, sampler, reward_actor)]) == ["alive"] * 3
     learner.update.remote()
     workers = object.__new__(RayWorkers)
-    workers.learners, workers.samplers, workers.reward_actors, workers.timeout = [learner], [], [], 1800.0
+    workers.learners, workers.samplers, workers.reward_actors, workers.timeout = [learner], [sampler], [reward_actor], 1800.0
     monkeypatch.setattr(actors.topology, "SHUTDOWN_GRACE_S", 0.5)
     workers.shutdown()
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(learner.ping.remote(), timeout=60)
+    for actor in (learner, sampler, reward_actor):
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.ping.remote(), timeout=60)
 
 
 def test_placement_packs_the_actors_onto_the_nodes_not_their_totals():
@@ -936,6 +992,11 @@ def test_placement_packs_the_actors_onto_the_nodes_not_their_totals():
     assert place_on_nodes([], []) is True
     many = [(1.0, 0.0)] * 40 + [(1.5, 0.0)]
     assert place_on_nodes(many, [(41.5, 0.0)] + [(0.4, 0.0)] * 60) is True  # decided at once, not by trying 61 nodes
+    # a GPU node left again gives its GPU back: the learner moves to the smaller GPU node, the sampler to the larger
+    assert place_on_nodes([(3, 1), (1, 1), (3, 0)], [(4.0, 1.0), (3.0, 1.0)]) is True
+    # 13 learners of 3 CPUs and 9 of 1 on twelve 4-CPU nodes: refused at once (largest first, each room size tried
+    # once), not undecided after PLACEMENT_SEARCH_LIMIT tries, which would leave Ray waiting without a word
+    assert place_on_nodes([(3, 0)] * 13 + [(1, 0)] * 9, [(4.0, 0.0)] * 12) is False
 
 
 def test_resource_check_names_actors_that_fit_the_totals_but_not_the_nodes(tiny_sd_dir, tmp_path, monkeypatch):
@@ -949,6 +1010,77 @@ def test_resource_check_names_actors_that_fit_the_totals_but_not_the_nodes(tiny_
                                                          r"together \(nodes: 4 CPU / 0 GPU, 4 CPU / 0 GPU\)"):
         check_resources(config)
     check_resources(replace(config, resources=replace(config.resources, cpus_per_sampler=1.0)))  # 3 + 1 on each
+
+
+def test_resource_shortfall_names_a_role_no_node_holds_and_leaves_an_undecided_packing_to_ray(monkeypatch):
+    import actors.topology
+    from actors.topology import resource_shortfall
+
+    config = load_config(None, ["resources.num_samplers=1", "resources.cpus_per_sampler=1",
+                                "resources.cpus_per_reward_actor=1", "resources.cpus_per_learner=2"])
+    assert resource_shortfall(config, [(4.0, 0.0)]) == []  # exactly the node's 4 CPUs
+    gpu_learner = replace(config, resources=replace(config.resources, gpus_per_learner=2.0))
+    assert resource_shortfall(gpu_learner, [(4.0, 1.0), (4.0, 1.0)]) == [
+        "one learner needs 2 CPU / 2 GPU but no node has that much"]  # 2 GPUs in all, one on each node
+    # a gradient learner samples and scores itself: the samplers' and reward actors' resources are not asked for
+    gradient = replace(config, train=replace(config.train, algorithm="draft"),
+                       resources=replace(config.resources, cpus_per_sampler=8.0, gpus_per_reward_actor=1.0))
+    assert resource_shortfall(gradient, [(2.0, 0.0)]) == []
+    # a search that has not decided within PLACEMENT_SEARCH_LIMIT tries leaves the run to Ray, not refused
+    monkeypatch.setattr(actors.topology, "PLACEMENT_SEARCH_LIMIT", 2)
+    assert resource_shortfall(config, [(4.0, 0.0), (4.0, 0.0)]) == []
+
+
+def test_a_local_ray_counts_only_this_machines_cpus_and_a_resource_wait_waits_for_nodes(monkeypatch):
+    """check_fits_this_machine leaves GPUs to check_resources; resources.resource_wait_s waits for an autoscaler's
+    nodes before it refuses the run."""
+    import actors.topology
+    from actors.topology import check_fits_this_machine
+
+    config = load_config(None, ["resources.num_samplers=1", "resources.gpus_per_learner=1"])
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    check_fits_this_machine(config)
+    with pytest.raises(InsufficientResourcesError, match="CPU: requested 3, the cluster has 2"):
+        monkeypatch.setattr(os, "cpu_count", lambda: 2)
+        check_fits_this_machine(config)
+    joined = iter([[], [], [(4.0, 1.0)]])  # the cluster's nodes as the autoscaler adds them
+    monkeypatch.setattr(actors.topology, "alive_nodes", lambda: next(joined))
+    monkeypatch.setattr(actors.topology.time, "sleep", lambda seconds: None)
+    with pytest.raises(InsufficientResourcesError, match="CPU: requested 3, the cluster has 0"):
+        check_resources(config)  # resource_wait_s=0: at once
+    check_resources(replace(config, resources=replace(config.resources, resource_wait_s=600.0)))
+    assert next(joined, None) is None
+
+
+@pytest.mark.parametrize("chain", [["rl.models.ModelNotFoundError", "rewards.base.RewardFileError"],
+                                   ["rewards.base.RewardFileError", "rl.models.ModelNotFoundError"]])
+def test_the_user_error_an_actors_constructor_raised_is_rebuilt_from_the_last_one_in_rays_report(chain):
+    """A user error raised while handling another (or a subclass of a USER_ERRORS type, as RewardFileError is a
+    RewardError) is the one the user is told, in its own words."""
+    from ray.exceptions import RayActorError
+
+    import rewards.base
+    import rl.models
+    from actors.topology import constructor_user_error
+
+    report = "".join(f"Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n{name}: failed {i}\n\n"
+                     "During handling of the above exception, another exception occurred:\n\n"
+                     for i, name in enumerate(chain)).rsplit("\n\nDuring", 1)[0]
+    error = constructor_user_error(RayActorError(error_msg=report, actor_init_failed=True))
+    last = {"rl.models.ModelNotFoundError": rl.models.ModelNotFoundError,
+            "rewards.base.RewardFileError": rewards.base.RewardFileError}[chain[-1]]
+    assert type(error) is last and str(error) == "failed 1"
+    assert constructor_user_error(RayActorError(error_msg=report)) is None  # died after its constructor: not a user error
+    assert constructor_user_error(RayActorError(error_msg="Traceback ...\nValueError: bug", actor_init_failed=True)) is None
+
+
+def test_the_layout_line_counts_the_nodes_and_names_each_actor_on_its_node():
+    from actors.topology import describe_layout
+
+    layout = {"sampler": ["aaaaaaaa1111", "bbbbbbbb2222"], "reward actor": ["aaaaaaaa1111"], "learner": ["aaaaaaaa1111"]}
+    assert describe_layout(layout) == ("actors on 2 nodes: node aaaaaaaa: sampler 0, reward actor 0, learner 0; "
+                                       "node bbbbbbbb: sampler 1")
+    assert describe_layout({"learner": ["cccccccc3333"]}) == "actors on 1 node: node cccccccc: learner 0"
 
 
 class _NanForBlue:
@@ -1063,7 +1195,9 @@ def test_a_sample_whose_image_is_not_finite_gets_no_reward_instead_of_a_black_pi
     config = _trainer_config(tiny_sd_dir, tmp_path, "resources.mode=inline", "num_epochs=1", "sample.num_steps=2",
                              "reward.spec=jpeg_compressibility", "run_name=nan_image")
     workers = InlineWorkers(config)
-    scores = workers.rollout(workers.get_weights(), ["a red ball"] * 4, [0, 1, 2, 3]).scores
+    with caplog.at_level("WARNING", logger="texforce"):
+        scores = workers.rollout(workers.get_weights(), ["a red ball", "a blue cup", "a red ball", "a cat"], [0, 1, 2, 3]).scores
+    assert "samples [1] of this shard (prompts ['a blue cup']) decoded to non-finite images" in caplog.text
     assert torch.isnan(scores.scores[1]) and torch.isnan(scores.parts["jpeg_compressibility"][1])
     assert torch.isfinite(scores.scores[[0, 2, 3]]).all()
     with caplog.at_level("WARNING", logger="texforce"):

@@ -7,12 +7,14 @@ is compared with a dense 9x9 grid on [0, 2]^2 evaluated by the same function in-
 Tolerance: the sweep's best objective is within 5% of the grid's objective range of the
 grid's best.
 """
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -196,8 +198,6 @@ def test_trials_failing_on_a_user_error_raise_it_and_keep_no_state_that_would_bl
 
 
 def test_each_trial_gets_its_own_number_out_of_the_total_and_a_resumed_sweep_counts_on(capsys):
-    from types import SimpleNamespace
-
     from tune.sweep import _one_line_per_trial
 
     def trial(status):
@@ -248,11 +248,111 @@ def test_search_space_helpers():
     assert [row["objective"] for row in best_first(rows)][:3] == [0.9, 0.5, 0.3]
 
 
-@pytest.mark.parametrize("n", [1, 2, 3])
-def test_objective_plot_for_one_two_and_more_loras(tmp_path, n):
+def test_a_trials_metrics_are_its_evaluations_summary(job):
+    from tune.sweep import trial_metrics
+
+    summary = evaluate_alphas(job, [0.5, 0.25]).summary()
+    assert trial_metrics(job, [0.5, 0.25]) == pytest.approx({
+        "used_alpha_1": 0.5, "used_alpha_2": 0.25, "objective": summary["objective"]["mean"],
+        "objective_sem": summary["objective"]["sem"], "reward/color_alignment": summary["color_alignment"]["mean"]})
+
+
+class _Tuner:
+    """Tune's Tuner without a cluster: records how it was made, returns the given trials' results."""
+
+    made: dict | None = None
+    results: tuple = ()
+
+    def __init__(self, trainable, *, param_space, tune_config, run_config):
+        _Tuner.made = {"space": param_space, "num_samples": tune_config.num_samples}
+
+    def fit(self):
+        return _Tuner.results
+
+
+def _result(sampled, used, objective=None, error=None):
+    metrics = {} if objective is None else {
+        "trial_id": "t", "objective": objective, "objective_sem": 0.01, "reward/brightness": objective,
+        "worker_pid": 1, "pipeline_loads": 1, "reward_loads": 1,
+        **{f"used_alpha_{i + 1}": a for i, a in enumerate(used)}}
+    return SimpleNamespace(metrics=metrics, error=error, config={f"alpha_{i + 1}": a for i, a in enumerate(sampled)})
+
+
+def test_run_sweep_gives_tune_its_trials_and_ranks_what_they_found(monkeypatch, tmp_path):
+    """`run_sweep` with Tune's Tuner stood in for: the trials it asks for, the rows it makes of the results
+    (the alphas used next to those sampled: with --normalize they differ), and the error failed trials raise."""
+    from ray import tune as ray_tune
+
+    from rl.config import ConfigError
+    from tune.sweep import run_sweep
+
+    monkeypatch.setattr(ray_tune, "Tuner", _Tuner)
+    monkeypatch.setattr(ray_tune, "with_parameters", lambda trainable, **kwargs: trainable)
+    job = FusionJob(model="m", loras=("a", "b"), prompts=PROMPTS, reward="brightness", settings=SETTINGS)
+    _Tuner.results = [_result([1.0, 3.0], [0.25, 0.75], 0.4), _result([2.0, 2.0], [0.5, 0.5], 0.6)]
+    rows = run_sweep(job, SweepSettings(search="random", num_samples=2, normalize=True), tmp_path)
+    assert [(r["alpha_1"], r["alpha_2"], r["alpha_1_sampled"], r["alpha_2_sampled"], r["objective"]) for r in rows] == [
+        (0.5, 0.5, 2.0, 2.0, 0.6), (0.25, 0.75, 1.0, 3.0, 0.4)]
+    run_sweep(job, SweepSettings(search="grid", grid=3, alpha_max=2.0), tmp_path)
+    assert _Tuner.made == {"space": {name: {"grid_search": [0.0, 1.0, 2.0]} for name in ("alpha_1", "alpha_2")},
+                           "num_samples": 1}  # Tune runs the whole grid num_samples times: once
+    run_sweep(job, SweepSettings(search="grid", grid=3, normalize=True), tmp_path)
+    assert _Tuner.made["num_samples"] == 3  # the grid's points on the simplex, each once
+
+    user_error = ConfigError("a user error")
+    _Tuner.results = [_result([1.0, 1.0], [1.0, 1.0], 0.5), _result([0.0, 1.0], [0.0, 1.0], error=user_error)]
+    with pytest.raises(ConfigError, match="^1 of 2 trials failed; first error: a user error$"):
+        run_sweep(job, SweepSettings(search="random", num_samples=2), tmp_path)
+    _Tuner.results.append(_result([1.0, 0.0], [1.0, 0.0], error=ValueError("a bug")))
+    with pytest.raises(RuntimeError, match="^2 of 3 trials failed; first error: a user error$"):  # a bug among them
+        run_sweep(job, SweepSettings(search="random", num_samples=3), tmp_path)
+
+
+def test_sweep_outputs_name_the_best_trial_and_how_it_was_searched(directed_loras, tmp_path):
+    from safetensors import safe_open
+
+    from tune.sweep import write_sweep_outputs
+
+    job = FusionJob(model="unused", loras=directed_loras, prompts=PROMPTS, reward="color_alignment", settings=SETTINGS)
+    trials = [(0.2, 0.5, 0.3), (1.9, 0.1, 0.8), (1.0, 1.0, 0.5), (0.0, 2.0, 0.1)]
+    rows = best_first([{"trial_id": str(i), "alpha_1": a1, "alpha_2": a2, "objective": objective,
+                        "objective_sem": 0.01 * (i + 1), "reward/color_alignment": objective}
+                       for i, (a1, a2, objective) in enumerate(trials)])
+    paths = write_sweep_outputs(job, SweepSettings(alpha_max=2.0), rows, tmp_path)
+    best = json.loads(paths["best"].read_text())
+    assert (best["objective"], best["objective_sem"], best["alphas"]) == (0.8, 0.02, [1.9, 0.1])
+    assert best["rewards"] == {"color_alignment": 0.8} and best["num_trials"] == 4
+    assert best["at_alpha_max"] == ["alpha_1"]  # 1.9 is within 5% of 2
+    assert best["search"] == resolve_search("auto") != "auto"  # the search that ran
+    assert best["eval"] == {**vars(SETTINGS), "num_prompts": len(PROMPTS)}
+    assert [r["objective"] for r in pq.read_table(paths["results"]).to_pylist()] == [0.8, 0.5, 0.3, 0.1]
+    with safe_open(str(paths["best_lora"]), "pt") as f:
+        assert json.loads(f.metadata()["texforce_fusion"])["alphas"] == [1.9, 0.1]
+    assert paths["plot"].stat().st_size > 5000
+
+
+@pytest.mark.parametrize("extra, recorded", [
+    (["--search", "grid"], {"search": "grid", "grid": 5, "anchors": True, "max_concurrent": 0, "seed": 0}),
+    (["--grid", "3", "--no-anchors", "--max-concurrent", "3", "--search-seed", "7"],
+     {"search": "grid", "grid": 3, "anchors": False, "max_concurrent": 3, "seed": 7}),
+])
+def test_a_new_sweep_records_the_options_it_runs_with(tune_args, tmp_path, extra, recorded):
+    """sweep.json holds the settings the sweep runs with, and `--resume` continues with."""
+    from rl.cli import main
+
+    with pytest.raises(AssertionError, match="Ray started"):  # `tune_args`: its checks passed
+        main(tune_args + extra)
+    settings = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["settings"]
+    assert {key: settings[key] for key in recorded} == recorded
+
+
+@pytest.mark.parametrize("n, on_a_line", [(1, False), (2, False), (2, True), (3, False)])
+def test_objective_plot_for_one_two_and_more_loras(tmp_path, n, on_a_line):
     from tune.plots import plot_objective
 
     points = np.random.default_rng(0).uniform(0, 1, size=(10, n))
+    if on_a_line:  # a normalized sweep's alphas sum to 1: no heat map between them
+        points[:, 1] = 1 - points[:, 0]
     path = plot_objective(points, points.sum(1), tmp_path / f"o{n}.png", names=[f"alpha_{i + 1}" for i in range(n)])
     assert path.stat().st_size > 5000
 
@@ -278,7 +378,7 @@ def tune_args(tiny_sd_dir, directed_loras, tmp_path, monkeypatch):
     (["--objective", "color_alignment:1,nope:0.2"], "unknown reward 'nope'; valid rewards:"),
     (["--objective", "color_alignment:nan"], "weight 'nan' of 'color_alignment' in spec 'color_alignment:nan' must be"),
     (["--num-samples", "0"], "texforce tune: --num-samples must be >= 1, got 0"),
-    (["--alpha-max", "-1"], "texforce tune: --alpha-max must be a positive number, got -1.0"),
+    (["--alpha-max", "0"], "texforce tune: --alpha-max must be a positive number, got 0.0"),
     (["--alpha-max", "nan"], "texforce tune: --alpha-max must be a positive number, got nan"),
     (["--grid", "1"], "texforce tune: --grid needs at least 2 points per alpha, got 1"),
     (["--steps", "0"], "texforce tune: --steps must be at least 1, got 0"),
@@ -287,6 +387,13 @@ def tune_args(tiny_sd_dir, directed_loras, tmp_path, monkeypatch):
     (["--grid", "3", "--search", "random"],
      "texforce tune: --grid 3 is a grid search, --search random is not; drop one of them"),
     (["--paths", "color_alignmnt=/x"], "no reward of 'color_alignment' reads a file under the key 'color_alignmnt'"),
+    (["--cpus-per-trial", "0"], "texforce tune: --cpus-per-trial must be > 0, got 0.0"),
+    (["--gpus-per-trial", "-1"], "texforce tune: --gpus-per-trial must be >= 0, got -1.0"),
+    (["--max-concurrent", "-1"], "texforce tune: --max-concurrent must be >= 0 (0: resources decide), got -1"),
+    (["--num-cpus", "0"], "texforce tune: --num-cpus must be >= 1, got 0"),
+    (["--lora", "A.safetensors:x"], "texforce tune: --lora 'A.safetensors:x': tune searches the alphas"),
+    pytest.param(["--search", "optuna"], "texforce tune: --search optuna needs the optuna package",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("optuna") is not None, reason="optuna is installed")),
 ])
 def test_tune_checks_its_input_before_ray_starts(tune_args, capsys, extra, message):
     from rl.cli import main
@@ -311,6 +418,13 @@ def test_a_trial_larger_than_this_machine_is_refused_before_a_local_ray_starts(t
                                        "(--num-cpus, else this machine's CPUs); lower it\n")
     assert main(tune_args + ["--cpus-per-trial", "3", "--num-cpus", "1"]) == 2
     assert "but a local Ray has 1 (--num-cpus" in capsys.readouterr().err
+
+    def init_ray(address, option, *, num_cpus, include_dashboard):
+        raise AssertionError(f"Ray started with {num_cpus} CPUs")
+
+    monkeypatch.setattr("actors.topology.init_ray", init_ray)
+    with pytest.raises(AssertionError, match="Ray started with 2 CPUs"):  # a trial as large as Ray fits; --num-cpus
+        main(tune_args + ["--cpus-per-trial", "2", "--num-cpus", "2"])
 
 
 def test_tune_builds_its_reward_before_ray_starts_and_leaves_no_folder(tune_args, tmp_path, capsys):
@@ -337,7 +451,7 @@ def test_tune_help_says_how_many_points_a_grid_has_without_grid(capsys, monkeypa
     assert f"grid: {SweepSettings().grid} points per alpha unless --grid K" in capsys.readouterr().out
 
 
-def test_tune_refuses_a_ray_address_nothing_answers_at_before_ray_starts(tune_args, capsys):
+def test_tune_refuses_a_ray_address_nothing_answers_at_before_ray_starts(tune_args, capsys, monkeypatch):
     import socket
 
     from rl.cli import main
@@ -345,10 +459,15 @@ def test_tune_refuses_a_ray_address_nothing_answers_at_before_ray_starts(tune_ar
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed once the block ends: connections are refused
-    assert main(tune_args + ["--ray-address", f"127.0.0.1:{port}"]) == 2
-    assert capsys.readouterr().err == (f"texforce tune: --ray-address=127.0.0.1:{port}: no Ray head answers there "
-                                       f"(Connection refused); start one there with `ray start --head --port={port}`, "
-                                       "or correct the address\n")
+    for option, extra in (("--ray-address", ["--ray-address", f"127.0.0.1:{port}"]), ("RAY_ADDRESS", [])):
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # read when no --ray-address is given
+        assert main(tune_args + extra) == 2
+        assert capsys.readouterr().err == (f"texforce tune: {option}=127.0.0.1:{port}: no Ray head answers there "
+                                           f"(Connection refused); start one there with `ray start --head "
+                                           f"--port={port}`, or correct the address\n")
+    # the trials run on the cluster's nodes: this machine's devices are not theirs to check
+    assert main(tune_args + ["--device", "cuda", "--gpus-per-trial", "1"]) == 2
+    assert f"RAY_ADDRESS=127.0.0.1:{port}: no Ray head answers there" in capsys.readouterr().err
 
 
 def test_tune_refuses_an_existing_sweep(tune_args, tmp_path, capsys):
@@ -392,8 +511,8 @@ def test_a_trial_no_node_can_host_is_an_error_on_a_local_ray_and_a_warning_on_a_
     _check_trial_fits(SweepSettings(cpus_per_trial=cpus), local=True)  # one node holds it all: fits
 
 
-@pytest.mark.parametrize("case", ["no record", "another option", "lora changed", "lora gone", "no tune state",
-                                  "new sweep there", "new sweep after a failed start"])
+@pytest.mark.parametrize("case", ["no record", "bad record", "another option", "lora changed", "lora gone", "model gone",
+                                  "no tune state", "new sweep there", "new sweep after a failed start"])
 def test_tune_resume_checks_the_sweep_before_ray_starts(tune_args, tiny_sd_dir, directed_loras, tmp_path, capsys, case):
     """`--resume` continues only the sweep its directory holds, with the options and LoRA files it started with;
     anything else is one line and exit code 2 before Ray starts (`tune_args` fails the test if it does)."""
@@ -406,9 +525,12 @@ def test_tune_resume_checks_the_sweep_before_ray_starts(tune_args, tiny_sd_dir, 
     lora = tmp_path / "a.safetensors"
     shutil.copy(directed_loras[0], lora)
     if case != "no record":
-        write_sweep_record(FusionJob(model=tiny_sd_dir, loras=(str(lora), directed_loras[1]), prompts=PROMPTS,
+        model = str(tmp_path / "moved") if case == "model gone" else tiny_sd_dir
+        write_sweep_record(FusionJob(model=model, loras=(str(lora), directed_loras[1]), prompts=PROMPTS,
                                      reward="color_alignment", settings=SETTINGS, device="cpu"),
                            SweepSettings(search="grid", grid=3), out)
+    if case == "bad record":
+        (out / "sweep.json").write_text("{}")
     if case == "new sweep there":  # Tune's state: what Tuner.can_restore looks for
         (out / "ray_results" / "fusion_sweep").mkdir(parents=True)
         (out / "ray_results" / "fusion_sweep" / "tuner.pkl").write_bytes(b"")
@@ -422,16 +544,19 @@ def test_tune_resume_checks_the_sweep_before_ray_starts(tune_args, tiny_sd_dir, 
     if case == "lora gone":
         lora.unlink()
     argv = {"another option": ["tune", "--resume", str(out), "--grid", "5"],
+            "no tune state": ["tune", "--resume", str(out), "--num-cpus", "1"],  # an option --resume takes
             "new sweep there": tune_args}.get(case, ["tune", "--resume", str(out)])
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert {
         "no record": f"texforce tune: --resume {out}: no sweep to resume there (no sweep.json)",
+        "bad record": f"texforce tune: --resume {out}: {out / 'sweep.json'} is not a sweep record",
         "another option": f"texforce tune: --resume continues the sweep with the options it started with "
                           f"({out / 'sweep.json'}); drop --grid: only --ray-address and --num-cpus go with --resume",
         "lora changed": f"texforce tune: --resume {out}: the sweep's LoRA {lora} has changed since the sweep started",
         "lora gone": f"texforce tune: --resume {out}: the sweep's LoRA {lora} is gone",
+        "model gone": f"texforce tune: model directory not found: {tmp_path / 'moved'}",
         "no tune state": f"texforce tune: --resume {out}: Tune kept no state of this sweep ({out / 'ray_results'}): it "
                          "stopped before its first trial; start it again with the same --out",
         "new sweep there": f"texforce tune: {out} holds a sweep already; continue it with `texforce tune --resume {out}`",
