@@ -55,10 +55,13 @@ toy-model: setup
 	$(BIN)/texforce make-tiny runs/toy-sd-rebuilt --pretrain-steps 4000 --vae-steps 1000 --scenes train
 
 # The detectors' tests run on $(MEDIAPIPE_VENV) when `make mediapipe-env` built it (CI does), else they skip.
+# TEST_WORKERS pytest processes (pytest-xdist) share the tests out as each finishes one: the tests run torch on one
+# thread, so one process leaves the second core idle for most of the suite (0: one process, as plain pytest).
+TEST_WORKERS ?= 2
 test: setup
 	if [ -z "$${TEXFORCE_MEDIAPIPE_PYTHON:-}" ] && [ -f $(MEDIAPIPE_VENV)/.installed ]; then \
 		export TEXFORCE_MEDIAPIPE_PYTHON="$(abspath $(MEDIAPIPE_VENV))/bin/python"; fi; \
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 clean:
 	rm -rf $(VENV) $(MEDIAPIPE_VENV) runs .pytest_cache
