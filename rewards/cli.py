@@ -35,7 +35,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     score.add_argument("--paths", nargs="*", default=[], metavar="KEY=PATH",
                        help="model files by key, e.g. imagereward=/ckpt/ImageReward.pt")
     score.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    score.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
+    score.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 ('auto': CUDA when available)")
     score.set_defaults(func=cmd_score)
 
 
@@ -105,22 +105,6 @@ def _unreadable(path: Path, err: Exception) -> RewardError:
     return RewardError(f"{path} is not a readable image ({type(err).__name__}: {err}); remove or replace it")
 
 
-def check_device(device: str) -> None:
-    """--device must name a torch device that this machine has."""
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise RewardError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise RewardError(f"--device {device}: this machine has no CUDA device; use --device cpu")
-        if (parsed.index or 0) >= count:
-            raise RewardError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-
-
 def load_image(path: Path):
     """An image file -> `[3,H,W]` float tensor in [0,1]. 16-bit images keep their full range
     (PIL's RGB conversion would clip them to 255); grey images are repeated over RGB."""
@@ -180,6 +164,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from rewards.registry import build_reward, check_path_keys, check_reward
+    from rl.models import check_device, resolve_device
     from rl.run_dir import make_output_dir, refuse_existing
 
     if args.batch_size < 1:
@@ -189,15 +174,16 @@ def cmd_score(args: argparse.Namespace) -> int:
             f"--out {args.out} is a directory; give the parquet file to write, e.g. {args.out / 'scores.parquet'}"
         )
     refuse_existing([args.out])
-    check_device(args.device)
+    check_device(args.device, option="--device", local=True)
+    device = str(resolve_device(args.device))
     paths = parse_paths(args.paths)
     check_reward(args.reward, paths=paths)
     check_path_keys(paths, [args.reward])
     files = list_images(args.images)
     prompts = read_prompts(args.prompts, len(files))
     make_output_dir(args.out.parent, "--out")
-    reward = build_reward(args.reward, device=args.device, paths=paths)
-    rows = score_directory(reward, files, prompts, batch_size=args.batch_size, device=args.device, progress=True)
+    reward = build_reward(args.reward, device=device, paths=paths)
+    rows = score_directory(reward, files, prompts, batch_size=args.batch_size, device=device, progress=True)
     bad = [r["file"] for r in rows if not math.isfinite(r["score"])]
     finite = [r["score"] for r in rows if math.isfinite(r["score"])]
     mean = sum(finite) / len(finite) if finite else float("nan")

@@ -260,6 +260,15 @@ def test_cuda_device_without_cuda(tiny_sd_dir):
     check_device("cuda:1", option="model.device", local=False)  # on a Ray cluster the workers have the GPUs
 
 
+def test_a_cuda_index_past_this_machines_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with two GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for device in ("cuda", "cuda:0", "cuda:1"):
+        check_device(device, option="model.device", local=True)
+    with pytest.raises(ConfigError, match=r"^model\.device=cuda:2: this machine has 2 CUDA devices, cuda:0 to cuda:1$"):
+        check_device("cuda:2", option="model.device", local=True)
+
+
 def test_device_names_and_gpu_requests(tiny_sd_dir):
     with pytest.raises(ConfigError, match=r"model\.device='gpu' is not a torch device; use auto, cpu, cuda or cuda:N"):
         check_device("gpu", option="model.device", local=False)
