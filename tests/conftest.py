@@ -85,6 +85,21 @@ def draw_epoch_prompts(monkeypatch, prompts_of_epoch) -> None:
     monkeypatch.setattr("actors.driver.epoch_prompts", epoch_prompts)
 
 
+@pytest.fixture
+def second_image_nan(monkeypatch) -> None:
+    """Every decoded batch's second image is NaN (black after the samplers' uint8 rounding), as a diverged sample's."""
+    import rl.sampling
+
+    decode = rl.sampling.decode_latents
+
+    def decode_with_a_nan_image(vae, latents):
+        images = decode(vae, latents)
+        images[1] = float("nan")
+        return images
+
+    monkeypatch.setattr(rl.sampling, "decode_latents", decode_with_a_nan_image)
+
+
 def one_line_error(capsys, code: int) -> str:
     """The single stderr line of a user error (exit code 2, no traceback)."""
     err = capsys.readouterr().err

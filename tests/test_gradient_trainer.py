@@ -114,19 +114,10 @@ def test_a_gradient_run_scores_held_out_prompts_on_its_learner_as_texforce_eval_
 
 
 def test_a_learners_evaluation_scores_with_its_own_reward_model_unless_evaluation_reward_names_another(
-        tiny_sd_dir, tmp_path, monkeypatch):
+        tiny_sd_dir, tmp_path, second_image_nan):
     """A held-out image that decoded to NaN (black after its uint8 rounding) is scored NaN, not as a black image."""
-    import rl.sampling
     from actors.learner import LearnerWorker
 
-    decode = rl.sampling.decode_latents
-
-    def second_image_nan(vae, latents):
-        images = decode(vae, latents)
-        images[1] = float("nan")
-        return images
-
-    monkeypatch.setattr(rl.sampling, "decode_latents", second_image_nan)
     for overrides, shared in [((), True), (("evaluation.reward=brightness",), False)]:
         worker = LearnerWorker(_config(tiny_sd_dir, tmp_path, *_held_out(tmp_path), *overrides))
         images, scores = worker.evaluate(["a purple hat", "a red car"], [7, 8])

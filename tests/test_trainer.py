@@ -1179,19 +1179,9 @@ def test_shared_start_noise_gives_each_prompt_group_its_first_samples_x_T_on_ray
 
 
 def test_a_sample_whose_image_is_not_finite_gets_no_reward_instead_of_a_black_pictures(
-        tiny_sd_dir, tmp_path, caplog, monkeypatch):
+        tiny_sd_dir, tmp_path, caplog, second_image_nan):
     """uint8 rounding makes a NaN image black, which `jpeg_compressibility` scores best of all: the sampler says
     which images were finite, their rewards are NaN, and reward.on_non_finite drops them."""
-    import rl.sampling
-
-    decode = rl.sampling.decode_latents
-
-    def second_image_nan(vae, latents):
-        images = decode(vae, latents)
-        images[1] = float("nan")
-        return images
-
-    monkeypatch.setattr(rl.sampling, "decode_latents", second_image_nan)
     config = _trainer_config(tiny_sd_dir, tmp_path, "resources.mode=inline", "num_epochs=1", "sample.num_steps=2",
                              "reward.spec=jpeg_compressibility", "run_name=nan_image")
     workers = InlineWorkers(config)
