@@ -40,13 +40,27 @@ def test_bad_override_names_the_key(capsys):
     assert "sample.num_steps: expected an int" in capsys.readouterr().err
 
 
-def test_make_tiny_rejects_bad_step_counts(capsys, tmp_path):
+def test_make_tiny_rejects_bad_step_counts(capsys, tmp_path, monkeypatch):
     first = one_line_error(capsys, cli.main(["make-tiny", str(tmp_path / "m"), "--pretrain-steps", "-1"]))
     assert first == "texforce make-tiny: --pretrain-steps must be >= 0, got -1"
     second = one_line_error(capsys, cli.main(["make-tiny", str(tmp_path / "m"), "--pretrain-steps", "3",
                                              "--vae-steps", "5"]))
     assert "--vae-steps must be in [0, --pretrain-steps), got 5" in second
+    monkeypatch.setattr("toyworld.tiny.make_tiny", lambda *a, **k: pytest.fail("built with a refused step count"))
+    for vae_steps in ("3", "-1"):  # all 3 steps on the VAE would leave the denoiser untrained
+        line = one_line_error(capsys, cli.main(["make-tiny", str(tmp_path / "m"), "--pretrain-steps", "3",
+                                                "--vae-steps", vae_steps]))
+        assert line == f"texforce make-tiny: --vae-steps must be in [0, --pretrain-steps), got {vae_steps}"
     assert not (tmp_path / "m").exists()
+
+
+def test_make_tiny_passes_its_options_and_says_what_it_wrote(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr("toyworld.tiny.make_tiny", lambda directory, **kw: calls.append(kw) or directory)
+    out = tmp_path / "m"
+    assert cli.main(["make-tiny", str(out), "--pretrain-steps", "9", "--vae-steps", "2", "--scenes", "train"]) == 0
+    assert calls == [{"seed": 0, "pretrain_steps": 9, "vae_steps": 2, "scenes": "train", "progress": True}]
+    assert capsys.readouterr().out == f"tiny Stable Diffusion pipeline (pretrained (9 steps)) written to {out}\n"
 
 
 def test_missing_config_file(capsys, tmp_path):
@@ -107,7 +121,9 @@ def test_ctrl_c_or_sigterm_stops_without_a_traceback_and_the_run_resumes_from_wh
 
 
 def test_resume_refuses_fewer_epochs_than_the_run_has_finished(tiny_sd_dir, tmp_path, capsys, caplog):
+    handler = signal.getsignal(signal.SIGTERM)
     assert cli.main(tiny_args(tiny_sd_dir, tmp_path, "num_epochs=2")) == 0
+    assert signal.getsignal(signal.SIGTERM) is handler  # the run's SIGTERM handler does not outlive it
     capsys.readouterr()
     run = RunDirectory(tmp_path / "r")
     config_text = run.config_path.read_text()
@@ -127,7 +143,8 @@ def test_resume_refuses_overrides_the_checkpoints_lora_was_not_trained_with(tiny
     run = RunDirectory(tmp_path / "r")
     config_text = run.config_path.read_text()
     for override, was in [("lora.rank=4", "16"), ("lora.policy=unet", "'text_encoder'"),
-                          ("train.algorithm=refl", "'ppo'"), ("lora.text_encoder_targets=[q_proj]", "['q_proj', ")]:
+                          ("train.algorithm=refl", "'ppo'"), ("lora.text_encoder_targets=[q_proj]", "['q_proj', "),
+                          ("lora.alpha=4", "16.0"), ("lora.unet_targets=[to_q]", "['to_q', ")]:
         line = one_line_error(capsys, cli.main(["train", "--resume", str(run.path), "num_epochs=2", override]))
         key = override.split("=")[0]
         assert line.startswith(f"texforce train: --resume {run.path}: {key} cannot change in a resume (its "
@@ -290,7 +307,7 @@ def test_make_output_dir_refuses_an_existing_directory_where_no_file_can_be_made
         make_output_dir("/proc/self", "--out")
 
 
-def test_existing_run_directory_is_not_overwritten(tiny_sd_dir, tmp_path, capsys):
+def test_existing_run_directory_is_not_overwritten(tiny_sd_dir, tmp_path, capsys, monkeypatch):
     from rl.config import load_config
     from rl.run_dir import RunDirectory
 
@@ -298,6 +315,7 @@ def test_existing_run_directory_is_not_overwritten(tiny_sd_dir, tmp_path, capsys
     RunDirectory.create(config).append_metrics({"epoch": 0, "reward_mean": 0.5})  # a run with progress
     with pytest.raises(FileExistsError, match="--resume"):
         RunDirectory.create(config)
+    monkeypatch.setattr("actors.driver.train", lambda *a, **k: pytest.fail("refused only after the preflight"))
     line = one_line_error(capsys, cli.main(tiny_args(tiny_sd_dir, tmp_path)))
     assert line == (f"texforce train: run directory {tmp_path / 'r'} already holds a run; continue it with "
                     f"`--resume {tmp_path / 'r'}` or choose another run_name=...")
@@ -446,7 +464,12 @@ def test_resume_refuses_overrides_that_unpair_the_held_out_gains(capsys, tiny_sd
     for override, key, was in [("evaluation.num_seeds=8", "evaluation.num_seeds", "2"),
                                ("sample.guidance_scale=7.5", "sample.guidance_scale", "5.0"),
                                ("evaluation.reward=brightness", "evaluation.reward", "None"),
-                               ("sample.eta=0.5", "sample.eta", "1.0")]:  # evaluation.eta's default
+                               ("sample.eta=0.5", "sample.eta", "1.0"),  # evaluation.eta's default
+                               ("sample.num_steps=5", "sample.num_steps", "4"),
+                               ("evaluation.seed_base=7", "evaluation.seed_base", "2147483648"),
+                               ("sample.negative_prompt=blurry", "sample.negative_prompt", "''"),
+                               ("sample.height=32", "sample.height", "None"), ("sample.width=32", "sample.width", "None"),
+                               ("evaluation.eta=0.5", "evaluation.eta", "None")]:
         line = one_line_error(capsys, cli.main(["train", "--resume", str(run.path), override]))
         assert line.startswith(f"texforce train: --resume {run.path}: {key} cannot change in a resume (the held-out "
                                f"gains are paired with the base model's images and scores at {key}={was}, not "), line
@@ -462,6 +485,11 @@ def test_resume_refuses_overrides_that_unpair_the_held_out_gains(capsys, tiny_sd
     config = train.load_run_config(parser.parse_args(["--resume", str(judged.path), "reward.spec=brightness",
                                                       "sample.eta=0.5"]))
     assert (config.reward.spec, config.sample.eta) == ("brightness", 0.5)
+    # a run without held-out prompts may get them in a resume, with settings of its own
+    plain = RunDirectory.create(load_config(None, tiny_args(tiny_sd_dir, tmp_path, "run_name=plain")[1:]))
+    config = train.load_run_config(parser.parse_args(["--resume", str(plain.path), f"evaluation.prompts_file={held_out}",
+                                                      "evaluation.num_seeds=8"]))
+    assert (config.evaluation.prompts_file, config.evaluation.num_seeds) == (str(held_out), 8)
 
 
 def test_insufficient_resources_is_one_line_from_both_entries(capsys, tiny_sd_dir, tmp_path, monkeypatch):

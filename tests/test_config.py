@@ -177,7 +177,7 @@ def test_missing_config_file_and_bad_top_level(tmp_path):
 
 
 def test_every_registered_algorithm_validates_with_the_papers_defaults():
-    from rl.algorithms import algorithm_names, get_algorithm
+    from rl.algorithms import Algorithm, algorithm_names, get_algorithm, register
     from rl.gradient import fraction_of_steps
 
     config = load_config(None, [])
@@ -195,6 +195,9 @@ def test_every_registered_algorithm_validates_with_the_papers_defaults():
     for name in algorithm_names():
         assert load_config(None, [f"train.algorithm={name}", "sample.num_steps=4"]).train.algorithm == name
         assert get_algorithm(name).samples_in_learner == (name != "ppo")
+    with pytest.raises(ValueError, match="algorithm 'ppo' is already registered"):  # not silently replaced
+        register(Algorithm("ppo", "another PPO", "gradient", "all"))
+    assert get_algorithm("ppo").learner == "ppo"
     with pytest.raises(ConfigError, match=r"gradient\.alignprop_max_k must be in \[1, sample\.num_steps=4\]"):
         load_config(None, ["train.algorithm=alignprop", "sample.num_steps=4", "gradient.alignprop_max_k=5"])
     with pytest.raises(ConfigError, match=r"refl_min_fraction/refl_max_fraction must be 0 <= min <= max < 1"):

@@ -39,9 +39,33 @@ def test_make_tiny_pretrains_on_the_scene_set_it_is_given(tmp_path, monkeypatch)
     seen = []
     monkeypatch.setattr(toyworld.pretrain, "pretrain_tiny", lambda pipe, **kw: seen.append(kw) or {})
     make_tiny(tmp_path / "train", pretrain_steps=9, scenes="train")
-    make_tiny(tmp_path / "all", pretrain_steps=9)
+    make_tiny(tmp_path / "all", pretrain_steps=9, vae_steps=5)
     assert [kw["combinations"] for kw in seen] == [train_combinations(), all_combinations()]
     assert seen[0]["vae_steps"] == 3 and seen[0]["unet_steps"] == 6
+    assert seen[1]["vae_steps"] == 5 and seen[1]["unet_steps"] == 4  # --vae-steps 5 of 9
+
+
+def test_the_toy_tokenizer_spells_any_text_without_unknown_tokens():
+    """Its byte alphabet is CLIP's: every byte of any string is a token, none becomes <|endoftext|> (unknown)."""
+    from toyworld.tiny import toy_tokenizer
+
+    tokenizer = toy_tokenizer()
+    text = "".join(map(chr, range(ord("!"), 0x100))) + " a red ball, ¬ ünïcödé ☃ 猫"
+    ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text))
+    assert len(ids) > 200 and tokenizer.unk_token_id not in ids
+
+
+def test_the_tiny_pipeline_has_stable_diffusions_noise_schedule(tiny_sd_dir):
+    """SD 1.x's scheduler_config.json: scaled-linear betas from 0.00085 to 0.012 over 1000 steps, steps_offset 1,
+    set_alpha_to_one false, no clipping: 50 DDIM steps run 981, 961, ..., 1."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_pretrained(tiny_sd_dir, subfolder="scheduler")
+    scheduler.set_timesteps(50)
+    assert scheduler.timesteps.tolist() == list(range(981, 0, -20))
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    torch.testing.assert_close(scheduler.alphas_cumprod, torch.cumprod(1 - betas, 0).float())
+    assert scheduler.final_alpha_cumprod == scheduler.alphas_cumprod[0] and not scheduler.config.clip_sample
 
 
 def test_missing_directory_with_hub_offline_names_the_fix(monkeypatch):

@@ -61,6 +61,13 @@ def test_openclip_keys_map_strictly(tiny_reward_files, file):
     assert config.vision_config.num_attention_heads == OPENCLIP["vision_width"] // 80
     assert config.vision_config.image_size == OPENCLIP["image"]
     CLIPModel(config).load_state_dict(openclip_to_hf(state_dict, path=path, what="HPS"), strict=True)
+    # shapes no ViT-H-14 has: named before a model is built
+    kwargs = {"eos_token_id": 1, "bos_token_id": 0, "pad_token_id": 1, "path": path, "what": "HPS"}
+    with pytest.raises(ValueError, match=f"{path}: widths 160/64 are not multiples of the head widths 80/48 of HPS"):
+        openclip_config(state_dict, vision_head_width=80, text_head_width=48, hidden_act="gelu", **kwargs)
+    with pytest.raises(ValueError, match=f"{path}: visual.proj and text_projection project to different sizes"):
+        openclip_config({**state_dict, "text_projection": state_dict["text_projection"][:, :16]}, vision_head_width=80,
+                        text_head_width=64, hidden_act="gelu", **kwargs)
 
 
 def test_hf_clip_directories_load_without_missing_keys(tiny_reward_files):
@@ -105,9 +112,11 @@ def test_aesthetic_ignores_prompt(built):
     assert scores[0] == scores[1]
 
 
-def test_low_precision_still_returns_float32(tiny_reward_files):
-    reward = rewards.build_reward("hpsv2", paths=tiny_reward_files.paths, dtype=torch.bfloat16)
-    full = rewards.build_reward("hpsv2", paths=tiny_reward_files.paths)
+@pytest.mark.parametrize("name", ["hpsv2", "imagereward", "aesthetic"])
+def test_low_precision_still_returns_float32(tiny_reward_files, built, name):
+    """bfloat16 towers; ImageReward's and the aesthetic predictor's MLP heads run in float32, as the official code."""
+    reward = rewards.build_reward(name, paths=tiny_reward_files.paths, dtype=torch.bfloat16)
+    full = built[name]
     images = _images()
     low, ref = reward(images, PROMPTS).scores, full(images, PROMPTS).scores
     assert low.dtype == torch.float32
@@ -152,15 +161,18 @@ def _openclip_reference_score(sd, pixels, ids):
     return (F.normalize(image, dim=-1) * F.normalize(text, dim=-1)).sum(-1)
 
 
-def test_hps_matches_openclip_reference(built, tiny_reward_files):
-    scorer = built["hpsv2"].scorers[0]
-    sd = read_state_dict(tiny_reward_files.root / "hps" / "HPS_v2_compressed.pt", what="HPS")
+@pytest.mark.parametrize(("name", "file"), [("hpsv2", "HPS_v2_compressed.pt"), ("hpsv2_1", "HPS_v2.1_compressed.pt")])
+def test_hps_matches_openclip_reference(built, tiny_reward_files, name, file):
+    scorer = built[name].scorers[0]
+    sd = read_state_dict(tiny_reward_files.root / "hps" / file, what="HPS")
     images = _images()
     ids = scorer.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         ref = _openclip_reference_score(sd, clip_preprocess(images, 32, letterbox=True), ids)  # HPSv2 pads
-        ours = built["hpsv2"](images, PROMPTS).scores
+        ours = built[name](images, PROMPTS).scores
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    # open_clip's LayerNorm eps (1e-5) everywhere: too small to show in the scores of these random weights
+    assert {m.eps for m in scorer.clip.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
 
 
 def _blip_reference_score(sd, pixels, ids, mask, med):
@@ -214,7 +226,7 @@ def _blip_reference_score(sd, pixels, ids, mask, med):
     r = h[:, 0]
     for index in (0, 2, 4, 6, 7):
         r = F.linear(r, sd[f"mlp.layers.{index}.weight"], sd[f"mlp.layers.{index}.bias"])
-    return (r.squeeze(-1) - ir.SCORE_MEAN) / ir.SCORE_STD
+    return (r.squeeze(-1) - 0.16717362830052426) / 1.0333394966054072  # ImageReward.py's mean and std
 
 
 def test_imagereward_matches_official_forward(built, tiny_reward_files):
@@ -223,11 +235,16 @@ def test_imagereward_matches_official_forward(built, tiny_reward_files):
     sd = read_state_dict(folder / "ImageReward.pt", what="ImageReward.pt")
     med = json.loads((folder / "med_config.json").read_text())
     images = _images()
-    tokens = scorer.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    prompts = [*PROMPTS[:3], " ".join(["a red ball on the grass with a blue car"] * 5)]  # 45 words: cut at 35 tokens
+    tokens = scorer.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     with torch.no_grad():
         ref = _blip_reference_score(sd, clip_preprocess(images, 32), tokens.input_ids, tokens.attention_mask, med)
-        ours = built["imagereward"](images, PROMPTS).scores
+        ours = built["imagereward"](images, prompts).scores
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    # the LayerNorm eps of BLIP's ViT (1e-6) and of med_config.json: too small to show in these random weights' scores
+    def eps(module):
+        return {m.eps for m in module.modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert eps(scorer.model.visual_encoder) == {1e-6} and eps(scorer.model.text_encoder) == {med["layer_norm_eps"]}
 
 
 def test_parity_with_image_reward_package(built, tiny_reward_files):
@@ -263,6 +280,23 @@ def test_parity_with_image_reward_package(built, tiny_reward_files):
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_aesthetic_matches_the_improved_aesthetic_predictor(built, tiny_reward_files):
+    """simple_inference.py: CLIP's image features (resize, centre crop, CLIP normalisation), L2-normalised, through
+    the linear layers of the head."""
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(tiny_reward_files.paths["aesthetic_clip"]).eval()
+    head = torch.load(tiny_reward_files.paths["aesthetic"], weights_only=True)
+    images = _images()
+    with torch.no_grad():
+        features = clip.get_image_features(pixel_values=clip_preprocess(images, 32)).pooler_output
+        x = features / features.norm(dim=-1, keepdim=True)
+        for index in (0, 2, 4, 6, 7):
+            x = F.linear(x, head[f"layers.{index}.weight"], head[f"layers.{index}.bias"])
+        ours = built["aesthetic"](images, PROMPTS).scores
+    torch.testing.assert_close(ours, x.squeeze(-1), atol=1e-5, rtol=1e-5)
+
+
 # --- clear errors ----------------------------------------------------------------------------
 
 def _paths(files: TinyRewardFiles, **overrides) -> dict[str, str]:
@@ -283,12 +317,40 @@ def test_missing_checkpoint_says_what_to_download(tiny_reward_files, tmp_path, m
     with pytest.raises(FileNotFoundError, match=f"'hpsv2' not found at {tmp_path}/HPS_v2_compressed.pt: "
                                                 "provide HPS_v2_compressed.pt from xswu/HPSv2"):
         rewards.build_reward("hpsv2", paths=_paths(tiny_reward_files, hpsv2=tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"'hpsv2_1' not found at {tmp_path}/HPS_v2.1_compressed.pt: "
+                                                "provide HPS_v2.1_compressed.pt from xswu/HPSv2"):
+        rewards.build_reward("hpsv2_1", paths=_paths(tiny_reward_files, hpsv2_1=tmp_path))
 
 
 def test_missing_med_config_is_named(tiny_reward_files, tmp_path):
     shutil.copy(tiny_reward_files.root / "imagereward" / "ImageReward.pt", tmp_path / "ImageReward.pt")
     with pytest.raises(FileNotFoundError, match=f"'imagereward_med_config' not found at {tmp_path}/med_config.json"):
         rewards.build_reward("imagereward", paths=_paths(tiny_reward_files, imagereward=tmp_path / "ImageReward.pt"))
+
+
+def test_a_bad_med_config_or_no_room_for_blips_tokens_is_named(tiny_reward_files, tmp_path):
+    """med_config.json that is not JSON or lacks a size, or a checkpoint whose embedding has no row for the [DEC] and
+    [ENC] tokens BLIP adds to the BERT vocabulary: each a one-line error naming the file, not a traceback."""
+    from transformers import BertTokenizer
+
+    folder = tiny_reward_files.root / "imagereward"
+    sd = read_state_dict(folder / "ImageReward.pt", what="ImageReward.pt")
+    med = json.loads((folder / "med_config.json").read_text())
+    ckpt, config = tmp_path / "ImageReward.pt", tmp_path / "med_config.json"
+    torch.save(sd, ckpt)
+    config.write_text("<html>Not Found</html>")
+    with pytest.raises(rewards.RewardFileError, match=f"{config} is not JSON; provide med_config.json from THUDM"):
+        rewards.build_reward("imagereward", paths=_paths(tiny_reward_files, imagereward=ckpt))
+    config.write_text(json.dumps({k: v for k, v in med.items() if k != "vocab_size"}))
+    with pytest.raises(rewards.RewardFileError, match=f"{config} lacks \\['vocab_size'\\]; provide med_config.json"):
+        rewards.build_reward("imagereward", paths=_paths(tiny_reward_files, imagereward=ckpt))
+    words = len(BertTokenizer.from_pretrained(str(tiny_reward_files.bert_tokenizer)))
+    key = "blip.text_encoder.embeddings.word_embeddings.weight"
+    torch.save({**sd, key: sd[key][:words + 1]}, ckpt)  # room for one of the two
+    config.write_text(json.dumps({**med, "vocab_size": words + 1}))
+    with pytest.raises(rewards.RewardFileError, match=f"has {words + 2} tokens with \\[DEC\\]/\\[ENC\\] but {config} "
+                                                      f"embeds {words + 1}"):
+        rewards.build_reward("imagereward", paths=_paths(tiny_reward_files, imagereward=ckpt))
 
 
 def test_safetensors_or_text_where_pt_expected(tiny_reward_files, tmp_path):

@@ -152,6 +152,34 @@ def test_the_reward_curve_draws_the_held_out_evaluations_and_is_redrawn_after_on
     assert orange_pixels() > 50
 
 
+def test_an_image_grid_tiles_the_images_row_by_row_each_caption_under_its_own_image(tmp_path):
+    """Small images upscaled to at least min_size (40 px -> 5 x 40 = 200 >= 192), two per row, each caption wrapped
+    under its own tile; float images as they round to uint8."""
+    import numpy as np
+    from PIL import Image
+
+    from rl.plots import save_image_grid
+
+    colours = torch.tensor([[200, 30, 30], [30, 200, 30], [30, 30, 200]], dtype=torch.uint8)
+    images = colours.view(3, 3, 1, 1).expand(3, 3, 40, 40).contiguous()
+    captions = [" ".join(["a red ball on the grass"] * 4), "", "a blue car"]  # the first wraps onto several lines
+    grid = np.asarray(Image.open(save_image_grid(images, captions, tmp_path / "grid.png", columns=2)).convert("RGB"))
+    cell = 200
+    text_h = grid.shape[0] // 2 - cell
+    assert grid.shape == (2 * (cell + text_h), 2 * cell, 3) and text_h > 12
+    dark = (grid < 100).all(-1)  # the black caption text
+    for i, colour in enumerate(colours.tolist()):
+        x, y = (i % 2) * cell, (i // 2) * (cell + text_h)
+        assert (grid[y:y + cell, x:x + cell] == colour).all()
+        assert dark[y + cell:y + cell + text_h, x:x + cell].any() == bool(captions[i])
+    assert (grid[cell + text_h:, cell:] == 255).all()  # no fourth image: white
+    # the same images as floats in [0, 1], each value 0.4 / 255 below its byte: rounded to it, not truncated below
+    as_uint8 = torch.randint(1, 256, (3, 3, 40, 40), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    pngs = [np.asarray(Image.open(save_image_grid(x, ["a", "b", "c"], tmp_path / f"{x.dtype}.png")))
+            for x in ((as_uint8.float() - 0.4) / 255, as_uint8)]
+    assert np.array_equal(*pngs) and pngs[0].shape[1] == 3 * cell  # 3 images, up to 4 columns: one row of 3
+
+
 def test_epochs_written_without_plots_get_their_metrics_and_a_stopped_run_its_whole_curve(tmp_path, monkeypatch):
     """plot_every: an epoch without plots still gets its metrics row and TensorBoard scalars, no grid; closing
     after such an epoch redraws the curve, so it shows every epoch written."""
