@@ -100,6 +100,22 @@ def second_image_nan(monkeypatch) -> None:
     monkeypatch.setattr(rl.sampling, "decode_latents", decode_with_a_nan_image)
 
 
+@pytest.fixture
+def saved_figures(monkeypatch) -> list:
+    """Each matplotlib figure as it is saved (before the plot closes it): what a plot drew, read from its artists
+    rather than its pixels."""
+    from matplotlib.figure import Figure
+
+    figures, save = [], Figure.savefig
+
+    def keep_and_save(self, *args, **kwargs):
+        figures.append(self)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep_and_save)
+    return figures
+
+
 def one_line_error(capsys, code: int) -> str:
     """The single stderr line of a user error (exit code 2, no traceback)."""
     err = capsys.readouterr().err

@@ -1,6 +1,7 @@
 """`ray job submit` against a head started on loopback, as a user submits to a cluster."""
 import json
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -32,7 +33,7 @@ workers.shutdown()
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """A head of our own (token auth on, dashboard on 127.0.0.1); stopped by its process group."""
+    """A head of our own (token auth on, dashboard on 127.0.0.1); killed by its process group."""
     env = token_env(tmp_path)
     dashboard_port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths have a length limit
@@ -60,7 +61,7 @@ def ray_head(tmp_path):
             time.sleep(1)
         yield RAY_BIN, address, env
     finally:
-        stop_node(head)
+        stop_node(head, sig=signal.SIGKILL)  # with SIGTERM it took its 10 s to stop
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

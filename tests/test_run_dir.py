@@ -125,6 +125,35 @@ def test_a_packed_learner_state_is_the_checkpoint_file_it_reads_back_from(tmp_pa
     assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
 
 
+def test_the_reward_curve_draws_each_epochs_mean_within_its_standard_error_and_the_held_out_error_bars(
+        tmp_path, saved_figures):
+    import numpy as np
+
+    from rl.plots import save_reward_curve
+
+    rows = [{"epoch": 0, "reward_mean": 0.60, "reward_sem": 0.02, "reward_std": 0.3, "num_samples": 64},
+            {"epoch": 1, "reward_mean": 0.65, "reward_sem": 0.01, "reward_std": 0.3, "num_samples": 64},
+            {"epoch": 2, "reward_mean": 0.70, "reward_sem": None, "reward_std": 0.4, "num_samples": 16}]  # std / 4
+    held_out = [{"epoch": -1, "reward_mean": 0.50, "reward_sem": 0.005}, {"epoch": 2, "reward_mean": 0.55,
+                                                                         "reward_sem": 0.007}]
+    save_reward_curve(rows, tmp_path / "curve.png", title="my run", held_out=held_out)
+    (ax,) = saved_figures[0].axes
+    assert ax.get_title() == "my run"
+    mean = ax.lines[0]
+    assert list(mean.get_xdata()) == [0, 1, 2] and np.allclose(mean.get_ydata(), [0.60, 0.65, 0.70])
+    # the band: mean -+ one standard error at each epoch, on both sides
+    (band,) = ax.collections[:1]
+    vertices = band.get_paths()[0].vertices
+    for epoch, low, high in [(0, 0.58, 0.62), (1, 0.64, 0.66), (2, 0.60, 0.80)]:
+        at = vertices[np.isclose(vertices[:, 0], epoch), 1]
+        assert np.isclose(at.min(), low) and np.isclose(at.max(), high), (epoch, at)
+    # the held-out points at their epochs (-1: before training), each bar its standard error
+    (held_out_bars,) = ax.containers
+    points, _, (bars,) = held_out_bars
+    assert list(points.get_xdata()) == [-1, 2] and np.allclose(points.get_ydata(), [0.50, 0.55])
+    assert np.allclose([segment[:, 1] for segment in bars.get_segments()], [[0.495, 0.505], [0.543, 0.557]])
+
+
 def test_the_reward_curve_draws_the_held_out_evaluations_and_is_redrawn_after_one(tmp_path):
     import numpy as np
     from PIL import Image

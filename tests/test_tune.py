@@ -248,6 +248,43 @@ def test_search_space_helpers():
     assert [row["objective"] for row in best_first(rows)][:3] == [0.9, 0.5, 0.3]
 
 
+def _searched_points(settings: SweepSettings, n: int = 2) -> list[dict[str, float]]:
+    """The alphas of each trial the sweep's search algorithm proposes, in order (Tune's own generator, no trial run)."""
+    from ray.tune.experiment import Experiment
+
+    from tune.sweep import _search_space
+
+    space, search_alg, num_samples = _search_space(settings, n)
+    search_alg.add_configurations([Experiment("points", lambda config: None, config=space, num_samples=num_samples)])
+    points = []
+    while (trial := search_alg.next_trial()) is not None:
+        points.append(trial.config)
+    return points
+
+
+def test_a_random_search_tries_the_anchors_then_draws_seeded_alphas_in_the_box():
+    """The real sweep tests run one search seed each: that seeds decide the draws, and that the base model (all
+    zeros, which no draw hits) is tried, only show in the points themselves."""
+    settings = SweepSettings(search="random", num_samples=8, alpha_max=2.0, seed=0)
+    points = _searched_points(settings)
+    assert len(points) == 8 and points[:4] == anchor_points(2, 2.0)  # the base model first
+    drawn = points[4:]
+    assert all(0.0 < a < 2.0 for point in drawn for a in point.values()) and len({p["alpha_1"] for p in drawn}) == 4
+    assert _searched_points(settings) == points  # the same seed, the same sweep
+    other_seed = _searched_points(SweepSettings(search="random", num_samples=8, alpha_max=2.0, seed=1))
+    assert other_seed[:4] == points[:4] and all(a != b for a, b in zip(other_seed[4:], drawn))
+    # without anchors every trial is a draw; normalized, the all-zero point is no anchor
+    unanchored = _searched_points(SweepSettings(search="random", num_samples=3, alpha_max=2.0, anchors=False))
+    assert all(0.0 < a < 2.0 for point in unanchored for a in point.values())
+    normalized = _searched_points(SweepSettings(search="random", num_samples=5, alpha_max=1.0, normalize=True))
+    assert normalized[:3] == anchor_points(2, 1.0, normalize=True)
+    # fewer trials than anchors: the first anchors only
+    assert _searched_points(SweepSettings(search="random", num_samples=2, alpha_max=2.0)) == anchor_points(2, 2.0)[:2]
+    # a grid: every point of the K x K box once
+    grid = _searched_points(SweepSettings(search="grid", grid=3, alpha_max=2.0))
+    assert sorted((p["alpha_1"], p["alpha_2"]) for p in grid) == [(a, b) for a in (0.0, 1.0, 2.0) for b in (0.0, 1.0, 2.0)]
+
+
 def test_a_trials_metrics_are_its_evaluations_summary(job):
     from tune.sweep import trial_metrics
 
@@ -353,8 +390,32 @@ def test_objective_plot_for_one_two_and_more_loras(tmp_path, n, on_a_line):
     points = np.random.default_rng(0).uniform(0, 1, size=(10, n))
     if on_a_line:  # a normalized sweep's alphas sum to 1: no heat map between them
         points[:, 1] = 1 - points[:, 0]
-    path = plot_objective(points, points.sum(1), tmp_path / f"o{n}.png", names=[f"alpha_{i + 1}" for i in range(n)])
+    objective = points.sum(1)
+    path = plot_objective(points, objective, tmp_path / f"o{n}.png", names=[f"alpha_{i + 1}" for i in range(n)],
+                          title="(color_alignment)")
     assert path.stat().st_size > 5000
+
+
+def test_the_objective_plot_stars_the_best_trial_and_draws_one_loras_objective_as_a_line(tmp_path, saved_figures):
+    from tune.plots import plot_objective
+
+    points = np.array([[0.5, 1.0], [2.0, 0.2], [1.0, 1.5], [0.0, 0.0]])
+    objective = np.array([0.3, 0.9, 0.4, 0.1])  # the best is trial 1, not the last nor the largest alphas
+    plot_objective(points, objective, tmp_path / "two.png", names=["alpha_1", "alpha_2"], title="(my sweep)")
+    figure = saved_figures[-1]
+    assert figure.get_suptitle() == "objective (my sweep)"
+    ax = figure.axes[0]
+    trials, star = ax.collections[-2:]
+    assert np.allclose(trials.get_offsets(), points) and np.allclose(star.get_offsets(), [[2.0, 0.2]])
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("alpha_1", "alpha_2")
+
+    # one LoRA: the objective against its alpha, joined in the order of alpha, not of the trials
+    plot_objective(points[:, :1], objective, tmp_path / "one.png", names=["alpha_1"])
+    ax = saved_figures[-1].axes[0]
+    (line,) = ax.lines
+    assert list(line.get_xdata()) == [0.0, 0.5, 1.0, 2.0] and list(line.get_ydata()) == [0.1, 0.3, 0.4, 0.9]
+    assert np.allclose(ax.collections[-1].get_offsets(), [[2.0, 0.9]])  # the star
+    assert saved_figures[-1].get_suptitle() == "objective"
 
 
 @pytest.fixture
