@@ -390,9 +390,7 @@ def test_objective_plot_for_one_two_and_more_loras(tmp_path, n, on_a_line):
     points = np.random.default_rng(0).uniform(0, 1, size=(10, n))
     if on_a_line:  # a normalized sweep's alphas sum to 1: no heat map between them
         points[:, 1] = 1 - points[:, 0]
-    objective = points.sum(1)
-    path = plot_objective(points, objective, tmp_path / f"o{n}.png", names=[f"alpha_{i + 1}" for i in range(n)],
-                          title="(color_alignment)")
+    path = plot_objective(points, points.sum(1), tmp_path / f"o{n}.png", names=[f"alpha_{i + 1}" for i in range(n)])
     assert path.stat().st_size > 5000
 
 
