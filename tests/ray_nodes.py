@@ -7,7 +7,9 @@ on one host collide on a port (measured: "bind: Address already in use").
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -16,21 +18,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 RAY_BIN = Path(sys.executable).with_name("ray")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def node_port_args() -> list[str]:
-    """Free ports for the agents every node starts (their defaults are fixed numbers)."""
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+def free_ports(n: int, taken: Iterable[int] = ()) -> list[int]:
+    """`n` distinct ports free now, none in `taken`. Each socket stays bound until all are chosen: chosen one at a time,
+    the OS handed one port out twice (measured: a node's two agents given 53727, and `ray start` refused to start)."""
+    taken = set(taken)
+    with contextlib.ExitStack() as held:
+        ports = []
+        while len(ports) < n:
+            s = held.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            if s.getsockname()[1] not in taken:
+                ports.append(s.getsockname()[1])
+        return ports
 
 
 def token_env(tmp_path: Path) -> dict[str, str]:
@@ -47,10 +52,14 @@ def token_env(tmp_path: Path) -> dict[str, str]:
 
 def start_node(args: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
     """`ray start --block ARGS` in its own process group (stop it with `stop_node`), its output to `log`."""
-    # a head's Ray client server listens on 10001 by default: a fixed port another head (or one stopped a moment ago)
-    # may hold. test_job_submit's head once exited at start-up in a run after test_multinode's (cause not caught)
-    client_port = [f"--ray-client-server-port={free_port()}"] if "--head" in args else []
-    command = [str(RAY_BIN), "start", "--block", "--disable-usage-stats", *node_port_args(), *client_port, *args]
+    # free ports for the agents every node starts (their defaults are fixed numbers), and for a head's Ray client
+    # server (10001 by default: a port another head, or one stopped a moment ago, may hold); none that `args` names
+    listen, grpc, runtime_env, metrics, client = free_ports(5, taken=map(int, re.findall(r"port=(\d+)", " ".join(args))))
+    ports = [f"--dashboard-agent-listen-port={listen}", f"--dashboard-agent-grpc-port={grpc}",
+             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"]
+    if "--head" in args:
+        ports.append(f"--ray-client-server-port={client}")
+    command = [str(RAY_BIN), "start", "--block", "--disable-usage-stats", *ports, *args]
     if log is None:
         return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -85,7 +94,7 @@ class LocalCluster:
         # `ray start --address` refuse to join a head
         self.env = dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
         self.timeout_s = timeout_s
-        self.address = f"127.0.0.1:{free_port()}"
+        self.address = f"127.0.0.1:{free_ports(1)[0]}"
         self.nodes: dict[str, subprocess.Popen] = {}
         self.temp_dir = Path(tempfile.mkdtemp(prefix="raymn", dir="/tmp"))  # short: Ray's socket paths are limited
         self._add(["--head", f"--port={self.address.split(':')[1]}", "--node-ip-address=127.0.0.1",

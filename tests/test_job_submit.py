@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from ray_nodes import RAY_BIN, free_port, start_node, stop_node, token_env
+from ray_nodes import RAY_BIN, free_ports, start_node, stop_node, token_env
 
 from actors.topology import SAMPLER_INLINE_BYTES
 
@@ -35,10 +35,10 @@ workers.shutdown()
 def ray_head(tmp_path):
     """A head of our own (token auth on, dashboard on 127.0.0.1); killed by its process group."""
     env = token_env(tmp_path)
-    dashboard_port = free_port()
+    dashboard_port, gcs_port = free_ports(2)
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths have a length limit
     log = tmp_path / "head.log"  # what a head that exits at start-up said
-    head = start_node(["--head", f"--port={free_port()}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+    head = start_node(["--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                        f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}", "--num-cpus=2"], env, log)
     address = f"http://127.0.0.1:{dashboard_port}"
     try:

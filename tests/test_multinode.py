@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from ray_nodes import LocalCluster, token_env
+from ray_nodes import LocalCluster, free_ports, token_env
 from safetensors.torch import load_file
 
 from actors.driver import train
@@ -30,6 +30,13 @@ def _overrides(tiny_sd_dir: str, out: Path) -> list[str]:
     return [f"model.pretrained={tiny_sd_dir}", "model.device=cpu", f"output_dir={out}", "num_epochs=2",
             "sample.num_steps=6", "sample.batch_size=4", "sample.num_batches_per_epoch=2", "train.batch_size=4",
             "train.learning_rate=1e-3", "train.warmup_steps=0", "advantage.mode=batch", "lora.rank=4", "lora.alpha=4"]
+
+
+def test_the_ports_given_to_a_node_are_distinct_and_not_the_ones_it_was_given_already():
+    """Each node's agents get ports chosen here; one port given to two agents stopped `ray start` (seen once)."""
+    (head,) = free_ports(1)
+    ports = free_ports(64, taken=[head])
+    assert len(set(ports)) == 64 and head not in ports
 
 
 @pytest.fixture
