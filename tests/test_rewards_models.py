@@ -125,6 +125,18 @@ def test_low_precision_still_returns_float32(tiny_reward_files, built, name):
 
 # --- parity with independent implementations of the official forward passes ------------------
 
+def _mlp_head_reference(x, head, prefix=""):
+    """The official heads' nn.Sequential (ImageReward's MLP, the aesthetic predictor's): its linear layers 0, 2, 4, 6
+    and 7 in turn (the others are dropouts, off at inference)."""
+    for index in (0, 2, 4, 6, 7):
+        x = F.linear(x, head[f"{prefix}layers.{index}.weight"], head[f"{prefix}layers.{index}.bias"])
+    return x
+
+
+def _layer_norm_eps(module) -> set[float]:
+    return {m.eps for m in module.modules() if isinstance(m, torch.nn.LayerNorm)}
+
+
 def _openclip_block(x, sd, prefix, heads, mask):
     width = x.shape[-1]
     attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
@@ -172,7 +184,7 @@ def test_hps_matches_openclip_reference(built, tiny_reward_files, name, file):
         ours = built[name](images, PROMPTS).scores
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
     # open_clip's LayerNorm eps (1e-5) everywhere: too small to show in the scores of these random weights
-    assert {m.eps for m in scorer.clip.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
+    assert _layer_norm_eps(scorer.clip) == {1e-5}
 
 
 def _blip_reference_score(sd, pixels, ids, mask, med):
@@ -223,9 +235,7 @@ def _blip_reference_score(sd, pixels, ids, mask, med):
         a = attention(f"{p}.crossattention", a, image, 0.0)
         i = F.gelu(F.linear(a, sd[f"{p}.intermediate.dense.weight"], sd[f"{p}.intermediate.dense.bias"]))
         h = ln(F.linear(i, sd[f"{p}.output.dense.weight"], sd[f"{p}.output.dense.bias"]) + a, f"{p}.output.LayerNorm")
-    r = h[:, 0]
-    for index in (0, 2, 4, 6, 7):
-        r = F.linear(r, sd[f"mlp.layers.{index}.weight"], sd[f"mlp.layers.{index}.bias"])
+    r = _mlp_head_reference(h[:, 0], sd, prefix="mlp.")
     return (r.squeeze(-1) - 0.16717362830052426) / 1.0333394966054072  # ImageReward.py's mean and std
 
 
@@ -242,9 +252,8 @@ def test_imagereward_matches_official_forward(built, tiny_reward_files):
         ours = built["imagereward"](images, prompts).scores
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
     # the LayerNorm eps of BLIP's ViT (1e-6) and of med_config.json: too small to show in these random weights' scores
-    def eps(module):
-        return {m.eps for m in module.modules() if isinstance(m, torch.nn.LayerNorm)}
-    assert eps(scorer.model.visual_encoder) == {1e-6} and eps(scorer.model.text_encoder) == {med["layer_norm_eps"]}
+    assert _layer_norm_eps(scorer.model.visual_encoder) == {1e-6}
+    assert _layer_norm_eps(scorer.model.text_encoder) == {med["layer_norm_eps"]}
 
 
 def test_parity_with_image_reward_package(built, tiny_reward_files):
@@ -290,9 +299,7 @@ def test_aesthetic_matches_the_improved_aesthetic_predictor(built, tiny_reward_f
     images = _images()
     with torch.no_grad():
         features = clip.get_image_features(pixel_values=clip_preprocess(images, 32)).pooler_output
-        x = features / features.norm(dim=-1, keepdim=True)
-        for index in (0, 2, 4, 6, 7):
-            x = F.linear(x, head[f"layers.{index}.weight"], head[f"layers.{index}.bias"])
+        x = _mlp_head_reference(features / features.norm(dim=-1, keepdim=True), head)
         ours = built["aesthetic"](images, PROMPTS).scores
     torch.testing.assert_close(ours, x.squeeze(-1), atol=1e-5, rtol=1e-5)
 
