@@ -10,9 +10,11 @@ grid's best.
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -177,6 +179,61 @@ def test_ctrl_c_keeps_the_finished_trials_and_resume_runs_the_rest(tiny_sd_dir, 
     assert best["objective"] == max(r["objective"] for r in rows) and best["num_trials"] == 16
 
 
+def _trial_workers(pid: int) -> list:
+    """The Tune trial actors' processes under process `pid` (Ray titles them `ray::ImplicitFunc`)."""
+    import psutil
+
+    found = []
+    for process in psutil.Process(pid).children(recursive=True):
+        try:
+            if "ImplicitFunc" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:  # gone since it was listed
+            pass
+    return found
+
+
+def test_a_trial_whose_worker_dies_leaves_the_others_outputs_and_resume_runs_it_again(tiny_sd_dir, directed_loras,
+                                                                                    tmp_path):
+    """The first trial's worker is killed before it reports (as the OOM killer or a lost node does): the other trials
+    run on, the finished ones' outputs are written, one line says what failed and that `--resume` runs it again
+    (exit 1: not the user's error), and the resume does (it ended in a traceback with no outputs)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]))
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "tune.cli", "tune", "--model", tiny_sd_dir, "--lora", directed_loras[0],
+               "--lora", directed_loras[1], "--prompts", str(prompts), "--objective", "color_alignment",
+               "--grid", "3", "--alpha-max", "2", "--seeds", "1", "--steps", "2", "--device", "cpu",
+               "--max-concurrent", "1", "--num-cpus", "1", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the session's
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # the first trial's actor: it imports torch and diffusers and loads the pipeline before it can report
+        while not (workers := _trial_workers(process.pid)):
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            time.sleep(0.05)
+        for worker in workers:
+            worker.kill()
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert len(rows) == 8 and (0.0, 0.0) not in {(r["alpha_1"], r["alpha_2"]) for r in rows}  # the first trial's
+    assert json.loads((out / "best.json").read_text())["num_trials"] == 8
+    assert process.returncode == 1, stderr[-3000:]
+    assert re.fullmatch(
+        r"texforce tune: 8 of 9 trials finished, 1 failed \(the first: The actor died unexpectedly before finishing "
+        r"this task; Tune's report: .*/error\.txt\); the outputs are the finished trials'; "
+        + re.escape(f"`texforce tune --resume {out}` runs the failed ones again"), stderr.strip().splitlines()[-1])
+
+    resumed = subprocess.run([sys.executable, "-m", "tune.cli", "tune", "--resume", str(out), "--num-cpus", "1"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("trial ")] == ["9/9"]
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert len(rows) == 9 and (0.0, 0.0) in {(r["alpha_1"], r["alpha_2"]) for r in rows}
+
+
 def test_trials_failing_on_a_user_error_raise_it_and_keep_no_state_that_would_block_a_new_start(
         ray_session, tiny_sd_dir, directed_loras, tmp_path):
     """A reward file that loads on the driver but not in the trials (another node's copy): the trials' one-line user
@@ -312,12 +369,14 @@ def _result(sampled, used, objective=None, error=None):
         "trial_id": "t", "objective": objective, "objective_sem": 0.01, "reward/brightness": objective,
         "worker_pid": 1, "pipeline_loads": 1, "reward_loads": 1,
         **{f"used_alpha_{i + 1}": a for i, a in enumerate(used)}}
-    return SimpleNamespace(metrics=metrics, error=error, config={f"alpha_{i + 1}": a for i, a in enumerate(sampled)})
+    return SimpleNamespace(metrics=metrics, error=error, config={f"alpha_{i + 1}": a for i, a in enumerate(sampled)},
+                           path=f"/trials/{sampled}")
 
 
 def test_run_sweep_gives_tune_its_trials_and_ranks_what_they_found(monkeypatch, tmp_path):
     """`run_sweep` with Tune's Tuner stood in for: the trials it asks for, the rows it makes of the results
-    (the alphas used next to those sampled: with --normalize they differ), and the error failed trials raise."""
+    (the alphas used next to those sampled: with --normalize they differ), the trials that failed beside them, and
+    the error raised when every trial failed."""
     from ray import tune as ray_tune
 
     from rl.config import ConfigError
@@ -327,7 +386,9 @@ def test_run_sweep_gives_tune_its_trials_and_ranks_what_they_found(monkeypatch, 
     monkeypatch.setattr(ray_tune, "with_parameters", lambda trainable, **kwargs: trainable)
     job = FusionJob(model="m", loras=("a", "b"), prompts=PROMPTS, reward="brightness", settings=SETTINGS)
     _Tuner.results = [_result([1.0, 3.0], [0.25, 0.75], 0.4), _result([2.0, 2.0], [0.5, 0.5], 0.6)]
-    rows = run_sweep(job, SweepSettings(search="random", num_samples=2, normalize=True), tmp_path)
+    sweep = run_sweep(job, SweepSettings(search="random", num_samples=2, normalize=True), tmp_path)
+    rows = sweep.rows
+    assert sweep.errors == [] and not sweep.user_errors
     assert [(r["alpha_1"], r["alpha_2"], r["alpha_1_sampled"], r["alpha_2_sampled"], r["objective"]) for r in rows] == [
         (0.5, 0.5, 2.0, 2.0, 0.6), (0.25, 0.75, 1.0, 3.0, 0.4)]
     run_sweep(job, SweepSettings(search="grid", grid=3, alpha_max=2.0), tmp_path)
@@ -336,13 +397,45 @@ def test_run_sweep_gives_tune_its_trials_and_ranks_what_they_found(monkeypatch, 
     run_sweep(job, SweepSettings(search="grid", grid=3, normalize=True), tmp_path)
     assert _Tuner.made["num_samples"] == 3  # the grid's points on the simplex, each once
 
-    user_error = ConfigError("a user error")
-    _Tuner.results = [_result([1.0, 1.0], [1.0, 1.0], 0.5), _result([0.0, 1.0], [0.0, 1.0], error=user_error)]
-    with pytest.raises(ConfigError, match="^1 of 2 trials failed; first error: a user error$"):
+    # failures beside a finished trial are returned with it, so that its outputs are written; a trial that reported
+    # before its worker died finished
+    user_error, bug = ConfigError("a user error"), ValueError("a bug")
+    _Tuner.results = [_result([1.0, 1.0], [1.0, 1.0], 0.5), _result([0.0, 1.0], [0.0, 1.0], error=user_error),
+                      _result([2.0, 0.0], [2.0, 0.0], 0.7, error=RuntimeError("died after its report"))]
+    sweep = run_sweep(job, SweepSettings(search="random", num_samples=3), tmp_path)
+    assert [r["objective"] for r in sweep.rows] == [0.7, 0.5] and sweep.errors == [user_error] and sweep.user_errors
+    assert sweep.reports == ["/trials/[0.0, 1.0]/error.txt"]
+    _Tuner.results.append(_result([1.0, 0.0], [1.0, 0.0], error=SimpleNamespace(cause=bug)))  # Ray's wrapper
+    sweep = run_sweep(job, SweepSettings(search="random", num_samples=4), tmp_path)
+    assert sweep.errors == [user_error, bug] and not sweep.user_errors  # a bug among them
+    # when every trial failed there is nothing to write: their error
+    _Tuner.results = [_result([0.0, 1.0], [0.0, 1.0], error=user_error)]
+    with pytest.raises(ConfigError, match="^1 of 1 trials failed; first error: a user error$"):
+        run_sweep(job, SweepSettings(search="random", num_samples=1), tmp_path)
+    _Tuner.results.append(_result([1.0, 0.0], [1.0, 0.0], error=bug))
+    with pytest.raises(RuntimeError, match="^2 of 2 trials failed; first error: a user error$"):
         run_sweep(job, SweepSettings(search="random", num_samples=2), tmp_path)
-    _Tuner.results.append(_result([1.0, 0.0], [1.0, 0.0], error=ValueError("a bug")))
-    with pytest.raises(RuntimeError, match="^2 of 3 trials failed; first error: a user error$"):  # a bug among them
-        run_sweep(job, SweepSettings(search="random", num_samples=3), tmp_path)
+
+
+def test_an_unfinished_sweep_says_how_far_it_got_and_why_and_exits_by_its_cause():
+    from tune.cli import _unfinished_sweep
+    from tune.sweep import SweepResult
+
+    rows = [{"objective": 0.5}] * 5
+    assert _unfinished_sweep(SweepResult(rows), 16, Path("out")) == (
+        ("texforce tune: interrupted after 5 of 16 trials; the outputs are theirs; continue with "
+         "`texforce tune --resume out`"), 130)
+    died = SweepResult(rows, [RuntimeError("The actor died.\n\tpid: 7")], ["out/t1/error.txt"])
+    assert _unfinished_sweep(died, 6, Path("out")) == (
+        ("texforce tune: 5 of 6 trials finished, 1 failed (the first: The actor died; Tune's report: out/t1/error.txt);"
+         " the outputs are the finished trials'; `texforce tune --resume out` runs the failed ones again"), 1)
+    assert _unfinished_sweep(died, 16, Path("out")) == (  # and Ctrl-C
+        ("texforce tune: interrupted after 5 of 16 trials, 1 failed (the first: The actor died; Tune's report: "
+         "out/t1/error.txt); the outputs are the finished trials'; continue with `texforce tune --resume out`, which "
+         "runs the failed ones again"), 130)
+    missing = SweepResult(rows, [ConfigError("no such LoRA file: a.safetensors")] * 2, ["r1", "r2"])
+    line, code = _unfinished_sweep(missing, 7, Path("out"))  # a file missing on one node: fixed, then resumed
+    assert code == 2 and "2 failed (the first: no such LoRA file: a.safetensors; Tune's report: r1)" in line
 
 
 def test_sweep_outputs_name_the_best_trial_and_how_it_was_searched(directed_loras, tmp_path):

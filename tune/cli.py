@@ -229,10 +229,11 @@ def _tune(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
         init_ray(address, option, num_cpus=args.num_cpus if address == "local" else None, include_dashboard=False)
     try:
         _check_trial_fits(settings, local=local_device)
-        rows = run_sweep(job, settings, out / "ray_results", resume=args.resume is not None)
+        sweep = run_sweep(job, settings, out / "ray_results", resume=args.resume is not None)
     finally:
         if started:
             ray.shutdown()
+    rows = sweep.rows
     paths = write_sweep_outputs(job, settings, rows, out)
     best = json.loads(paths["best"].read_text())
     print(f"best of {len(rows)} trials: objective {best['objective']:.4f} at alphas {[round(a, 4) for a in best['alphas']]}")
@@ -242,11 +243,29 @@ def _tune(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
               f"a sweep with a larger --alpha-max tells")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     asked = settings.num_trials(len(job.loras))
-    if len(rows) < asked:  # Ctrl-C: Tune stopped the sweep; the outputs above are the finished trials'
-        print(f"texforce tune: interrupted after {len(rows)} of {asked} trials; the outputs are theirs; continue "
-              f"with `texforce tune --resume {out}`", file=sys.stderr)
-        return 130
+    if len(rows) < asked:  # the outputs above are the finished trials'
+        line, code = _unfinished_sweep(sweep, asked, out)
+        print(line, file=sys.stderr)
+        return code
     return 0
+
+
+def _unfinished_sweep(sweep, asked: int, out: Path) -> tuple[str, int]:
+    """The one line a sweep that did not finish every trial ends on (how far it got, why, how to go on) and its exit
+    code: 130 after a Ctrl-C (Tune stopped the sweep), else 2 when each failed trial failed on a user error, else 1."""
+    finished = len(sweep.rows)
+    interrupted = finished + len(sweep.errors) < asked
+    if not sweep.errors:
+        return (f"texforce tune: interrupted after {finished} of {asked} trials; the outputs are theirs; continue "
+                f"with `texforce tune --resume {out}`"), 130
+    error = sweep.errors[0]
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")  # Ray's run to many lines
+    failed = f"{len(sweep.errors)} failed (the first: {first}; Tune's report: {sweep.reports[0]})"
+    if interrupted:
+        return (f"texforce tune: interrupted after {finished} of {asked} trials, {failed}; the outputs are the "
+                f"finished trials'; continue with `texforce tune --resume {out}`, which runs the failed ones again"), 130
+    return (f"texforce tune: {finished} of {asked} trials finished, {failed}; the outputs are the finished trials'; "
+            f"`texforce tune --resume {out}` runs the failed ones again"), 2 if sweep.user_errors else 1
 
 
 def _check_trial_fits(settings, *, local: bool) -> None:

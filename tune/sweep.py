@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -216,14 +216,33 @@ def can_resume(storage: str | Path) -> bool:
     return ray_tune.Tuner.can_restore(str(_tune_state(storage)))  # Tune's tuner.pkl is there
 
 
-def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path, *, resume: bool = False) -> list[dict]:
-    """Run the Tune sweep (Ray must be initialised); return one row per trial, best first. `resume`
-    continues the sweep whose Tune state is under `storage` (`can_resume`): its finished trials are kept,
-    those cut short or failed run again, and the search goes on from where it stopped.
+@dataclass
+class SweepResult:
+    """What a sweep found: one row per finished trial, best first, and the errors of the trials that failed
+    without an objective (a worker killed for memory, a node lost, a file missing on one node). Tune keeps the
+    failed trials' state: a resume runs them again."""
 
-    Failed trials raise their user error's type when every one failed with one (rl.cli.USER_ERRORS), else
-    RuntimeError; when no trial finished, Tune's state is removed first, so that a corrected command can
-    start the sweep again in the same place (its resume would repeat the failure)."""
+    rows: list[dict]
+    errors: list[BaseException] = field(default_factory=list)
+    """Each failed trial's own error (Ray's wrapper removed), in Tune's trial order."""
+    reports: list[str] = field(default_factory=list)
+    """Where Tune wrote each failed trial's error and traceback (its `error.txt`)."""
+
+    @property
+    def user_errors(self) -> bool:
+        """Every failure is a user error (rl.cli.USER_ERRORS): the user fixes it, then resumes."""
+        return bool(self.errors) and all(isinstance(e, loaded_types(USER_ERRORS)) for e in self.errors)
+
+
+def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path, *, resume: bool = False) -> SweepResult:
+    """Run the Tune sweep (Ray must be initialised). `resume` continues the sweep whose Tune state is under
+    `storage` (`can_resume`): its finished trials are kept, those cut short or failed run again, and the search
+    goes on from where it stopped.
+
+    Trials that failed beside finished ones are returned in the result, so that the finished ones' outputs are
+    written. When every trial failed, they raise their user error's type when each failed with one
+    (rl.cli.USER_ERRORS), else RuntimeError, after removing Tune's state, so that a corrected command can start
+    the sweep again in the same place (its resume would repeat the failure)."""
     from ray import tune as ray_tune
 
     n = len(job.loras)
@@ -263,27 +282,29 @@ def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path, *, r
         tune_log.removeFilter(no_hint)
         if quiet:
             del os.environ["RAY_AIR_NEW_OUTPUT"]
-    finished = [result for result in grid if "objective" in result.metrics]
-    errors = [r.error for r in grid if r.error is not None]
-    if errors:
-        if not finished:  # nothing to keep: without Tune's state the same --out starts again, as after a failed start
-            shutil.rmtree(state, ignore_errors=True)
-        causes = [getattr(error, "cause", None) or error for error in errors]  # the trial's own, inside Ray's wrapper
-        if all(isinstance(cause, loaded_types(USER_ERRORS)) for cause in causes):  # one line, exit code 2
-            raise type(causes[0])(f"{len(errors)} of {len(grid)} trials failed; first error: {causes[0]}")
-        raise RuntimeError(f"{len(errors)} of {len(grid)} trials failed; first error: {errors[0]}")
+    # a trial whose worker died after it reported has its objective and an error: it finished
+    finished = [r for r in grid if "objective" in r.metrics]
+    failed = [r for r in grid if r.error is not None and "objective" not in r.metrics]
+    sweep = SweepResult([], [getattr(r.error, "cause", None) or r.error for r in failed],  # the trial's own error
+                        [str(Path(r.path) / "error.txt") for r in failed])
+    if failed and not finished:  # nothing to keep: without Tune's state the same --out starts again
+        shutil.rmtree(state, ignore_errors=True)
+        if sweep.user_errors:  # one line, exit code 2
+            raise type(sweep.errors[0])(f"{len(failed)} of {len(grid)} trials failed; first error: {sweep.errors[0]}")
+        raise RuntimeError(f"{len(failed)} of {len(grid)} trials failed; first error: {failed[0].error}")
     if not finished:
         raise KeyboardInterrupt  # the user's Ctrl-C, which Tune caught, before any trial finished
     rows = []
-    for result in finished:
-        m = result.metrics
+    for trial in finished:
+        m = trial.metrics
         row = {"trial_id": m.get("trial_id", "")}
         row.update({name: float(m[f"used_{name}"]) for name in names})
-        row.update({name + "_sampled": float(result.config[name]) for name in names})
+        row.update({name + "_sampled": float(trial.config[name]) for name in names})
         row.update({k: float(v) for k, v in m.items() if k == "objective" or k.startswith(("objective_", "reward/"))})
         row.update({k: int(m[k]) for k in ("worker_pid", "pipeline_loads", "reward_loads")})
         rows.append(row)
-    return best_first(rows)
+    sweep.rows = best_first(rows)
+    return sweep
 
 
 def best_first(rows: list[dict]) -> list[dict]:
