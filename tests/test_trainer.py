@@ -658,16 +658,20 @@ def test_a_dead_learner_is_replaced_and_the_run_goes_on_from_its_checkpoint(ray_
     """Async: epoch 1's batch, drawn during epoch 0's update, is drawn again after the restore with the version
     before the checkpoint's (a new `_Batches`), as the straight run drew it, not with the restored LoRA."""
     overrides = ("num_epochs=2", "resources.num_samplers=1", "sample.num_steps=4", f"train.async_staleness={staleness}")
-    straight = train(_trainer_config(tiny_sd_dir, tmp_path, "run_name=straight", *overrides))
+    # the run without the fault inline: the same run as on Ray, to float noise (test_async_sampling_on_ray_...)
+    straight = train(_trainer_config(tiny_sd_dir, tmp_path, "run_name=straight", "resources.mode=inline", *overrides))
     run = train(_trainer_config(tiny_sd_dir, tmp_path, "run_name=killed", *overrides),
                 on_epoch_end=_kill_the_learner_after_epoch_0(ray_session))
     rows = run.read_metrics()
     assert [r["epoch"] for r in rows] == [0, 1] and rows[-1]["actor_restarts"] == 1
-    # epoch 1 ran on a new learner loaded from epoch 0's checkpoint: the same LoRA as without the fault
+    # epoch 1 ran on a new learner loaded from epoch 0's checkpoint: the same LoRA as without the fault (a lost
+    # optimizer state or a batch drawn by another version moves weights by a step's size, ~lr = 1e-3)
     a = load_file(str(straight.final_lora / "pytorch_lora_weights.safetensors"))
     b = load_file(str(run.final_lora / "pytorch_lora_weights.safetensors"))
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-6)
+    np.testing.assert_allclose([r["reward_mean"] for r in rows], [r["reward_mean"] for r in straight.read_metrics()],
+                               rtol=1e-5)
 
 
 def test_a_learner_lost_in_a_gradient_runs_evaluation_stops_it_with_how_to_resume_which_finishes_it(
