@@ -42,15 +42,24 @@ SELECTION_SEED_OFFSET = 1_000_000
 """The selection set's noise seeds start this far past the held-out evaluation's (`evaluation.seed_base`)."""
 
 
-def run_tune(name: str, common: list[str], extra: list[str], out: Path) -> dict:
-    """`texforce tune COMMON EXTRA --out OUT/NAME` unless it finished before; returns its best.json."""
+def run_tune(name: str, common: list[str], extra: list[str], out: Path, num_cpus: int) -> dict:
+    """`texforce tune COMMON EXTRA --out OUT/NAME --num-cpus N`, kept if it finished every trial before, resumed if
+    it stopped short (Ctrl-C, a failed trial: its best.json then holds the finished trials' best); returns its
+    best.json."""
     from tune.cli import main as tune_main
+    from tune.sweep import can_resume, read_sweep_record
 
-    best = out / name / "best.json"
-    if not best.exists():
-        code = tune_main(["tune", *common, *extra, "--out", str(out / name)])
-        if code != 0:
-            raise SystemExit(code)
+    sweep_dir = out / name
+    best = sweep_dir / "best.json"
+    if best.exists():
+        job, settings = read_sweep_record(sweep_dir)
+        if json.loads(best.read_text())["num_trials"] == settings.num_trials(len(job.loras)):
+            return json.loads(best.read_text())
+    resume = can_resume(sweep_dir / "ray_results")
+    argv = ["--resume", str(sweep_dir)] if resume else [*common, *extra, "--out", str(sweep_dir)]
+    code = tune_main(["tune", *argv, "--num-cpus", str(num_cpus)])
+    if code != 0:
+        raise SystemExit(code)
     return json.loads(best.read_text())
 
 
@@ -97,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
               "--prompts", str(config.evaluation.prompts_file), "--objective", config.reward.spec,
               "--seeds", str(args.select_seeds), "--base-seed", str(config.evaluation.seed_base + SELECTION_SEED_OFFSET),
               "--steps", str(s.num_steps), "--eta", str(s.eta), "--guidance", str(s.guidance_scale),
-              "--batch-size", "16", "--device", config.model.device, "--num-cpus", str(args.num_cpus)]
-    grid = run_tune("grid", common, ["--grid", str(args.grid)], out)
+              "--batch-size", "16", "--device", config.model.device]
+    grid = run_tune("grid", common, ["--grid", str(args.grid)], out, args.num_cpus)
     print(f"grid: best {grid['objective']:.4f} at {grid['alphas']} [{time.time() - start:.0f}s]", flush=True)
-    search = run_tune("search", common, ["--num-samples", str(args.num_samples)], out)
+    search = run_tune("search", common, ["--num-samples", str(args.num_samples)], out, args.num_cpus)
     print(f"search ({search['search']}, {search['num_trials']} trials): best {search['objective']:.4f} at "
           f"{search['alphas']} [{time.time() - start:.0f}s]", flush=True)
 

@@ -207,6 +207,40 @@ def test_every_method_is_a_valid_config_of_the_demo():
     assert trainable_steps(schedule, demo.sample.eta, demo.train.min_sigma).tolist() == [0, 1, 2, 3]
 
 
+def test_fusion_search_keeps_a_finished_search_and_resumes_one_that_stopped_short(tmp_path, monkeypatch):
+    """A search cut short (Ctrl-C, a failed trial) has a best.json too, of the trials it finished: a second run of
+    the bench resumes it instead of taking its best for the search's."""
+    import fusion_search
+
+    from tune import cli, sweep
+    from tune.sweep import SweepSettings, write_sweep_record
+    from tune.worker import FusionJob
+
+    loras = []
+    for name in ("a", "b"):
+        (tmp_path / name).write_bytes(b"lora " + name.encode())
+        loras.append(str(tmp_path / name))
+    job = FusionJob(model="m", loras=tuple(loras), prompts=("a red ball",), reward="object_alignment")
+    out, calls = tmp_path / "out", []
+
+    def tune_main(argv):
+        calls.append(argv)
+        (out / "grid").mkdir(parents=True, exist_ok=True)
+        (out / "grid" / "best.json").write_text(json.dumps({"num_trials": 4}))
+        return 0
+
+    monkeypatch.setattr(cli, "main", tune_main)
+    monkeypatch.setattr(sweep, "can_resume", lambda storage: (storage.parent / "best.json").exists())
+    assert fusion_search.run_tune("grid", ["--model", "m"], ["--grid", "2"], out, 2) == {"num_trials": 4}
+    assert calls == [["tune", "--model", "m", "--grid", "2", "--out", str(out / "grid"), "--num-cpus", "2"]]
+    write_sweep_record(job, SweepSettings(search="grid", grid=2), out / "grid")
+    fusion_search.run_tune("grid", ["--model", "m"], ["--grid", "2"], out, 2)
+    assert len(calls) == 1  # all 4 of its trials finished: kept
+    (out / "grid" / "best.json").write_text(json.dumps({"num_trials": 3}))
+    assert fusion_search.run_tune("grid", ["--model", "m"], ["--grid", "2"], out, 2) == {"num_trials": 4}
+    assert calls[1] == ["tune", "--resume", str(out / "grid"), "--num-cpus", "2"]
+
+
 def test_fusion_search_runs_both_searches_and_confirms_their_best_on_other_images(
     ray_session, tiny_sd_dir, tmp_path, one_torch_thread
 ):
