@@ -307,11 +307,26 @@ def check_resources(config: TexForceConfig) -> None:
         time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
 
 
+def local_gpu_count() -> float:
+    """The GPUs a local Ray started here gets, counted as Ray counts them (the GPU vendor's driver, capped by the
+    visible devices, e.g. CUDA_VISIBLE_DEVICES); inf when Ray's accelerator module is not where this Ray version
+    keeps it, which leaves the count to `check_resources` once Ray has started."""
+    try:
+        from ray._private import accelerators
+
+        manager = accelerators.get_accelerator_manager_for_resource("GPU")
+        count = manager.get_current_node_num_accelerators()
+        visible = manager.get_current_process_visible_accelerator_ids()
+    except (ImportError, AttributeError):
+        return math.inf
+    return float(count if visible is None else min(count, len(visible)))
+
+
 def check_fits_this_machine(config: TexForceConfig) -> None:
-    """Before a local Ray starts: it gets this machine's CPUs (at most `os.cpu_count()`), so a run that needs more
-    is the same InsufficientResourcesError without Ray's start-up lines before it. GPUs are left to `check_resources`
-    once Ray has counted them."""
-    lines = resource_shortfall(config, [(float(os.cpu_count() or 1), math.inf)])
+    """Before a local Ray starts: it gets this machine's CPUs (at most `os.cpu_count()`) and GPUs
+    (`local_gpu_count`), so a run that needs more is the same InsufficientResourcesError without Ray's start-up
+    lines before it, and before the run directory is made."""
+    lines = resource_shortfall(config, [(float(os.cpu_count() or 1), local_gpu_count())])
     if lines:
         raise _insufficient(config, lines)
 

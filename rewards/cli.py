@@ -157,7 +157,8 @@ def score_directory(reward, files: list[Path], prompts: list[str], *, batch_size
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    """Every input is checked before the reward model loads; errors are RewardError (one line, exit 2)."""
+    """Every input is checked before the reward model loads; errors are RewardError or, for prompts the reward reads
+    nothing in, ConfigError (one line, exit 2)."""
     import math
 
     import pyarrow as pa
@@ -165,6 +166,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from rewards.registry import build_reward, check_path_keys, check_reward
     from rl.models import check_device, resolve_device
+    from rl.preflight import check_prompts_are_read
     from rl.run_dir import make_output_dir, refuse_existing
 
     if args.batch_size < 1:
@@ -181,6 +183,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     check_path_keys(paths, [args.reward])
     files = list_images(args.images)
     prompts = read_prompts(args.prompts, len(files))
+    check_prompts_are_read(args.reward, prompts, source=f"--prompts {args.prompts}",
+                           outcome="the scores would measure nothing")
     make_output_dir(args.out.parent, "--out")
     reward = build_reward(args.reward, device=device, paths=paths)
     rows = score_directory(reward, files, prompts, batch_size=args.batch_size, device=device, progress=True)

@@ -71,7 +71,8 @@ def preflight(config: TexForceConfig, *, resume: str | Path | None = None) -> No
     check_prompts_are_read(config.reward.spec, prompts, source=trained)
     if held_out:
         check_prompts_are_read(config.evaluation.reward or config.reward.spec, held_out,
-                               source=f"evaluation.prompts_file={config.evaluation.prompts_file}", held_out=True)
+                               source=f"evaluation.prompts_file={config.evaluation.prompts_file}",
+                               outcome="the held-out evaluation would measure nothing")
         prompts = prompts + held_out
     model_dir = check_model(config.model.pretrained)
     if model_dir is None:
@@ -129,11 +130,12 @@ def prompt_reader(name: str) -> tuple[Callable[[str], bool], str] | None:
     return None
 
 
-def check_prompts_are_read(spec: str, prompts: list[str], *, source: str, held_out: bool = False) -> None:
+def check_prompts_are_read(spec: str, prompts: list[str], *, source: str,
+                           outcome: str = "the run would learn nothing") -> None:
     """A prompt-reading reward (`prompt_reader`) scores a prompt that names nothing it reads 0 whatever the image: on
-    such prompts only, the run sees a constant reward (zero advantages, no gradient) and learns nothing, or the
-    held-out evaluation measures nothing. ConfigError when no prompt of `source` names what a reward of `spec` reads;
-    a warning with the count when some do not."""
+    such prompts only, the run sees a constant reward (zero advantages, no gradient) and learns nothing, or an
+    evaluation measures nothing (`outcome` says which). ConfigError when no prompt of `source` names what a reward of
+    `spec` reads; a warning with the count when some do not."""
     import rewards
 
     distinct = list(dict.fromkeys(prompts))
@@ -144,7 +146,6 @@ def check_prompts_are_read(spec: str, prompts: list[str], *, source: str, held_o
         names, words = reader
         unread = [prompt for prompt in distinct if not names(prompt)]
         if len(unread) == len(distinct):
-            outcome = "the held-out evaluation would measure nothing" if held_out else "the run would learn nothing"
             raise ConfigError(f"{source}: no prompt names what reward {name} reads (e.g. {unread[0][:80]!r}), so it "
                               f"scores every image 0 and {outcome}; write prompts that name "
                               f"{words}, e.g. 'a red ball', or use a reward that reads any prompt")

@@ -232,6 +232,9 @@ def eval_args(tiny_sd_dir, tmp_path, monkeypatch):
     ("--steps", "0", "texforce eval: --steps must be at least 1, got 0"),
     ("--seeds", "0", "texforce eval: --seeds must be at least 1, got 0"),
     ("--eta", "1.5", "texforce eval: --eta must be in [0, 1] (0: deterministic DDIM), got 1.5"),
+    ("--base-seed", "-1", "texforce eval: --base-seed must be in [0, 2**63 - --seeds] (image j's seed is BASE_SEED + j)"),
+    ("--base-seed", str(2**63 - 1), f"--base-seed must be in [0, 2**63 - --seeds] (image j's seed is BASE_SEED + j), "
+                                    f"got {2**63 - 1}"),  # its second image's seed would not fit an int64
     ("--guidance", "inf", "texforce eval: --guidance must be >= 0 (1 = the conditional prediction alone), got inf"),
     ("--batch-size", "0", "texforce eval: --batch-size must be at least 1, got 0"),
     ("--reward", "brightness:nan", "must be a finite number"),

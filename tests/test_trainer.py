@@ -1035,18 +1035,26 @@ def test_resource_shortfall_names_a_role_no_node_holds_and_leaves_an_undecided_p
     assert resource_shortfall(config, [(4.0, 0.0), (4.0, 0.0)]) == []
 
 
-def test_a_local_ray_counts_only_this_machines_cpus_and_a_resource_wait_waits_for_nodes(monkeypatch):
-    """check_fits_this_machine leaves GPUs to check_resources; resources.resource_wait_s waits for an autoscaler's
-    nodes before it refuses the run."""
+def test_a_local_ray_counts_only_this_machines_cpus_and_gpus_and_a_resource_wait_waits_for_nodes(monkeypatch):
+    """check_fits_this_machine counts this machine's CPUs and the GPUs a local Ray would find (a GPU run on a
+    machine without one started Ray and made its run directory first); resources.resource_wait_s waits for an
+    autoscaler's nodes before it refuses the run."""
     import actors.topology
-    from actors.topology import check_fits_this_machine
+    from actors.topology import check_fits_this_machine, local_gpu_count
 
+    assert local_gpu_count() == torch.cuda.device_count()  # NVIDIA's count, as torch sees it: 0 here
     config = load_config(None, ["resources.num_samplers=1", "resources.gpus_per_learner=1"])
     monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(actors.topology, "local_gpu_count", lambda: 1.0)
     check_fits_this_machine(config)
     with pytest.raises(InsufficientResourcesError, match="CPU: requested 3, the cluster has 2"):
         monkeypatch.setattr(os, "cpu_count", lambda: 2)
         check_fits_this_machine(config)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(actors.topology, "local_gpu_count", lambda: 0.0)
+    with pytest.raises(InsufficientResourcesError, match="GPU: requested 1, the cluster has 0"):
+        check_fits_this_machine(config)
+    monkeypatch.setattr(actors.topology, "local_gpu_count", lambda: 1.0)
     joined = iter([[], [], [(4.0, 1.0)]])  # the cluster's nodes as the autoscaler adds them
     monkeypatch.setattr(actors.topology, "alive_nodes", lambda: next(joined))
     monkeypatch.setattr(actors.topology.time, "sleep", lambda seconds: None)

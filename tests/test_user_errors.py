@@ -354,7 +354,7 @@ def test_auto_without_a_running_cluster_is_a_user_error(monkeypatch):
 
 def test_a_run_larger_than_this_machine_is_refused_before_a_local_ray_starts(tiny_sd_dir, tmp_path, monkeypatch,
                                                                             capsys):
-    """A local Ray has this machine's CPUs: asking for more was refused only once Ray had started, after its
+    """A local Ray has this machine's CPUs and GPUs: asking for more was refused only once Ray had started, after its
     start-up lines (three lines on stderr, and a run directory)."""
     import os
 
@@ -375,6 +375,15 @@ def test_a_run_larger_than_this_machine_is_refused_before_a_local_ray_starts(tin
     assert line.startswith("texforce train: the Ray cluster cannot host this run: CPU: requested 6, the cluster "
                            "has 2"), line  # 4 samplers, a reward actor and a learner at 1 CPU each
     assert not (tmp_path / "r").exists()
+    # nor GPUs it has not (counted as Ray counts them: none on a machine without one)
+    if torch.cuda.device_count() == 0:
+        monkeypatch.setattr(os, "cpu_count", lambda: 8)
+        code = cli.main(["train", f"model.pretrained={tiny_sd_dir}", "model.device=cpu", f"output_dir={tmp_path}",
+                         "run_name=r", "resources.gpus_per_learner=1"])
+        line = one_line_error(capsys, code)
+        assert line.startswith("texforce train: the Ray cluster cannot host this run: GPU: requested 1, the "
+                               "cluster has 0"), line
+        assert not (tmp_path / "r").exists()
 
 
 def test_a_cluster_that_refuses_the_connection_leaves_no_run_directory(tiny_sd_dir, tmp_path, monkeypatch):
@@ -425,6 +434,34 @@ def test_training_prompts_the_reward_reads_nothing_in_warn_with_their_count(tiny
         ("25 of 30 prompts (prompts.builtin=animals) name nothing reward object_shape reads, e.g. 'a photo of a cat "
          "sitting in a field': it scores their images 0 whatever they show"),
     ]
+
+
+def test_eval_tune_and_score_refuse_prompts_the_reward_reads_nothing_in_before_any_work(tiny_sd_dir, tmp_path, capsys):
+    """They scored such prompts 0 without a word (`tune` ran the whole sweep on them)."""
+    import numpy as np
+    from lora_fixtures import make_lora
+    from PIL import Image
+
+    from rl.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a dog\na cat\n")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(images / f"{i}.png")
+    lora = make_lora(tiny_sd_dir, tmp_path / "lora", rank=2, alpha=2, seed=0, policy="text_encoder")
+    said = (f"--prompts {prompts}: no prompt names what reward color_alignment reads (e.g. 'a dog'), so it scores "
+            "every image 0 and the {} would measure nothing; write prompts that name a colour word")
+    common = ["--model", tiny_sd_dir, "--prompts", str(prompts), "--device", "cpu"]
+    code = main(["eval", *common, "--reward", "color_alignment", "--out", str(tmp_path / "eval")])
+    assert one_line_error(capsys, code).startswith("texforce eval: " + said.format("evaluation"))
+    code = main(["tune", *common, "--lora", str(lora), "--objective", "color_alignment", "--out", str(tmp_path / "sw")])
+    assert one_line_error(capsys, code).startswith("texforce tune: " + said.format("evaluation"))
+    code = main(["score", "--reward", "color_alignment", "--images", str(images), "--prompts", str(prompts),
+                 "--out", str(tmp_path / "scores" / "s.parquet")])
+    assert one_line_error(capsys, code).startswith("texforce score: " + said.format("scores"))
+    assert not any((tmp_path / name).exists() for name in ("eval", "sw", "scores"))
 
 
 def test_held_out_prompts_the_evaluation_reward_reads_nothing_in_are_refused(tiny_sd_dir, tmp_path):

@@ -100,6 +100,7 @@ def _job(args: argparse.Namespace, loras: list[str], reward: str, *, local_devic
     from rewards.cli import parse_paths
     from rl.config import PromptConfig
     from rl.models import check_model, load_tokenizer
+    from rl.preflight import check_prompts_are_read
     from rl.prompts import load_prompts, warn_long_prompts
     from tune.evaluate import EvalSettings
     from tune.lora_io import resolve_lora_path
@@ -121,6 +122,8 @@ def _job(args: argparse.Namespace, loras: list[str], reward: str, *, local_devic
         reward_paths=tuple(sorted(parse_paths(args.paths).items())),
     )
     _check_job(job, local_device=local_device, check_keys=True)
+    check_prompts_are_read(reward, list(job.prompts), source=f"--prompts {args.prompts}",
+                           outcome="the evaluation would measure nothing")
     if model_dir is not None:
         warn_long_prompts(list(job.prompts), load_tokenizer(model_dir), source=str(args.prompts))
     return job

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rl.config import ConfigError
+from rl.config import SEED_LIMIT, ConfigError
 from rl.sampling import images_to_float
 
 
@@ -40,6 +40,8 @@ class EvalSettings:
     def __post_init__(self):
         checks = [
             (self.num_seeds >= 1, f"--seeds must be at least 1, got {self.num_seeds}"),
+            (0 <= self.base_seed <= SEED_LIMIT - self.num_seeds,  # torch's generators take int64 seeds
+             f"--base-seed must be in [0, 2**63 - --seeds] (image j's seed is BASE_SEED + j), got {self.base_seed}"),
             (self.num_steps >= 1, f"--steps must be at least 1, got {self.num_steps}"),
             (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0,
              f"--guidance must be >= 0 (1 = the conditional prediction alone), got {self.guidance_scale}"),
