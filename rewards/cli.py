@@ -21,7 +21,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     """Register the reward subcommands on the `texforce` parser."""
     rewards_parser = sub.add_parser("rewards", help="inspect the available rewards")
-    rewards_sub = rewards_parser.add_subparsers(dest="rewards_command", required=True)
+    rewards_sub = rewards_parser.add_subparsers(dest="rewards_command", required=True, metavar="{list}")
     list_parser = rewards_sub.add_parser("list", help="each reward, whether it is differentiable, its files")
     list_parser.set_defaults(func=cmd_list)
 

@@ -57,8 +57,10 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) 
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and not any(item.startswith("-") for item in extra):
         args.overrides = [*args.overrides, *extra]  # in the order given: a later override wins
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    elif extra:  # said by the subcommand's parser: its name, and the --help that lists its options
+        subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        named = subcommands[0].choices.get(getattr(args, subcommands[0].dest, None)) if subcommands else None
+        (named or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     return args
 
 

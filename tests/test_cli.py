@@ -351,7 +351,11 @@ def test_a_bad_command_line_is_one_line_and_overrides_may_follow_options(capsys)
         ([], "texforce: the following arguments are required: COMMAND (see texforce --help)"),
         (["eval", "--model", "m", "--prompts", "p", "--reward", "r", "--seeds", "two"],
          "texforce eval: argument --seeds: invalid int value: 'two' (see texforce eval --help)"),
-        (["train", "--bogus"], "texforce: unrecognized arguments: --bogus (see texforce --help)"),
+        # said by the subcommand, whose --help lists its options (it was `texforce: ... (see texforce --help)`)
+        (["train", "--bogus"], "texforce train: unrecognized arguments: --bogus (see texforce train --help)"),
+        (["fuse", "--lora", "a", "--out", "b", "--alpha", "1"],
+         "texforce fuse: unrecognized arguments: --alpha 1 (see texforce fuse --help)"),
+        (["rewards"], "texforce rewards: the following arguments are required: {list} (see texforce rewards --help)"),
     ]:
         with pytest.raises(SystemExit) as exited:
             cli.main(argv)
