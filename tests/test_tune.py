@@ -303,6 +303,10 @@ def test_search_space_helpers():
     # a NaN objective (a non-finite score) ranks last, not wherever the sort leaves it
     rows = [{"objective": value} for value in (0.3, float("nan"), 0.9, 0.5)]
     assert [row["objective"] for row in best_first(rows)][:3] == [0.9, 0.5, 0.3]
+    # a tie goes to the first trial, in whichever order the trials come (a resumed sweep's best changed)
+    tied = [{"trial_id": "t_00001", "objective": 0.75}, {"trial_id": "t_00000", "objective": 0.75}]
+    assert [r["trial_id"] for r in best_first(tied)] == [r["trial_id"] for r in best_first(tied[::-1])] == [
+        "t_00000", "t_00001"]
 
 
 def _searched_points(settings: SweepSettings, n: int = 2) -> list[dict[str, float]]:

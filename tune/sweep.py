@@ -309,8 +309,9 @@ def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path, *, r
 
 def best_first(rows: list[dict]) -> list[dict]:
     """Trial rows by objective, highest first; a NaN objective (a non-finite score in its evaluation set) last:
-    compared as a number it would leave the order undefined, and a worse trial first."""
-    return sorted(rows, key=lambda r: (bool(np.isnan(r["objective"])), -r["objective"]))
+    compared as a number it would leave the order undefined, and a worse trial first. Ties go by trial id, so the
+    best of a sweep does not depend on the order Tune returned its trials in (a resume returns them in another)."""
+    return sorted(rows, key=lambda r: (bool(np.isnan(r["objective"])), -r["objective"], r.get("trial_id", "")))
 
 
 def _one_line_per_trial(names: list[str], total: int):
