@@ -14,6 +14,7 @@ import argparse
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from rl.config import ConfigError, TexForceConfig, documented_yaml, load_config
 
@@ -112,6 +113,20 @@ def check_resume_overrides(saved: TexForceConfig, resumed: TexForceConfig, run_p
                           f"{after!r}); {fix}")
 
 
+def check_relative_paths_found(config: TexForceConfig, run_path) -> None:
+    """A resume reads the relative paths of the run's config.yaml from the directory it runs in, as the run did: from
+    another directory a prompt or reward file is not found, and the fix is to resume from where the run started or to
+    override the path."""
+    files = {"prompts.file": config.prompts.file, "evaluation.prompts_file": config.evaluation.prompts_file,
+             **{f"reward.paths.{key}": value for key, value in config.reward.paths.items()}}
+    for key, value in files.items():
+        path = Path(value).expanduser() if value else None
+        if path is not None and not path.is_absolute() and not path.exists():
+            raise ConfigError(f"--resume {run_path}: {key}={value} (its config.yaml's) is a relative path, not found "
+                              f"from {Path.cwd()}; resume from the directory the run started in, or pass "
+                              f"{key}=ABSOLUTE_PATH")
+
+
 def load_run_config(args: argparse.Namespace) -> TexForceConfig:
     """The config of a new run (`--config` + overrides) or of the run `--resume` continues
     (its config.yaml + overrides)."""
@@ -128,6 +143,7 @@ def load_run_config(args: argparse.Namespace) -> TexForceConfig:
             )
         config = load_config(run.config_path, args.overrides)
         check_resume_overrides(load_config(run.config_path), config, run.path)
+        check_relative_paths_found(config, run.path)
         if run.has_progress() and not run.complete_checkpoints():
             raise ConfigError(f"--resume {run.path} has metrics but no complete checkpoint to go on from, and a "
                               "resume from epoch 0 would overwrite them; start a new run (another run_name)")

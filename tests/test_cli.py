@@ -159,6 +159,29 @@ def test_resume_refuses_overrides_the_checkpoints_lora_was_not_trained_with(tiny
     assert run.config_path.read_text() == config_text and not (tmp_path / "other").exists()
 
 
+def test_a_resume_from_another_directory_names_the_relative_path_it_cannot_find(tiny_sd_dir, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A run's config.yaml keeps its paths as given; a resume from another directory said only `prompt file not found:
+    prompts.txt`, which the user had not typed in that command."""
+    from rl.config import load_config
+
+    start, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    for directory in (start, elsewhere):
+        directory.mkdir()
+    (start / "prompts.txt").write_text("a red ball\n")
+    monkeypatch.chdir(start)
+    run = RunDirectory(start / "runs" / "r")
+    run.path.mkdir(parents=True)
+    run.save_config(load_config(None, tiny_args(tiny_sd_dir, start / "runs")[1:] + ["prompts.file=prompts.txt"]))
+    train.check_relative_paths_found(load_config(run.config_path), run.path)  # from where it started: found
+    monkeypatch.chdir(elsewhere)
+    line = one_line_error(capsys, cli.main(["train", "--resume", str(run.path), "num_epochs=2"]))
+    assert line == (f"texforce train: --resume {run.path}: prompts.file=prompts.txt (its config.yaml's) is a relative "
+                    f"path, not found from {elsewhere}; resume from the directory the run started in, or pass "
+                    "prompts.file=ABSOLUTE_PATH")
+    assert sorted(p.name for p in run.path.iterdir()) == ["config.yaml"]  # nothing started
+
+
 def test_resume_without_a_checkpoint_to_go_on_from_keeps_the_runs_metrics(tiny_sd_dir, tmp_path, capsys, caplog):
     """A resume that found no checkpoint trained again from epoch 0 and overwrote the run's metrics, final LoRA and
     damaged checkpoint: where the run has progress and nothing to go on from, it is refused."""
