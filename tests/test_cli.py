@@ -51,6 +51,9 @@ def test_make_tiny_rejects_bad_step_counts(capsys, tmp_path, monkeypatch):
         line = one_line_error(capsys, cli.main(["make-tiny", str(tmp_path / "m"), "--pretrain-steps", "3",
                                                 "--vae-steps", vae_steps]))
         assert line == f"texforce make-tiny: --vae-steps must be in [0, --pretrain-steps), got {vae_steps}"
+    line = one_line_error(capsys, cli.main(["make-tiny", str(tmp_path / "m"), "--vae-steps", "3"]))
+    assert line == ("texforce make-tiny: --vae-steps 3 needs --pretrain-steps: the VAE's steps are the first of the "
+                    "pretraining's (without it the model is left random); pass --pretrain-steps N above it")
     assert not (tmp_path / "m").exists()
 
 

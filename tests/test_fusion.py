@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from rl.models import load_pipeline
 from rl.sampling import encode, tokenize
-from tune.fusion import fuse, fuse_files, load_fused, parse_lora_arg
+from tune.fusion import LoraArg, fuse, fuse_files, load_fused, parse_lora_arg
 from tune.lora_io import (
     LoraFile,
     LoraFormatError,
@@ -115,6 +115,11 @@ def test_missing_file_and_bad_alpha_are_clear_errors(tmp_path):
         parse_lora_arg("A.safetensors:abc")
     with pytest.raises(ValueError, match="names no file"):
         parse_lora_arg(":0.5")
+    with pytest.raises(ValueError, match=r"^--lora 'run/final_lora:0\.5:0\.3' gives two alphas \(0\.5 and 0\.3\); "
+                                         r"write PATH\[:ALPHA\], e\.g\. run/final_lora:0\.3$"):  # not "no such file"
+        parse_lora_arg("run/final_lora:0.5:0.3")
+    (tmp_path / "v:2").write_text("")  # a file whose name holds a colon and a number is a file
+    assert parse_lora_arg(f"{tmp_path / 'v:2'}:0.3") == LoraArg(str(tmp_path / "v:2"), 0.3)
     assert parse_lora_arg("A.safetensors:0.6").alpha == 0.6
     assert parse_lora_arg("dir/A.safetensors").alpha is None
     assert parse_lora_arg("/x/A.safetensors:-1e-1").alpha == -0.1

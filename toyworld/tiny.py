@@ -196,6 +196,9 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> int:
     if args.pretrain_steps < 0:
         raise ConfigError(f"--pretrain-steps must be >= 0, got {args.pretrain_steps}")
+    if args.vae_steps is not None and args.pretrain_steps == 0:
+        raise ConfigError(f"--vae-steps {args.vae_steps} needs --pretrain-steps: the VAE's steps are the first of the "
+                          "pretraining's (without it the model is left random); pass --pretrain-steps N above it")
     if args.vae_steps is not None and not 0 <= args.vae_steps < args.pretrain_steps:
         raise ConfigError(f"--vae-steps must be in [0, --pretrain-steps), got {args.vae_steps}")
     if (Path(args.directory) / "model_index.json").exists():  # save_pretrained would overwrite it file by file

@@ -54,7 +54,19 @@ def parse_lora_arg(text: str) -> LoraArg:
         ) from None
     if not math.isfinite(value):
         raise ConfigError(f"--lora {text!r}: alpha must be finite")
+    before, second, first_alpha = path.rpartition(":")
+    if second and before and not Path(path).exists() and _is_number(first_alpha):  # said as a missing file
+        raise ConfigError(f"--lora {text!r} gives two alphas ({first_alpha} and {alpha}); write PATH[:ALPHA], e.g. "
+                          f"{before}:{alpha}")
     return LoraArg(path, value)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
