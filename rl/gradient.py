@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from rl.algorithms import Algorithm, get_algorithm
 from rl.config import ConfigError, TexForceConfig
 from rl.ddim import DDIMSchedule, add_noise, ddim_step_with_logprob, predicted_x0
-from rl.learner import LoraLearner, UpdateHistory, _world_and_rank, accumulation_plan
+from rl.learner import LoraLearner, UpdateHistory, _world_and_rank, accumulation_plan, optimizer_steps_per_epoch
 from rl.lora import adapters_disabled
 from rl.sampling import decode_latents, denoise, encode, guided_noise_prediction, images_to_uint8, tokenize
 
@@ -178,14 +178,7 @@ class GradientLearner(LoraLearner):
         if self.algorithm.learner != "gradient":
             raise ValueError(f"train.algorithm={self.algorithm.name} is not a gradient learner")
         check_differentiable(config)
-        train = config.train
-        steps_per_epoch = len(
-            accumulation_plan(
-                config.samples_per_epoch, batch_size=train.batch_size,
-                accumulate=train.gradient_accumulation_steps, world_size=world_size,
-            )
-        )
-        super().__init__(pipe, config, optimizer_steps_per_epoch=steps_per_epoch)
+        super().__init__(pipe, config, optimizer_steps_per_epoch=optimizer_steps_per_epoch(config, world_size))
         self.gradient = config.gradient
         self.reward = rewards.build_reward(reward_spec(config), device=pipe.unet.device, paths=config.reward.paths)
         for scorer in self.reward.scorers:  # frozen: gradients flow through, never into, the reward model

@@ -98,6 +98,17 @@ def warmup_length(train: TrainConfig, total_steps: int) -> int:
     return train.warmup_steps
 
 
+def optimizer_steps_per_epoch(config: TexForceConfig, world_size: int = 1) -> int:
+    """A learner rank's optimizer steps per epoch (each rank takes the same): one per step of `accumulation_plan`,
+    in each of PPO's `train.num_inner_epochs` passes (a gradient learner makes one)."""
+    from rl.algorithms import get_algorithm
+
+    train = config.train
+    steps = len(accumulation_plan(config.samples_per_epoch, batch_size=train.batch_size,
+                                  accumulate=train.gradient_accumulation_steps, world_size=world_size))
+    return steps if get_algorithm(train.algorithm).learner == "gradient" else steps * train.num_inner_epochs
+
+
 def accumulation_plan(
     num_samples: int, *, batch_size: int, accumulate: int, world_size: int = 1, rank: int = 0
 ) -> list[list[tuple[int, int, float]]]:
@@ -355,14 +366,7 @@ class PPOLearner(LoraLearner):
     """
 
     def __init__(self, pipe, config: TexForceConfig, *, world_size: int = 1):
-        train = config.train
-        steps_per_epoch = len(
-            accumulation_plan(
-                config.samples_per_epoch, batch_size=train.batch_size,
-                accumulate=train.gradient_accumulation_steps, world_size=world_size,
-            )
-        )
-        super().__init__(pipe, config, optimizer_steps_per_epoch=steps_per_epoch * train.num_inner_epochs)
+        super().__init__(pipe, config, optimizer_steps_per_epoch=optimizer_steps_per_epoch(config, world_size))
         self.schedule = DDIMSchedule.from_scheduler(pipe.scheduler, self.sample.num_steps)
         self.trainable_steps = trainable_steps(
             self.schedule, self.sample.eta, self.train.min_sigma, max_step_gain=self.train.max_step_gain

@@ -38,6 +38,7 @@ def preflight(config: TexForceConfig, *, resume: str | Path | None = None) -> No
     if config.resources.mode == "ray":
         check_ray_address(*ray_address(config))
     describe_step_rows(config)
+    warn_all_steps_in_warmup(config)
     prompts = load_prompts(config.prompts)
     held_out: list[str] = []
     if config.evaluation.prompts_file is not None:
@@ -152,6 +153,20 @@ def check_prompts_are_read(spec: str, prompts: list[str], *, source: str,
         if unread:
             log.warning("%d of %d prompts (%s) name nothing reward %s reads, e.g. %r: it scores their images 0 "
                         "whatever they show", len(unread), len(distinct), source, name, unread[0][:80])
+
+
+def warn_all_steps_in_warmup(config: TexForceConfig) -> None:
+    """The learning rate rises from 0 over the warmup: a run (often a short trial) whose optimizer steps all fall in
+    it trains at a fraction of train.learning_rate, and a one-step run not at all (its LoRA stays zero)."""
+    from rl.learner import optimizer_steps_per_epoch, warmup_length
+
+    total = optimizer_steps_per_epoch(config, config.resources.num_learners) * config.num_epochs
+    warmup = warmup_length(config.train, total)
+    if warmup >= total:
+        log.warning("the run's %d optimizer steps all fall in its learning-rate warmup of %d steps "
+                    "(train.warmup_steps, or train.warmup_fraction of the run): the rate rises from 0, the first step "
+                    "changes nothing, and it never reaches train.learning_rate=%g; lower the warmup or train longer",
+                    total, warmup, config.train.learning_rate)
 
 
 def describe_step_rows(config: TexForceConfig) -> None:

@@ -15,6 +15,8 @@ from rl.models import ModelNotFoundError, check_device, check_model, safetensors
 from rl.preflight import preflight
 from rl.prompts import PromptsError, load_prompts, long_prompts
 
+NO_WARMUP = "train.warmup_steps=0"  # the tiny configs' few steps all fall in the default warmup, which warns
+
 WEIGHTS = {
     "unet": "unet/diffusion_pytorch_model.safetensors",
     "vae": "vae/diffusion_pytorch_model.safetensors",
@@ -159,7 +161,7 @@ def test_long_prompts_warn_once_naming_how_many(tiny_sd_dir, tmp_path, caplog):
     long = "a red ball " + "and a blue car " * 30
     path.write_text(f"a red ball\n{long}\n{long}\n{long} again\n")
     with caplog.at_level(logging.WARNING, logger="texforce"):
-        preflight(tiny_config(tiny_sd_dir, f"prompts.file={path}"))
+        preflight(tiny_config(tiny_sd_dir, NO_WARMUP, f"prompts.file={path}"))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert warnings[0].startswith(f"2 of 3 prompts in {path} are longer than the tokenizer's 77 tokens and will be truncated")
@@ -180,9 +182,9 @@ def test_evaluation_prompts_that_are_also_trained_on_warn_once(tiny_sd_dir, tmp_
     train.write_text("a red ball\na blue car\n")
     held_out.write_text("a green cup\nA  Red ball\n")  # the same prompt, other case and spacing
     with caplog.at_level(logging.WARNING, logger="texforce"):
-        preflight(tiny_config(tiny_sd_dir, f"prompts.file={train}", f"evaluation.prompts_file={held_out}"))
+        preflight(tiny_config(tiny_sd_dir, NO_WARMUP, f"prompts.file={train}", f"evaluation.prompts_file={held_out}"))
         root = Path(__file__).resolve().parents[1] / "configs"  # the demo's two sets share no prompt
-        preflight(tiny_config(tiny_sd_dir, f"prompts.file={root / 'prompts_toy_train.txt'}",
+        preflight(tiny_config(tiny_sd_dir, NO_WARMUP, f"prompts.file={root / 'prompts_toy_train.txt'}",
                               f"evaluation.prompts_file={root / 'prompts_toy_held_out.txt'}"))
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         "1 of 2 evaluation prompts (evaluation.prompts_file) are also training prompts, e.g. 'A  Red ball': the "
@@ -191,12 +193,12 @@ def test_evaluation_prompts_that_are_also_trained_on_warn_once(tiny_sd_dir, tmp_
 
 def test_each_learner_warns_that_it_ignores_the_others_kl_penalty(tiny_sd_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="texforce"):
-        preflight(tiny_config(tiny_sd_dir, "train.algorithm=draft", "lora.policy=unet", "reward.spec=color_alignment"))
+        preflight(tiny_config(tiny_sd_dir, NO_WARMUP, "train.algorithm=draft", "lora.policy=unet", "reward.spec=color_alignment"))
         assert not caplog.records
-        preflight(tiny_config(tiny_sd_dir, "train.algorithm=draft", "lora.policy=unet", "reward.spec=color_alignment",
+        preflight(tiny_config(tiny_sd_dir, NO_WARMUP, "train.algorithm=draft", "lora.policy=unet", "reward.spec=color_alignment",
                               "train.kl_coef=0.1", "gradient.kl_coef=2"))
-        preflight(tiny_config(tiny_sd_dir, "train.kl_coef=0.1"))  # PPO uses it
-        preflight(tiny_config(tiny_sd_dir, "gradient.kl_coef=2"))
+        preflight(tiny_config(tiny_sd_dir, NO_WARMUP, "train.kl_coef=0.1"))  # PPO uses it
+        preflight(tiny_config(tiny_sd_dir, NO_WARMUP, "gradient.kl_coef=2"))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
         "train.kl_coef=0.1 is PPO's KL penalty; train.algorithm=draft does not use it (its own is gradient.kl_coef, 2 here)",
@@ -206,15 +208,30 @@ def test_each_learner_warns_that_it_ignores_the_others_kl_penalty(tiny_sd_dir, c
 
 
 
+def test_a_run_whose_optimizer_steps_all_fall_in_the_warmup_says_so(tiny_sd_dir, caplog):
+    """A one-step trial run with the default warmup took its step at learning rate 0: a zero LoRA, without a word."""
+    with caplog.at_level(logging.WARNING, logger="texforce"):
+        preflight(tiny_config(tiny_sd_dir))  # 2 epochs x 2 steps, warmup 10
+        preflight(tiny_config(tiny_sd_dir, "train.num_inner_epochs=3"))  # 12 steps: beyond it
+        preflight(tiny_config(tiny_sd_dir, "train.warmup_fraction=0.03"))  # int(0.03 x 4) = 0 steps
+        preflight(tiny_config(tiny_sd_dir, "train.algorithm=refl", "lora.policy=unet", "reward.spec=color_alignment",
+                              "train.num_inner_epochs=3", "train.warmup_steps=5"))  # a gradient learner: one pass
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"the run's {steps} optimizer steps all fall in its learning-rate warmup of {warmup} steps (train.warmup_steps, "
+        "or train.warmup_fraction of the run): the rate rises from 0, the first step changes nothing, and it never "
+        f"reaches train.learning_rate={lr}; lower the warmup or train longer"
+        for steps, warmup, lr in ((4, 10, 0.0003), (4, 5, 0.0003))]
+
+
 def test_several_learner_ranks_say_how_many_rows_a_step_averages_and_inline_that_it_takes_their_steps(
         tiny_sd_dir, caplog):
     with caplog.at_level(logging.INFO, logger="texforce"):
-        preflight(tiny_config(tiny_sd_dir, "train.batch_size=8"))
+        preflight(tiny_config(tiny_sd_dir, NO_WARMUP, "train.batch_size=8"))
         assert not [r for r in caplog.records if "rows per optimizer step" in r.getMessage()]
-        preflight(tiny_config(tiny_sd_dir, "resources.num_learners=2", "train.batch_size=8"))
-        preflight(tiny_config(tiny_sd_dir, "resources.num_learners=4", "train.batch_size=2",
+        preflight(tiny_config(tiny_sd_dir, NO_WARMUP, "resources.num_learners=2", "train.batch_size=8"))
+        preflight(tiny_config(tiny_sd_dir, NO_WARMUP, "resources.num_learners=4", "train.batch_size=2",
                               "train.gradient_accumulation_steps=3"))
-        preflight(tiny_config(tiny_sd_dir, "resources.num_learners=2", "train.batch_size=8", "resources.mode=inline"))
+        preflight(tiny_config(tiny_sd_dir, NO_WARMUP, "resources.num_learners=2", "train.batch_size=8", "resources.mode=inline"))
     said = [(r.levelname, r.getMessage()) for r in caplog.records if "optimizer step" in r.getMessage()]
     assert said == [
         ("INFO", "2 learner ranks x train.batch_size=8: 16 rows per optimizer step (train.batch_size is per rank; "
@@ -426,8 +443,8 @@ def test_training_prompts_the_reward_reads_nothing_in_warn_with_their_count(tiny
     prompts = tmp_path / "p.txt"
     prompts.write_text("a photo of a cat\na red ball\na blue car\na photo of a cat\na green hat\n")
     with caplog.at_level(logging.WARNING, logger="texforce"):
-        preflight(tiny_config(tiny_sd_dir, f"prompts.file={prompts}", "reward.spec=object_alignment"))
-        preflight(tiny_config(tiny_sd_dir, "prompts.builtin=animals", "reward.spec=object_shape"))  # "a bird" only
+        preflight(tiny_config(tiny_sd_dir, NO_WARMUP, f"prompts.file={prompts}", "reward.spec=object_alignment"))
+        preflight(tiny_config(tiny_sd_dir, NO_WARMUP, "prompts.builtin=animals", "reward.spec=object_shape"))  # "a bird" only
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         (f"1 of 4 prompts (prompts.file={prompts}) name nothing reward object_alignment reads, e.g. 'a photo of a "
          "cat': it scores their images 0 whatever they show"),
