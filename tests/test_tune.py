@@ -132,20 +132,27 @@ def _drivers_own(stderr: str) -> str:
     return "\n".join(line for line in stderr.splitlines() if "(_trial pid=" not in line)
 
 
+def _start_grid_sweep(tiny_sd_dir, loras, tmp_path, *, prompts, grid: int) -> tuple[subprocess.Popen, Path, dict]:
+    """`texforce tune` over a GRID x GRID grid of two LoRAs, one trial at a time on a local Ray of its own (not the
+    session's), in a process of its own; returns the process, the sweep's --out and the environment it runs in."""
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(prompts))
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "tune.cli", "tune", "--model", tiny_sd_dir, "--lora", loras[0],
+               "--lora", loras[1], "--prompts", str(prompts_file), "--objective", "color_alignment",
+               "--grid", str(grid), "--alpha-max", "2", "--seeds", "1", "--steps", "2", "--device", "cpu",
+               "--max-concurrent", "1", "--num-cpus", "1", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return process, out, env
+
+
 def test_ctrl_c_keeps_the_finished_trials_and_resume_runs_the_rest(tiny_sd_dir, directed_loras, tmp_path):
     """Tune catches SIGINT and stops its trials; `texforce tune` writes what the finished ones found, says how many of
     how many finished, and exits 130 (it ended in a KeyError traceback: trials cut short have no metrics).
     `--resume` then runs the rest of the grid, keeps the finished trials without running them again, and writes
     the outputs of the whole sweep."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS))
-    out = tmp_path / "sweep"
-    command = [sys.executable, "-m", "tune.cli", "tune", "--model", tiny_sd_dir, "--lora", directed_loras[0],
-               "--lora", directed_loras[1], "--prompts", str(prompts), "--objective", "color_alignment",
-               "--grid", "4", "--alpha-max", "2", "--seeds", "1", "--steps", "2", "--device", "cpu",
-               "--max-concurrent", "1", "--num-cpus", "1", "--out", str(out)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the session's
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process, out, env = _start_grid_sweep(tiny_sd_dir, directed_loras, tmp_path, prompts=PROMPTS, grid=4)
     try:
         for line in process.stdout:  # trials 1 and 2 have ended (one at a time): the sweep is running
             if line.startswith("trial   3"):
@@ -198,15 +205,7 @@ def test_a_trial_whose_worker_dies_leaves_the_others_outputs_and_resume_runs_it_
     """The first trial's worker is killed before it reports (as the OOM killer or a lost node does): the other trials
     run on, the finished ones' outputs are written, one line says what failed and that `--resume` runs it again
     (exit 1: not the user's error), and the resume does (it ended in a traceback with no outputs)."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS[:2]))
-    out = tmp_path / "sweep"
-    command = [sys.executable, "-m", "tune.cli", "tune", "--model", tiny_sd_dir, "--lora", directed_loras[0],
-               "--lora", directed_loras[1], "--prompts", str(prompts), "--objective", "color_alignment",
-               "--grid", "3", "--alpha-max", "2", "--seeds", "1", "--steps", "2", "--device", "cpu",
-               "--max-concurrent", "1", "--num-cpus", "1", "--out", str(out)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the session's
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process, out, env = _start_grid_sweep(tiny_sd_dir, directed_loras, tmp_path, prompts=PROMPTS[:2], grid=3)
     try:
         # the first trial's actor: it imports torch and diffusers and loads the pipeline before it can report
         while not (workers := _trial_workers(process.pid)):
