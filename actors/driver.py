@@ -45,6 +45,7 @@ from rl.advantages import PerPromptStatTracker, compute_advantages, group_keys
 from rl.algorithms import get_algorithm
 from rl.config import ConfigError, TexForceConfig
 from rl.lora import PolicyWeights
+from rl.output_lock import claim_output_dir, release_output_dirs
 from rl.outputs import EpochOutputs
 from rl.plots import save_image_grid
 from rl.preflight import preflight, ray_address
@@ -141,6 +142,8 @@ def train(
         kept = f"the last checkpoint, {latest.name}, is kept" if latest else "no checkpoint was written yet"
         raise TrainingStopped(f"{problem}, then continue with `texforce train --resume {run.path}` ({kept})") \
             from error
+    finally:
+        release_output_dirs()  # another command may write there now
 
 
 def _train(config: TexForceConfig, *, resume: str | Path | None,
@@ -152,6 +155,7 @@ def _train(config: TexForceConfig, *, resume: str | Path | None,
         connect_ray(config)  # so does a cluster that refuses the connection (token authentication)
     if resume:
         run = RunDirectory(make_output_dir(resume, "--resume"))
+        claim_output_dir(run.path, "--resume")
         run.save_config(config)  # this resume's overrides (num_epochs=...) hold for the next one too
     else:
         run = RunDirectory.create(config)

@@ -85,6 +85,8 @@ def run_command(args: argparse.Namespace) -> int:
     """Run a parsed subcommand (`args.func`). A user error becomes one line on stderr and exit
     code 2; a run that stops (RUN_STOPS) one line and exit code 1; Ctrl-C one line and 130 (the shell's
     128 + SIGINT); a full or read-only disk one line and 1; anything else propagates."""
+    from rl.output_lock import release_output_dirs
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a bug: what was kept is logged where it is known
@@ -102,6 +104,8 @@ def run_command(args: argparse.Namespace) -> int:
         message = " ".join(message.split())  # one line, whatever the message held
         print(f"texforce {args.command}: {message}", file=sys.stderr)
         return code
+    finally:
+        release_output_dirs()  # the command's output directories (rl.output_lock)
 
 
 def build_parser() -> argparse.ArgumentParser:

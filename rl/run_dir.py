@@ -30,6 +30,7 @@ import torch
 
 from rl.config import ConfigError, TexForceConfig, load_config, save_config
 from rl.lora import PolicyWeights, save_lora
+from rl.output_lock import claim_output_dir
 
 log = logging.getLogger("texforce")
 
@@ -112,6 +113,7 @@ class RunDirectory:
         run = cls.for_config(config)
         run.refuse_if_taken()
         make_output_dir(run.path, "output_dir")
+        claim_output_dir(run.path, "output_dir/run_name")
         run.save_config(config)
         return run
 

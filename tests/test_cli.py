@@ -123,6 +123,39 @@ def test_ctrl_c_or_sigterm_stops_without_a_traceback_and_the_run_resumes_from_wh
     assert (run.final_lora / "pytorch_lora_weights.safetensors").is_file()
 
 
+def _locked(directory: Path) -> int:
+    """A descriptor holding the lock another texforce command would hold on `directory` (rl.output_lock)."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_a_command_pointed_at_a_directory_another_one_writes_is_refused_and_lets_it_go_when_done(
+        tiny_sd_dir, tmp_path, capsys):
+    """Two runs with one run_name, or two evals with one --out, wrote into one folder, each saying it wrote its
+    outputs there (the second run was refused only once the first had finished an epoch)."""
+    run_dir, eval_dir = tmp_path / "r", tmp_path / "eval"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red ball\n")
+    evaluate = ["eval", "--model", tiny_sd_dir, "--prompts", str(prompts), "--reward", "brightness", "--device", "cpu",
+                "--steps", "2", "--seeds", "1", "--out", str(eval_dir)]
+    for directory, argv, option in ((run_dir, tiny_args(tiny_sd_dir, tmp_path), "output_dir/run_name"),
+                                    (eval_dir, evaluate, "--out")):
+        other = _locked(directory)  # another command is writing there
+        line = one_line_error(capsys, cli.main(argv))
+        assert line.endswith(f"{option}: {directory} is in use by another texforce command, which writes its "
+                             "outputs there; wait for it to end, or choose another directory"), line
+        assert list(directory.iterdir()) == []
+        os.close(other)  # it ended
+        assert cli.main(argv) == 0
+        capsys.readouterr()
+        os.close(_locked(directory))  # and this one let it go
+    assert (run_dir / "metrics.parquet").exists() and (eval_dir / "scores.parquet").exists()
+
+
 def test_resume_refuses_fewer_epochs_than_the_run_has_finished(tiny_sd_dir, tmp_path, capsys, caplog):
     handler = signal.getsignal(signal.SIGTERM)
     assert cli.main(tiny_args(tiny_sd_dir, tmp_path, "num_epochs=2")) == 0

@@ -203,9 +203,11 @@ def _main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--vae-steps must be in [0, --pretrain-steps), got {args.vae_steps}")
     if (Path(args.directory) / "model_index.json").exists():  # save_pretrained would overwrite it file by file
         raise ConfigError(f"{args.directory} holds a diffusers model already; remove it or choose another directory")
+    from rl.output_lock import claim_output_dir
     from rl.run_dir import make_output_dir
 
     make_output_dir(args.directory, "directory")  # before the pretraining, which it would lose
+    claim_output_dir(args.directory, "directory")
     path = make_tiny(args.directory, seed=args.seed, pretrain_steps=args.pretrain_steps, vae_steps=args.vae_steps,
                      scenes=args.scenes, progress=True)  # fmt: skip
     kind = f"pretrained ({args.pretrain_steps} steps)" if args.pretrain_steps else "random"

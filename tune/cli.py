@@ -174,6 +174,7 @@ def _fuse(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from rl.output_lock import claim_output_dir
     from rl.run_dir import make_output_dir, refuse_existing
     from tune.evaluate import output_paths, save_images, write_outputs
     from tune.fusion import parse_lora_arg
@@ -185,6 +186,7 @@ def _eval(args: argparse.Namespace) -> int:
     refuse_existing([*output_paths(args.out).values(), *([images_dir] if args.save_images else [])])
     job = _job(args, [item.path for item in items], args.reward, local_device=True)
     make_output_dir(args.out, "--out")  # after the checks (a bad command leaves no folder), before the sampling
+    claim_output_dir(args.out, "--out")
     result = evaluate_alphas(job, alphas, progress=True)
     for name, s in result.summary().items():  # before the writing: a disk that fills up then leaves the scores shown
         print(f"{name:>24s}: {s['mean']:.4f} +- {s['sem']:.4f} (std {s['std']:.4f}, n {s['n']})", flush=True)
@@ -293,6 +295,7 @@ def _check_trial_fits(settings, *, local: bool) -> None:
 def _new_sweep(args: argparse.Namespace, *, local_device: bool):
     """A new sweep's output directory, job and settings, checked, its record (sweep.json) written."""
     from rl.config import ConfigError
+    from rl.output_lock import claim_output_dir
     from rl.run_dir import make_output_dir, refuse_existing
     from tune.sweep import SweepSettings, can_resume, output_paths, record_path, write_sweep_record
 
@@ -323,6 +326,7 @@ def _new_sweep(args: argparse.Namespace, *, local_device: bool):
     job = _job(args, args.lora, args.objective, local_device=local_device)
     _check_reward_loads(job)
     make_output_dir(out, "--out")
+    claim_output_dir(out, "--out")
     write_sweep_record(job, settings, out)
     return out, job, settings
 
@@ -331,6 +335,7 @@ def _resumed_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser, *,
     """The interrupted sweep's directory, job and settings (its sweep.json), checked again; any option
     besides RESUME_OPTIONS is refused, as the sweep goes on with the options it started with."""
     from rl.config import ConfigError
+    from rl.output_lock import claim_output_dir
     from tune.sweep import can_resume, read_sweep_record, record_path
 
     given = [dest for dest, value in vars(args).items()
@@ -341,6 +346,7 @@ def _resumed_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser, *,
                           "--ray-address and --num-cpus go with --resume")
     out = args.resume
     job, settings = read_sweep_record(out)
+    claim_output_dir(out, "--resume")
     _check_job(job, local_device=local_device, check_keys=False)  # its trials ran with the paths it recorded
     if not can_resume(out / "ray_results"):
         raise ConfigError(f"--resume {out}: Tune kept no state of this sweep ({out / 'ray_results'}): it stopped "
