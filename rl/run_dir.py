@@ -16,6 +16,7 @@ read with `torch.load(..., weights_only=True)`.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -229,6 +230,19 @@ def _read_rows(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+@contextlib.contextmanager
+def written_whole(path: str | Path):
+    """A temporary name beside `path` (same suffix: writers pick the format by it) that is renamed to `path` once
+    the writing has ended: an interrupt or a full disk leaves the earlier file or none, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".partial-{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _append_row(path: Path, row: dict) -> list[dict]:
     """Keep the rows of earlier epochs, add `row` (a resumed run replaces what came after), write atomically."""
     import pyarrow as pa
@@ -237,7 +251,6 @@ def _append_row(path: Path, row: dict) -> list[dict]:
     rows = [r for r in _read_rows(path) if r["epoch"] < row["epoch"]] + [row]
     keys = list(dict.fromkeys(k for r in rows for k in r))
     table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with written_whole(path) as tmp:
+        pq.write_table(table, tmp)
     return rows

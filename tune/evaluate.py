@@ -201,6 +201,7 @@ def write_outputs(result: EvalResult, out_dir: str | Path, *, extra: dict | None
     import pyarrow.parquet as pq
 
     from rl.plots import save_image_grid
+    from rl.run_dir import written_whole
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,12 +213,15 @@ def write_outputs(result: EvalResult, out_dir: str | Path, *, extra: dict | None
         "objective": result.objective.tolist(),
     }
     paths = output_paths(out_dir)
-    pq.write_table(pa.table(table), paths["scores"])
+    with written_whole(paths["scores"]) as tmp:
+        pq.write_table(pa.table(table), tmp)
     summary = {"rewards": result.summary(), **(extra or {})}
-    paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+    with written_whole(paths["summary"]) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
     captions = [
         f"{p} [seed {s}] " + " ".join(f"{k}={v[i]:.3f}" for k, v in result.scores.items())
         for i, (p, s) in enumerate(zip(result.prompts, result.seeds))
     ]
-    save_image_grid(result.images, captions, paths["grid"], columns=columns)
+    with written_whole(paths["grid"]) as tmp:  # a second or more for a large grid
+        save_image_grid(result.images, captions, tmp, columns=columns)
     return paths
