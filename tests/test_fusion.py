@@ -153,6 +153,16 @@ def test_key_formats_parse_to_the_same_delta():
         {}, source="legacy",
     )
     assert list(legacy.modules) == ["unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0"]
+    # a peft state dict of the text encoder saved as-is has no prefix either: it was read as the U-Net's and fused into
+    # a file that loads into nothing
+    k_proj = "encoder.layers.0.self_attn.k_proj"
+    for prefix, said in (("", "a text encoder's LoRA without the `text_encoder.` prefix"),
+                         ("text_model.", "a text encoder's LoRA without the `text_encoder.` prefix"),
+                         ("base_model.model.text_model.", "a peft adapter file")):
+        unprefixed = {f"{prefix}{k_proj}.lora_A.weight": torch.zeros(2, 32),
+                      f"{prefix}{k_proj}.lora_B.weight": torch.zeros(32, 2)}
+        with pytest.raises(LoraFormatError, match=re.escape(f"names no component (unet., text_encoder.): it is {said}")):
+            parse_state_dict(unprefixed, {}, source="adapter.safetensors")
     with pytest.raises(LoraFormatError, match="not a LoRA factor"):
         parse_state_dict({"unet.x.weight": torch.zeros(2)}, {}, source="odd.safetensors")
 

@@ -145,6 +145,7 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     if all(k.startswith(("lora_te_", "lora_unet_", "lora_te1_", "lora_te2_")) for k in tensors):
         tensors, alphas = _from_kohya(tensors, source)
     elif not any(k.split(".", 1)[0] in COMPONENTS for k in tensors):
+        _refuse_a_text_encoders_unprefixed_keys(tensors, source)
         tensors = {f"unet.{k}": v for k, v in tensors.items()}  # legacy U-Net-only attention-processor files
     try:
         config = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
@@ -178,6 +179,27 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
             raise LoraFormatError(f"{source}: module {module} has a non-finite scale (its alpha / rank is {scale})")
         modules[module] = LoraModule(down=down, up=up, scale=scale)
     return LoraFile(path=source, modules=modules)
+
+
+TEXT_ENCODER_ROOTS = ("text_model.", "encoder.layers.", "embeddings.", "final_layer_norm.")
+"""How a CLIP text encoder's own module names begin (with and without transformers 4's `text_model.` level)."""
+
+
+def _refuse_a_text_encoders_unprefixed_keys(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Keys without a component prefix are read as the U-Net's (old diffusers attention-processor files); a peft
+    adapter's state dict saved as-is (`get_peft_model_state_dict(text_encoder)`, or `adapter_model.safetensors` with
+    its `base_model.model.` level) has none either, and read so it would fit no module of the U-Net."""
+    key = next(iter(tensors))
+    peft_adapter = key.startswith("base_model.model.")
+    if not (peft_adapter or key.startswith(TEXT_ENCODER_ROOTS)):
+        return
+    what = ("a peft adapter file (keys under `base_model.model.`, its scale lora_alpha / r in adapter_config.json, "
+            "which the file does not hold)" if peft_adapter else "a text encoder's LoRA without the `text_encoder.` "
+            "prefix diffusers' files carry")
+    raise LoraFormatError(f"{source}: key {key!r} names no component (unet., text_encoder.): it is {what}; save it "
+                          "with diffusers, e.g. StableDiffusionPipeline.save_lora_weights(dir, text_encoder_lora_layers="
+                          "get_peft_model_state_dict(pipe.text_encoder)) (unet_lora_layers= for a U-Net's), which writes the "
+                          "prefixes and the scale")
 
 
 def _split_key(key: str, source: str) -> tuple[str, str]:
