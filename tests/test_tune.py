@@ -529,6 +529,27 @@ def tune_args(tiny_sd_dir, directed_loras, tmp_path, monkeypatch):
             "--prompts", str(prompts), "--objective", "color_alignment", "--device", "cpu", "--out", str(tmp_path / "sweep")]
 
 
+def test_ctrl_c_before_any_trial_finished_says_how_to_go_on(tune_args, tmp_path, monkeypatch, capsys):
+    """It said only `texforce tune: interrupted`, and the same command again was refused (`--resume` it)."""
+    import ray
+
+    from rl.cli import main
+
+    def interrupted(job, settings, storage, **kwargs):
+        (storage / "fusion_sweep").mkdir(parents=True)
+        (storage / "fusion_sweep" / "tuner.pkl").write_bytes(b"Tune's state")  # what Tune.can_restore looks for
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr("tune.cli._check_trial_fits", lambda *args, **kwargs: None)
+    monkeypatch.setattr("tune.sweep.run_sweep", interrupted)
+    assert main(tune_args) == 130
+    out = tmp_path / "sweep"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"texforce tune: interrupted before any trial finished; continue with `texforce tune --resume {out}`")
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--objective", "color_alignment:1,nope:0.2"], "unknown reward 'nope'; valid rewards:"),
     (["--objective", "color_alignment:nan"], "weight 'nan' of 'color_alignment' in spec 'color_alignment:nan' must be"),

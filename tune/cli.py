@@ -206,7 +206,7 @@ def _tune(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
     from actors.topology import init_ray
     from rl.config import ConfigError
     from rl.preflight import check_ray_address
-    from tune.sweep import run_sweep, write_sweep_outputs
+    from tune.sweep import can_resume, run_sweep, write_sweep_outputs
 
     if args.num_cpus is not None and args.num_cpus < 1:
         raise ConfigError(f"--num-cpus must be >= 1, got {args.num_cpus}")
@@ -235,6 +235,12 @@ def _tune(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
     try:
         _check_trial_fits(settings, local=local_device)
         sweep = run_sweep(job, settings, out / "ray_results", resume=args.resume is not None)
+    except KeyboardInterrupt:  # before any trial finished: nothing to write, and Tune's state to go on from
+        if not can_resume(out / "ray_results"):
+            raise
+        print(f"texforce tune: interrupted before any trial finished; continue with `texforce tune --resume {out}`",
+              file=sys.stderr)
+        return 130
     finally:
         if started:
             ray.shutdown()
