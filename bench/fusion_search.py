@@ -53,8 +53,9 @@ def run_tune(name: str, common: list[str], extra: list[str], out: Path, num_cpus
     best = sweep_dir / "best.json"
     if best.exists():
         job, settings = read_sweep_record(sweep_dir)
-        if json.loads(best.read_text())["num_trials"] == settings.num_trials(len(job.loras)):
-            return json.loads(best.read_text())
+        found = json.loads(best.read_text())
+        if found["num_trials"] == settings.num_trials(len(job.loras)):
+            return found
     resume = can_resume(sweep_dir / "ray_results")
     argv = ["--resume", str(sweep_dir)] if resume else [*common, *extra, "--out", str(sweep_dir)]
     code = tune_main(["tune", *argv, "--num-cpus", str(num_cpus)])

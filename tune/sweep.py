@@ -285,12 +285,11 @@ def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path, *, r
     # a trial whose worker died after it reported has its objective and an error: it finished
     finished = [r for r in grid if "objective" in r.metrics]
     failed = [r for r in grid if r.error is not None and "objective" not in r.metrics]
-    sweep = SweepResult([], [getattr(r.error, "cause", None) or r.error for r in failed],  # the trial's own error
-                        [str(Path(r.path) / "error.txt") for r in failed])
+    causes = [getattr(r.error, "cause", None) or r.error for r in failed]  # the trial's own error, unwrapped
     if failed and not finished:  # nothing to keep: without Tune's state the same --out starts again
         shutil.rmtree(state, ignore_errors=True)
-        if sweep.user_errors:  # one line, exit code 2
-            raise type(sweep.errors[0])(f"{len(failed)} of {len(grid)} trials failed; first error: {sweep.errors[0]}")
+        if SweepResult([], causes).user_errors:  # one line, exit code 2
+            raise type(causes[0])(f"{len(failed)} of {len(grid)} trials failed; first error: {causes[0]}")
         raise RuntimeError(f"{len(failed)} of {len(grid)} trials failed; first error: {failed[0].error}")
     if not finished:
         raise KeyboardInterrupt  # the user's Ctrl-C, which Tune caught, before any trial finished
@@ -303,8 +302,7 @@ def run_sweep(job: FusionJob, settings: SweepSettings, storage: str | Path, *, r
         row.update({k: float(v) for k, v in m.items() if k == "objective" or k.startswith(("objective_", "reward/"))})
         row.update({k: int(m[k]) for k in ("worker_pid", "pipeline_loads", "reward_loads")})
         rows.append(row)
-    sweep.rows = best_first(rows)
-    return sweep
+    return SweepResult(best_first(rows), causes, [str(Path(r.path) / "error.txt") for r in failed])
 
 
 def best_first(rows: list[dict]) -> list[dict]:
